@@ -1,0 +1,35 @@
+"""The engine's exception tree (one place; raised by engine._core and the Python facade).
+
+    LayermuxError                 every engine error
+    ├── ModelFileError            a model file is missing, corrupt, truncated or disagrees with config.json
+    ├── UnsupportedModelError     a valid model asks for what layermux does not implement (architecture, dtype, rope type)
+    ├── InvalidRequestError       a caller's value is out of range (also a ValueError): bad token ids, sampling params
+    │   └── ChatTemplateError     the model's chat template failed or tried to leave its sandbox
+    └── CapacityError             a model's bytes cannot be booked in the device ledger (message carries the numbers)
+
+Running out of KV space while serving is not an error: the engine preempts and resumes.
+"""
+
+from __future__ import annotations
+
+from engine._core import (
+    CapacityError,
+    InvalidRequestError,
+    LayermuxError,
+    ModelFileError,
+    UnsupportedModelError,
+)
+
+
+class ChatTemplateError(InvalidRequestError):
+    """The chat template raised, referenced something undefined, or tried to escape the sandbox."""
+
+
+__all__ = [
+    "CapacityError",
+    "ChatTemplateError",
+    "InvalidRequestError",
+    "LayermuxError",
+    "ModelFileError",
+    "UnsupportedModelError",
+]

@@ -1,0 +1,110 @@
+// common.cpp — dtype names, checked arithmetic, scalar half-precision conversions.
+// Owner: engine core. Thread-safety: pure functions only.
+#include "common.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace lmx {
+
+const char* dtype_name(DType t) {
+    switch (t) {
+        case DType::F32: return "f32";
+        case DType::F16: return "f16";
+        case DType::BF16: return "bf16";
+        case DType::Q8_0: return "q8_0";
+    }
+    return "?";
+}
+
+DType dtype_from_name(const std::string& s) {
+    if (s == "f32" || s == "float32") return DType::F32;
+    if (s == "f16" || s == "float16") return DType::F16;
+    if (s == "bf16" || s == "bfloat16") return DType::BF16;
+    if (s == "q8_0") return DType::Q8_0;
+    throw InvalidArgument("weight format: expected one of f32, f16, bf16, q8_0; found '" + s + "'");
+}
+
+int64_t row_bytes(DType t, int64_t n_cols) {
+    switch (t) {
+        case DType::F32: return n_cols * 4;
+        case DType::F16:
+        case DType::BF16: return n_cols * 2;
+        case DType::Q8_0: return n_cols / kQ8BlockElems * kQ8BlockBytes;
+    }
+    return 0;
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) throw ModelFileError(std::string(what) + ": size overflows 64 bits");
+    return r;
+}
+
+uint64_t checked_add(uint64_t a, uint64_t b, const char* what) {
+    uint64_t r;
+    if (__builtin_add_overflow(a, b, &r)) throw ModelFileError(std::string(what) + ": offset overflows 64 bits");
+    return r;
+}
+
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t mant = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalise
+            exp = 127 - 15 + 1;
+            while ((mant & 0x400) == 0) {
+                mant <<= 1;
+                exp--;
+            }
+            mant &= 0x3ff;
+            bits = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    const int32_t exp = static_cast<int32_t>((x >> 23) & 0xff) - 127 + 15;
+    uint32_t mant = x & 0x7fffff;
+    if (((x >> 23) & 0xff) == 0xff) return static_cast<uint16_t>(sign | 0x7c00 | (mant ? 0x200 : 0));
+    if (exp >= 31) return static_cast<uint16_t>(sign | 0x7c00);
+    if (exp <= 0) {
+        if (exp < -10) return static_cast<uint16_t>(sign);
+        mant |= 0x800000;
+        const uint32_t shift = static_cast<uint32_t>(14 - exp);
+        uint32_t h = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1);
+        const uint32_t half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return static_cast<uint16_t>(sign | h);
+    }
+    uint32_t h = (static_cast<uint32_t>(exp) << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  // may carry into exponent: correct
+    return static_cast<uint16_t>(sign | h);
+}
+
+uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((x >> 16) | 0x40);
+    const uint32_t lsb = (x >> 16) & 1;
+    x += 0x7fff + lsb;
+    return static_cast<uint16_t>(x >> 16);
+}
+
+}  // namespace lmx

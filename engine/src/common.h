@@ -1,0 +1,64 @@
+// common.h — shared vocabulary of the engine: dtypes, errors, checked arithmetic.
+// Owner: everyone reads it; change only with the whole engine in mind.
+// Thread-safety: only constants and pure functions live here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace lmx {
+
+// Element formats of stored and computed weights. Q8_0 is llama.cpp's block
+// format: blocks of 32 int8 values sharing one f16 scale (34 bytes a block).
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3 };
+
+constexpr int64_t kQ8BlockElems = 32;
+constexpr int64_t kQ8BlockBytes = 34;  // f16 scale + 32 x int8
+constexpr size_t kAlign = 64;          // every buffer the kernels touch
+
+const char* dtype_name(DType t);
+// Parses "f32" | "f16" | "bf16" | "q8_0"; throws InvalidArgument otherwise.
+DType dtype_from_name(const std::string& s);
+
+// Bytes of one row of n_cols elements. Precondition for Q8_0: n_cols % 32 == 0.
+int64_t row_bytes(DType t, int64_t n_cols);
+
+// The exception tree (mirrored in Python by engine/errors.py):
+//   Error
+//   ├── ModelFileError    a model file is corrupt, truncated or inconsistent
+//   ├── UnsupportedError  a valid file asks for something we do not implement
+//   └── InvalidArgument   the caller passed a value out of range (misuse)
+// Running out of capacity is never an exception: see ledger.h (BookResult).
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+struct ModelFileError : Error {
+    using Error::Error;
+};
+struct UnsupportedError : Error {
+    using Error::Error;
+};
+struct InvalidArgument : Error {
+    using Error::Error;
+};
+
+// a*b and a+b that throw ModelFileError(what) instead of wrapping around.
+uint64_t checked_mul(uint64_t a, uint64_t b, const char* what);
+uint64_t checked_add(uint64_t a, uint64_t b, const char* what);
+
+inline size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// f16 / bf16 <-> f32 scalar conversions (portable; kernels may use F16C).
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+uint16_t f32_to_bf16(float f);  // round to nearest even, NaN kept NaN
+
+}  // namespace lmx

@@ -1,0 +1,72 @@
+// device.cpp — the CPU arena: first-fit allocation over one anonymous mapping.
+// Owner: engine core. Thread-safety: alloc/free under mu_.
+#include "device.h"
+
+#include <sys/mman.h>
+
+#include <cassert>
+#include <cstring>
+
+#include "common.h"
+
+namespace lmx {
+
+CpuDevice::CpuDevice(uint64_t capacity_bytes) : capacity_(align_up(capacity_bytes, kAlign)) {
+    if (capacity_ == 0) throw InvalidArgument("device budget: expected a positive number of bytes, found 0");
+    void* p = mmap(nullptr, capacity_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        throw InvalidArgument("device budget: could not reserve " + std::to_string(capacity_) +
+                              " bytes of address space for the CPU arena: " + std::strerror(errno));
+    base_ = static_cast<uint8_t*>(p);
+    free_[0] = capacity_;
+}
+
+CpuDevice::~CpuDevice() {
+    if (base_ != nullptr) munmap(base_, capacity_);
+}
+
+void* CpuDevice::alloc(uint64_t n_bytes) {
+    const uint64_t need = align_up(n_bytes == 0 ? 1 : n_bytes, kAlign);
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second < need) continue;
+        const uint64_t off = it->first;
+        const uint64_t rest = it->second - need;
+        free_.erase(it);
+        if (rest > 0) free_[off + need] = rest;
+        used_[off] = need;
+        return base_ + off;
+    }
+    return nullptr;
+}
+
+void CpuDevice::free(void* p) {
+    if (p == nullptr) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t off = static_cast<uint64_t>(static_cast<uint8_t*>(p) - base_);
+    auto u = used_.find(off);
+    assert(u != used_.end() && "free of a pointer the arena did not hand out");
+    if (u == used_.end()) return;
+    uint64_t start = off, size = u->second;
+    used_.erase(u);
+    // Return the pages to the OS for big ranges so an idle arena costs no RAM.
+    if (size >= (1u << 20)) madvise(base_ + off, size, MADV_DONTNEED);
+    auto next = free_.lower_bound(start);
+    if (next != free_.end() && start + size == next->first) {
+        size += next->second;
+        next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second == start) {
+            start = prev->first;
+            size += prev->second;
+            free_.erase(prev);
+        }
+    }
+    free_[start] = size;
+}
+
+void CpuDevice::copy_in(void* dst, const void* src, uint64_t n_bytes) { std::memcpy(dst, src, n_bytes); }
+
+}  // namespace lmx

@@ -1,0 +1,83 @@
+// kernels/kernels.h — the numeric ops of the forward pass and the weight converters.
+// Owner: kernels. Each op has a scalar reference (namespace lmx::ref, in
+// kernels/reference.cpp) and a dispatched fast version (namespace lmx); tests
+// compare the two. Thread-safety: pure functions; matmul uses the given pool.
+//
+// Contracts every implementation keeps:
+//  * Batch invariance: the value computed for one token (one row of x) does not
+//    depend on how many other tokens are in the call, nor on the thread count.
+//    Fixed accumulation order per output element; work is split over output
+//    rows, never over the reduction dimension.
+//  * Layouts are row-major. A weight matrix W is [n_out, n_in]; its rows are
+//    contiguous, each row_bytes(dtype, n_in) long. Q8_0 rows are n_in/32 blocks
+//    of {uint16 f16 scale d; int8 qs[32]}, value = d * qs[i] (llama.cpp's block_q8_0).
+#pragma once
+
+#include <cstdint>
+
+#include "../common.h"
+
+namespace lmx {
+
+class ThreadPool;
+
+struct WeightView {
+    const void* data;  // [n_out, row_bytes(dtype, n_in)]
+    DType dtype;
+    int64_t n_out;
+    int64_t n_in;
+};
+
+// ---- conversion (load time) ----
+// Converts n_rows x n_cols elements from src (dtype src_t: F32, F16 or BF16) to
+// dst (dtype dst_t: any). Q8_0 quantisation: d = max|x| / 127, q = round(x / d).
+// Precondition: dst_t != Q8_0 || n_cols % 32 == 0.
+void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols);
+// Dequantises one row of a weight matrix into out[n_in] (embedding lookup).
+void dequantize_row(const WeightView& w, int64_t row, float* out);
+
+// ---- forward ops; all activations f32 ----
+// y[t, o] = sum_i x[t, i] * W[o, i]  (+ bias[o] when bias != nullptr)
+// x: [n_tok, n_in], y: [n_tok, n_out]. Splits over output rows across the pool.
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool);
+
+// y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight[:]   (x may alias y)
+void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
+
+// Rotary embedding, Hugging Face "rotate_half" layout: for i < head_dim/2 the
+// pair is (i, i + head_dim/2), angle = pos * inv_freq[i].
+// x: [n_heads, head_dim] for ONE token at position pos, rotated in place.
+void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_freq);
+
+// out[i] = silu(gate[i]) * up[i]   (out may alias gate)
+void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+
+// In-place softmax over x[n].
+void softmax(float* x, int64_t n);
+
+// Causal attention of one sequence's n_q query tokens over its paged KV cache.
+// q:   [n_q, n_heads, head_dim], query i sits at position pos0 + i and attends
+//      to key positions 0 .. pos0 + i inclusive.
+// k_blocks[b], v_blocks[b]: block b of this layer, each [block_tokens, n_kv_heads, head_dim];
+//      key position p lives in block p / block_tokens, row p % block_tokens.
+// out: [n_q, n_heads, head_dim]. Head h reads KV head h / (n_heads / n_kv_heads).
+// scratch: at least (pos0 + n_q) floats, used for the scores of one (query, head).
+void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+               const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+               float scale, float* out, float* scratch);
+
+// Which SIMD path the dispatcher chose on this CPU ("avx512", "avx2", "scalar").
+const char* kernels_isa();
+
+namespace ref {  // scalar references, same signatures and contracts
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias);
+void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
+void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_freq);
+void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+void softmax(float* x, int64_t n);
+void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+               const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+               float scale, float* out, float* scratch);
+}  // namespace ref
+
+}  // namespace lmx

@@ -1,0 +1,56 @@
+// kv_cache.h — paged KV storage of one model: fixed-size blocks booked in the ledger.
+// Owner: engine core; only the step thread (scheduler + forward) calls it.
+// Thread-safety: NOT thread-safe; the ledger it books from is.
+//
+// A block holds block_tokens positions of every layer: [n_layer][2 (K,V)][block_tokens][kv_dim] f32.
+// A sequence owns a block table (block ids); position p is in table[p / block_tokens].
+// Blocks are booked one at a time and released as soon as a sequence finishes or
+// is preempted, so a paused sequence holds zero device bytes and an idle model's
+// KV usage in the ledger is exactly zero.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "ledger.h"
+
+namespace lmx {
+
+class KvCache {
+public:
+    KvCache(Ledger& ledger, std::string owner, int n_layer, int kv_dim, int block_tokens);
+    ~KvCache();
+    KvCache(const KvCache&) = delete;
+    KvCache& operator=(const KvCache&) = delete;
+
+    int block_tokens() const { return block_tokens_; }
+    uint64_t block_bytes() const { return block_bytes_; }
+    // Device bytes of KV for n_tokens positions (whole blocks).
+    uint64_t bytes_for(int64_t n_tokens) const;
+
+    // Grows table to cover n_tokens positions. NoSpace leaves table as it was.
+    BookResult reserve(std::vector<int32_t>& table, int64_t n_tokens);
+    void release(std::vector<int32_t>& table);  // frees every block; table emptied
+
+    float* k(int32_t block, int layer) { return base(block, layer); }
+    float* v(int32_t block, int layer) { return base(block, layer) + static_cast<int64_t>(block_tokens_) * kv_dim_; }
+    int64_t n_blocks_in_use() const { return n_in_use_; }
+
+private:
+    float* base(int32_t block, int layer) {
+        return reinterpret_cast<float*>(blocks_[static_cast<size_t>(block)].ptr) +
+               static_cast<int64_t>(layer) * 2 * block_tokens_ * kv_dim_;
+    }
+
+    Ledger& ledger_;
+    std::string owner_;
+    int n_layer_, kv_dim_, block_tokens_;
+    uint64_t block_bytes_;
+    std::vector<DeviceBuffer> blocks_;  // by block id; empty entries are free ids
+    std::vector<int32_t> free_ids_;
+    int64_t n_in_use_ = 0;
+};
+
+}  // namespace lmx

@@ -1,0 +1,139 @@
+// model.cpp — checks a model's tensors against its spec and lays them out as units.
+// Owner: engine core (loaders). Thread-safety: construction is single-threaded;
+// the result is immutable.
+#include "model.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "device.h"
+
+namespace lmx {
+
+void ModelSpec::validate() const {
+    auto positive = [&](int v, const char* field) {
+        if (v <= 0) throw InvalidArgument(std::string("model spec ") + field + ": expected > 0, found " + std::to_string(v));
+    };
+    positive(n_layer, "n_layer");
+    positive(dim, "dim");
+    positive(n_heads, "n_heads");
+    positive(n_kv_heads, "n_kv_heads");
+    positive(head_dim, "head_dim");
+    positive(ffn_dim, "ffn_dim");
+    positive(n_vocab, "n_vocab");
+    positive(n_ctx, "n_ctx");
+    if (n_heads % n_kv_heads != 0)
+        throw InvalidArgument("model spec: num_attention_heads (" + std::to_string(n_heads) +
+                              ") must be a multiple of num_key_value_heads (" + std::to_string(n_kv_heads) + ")");
+    if (head_dim % 2 != 0 || rope_inv_freq.size() != static_cast<size_t>(head_dim / 2))
+        throw InvalidArgument("model spec rope_inv_freq: expected head_dim/2 = " + std::to_string(head_dim / 2) +
+                              " values, found " + std::to_string(rope_inv_freq.size()));
+    if (files.empty()) throw InvalidArgument("model spec files: expected at least one .safetensors file, found none");
+    if (arch != "llama" && arch != "qwen2")
+        throw UnsupportedError("model spec arch: expected 'llama' or 'qwen2', found '" + arch + "'");
+}
+
+namespace {
+void free_aligned(void* p) { std::free(p); }
+
+std::string layer_name(int l, const char* rest) { return "model.layers." + std::to_string(l) + "." + rest; }
+}  // namespace
+
+const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols) {
+    if (to == DType::Q8_0 && cols % kQ8BlockElems != 0)
+        throw UnsupportedError("tensor '" + t.name + "' in " + t.file + ": q8_0 needs rows of a multiple of 32 values, found " +
+                               std::to_string(cols) + "; choose --weights f16 or bf16 for this model");
+    if (t.dtype == to) return t.data;
+    const uint64_t n = static_cast<uint64_t>(row_bytes(to, cols)) * static_cast<uint64_t>(rows);
+    void* p = std::aligned_alloc(kAlign, align_up(n == 0 ? 1 : n, kAlign));
+    if (p == nullptr) throw Error("out of host memory converting tensor '" + t.name + "'");
+    host_bufs_.emplace_back(static_cast<uint8_t*>(p), free_aligned);
+    convert_rows(t.data, t.dtype, p, to, rows, cols);
+    return static_cast<const uint8_t*>(p);
+}
+
+void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off) {
+    const uint8_t* src = host_tensor(t, to, rows, cols);
+    const uint64_t n = static_cast<uint64_t>(row_bytes(to, cols)) * static_cast<uint64_t>(rows);
+    us.pieces.push_back({src, n, off});
+    off = align_up(off + n, kAlign);
+    us.n_bytes = off;
+}
+
+ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) : spec_(spec), dtype_(DType::F32) {
+    spec_.validate();
+    st_ = std::make_unique<SafetensorsSet>(spec_.files);
+    const int64_t dim = spec_.dim, qd = spec_.q_dim(), kvd = spec_.kv_dim(), ffn = spec_.ffn_dim, nv = spec_.n_vocab;
+
+    // Config-vs-files agreement: the layer count must match exactly.
+    if (st_->find(layer_name(spec_.n_layer, "input_layernorm.weight")) != nullptr)
+        throw ModelFileError("config.json num_hidden_layers: expected " + std::to_string(spec_.n_layer) +
+                             " layers to match the files, found tensors for layer " + std::to_string(spec_.n_layer) +
+                             " as well in " + st_->describe_files());
+
+    const TensorInfo& probe = st_->require(layer_name(0, "self_attn.q_proj.weight"), {qd, dim});
+    dtype_ = spec_.weights == "auto" ? probe.dtype : dtype_from_name(spec_.weights);
+
+    const TensorInfo& emb = st_->require("model.embed_tokens.weight", {nv, dim});
+    embed_ = WeightView{host_tensor(emb, dtype_, nv, dim), dtype_, nv, dim};
+
+    const int total = spec_.n_layer + 1;
+    units_.resize(static_cast<size_t>(total));
+    for (int l = 0; l < spec_.n_layer; l++) {
+        UnitSource& us = units_[static_cast<size_t>(l)];
+        uint64_t off = 0;
+        LayerLayout lay{};
+        auto mat = [&](const char* nm, int64_t rows, int64_t cols, uint64_t& slot) {
+            slot = off;
+            add_piece(us, st_->require(layer_name(l, nm), {rows, cols}), dtype_, rows, cols, off);
+        };
+        auto vec = [&](const char* nm, int64_t n, uint64_t& slot) {
+            slot = off;
+            add_piece(us, st_->require(layer_name(l, nm), {n}), DType::F32, 1, n, off);
+        };
+        vec("input_layernorm.weight", dim, lay.attn_norm);
+        mat("self_attn.q_proj.weight", qd, dim, lay.wq);
+        mat("self_attn.k_proj.weight", kvd, dim, lay.wk);
+        mat("self_attn.v_proj.weight", kvd, dim, lay.wv);
+        if (spec_.qkv_bias) {
+            vec("self_attn.q_proj.bias", qd, lay.bq);
+            vec("self_attn.k_proj.bias", kvd, lay.bk);
+            vec("self_attn.v_proj.bias", kvd, lay.bv);
+        }
+        mat("self_attn.o_proj.weight", dim, qd, lay.wo);
+        vec("post_attention_layernorm.weight", dim, lay.ffn_norm);
+        mat("mlp.gate_proj.weight", ffn, dim, lay.w_gate);
+        mat("mlp.up_proj.weight", ffn, dim, lay.w_up);
+        mat("mlp.down_proj.weight", dim, ffn, lay.w_down);
+        layer_ = lay;  // identical for every layer by construction
+        if (progress) progress(l + 1, total);
+    }
+    {
+        UnitSource& us = units_.back();
+        uint64_t off = 0;
+        head_.norm = off;
+        add_piece(us, st_->require("model.norm.weight", {dim}), DType::F32, 1, dim, off);
+        head_.lm_head = off;
+        const TensorInfo* lm = spec_.tied ? nullptr : st_->find("lm_head.weight");
+        if (!spec_.tied && lm == nullptr)
+            throw ModelFileError("missing tensor 'lm_head.weight' (looked in: " + st_->describe_files() +
+                                 "); config.json says tie_word_embeddings=false — set it to true if the head is tied");
+        if (lm != nullptr) {
+            st_->require("lm_head.weight", {nv, dim});
+            add_piece(us, *lm, dtype_, nv, dim, off);
+        } else {
+            add_piece(us, emb, dtype_, nv, dim, off);
+        }
+        if (progress) progress(total, total);
+    }
+    for (const UnitSource& us : units_) {
+        max_unit_bytes_ = std::max(max_unit_bytes_, us.n_bytes);
+        total_unit_bytes_ += us.n_bytes;
+    }
+}
+
+void ModelWeights::assemble_unit(int u, uint8_t* dst, Device& dev) const {
+    for (const UnitPiece& p : unit(u).pieces) dev.copy_in(dst + p.dst_off, p.src, p.n_bytes);
+}
+
+}  // namespace lmx

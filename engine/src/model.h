@@ -1,0 +1,102 @@
+// model.h — a model's architecture (ModelSpec) and its weights cut into streamable units.
+// Owner: engine core (loaders). Thread-safety: a ModelWeights is immutable once
+// constructed; any thread may read it (the copy thread reads unit sources).
+//
+// Units are what residency moves: unit l < n_layer is transformer layer l; unit
+// n_layer is the head (final norm + lm_head). Every layer unit has the same
+// layout, so one LayerLayout of byte offsets serves them all. The token
+// embedding table stays in host memory: a step reads only the rows of its tokens.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels/kernels.h"
+#include "safetensors.h"
+
+namespace lmx {
+
+struct ModelSpec {
+    std::string name;
+    std::string arch;  // "llama" | "qwen2"
+    int n_layer = 0, dim = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn_dim = 0, n_vocab = 0, n_ctx = 0;
+    float rms_eps = 1e-5f;
+    bool tied = false;     // lm_head shares model.embed_tokens.weight
+    bool qkv_bias = false; // Qwen2
+    std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3)
+    std::vector<int32_t> eos_ids;
+    std::vector<std::string> files;    // safetensors shards
+    std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0
+
+    void validate() const;  // throws InvalidArgument naming the field
+    int q_dim() const { return n_heads * head_dim; }
+    int kv_dim() const { return n_kv_heads * head_dim; }
+};
+
+// Byte offsets of one layer's tensors inside its unit; matrices are row-major
+// [n_out, n_in] in the model's weight dtype, vectors are f32.
+struct LayerLayout {
+    uint64_t attn_norm;       // f32 [dim]
+    uint64_t wq, wk, wv;      // [q_dim, dim], [kv_dim, dim], [kv_dim, dim]
+    uint64_t bq, bk, bv;      // f32 [q_dim], [kv_dim], [kv_dim]; only when qkv_bias
+    uint64_t wo;              // [dim, q_dim]
+    uint64_t ffn_norm;        // f32 [dim]
+    uint64_t w_gate, w_up;    // [ffn_dim, dim]
+    uint64_t w_down;          // [dim, ffn_dim]
+};
+struct HeadLayout {
+    uint64_t norm;     // f32 [dim]
+    uint64_t lm_head;  // [n_vocab, dim]
+};
+
+// One contiguous range a unit is assembled from (a tensor, mapped or converted).
+struct UnitPiece {
+    const uint8_t* src;
+    uint64_t n_bytes;
+    uint64_t dst_off;
+};
+struct UnitSource {
+    uint64_t n_bytes = 0;
+    std::vector<UnitPiece> pieces;
+};
+
+using LoadProgress = std::function<void(int done, int total)>;
+
+class ModelWeights {
+public:
+    // Opens the files, checks every tensor's presence and shape against spec,
+    // converts to the chosen format. Throws ModelFileError / UnsupportedError.
+    ModelWeights(const ModelSpec& spec, const LoadProgress& progress);
+    const ModelSpec& spec() const { return spec_; }
+    DType dtype() const { return dtype_; }
+    int n_units() const { return spec_.n_layer + 1; }
+    const UnitSource& unit(int u) const { return units_[static_cast<size_t>(u)]; }
+    const LayerLayout& layer_layout() const { return layer_; }
+    const HeadLayout& head_layout() const { return head_; }
+    const WeightView& embed() const { return embed_; }  // host memory, [n_vocab, dim]
+    uint64_t max_unit_bytes() const { return max_unit_bytes_; }
+    uint64_t total_unit_bytes() const { return total_unit_bytes_; }
+    // Copies unit u into dst (device memory of at least unit(u).n_bytes).
+    void assemble_unit(int u, uint8_t* dst, class Device& dev) const;
+
+private:
+    const uint8_t* host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols);
+    void add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off);
+
+    ModelSpec spec_;
+    DType dtype_;
+    std::unique_ptr<SafetensorsSet> st_;
+    std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> host_bufs_;  // converted tensors
+    std::vector<UnitSource> units_;
+    LayerLayout layer_{};
+    HeadLayout head_{};
+    WeightView embed_{};
+    uint64_t max_unit_bytes_ = 0;
+    uint64_t total_unit_bytes_ = 0;
+};
+
+}  // namespace lmx

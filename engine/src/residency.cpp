@@ -1,0 +1,284 @@
+// residency.cpp — slots, the copy thread, and next-use (Belady) / LRU eviction.
+// Owner: engine core. Thread-safety: see residency.h; every member access holds mu_
+// except the memcpy of a job, which runs unlocked on a slot marked loading.
+#include "residency.h"
+
+#include <cassert>
+#include <chrono>
+#include <limits>
+
+namespace lmx {
+
+Eviction eviction_from_name(const std::string& s) {
+    if (s == "belady") return Eviction::Belady;
+    if (s == "lru") return Eviction::LRU;
+    throw InvalidArgument("eviction: expected 'belady' or 'lru', found '" + s + "'");
+}
+
+const char* eviction_name(Eviction e) { return e == Eviction::Belady ? "belady" : "lru"; }
+
+Residency::Residency(Ledger& ledger, int prefetch_depth, Eviction eviction)
+    : ledger_(ledger), depth_(prefetch_depth), eviction_(eviction) {
+    if (prefetch_depth < 0) throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(prefetch_depth));
+    if (depth_ > 0) copy_thread_ = std::thread([this] { copy_main(); });
+}
+
+Residency::~Residency() {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        stop_ = true;
+    }
+    cv_copy_.notify_all();
+    if (copy_thread_.joinable()) copy_thread_.join();
+    for (auto& kv : models_) {
+        for (DeviceBuffer& b : kv.second.units) ledger_.free(b);
+        for (Slot& s : kv.second.slots) ledger_.free(s.buf);
+    }
+}
+
+bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner, bool resident,
+                          int n_slots) {
+    Entry e;
+    e.w = std::move(w);
+    e.owner = owner;
+    e.resident = resident;
+    auto undo = [&] {
+        for (DeviceBuffer& b : e.units) ledger_.free(b);
+        for (Slot& s : e.slots) ledger_.free(s.buf);
+    };
+    if (resident) {
+        for (int u = 0; u < e.w->n_units(); u++) {
+            DeviceBuffer b = ledger_.alloc(owner, BookKind::Weights, e.w->unit(u).n_bytes);
+            if (!b) {
+                undo();
+                return false;
+            }
+            e.w->assemble_unit(u, b.ptr, ledger_.device());
+            e.units.push_back(b);
+        }
+    } else {
+        const int n = std::max(1, std::min(n_slots, e.w->n_units()));
+        for (int i = 0; i < n; i++) {
+            Slot s;
+            s.buf = ledger_.alloc(owner, BookKind::Weights, e.w->max_unit_bytes());
+            if (!s.buf) {
+                undo();
+                return false;
+            }
+            e.slots.push_back(s);
+        }
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    models_[model_id] = std::move(e);
+    return true;
+}
+
+void Residency::remove_model(int model_id) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto it = models_.find(model_id);
+    if (it == models_.end()) return;
+    // Wait out an in-flight copy into one of its slots.
+    cv_ready_.wait(lk, [&] {
+        for (const Slot& s : it->second.slots)
+            if (s.loading) return false;
+        return true;
+    });
+    Entry e = std::move(it->second);
+    models_.erase(it);
+    lk.unlock();
+    for (DeviceBuffer& b : e.units) ledger_.free(b);
+    for (Slot& s : e.slots) {
+        assert(s.pins == 0);
+        ledger_.free(s.buf);
+    }
+}
+
+ModelResidency Residency::model_info(int model_id) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    ModelResidency r;
+    auto it = models_.find(model_id);
+    if (it == models_.end()) return r;
+    r.resident = it->second.resident;
+    if (r.resident) {
+        r.n_units_loaded = static_cast<int>(it->second.units.size());
+    } else {
+        r.n_slots = static_cast<int>(it->second.slots.size());
+        r.slot_bytes = it->second.w->max_unit_bytes();
+        for (const Slot& s : it->second.slots) r.n_units_loaded += s.ready ? 1 : 0;
+    }
+    return r;
+}
+
+std::vector<int> Residency::slot_units(int model_id) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<int> out;
+    auto it = models_.find(model_id);
+    if (it == models_.end()) return out;
+    for (const Slot& s : it->second.slots) out.push_back(s.ready || s.loading ? s.unit : -1);
+    return out;
+}
+
+void Residency::set_schedule(std::vector<UnitRef> order) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        sched_ = std::move(order);
+        cursor_ = 0;
+    }
+    cv_copy_.notify_all();
+}
+
+Residency::Slot* Residency::find_slot(Entry& e, int unit) {
+    for (Slot& s : e.slots)
+        if (s.unit == unit && (s.ready || s.loading)) return &s;
+    return nullptr;
+}
+
+size_t Residency::next_use(int model, int unit, size_t from) const {
+    for (size_t j = from; j < sched_.size(); j++)
+        if (sched_[j].model == model && sched_[j].unit == unit) return j;
+    return std::numeric_limits<size_t>::max();
+}
+
+// The slot to overwrite so that the unit scheduled at target_pos can load, or -1.
+// Never evicts a pinned or loading slot, nor a unit needed at or before target_pos.
+int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
+    int best = -1;
+    size_t best_next = 0;
+    uint64_t best_lru = std::numeric_limits<uint64_t>::max();
+    for (size_t i = 0; i < e.slots.size(); i++) {
+        const Slot& s = e.slots[i];
+        if (s.pins > 0 || s.loading) continue;
+        if (!s.ready) return static_cast<int>(i);  // empty slot
+        const size_t nu = next_use(model, s.unit, cursor_);
+        if (nu <= target_pos) continue;
+        if (eviction_ == Eviction::Belady) {
+            if (best < 0 || nu > best_next) {
+                best = static_cast<int>(i);
+                best_next = nu;
+            }
+        } else if (s.last_use < best_lru) {
+            best = static_cast<int>(i);
+            best_lru = s.last_use;
+        }
+    }
+    return best;
+}
+
+// The earliest scheduled unit within prefetch_depth of the cursor that is not in
+// device memory, with a slot to load it into.
+bool Residency::pick_job(Job& job) {
+    const size_t end = std::min(sched_.size(), cursor_ + static_cast<size_t>(std::max(depth_, 1)));
+    for (size_t i = cursor_; i < end; i++) {
+        const UnitRef u = sched_[i];
+        auto it = models_.find(u.model);
+        if (it == models_.end() || it->second.resident) continue;
+        if (find_slot(it->second, u.unit) != nullptr) continue;
+        const int v = pick_victim(it->second, u.model, i);
+        if (v < 0) return false;  // later units must wait for slots to free up
+        job = Job{u.model, u.unit, v};
+        return true;
+    }
+    return false;
+}
+
+void Residency::copy_main() {
+    std::unique_lock<std::mutex> lk(mu_);
+    while (!stop_) {
+        Job job;
+        if (!pick_job(job)) {
+            cv_copy_.wait(lk);
+            continue;
+        }
+        Entry& e = models_[job.model];
+        Slot& s = e.slots[static_cast<size_t>(job.slot)];
+        s.unit = job.unit;
+        s.ready = false;
+        s.loading = true;
+        std::shared_ptr<const ModelWeights> w = e.w;
+        uint8_t* dst = s.buf.ptr;
+        lk.unlock();
+        w->assemble_unit(job.unit, dst, ledger_.device());
+        lk.lock();
+        s.loading = false;
+        s.ready = true;
+        s.last_use = ++clock_;
+        stats_.n_loads++;
+        stats_.bytes_copied += w->unit(job.unit).n_bytes;
+        cv_ready_.notify_all();
+    }
+}
+
+const uint8_t* Residency::acquire(UnitRef u) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto it = models_.find(u.model);
+    assert(it != models_.end());
+    Entry& e = it->second;
+    if (cursor_ < sched_.size() && sched_[cursor_] == u) {
+        cursor_++;
+    } else {  // off-schedule: append so the policy sees it as the next use
+        sched_.insert(sched_.begin() + static_cast<std::ptrdiff_t>(cursor_), u);
+        cursor_++;
+    }
+    if (e.resident) return e.units[static_cast<size_t>(u.unit)].ptr;
+    Slot* s = find_slot(e, u.unit);
+    if (s != nullptr && s->ready) {
+        stats_.n_hits++;
+    } else {
+        stats_.n_misses++;
+        const auto t0 = std::chrono::steady_clock::now();
+        if (depth_ == 0) {  // no copy thread: load synchronously on this thread
+            // The unit at cursor_-1 is the target; treat its position as cursor_-1.
+            cursor_--;
+            int v = pick_victim(e, u.model, cursor_);
+            cursor_++;
+            assert(v >= 0 && "a streamed model needs a free or evictable slot");
+            s = &e.slots[static_cast<size_t>(v)];
+            s->unit = u.unit;
+            s->ready = false;
+            s->loading = true;
+            lk.unlock();
+            e.w->assemble_unit(u.unit, s->buf.ptr, ledger_.device());
+            lk.lock();
+            s->loading = false;
+            s->ready = true;
+            stats_.n_loads++;
+            stats_.bytes_copied += e.w->unit(u.unit).n_bytes;
+        } else {
+            // The copy thread serves the earliest missing unit first; u was at
+            // cursor_-1, so point its window back to include u until it is in.
+            cursor_--;
+            cv_copy_.notify_all();
+            cv_ready_.wait(lk, [&] {
+                s = find_slot(e, u.unit);
+                return s != nullptr && s->ready;
+            });
+            cursor_++;
+        }
+        stats_.wait_ns += static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    }
+    s->pins++;
+    s->last_use = ++clock_;
+    cv_copy_.notify_all();  // the window moved: prefetch further
+    return s->buf.ptr;
+}
+
+void Residency::release(UnitRef u) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        auto it = models_.find(u.model);
+        assert(it != models_.end());
+        if (it->second.resident) return;
+        Slot* s = find_slot(it->second, u.unit);
+        assert(s != nullptr && s->pins > 0);
+        s->pins--;
+    }
+    cv_copy_.notify_all();
+}
+
+ResidencyStats Residency::stats() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return stats_;
+}
+
+}  // namespace lmx

@@ -1,0 +1,127 @@
+// residency.h — which model units are in device memory, and the copy thread that streams them.
+// Owner: engine core. Mutators: add_model/remove_model (loader or step thread),
+// set_schedule/acquire/release (step thread only). Thread-safety: every method locks mu_;
+// the copy thread is the only one that writes slot contents.
+//
+// Policy. A model that fits stays resident: all its units are booked and copied
+// once. Otherwise the model gets n_slots slots of its largest unit size and its
+// units stream through them. The step thread announces the order in which it will
+// acquire units (set_schedule) — the current model's layers, then the next
+// model's — so the copy thread can fill slots up to prefetch_depth units ahead of
+// compute. Because that order is known, eviction picks the slot whose unit is next
+// used farthest in the future (Belady's MIN): on a cyclic scan larger than the
+// cache, LRU evicts exactly the unit needed next and misses every time, while MIN
+// keeps a stable subset resident and misses only on the rest. LRU stays available
+// for comparison. Units needed before the one being loaded are never evicted.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ledger.h"
+#include "model.h"
+
+namespace lmx {
+
+enum class Eviction : uint8_t { Belady = 0, LRU = 1 };
+Eviction eviction_from_name(const std::string& s);
+const char* eviction_name(Eviction e);
+
+struct UnitRef {
+    int model = -1;
+    int unit = -1;
+    bool operator==(const UnitRef& o) const { return model == o.model && unit == o.unit; }
+};
+
+struct ResidencyStats {
+    uint64_t bytes_copied = 0;
+    uint64_t n_loads = 0;      // units copied in
+    uint64_t n_hits = 0;       // acquires of streamed units already loaded
+    uint64_t n_misses = 0;     // acquires that had to wait for a copy
+    uint64_t wait_ns = 0;      // time acquire() spent waiting for copies
+};
+
+struct ModelResidency {
+    bool resident = false;
+    int n_slots = 0;           // streamed models
+    int n_units_loaded = 0;    // units currently in device memory
+    uint64_t slot_bytes = 0;
+};
+
+class Residency {
+public:
+    Residency(Ledger& ledger, int prefetch_depth, Eviction eviction);
+    ~Residency();
+    Residency(const Residency&) = delete;
+    Residency& operator=(const Residency&) = delete;
+
+    // Resident: books and copies every unit. Streamed: books n_slots slots.
+    // Returns false with nothing booked when the ledger cannot hold it.
+    bool add_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner, bool resident,
+                   int n_slots);
+    void remove_model(int model_id);  // precondition: no unit of it is acquired
+    ModelResidency model_info(int model_id) const;
+
+    void set_schedule(std::vector<UnitRef> order);
+    const uint8_t* acquire(UnitRef u);  // blocks until u is in device memory; pins it
+    void release(UnitRef u);            // unpins
+
+    ResidencyStats stats() const;
+    int prefetch_depth() const { return depth_; }
+    Eviction eviction() const { return eviction_; }
+
+    // Test hook: the unit each slot of a streamed model holds (-1 = empty).
+    std::vector<int> slot_units(int model_id) const;
+
+private:
+    struct Slot {
+        DeviceBuffer buf;
+        int unit = -1;
+        bool ready = false;
+        bool loading = false;
+        int pins = 0;
+        uint64_t last_use = 0;
+    };
+    struct Entry {
+        std::shared_ptr<const ModelWeights> w;
+        std::string owner;
+        bool resident = false;
+        std::vector<DeviceBuffer> units;  // resident models
+        std::vector<Slot> slots;          // streamed models
+    };
+    struct Job {
+        int model = -1;
+        int unit = -1;
+        int slot = -1;
+    };
+
+    // All below: caller holds mu_.
+    Slot* find_slot(Entry& e, int unit);
+    bool pick_job(Job& job);
+    int pick_victim(Entry& e, int model, size_t target_pos) const;
+    size_t next_use(int model, int unit, size_t from) const;
+    void copy_main();
+
+    Ledger& ledger_;
+    const int depth_;
+    const Eviction eviction_;
+    mutable std::mutex mu_;
+    std::condition_variable cv_copy_;   // wakes the copy thread
+    std::condition_variable cv_ready_;  // wakes acquire()
+    std::map<int, Entry> models_;
+    std::vector<UnitRef> sched_;
+    size_t cursor_ = 0;  // sched_[cursor_] is the next unit compute will acquire
+    uint64_t clock_ = 0;
+    ResidencyStats stats_;
+    bool stop_ = false;
+    std::thread copy_thread_;
+};
+
+}  // namespace lmx
