@@ -1,0 +1,193 @@
+"""Layer multiplexing: streamed models generate what resident ones do; the ledger holds under random workloads.
+
+Real engine, real files (random models written by engine.model_factory); nothing mocked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from engine import CapacityError, Engine, EngineConfig, SamplingParams
+from engine.model_factory import make_model
+
+MODELS = {
+    "llama": dict(arch="llama", hidden=64, n_layers=4, n_heads=4, n_kv_heads=2, intermediate=128, seed=3),
+    "qwen": dict(arch="qwen2", hidden=64, n_layers=3, n_heads=4, n_kv_heads=1, intermediate=96, seed=4,
+                 tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mux-models")
+    return {name: make_model(root / name, init_std=0.2, **kw) for name, kw in MODELS.items()}
+
+
+def _collect(eng: Engine, ids: set[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {i: [] for i in ids}
+    open_ids = set(ids)
+    while open_ids:
+        for ev in eng.wait_events(5.0):
+            assert ev.kind != "error", ev.message
+            if ev.kind == "token":
+                out[ev.req_id].append(ev.token_id)
+            elif ev.kind == "done":
+                open_ids.discard(ev.req_id)
+    return out
+
+
+def _run_workload(model_dir: Path, budget_bytes: int, **load: object) -> tuple[dict[int, list[int]], dict[str, float]]:
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40, 9])]
+    with Engine(EngineConfig(budget_bytes=budget_bytes, n_threads=2)) as eng:
+        eng.load_model("m", model_dir, **load)  # type: ignore[arg-type]
+        for i, p in enumerate(prompts):
+            eng.submit(i + 1, "m", p, SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=20,
+                                                     ignore_eos=True))
+        out = _collect(eng, {1, 2, 3, 4})
+        info = eng.models()["m"]
+        stats = eng.stats()
+        stats["resident"] = float(info["resident"])
+        return out, stats
+
+
+def test_streamed_under_30_percent_budget_generates_same_tokens_as_resident(model_dirs: dict[str, Path]) -> None:
+    for name, path in model_dirs.items():
+        with Engine(EngineConfig(budget_bytes=64 << 20)) as probe:
+            weight_bytes = probe.load_model("m", path)["weight_bytes"]
+        resident, rs = _run_workload(path, 64 << 20, residency="resident")
+        # 30 % of the weights for the layer slots, plus room for workspace and KV.
+        with Engine(EngineConfig(budget_bytes=64 << 20)) as probe:
+            info = probe.load_model("m", path, residency="streamed", stream_slots=2)
+            assert info["device_weight_bytes"] <= 0.3 * weight_bytes + 1, (name, info)
+        streamed, ss = _run_workload(path, 64 << 20, residency="streamed", stream_slots=2)
+        assert rs["resident"] == 1.0 and ss["resident"] == 0.0
+        assert ss["bytes_copied"] > weight_bytes  # layers really streamed, more than once
+        assert streamed == resident, name
+
+
+def test_lru_and_no_prefetch_variants_generate_the_same_tokens(model_dirs: dict[str, Path]) -> None:
+    path = model_dirs["llama"]
+    base, _ = _run_workload(path, 64 << 20, residency="resident")
+    for cfg in ({"eviction": "lru"}, {"prefetch_depth": 0}, {"prefetch_depth": 4}):
+        prompts_out = None
+        with Engine(EngineConfig(budget_bytes=64 << 20, n_threads=2, **cfg)) as eng:  # type: ignore[arg-type]
+            eng.load_model("m", path, residency="streamed", stream_slots=3)
+            prompts = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40, 9])]
+            for i, p in enumerate(prompts):
+                eng.submit(i + 1, "m", p, SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=20,
+                                                         ignore_eos=True))
+            prompts_out = _collect(eng, {1, 2, 3, 4})
+        assert prompts_out == base, cfg
+
+
+def test_kv_pressure_preempts_and_resumes_with_identical_output(model_dirs: dict[str, Path]) -> None:
+    path = model_dirs["qwen"]
+    roomy, _ = _run_workload(path, 64 << 20, residency="resident")
+    with Engine(EngineConfig(budget_bytes=64 << 20)) as probe:
+        info = probe.load_model("m", path, residency="resident")
+        fixed = probe.ledger()["used_bytes"]
+        block = info["kv_block_bytes"]
+    # Budget: the model plus 6 KV blocks (16 tokens each) — 4 sequences of up to 60 tokens need 10+.
+    budget = int((fixed + 6 * block) / 0.9) + 1
+    tight, stats = _run_workload(path, budget, residency="resident")
+    assert stats["n_preemptions"] > 0
+    assert tight == roomy
+
+
+def test_model_whose_bytes_cannot_be_booked_is_refused_with_numbers_and_books_nothing(
+    model_dirs: dict[str, Path],
+) -> None:
+    with Engine(EngineConfig(budget_bytes=256 << 10)) as eng:
+        before = eng.ledger()["used_bytes"]
+        with pytest.raises(CapacityError, match=r"needs .* MiB .* ledger has .* free under its cap"):
+            eng.load_model("m", model_dirs["llama"], residency="resident")
+        assert eng.ledger()["used_bytes"] == before
+        assert eng.models() == {}
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Random loads, unloads, requests and cancellations; the ledger's invariants hold throughout."""
+
+    dirs: dict[str, Path] = {}
+
+    @initialize(budget_kib=st.integers(min_value=700, max_value=6000), slots=st.integers(min_value=0, max_value=3))
+    def start(self, budget_kib: int, slots: int) -> None:
+        self.eng = Engine(EngineConfig(budget_bytes=budget_kib << 10, n_threads=1, kv_block_tokens=8,
+                                       max_batch_tokens=64))
+        self.slots = slots
+        self.loaded: set[str] = set()
+        self.live: set[int] = set()
+        self.next_id = 1
+
+    def teardown(self) -> None:
+        self.drain()
+        self.eng.close()
+
+    def drain(self) -> None:
+        while self.live:
+            for ev in self.eng.wait_events(5.0):
+                if ev.kind != "token":
+                    self.live.discard(ev.req_id)
+
+    @rule(name=st.sampled_from(sorted(MODELS)), residency=st.sampled_from(["auto", "resident", "streamed"]))
+    def load(self, name: str, residency: str) -> None:
+        if name in self.loaded:
+            return
+        before = self.eng.ledger()["used_bytes"]
+        try:
+            self.eng.load_model(name, self.dirs[name], residency=residency, stream_slots=self.slots)
+            self.loaded.add(name)
+        except CapacityError:
+            assert self.eng.ledger()["used_bytes"] <= before + 0  # nothing stays booked (KV may have shrunk)
+
+    @rule(name=st.sampled_from(sorted(MODELS)))
+    def unload(self, name: str) -> None:
+        if name in self.loaded:
+            self.eng.unload_model(name)
+            self.loaded.discard(name)
+            assert name not in self.eng.ledger()["models"]
+
+    @rule(name=st.sampled_from(sorted(MODELS)), n_prompt=st.integers(1, 60), max_tokens=st.integers(1, 12),
+          seed=st.integers(0, 2**32))
+    def submit(self, name: str, n_prompt: int, max_tokens: int, seed: int) -> None:
+        if name not in self.loaded:
+            return
+        rid = self.next_id
+        self.next_id += 1
+        self.eng.submit(rid, name, [(seed + j) % 400 + 3 for j in range(n_prompt)],
+                        SamplingParams(temperature=0.8, seed=seed, max_tokens=max_tokens))
+        self.live.add(rid)
+
+    @rule(pick=st.integers(0, 10**6))
+    def cancel(self, pick: int) -> None:
+        if self.live:
+            self.eng.cancel(sorted(self.live)[pick % len(self.live)])
+
+    @rule()
+    def wait_idle(self) -> None:
+        self.drain()
+        ledger = self.eng.ledger()
+        assert all(m["kv_bytes"] == 0 for m in ledger["models"].values()), ledger  # idle: no KV held
+        models = self.eng.models()
+        baseline = sum(m["device_weight_bytes"] + m["workspace_bytes"] for m in models.values())
+        assert ledger["used_bytes"] >= baseline
+        assert ledger["used_bytes"] - baseline <= 64 * (3 * len(models) + 64), ledger  # only alignment slack
+
+    @invariant()
+    def under_cap(self) -> None:
+        if hasattr(self, "eng"):
+            ledger = self.eng.ledger()
+            assert ledger["used_bytes"] <= ledger["cap_bytes"]
+            assert ledger["peak_bytes"] <= ledger["cap_bytes"]
+
+
+def test_ledger_never_exceeds_cap_and_returns_to_baseline_over_1000_workloads(model_dirs: dict[str, Path]) -> None:
+    LedgerMachine.dirs = model_dirs
+    run = settings(max_examples=1000, stateful_step_count=12, deadline=None,
+                   suppress_health_check=list(HealthCheck))(LedgerMachine.TestCase)
+    run().runTest()
