@@ -114,9 +114,11 @@ class LedgerMachine(RuleBasedStateMachine):
     """Random loads, unloads, requests and cancellations; the ledger's invariants hold throughout."""
 
     dirs: dict[str, Path] = {}
+    n_workloads = 0
 
     @initialize(budget_kib=st.integers(min_value=700, max_value=6000), slots=st.integers(min_value=0, max_value=3))
     def start(self, budget_kib: int, slots: int) -> None:
+        LedgerMachine.n_workloads += 1
         self.eng = Engine(EngineConfig(budget_bytes=budget_kib << 10, n_threads=1, kv_block_tokens=8,
                                        max_batch_tokens=64))
         self.slots = slots
@@ -192,3 +194,4 @@ def test_ledger_never_exceeds_cap_and_returns_to_baseline_over_1000_workloads(mo
         settings=settings(max_examples=1000, stateful_step_count=12, deadline=None,
                           suppress_health_check=list(HealthCheck)),
     )
+    assert LedgerMachine.n_workloads >= 1000
