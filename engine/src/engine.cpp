@@ -58,8 +58,8 @@ void Engine::shutdown() {
 // ---- loading (caller's thread) ----
 
 ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt, const LoadProgress& progress) {
-    if (opt.residency != "auto" && opt.residency != "resident" && opt.residency != "streamed")
-        throw InvalidArgument("residency: expected auto, resident or streamed, found '" + opt.residency + "'");
+    if (opt.residency != "auto" && opt.residency != "resident" && opt.residency != "streamed" && opt.residency != "swap")
+        throw InvalidArgument("residency: expected auto, resident, streamed or swap, found '" + opt.residency + "'");
     if (!(opt.sched_weight > 0)) throw InvalidArgument("sched_weight: expected > 0, found " + std::to_string(opt.sched_weight));
     if (opt.max_running < 1) throw InvalidArgument("max_running: expected >= 1, found " + std::to_string(opt.max_running));
     {
@@ -107,7 +107,14 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
     }
     const uint64_t weight_need = resident ? w->total_unit_bytes() : static_cast<uint64_t>(n_slots) * w->max_unit_bytes();
     m->ws_mem = ledger_.alloc(spec.name, BookKind::Workspace, ws_bytes);
-    if (!m->ws_mem || !residency_.add_model(m->id, w, spec.name, resident, n_slots)) {
+    if (m->ws_mem && opt.residency == "swap") {
+        if (w->total_unit_bytes() > headroom - std::min(headroom, ws_bytes)) {
+            ledger_.free(m->ws_mem);
+            throw NoSpaceError("cannot load model '" + spec.name + "' for whole-model swapping: its weights need " +
+                               mib(w->total_unit_bytes()) + " but only " + mib(headroom) + " are free");
+        }
+        residency_.add_swap_model(m->id, w, spec.name);
+    } else if (!m->ws_mem || !residency_.add_model(m->id, w, spec.name, resident, n_slots)) {
         ledger_.free(m->ws_mem);
         throw NoSpaceError("cannot load model '" + spec.name + "': it needs " + mib(weight_need + ws_bytes) + " of device memory (" +
                            (resident ? std::string("all weights resident") : std::to_string(n_slots) + " layer slots") +

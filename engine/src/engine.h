@@ -48,7 +48,7 @@ struct EngineConfig {
 };
 
 struct ModelLoadOptions {
-    std::string residency = "auto";  // auto | resident | streamed
+    std::string residency = "auto";  // auto | resident | streamed | swap (whole-model swapping baseline)
     double sched_weight = 1.0;
     int max_running = 64;
     int stream_slots = 0;  // 0: as many as fit next to the KV reserve (>= prefetch_depth + 1)

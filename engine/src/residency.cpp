@@ -73,6 +73,40 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
     return true;
 }
 
+void Residency::add_swap_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner) {
+    Entry e;
+    e.w = std::move(w);
+    e.owner = owner;
+    e.swap = true;
+    std::lock_guard<std::mutex> lk(mu_);
+    models_[model_id] = std::move(e);
+}
+
+// Books and copies every unit of a swapped-out model, evicting idle swap-mode
+// models whole until it fits. The copy is synchronous: a swap is a stall.
+void Residency::swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk) {
+    for (int u = 0; u < e.w->n_units(); u++) {
+        DeviceBuffer b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
+        while (!b) {
+            Entry* victim = nullptr;
+            for (auto& kv : models_)
+                if (kv.first != model && kv.second.swap && kv.second.in_use == 0 && !kv.second.units.empty())
+                    victim = &kv.second;
+            assert(victim != nullptr && "a swap-mode model must fit the budget alone");
+            if (victim == nullptr) throw Error("whole-model swap: '" + e.owner + "' does not fit the device budget alone");
+            for (DeviceBuffer& vb : victim->units) ledger_.free(vb);
+            victim->units.clear();
+            b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
+        }
+        e.units.push_back(b);
+    }
+    lk.unlock();
+    for (int u = 0; u < e.w->n_units(); u++) e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device());
+    lk.lock();
+    stats_.n_loads += static_cast<uint64_t>(e.w->n_units());
+    stats_.bytes_copied += e.w->total_unit_bytes();
+}
+
 void Residency::remove_model(int model_id) {
     std::unique_lock<std::mutex> lk(mu_);
     auto it = models_.find(model_id);
@@ -99,7 +133,9 @@ ModelResidency Residency::model_info(int model_id) const {
     auto it = models_.find(model_id);
     if (it == models_.end()) return r;
     r.resident = it->second.resident;
-    if (r.resident) {
+    if (it->second.swap) {
+        r.n_units_loaded = static_cast<int>(it->second.units.size());
+    } else if (r.resident) {
         r.n_units_loaded = static_cast<int>(it->second.units.size());
     } else {
         r.n_slots = static_cast<int>(it->second.slots.size());
@@ -171,7 +207,7 @@ bool Residency::pick_job(Job& job) {
     for (size_t i = cursor_; i < end; i++) {
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
-        if (it == models_.end() || it->second.resident) continue;
+        if (it == models_.end() || it->second.resident || it->second.swap) continue;
         if (find_slot(it->second, u.unit) != nullptr) continue;
         const int v = pick_victim(it->second, u.model, i);
         if (v < 0) return false;  // later units must wait for slots to free up
@@ -220,6 +256,19 @@ const uint8_t* Residency::acquire(UnitRef u) {
         cursor_++;
     }
     if (e.resident) return e.units[static_cast<size_t>(u.unit)].ptr;
+    if (e.swap) {
+        if (e.units.empty()) {
+            stats_.n_misses++;
+            const auto t0 = std::chrono::steady_clock::now();
+            swap_in(u.model, e, lk);
+            stats_.wait_ns += static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+        } else {
+            stats_.n_hits++;
+        }
+        e.in_use++;
+        return e.units[static_cast<size_t>(u.unit)].ptr;
+    }
     Slot* s = find_slot(e, u.unit);
     if (s != nullptr && s->ready) {
         stats_.n_hits++;
@@ -269,6 +318,10 @@ void Residency::release(UnitRef u) {
         auto it = models_.find(u.model);
         assert(it != models_.end());
         if (it->second.resident) return;
+        if (it->second.swap) {
+            it->second.in_use--;
+            return;
+        }
         Slot* s = find_slot(it->second, u.unit);
         assert(s != nullptr && s->pins > 0);
         s->pins--;

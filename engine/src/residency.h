@@ -66,6 +66,10 @@ public:
     // Returns false with nothing booked when the ledger cannot hold it.
     bool add_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner, bool resident,
                    int n_slots);
+    // Whole-model swapping, the baseline layermux is measured against (what Ollama
+    // does): nothing is booked at load; the first acquire of a swapped-out model
+    // books and copies ALL its units, evicting other swap-mode models whole.
+    void add_swap_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner);
     void remove_model(int model_id);  // precondition: no unit of it is acquired
     ModelResidency model_info(int model_id) const;
 
@@ -93,6 +97,8 @@ private:
         std::shared_ptr<const ModelWeights> w;
         std::string owner;
         bool resident = false;
+        bool swap = false;  // whole-model swapping; units non-empty while swapped in
+        int in_use = 0;     // swap models: units acquired and not released
         std::vector<DeviceBuffer> units;  // resident models
         std::vector<Slot> slots;          // streamed models
     };
@@ -107,6 +113,7 @@ private:
     bool pick_job(Job& job);
     int pick_victim(Entry& e, int model, size_t target_pos) const;
     size_t next_use(int model, int unit, size_t from) const;
+    void swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk);
     void copy_main();
 
     Ledger& ledger_;

@@ -41,6 +41,18 @@ void dequantize_row(const WeightView& w, int64_t row, float* out);
 // x: [n_tok, n_in], y: [n_tok, n_out]. Splits over output rows across the pool.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool);
 
+// Matmul precision, process-wide: set it once at start-up, before the first matmul.
+//  exact (default): activations stay f32, weights are widened exactly, f32 FMA in a
+//    fixed order: bitwise the same on AVX2 and AVX-512 machines.
+//  fast: where the CPU has a denser dot product, activations are rounded to its format
+//    once per call, as llama.cpp does. Today: bf16 weights on AVX512_BF16 CPUs take
+//    bf16 activations (vdpbf16ps: twice the multiply-adds per instruction of f32 FMA;
+//    each product then carries a relative error up to 2^-8). Every other case stays
+//    exact. Still batch- and thread-invariant, but no longer identical across ISAs.
+enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
+void set_matmul_precision(MatmulPrecision p);
+MatmulPrecision matmul_precision();
+
 // y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight[:]   (x may alias y)
 void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
 

@@ -1,0 +1,167 @@
+// kernels/dispatch.cpp — picks the kernel table for this CPU and splits matmul over the pool.
+// Owner: kernels. Thread-safety: the choice is made once (thread-safe static); every
+// op is a pure function; matmul must be called from the pool's one calling thread.
+//
+// Built for baseline x86-64: it only calls into an ISA file after
+// __builtin_cpu_supports said yes (libgcc also checks that the OS saves the registers).
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../threadpool.h"
+#include "kernels_impl.h"
+
+namespace lmx {
+
+namespace {
+
+bool cpu_has_avx2() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+bool cpu_has_avx512() {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+const KernelTable kScalar = {
+    "scalar", &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention, nullptr, nullptr,
+};
+
+std::atomic<uint8_t> g_precision{static_cast<uint8_t>(MatmulPrecision::exact)};
+
+const KernelTable& choose_table() {
+    // LMX_KERNELS forces a lower ISA (benchmarks, tests, debugging); an unsupported or
+    // unknown name falls back to the automatic choice.
+    if (const char* want = std::getenv("LMX_KERNELS")) {
+        if (std::strcmp(want, "scalar") == 0) return *kernels_table_scalar();
+        if (std::strcmp(want, "avx2") == 0 && kernels_table_avx2()) return *kernels_table_avx2();
+        if (std::strcmp(want, "avx512") == 0 && kernels_table_avx512()) return *kernels_table_avx512();
+    }
+    if (const KernelTable* t = kernels_table_avx512()) return *t;
+    if (const KernelTable* t = kernels_table_avx2()) return *t;
+    return *kernels_table_scalar();
+}
+
+// Output rows per matmul task. A task's weights (<= kTaskBytes) stay in L2 while it
+// walks its token tiles; rows come in multiples of 16 so that, for aligned y and
+// n_out % 16 == 0, no two tasks write the same cache line of y. At least
+// kTasksPerThread tasks per thread when the matrix allows, so the dynamic hand-out can
+// even out a thread that started late. The row split never changes a result.
+constexpr int64_t kTaskBytes = 128 * 1024;
+constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kRowQuantum = 16;
+// Below this many multiply-adds a call runs on the calling thread: waking workers costs more.
+constexpr int64_t kMinParallelMacs = 64 * 1024;
+
+int64_t rows_per_task(int64_t n_out, int64_t row_b, int n_threads) {
+    auto round_up = [](int64_t v) { return (v + kRowQuantum - 1) / kRowQuantum * kRowQuantum; };
+    int64_t rows = kTaskBytes / (row_b > 0 ? row_b : 1) / kRowQuantum * kRowQuantum;
+    const int64_t balanced = round_up((n_out + kTasksPerThread * n_threads - 1) / (kTasksPerThread * n_threads));
+    if (rows > balanced) rows = balanced;
+    if (rows < kRowQuantum) rows = kRowQuantum;
+    return rows;
+}
+
+}  // namespace
+
+const KernelTable* kernels_table_scalar() { return &kScalar; }
+const KernelTable* kernels_table_avx2() { return cpu_has_avx2() ? kernels_avx2_table_unchecked() : nullptr; }
+const KernelTable* kernels_table_avx512() {
+    if (!cpu_has_avx512()) return nullptr;
+    return kernels_avx512_table_unchecked(__builtin_cpu_supports("avx512bf16") != 0);
+}
+
+void set_matmul_precision(MatmulPrecision p) { g_precision.store(static_cast<uint8_t>(p)); }
+MatmulPrecision matmul_precision() { return static_cast<MatmulPrecision>(g_precision.load()); }
+
+const KernelTable& kernels_active() {
+    static const KernelTable& table = choose_table();
+    return table;
+}
+
+const char* kernels_isa() { return kernels_active().name; }
+
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool) {
+    if (w.dtype == DType::Q8_0 && w.n_in % kQ8BlockElems != 0)
+        throw InvalidArgument("matmul: q8_0 weights need n_in % 32 == 0, found n_in=" + std::to_string(w.n_in));
+    if (n_tok <= 0 || w.n_out <= 0) return;
+    const KernelTable& k = kernels_active();
+    const bool inline_call = w.n_out * w.n_in * n_tok < kMinParallelMacs || pool.n_threads() == 1;
+    // One task covering every row when the call is too small to share (the split never
+    // changes a result, so this is purely a latency choice).
+    const int64_t rows = inline_call ? w.n_out : rows_per_task(w.n_out, row_bytes(w.dtype, w.n_in), pool.n_threads());
+    const int64_t n_tasks = (w.n_out + rows - 1) / rows;
+    auto rows_of = [&](int64_t task, int64_t* r0, int64_t* r1) {
+        *r0 = task * rows;
+        *r1 = *r0 + rows < w.n_out ? *r0 + rows : w.n_out;
+    };
+    if (w.dtype == DType::BF16 && k.matmul_rows_bf16act && matmul_precision() == MatmulPrecision::fast) {
+        // Round the activations once per call, on the calling thread, into a per-thread
+        // buffer that only grows (no allocation in the steady state).
+        thread_local std::vector<uint16_t> act;
+        act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w.n_in)));
+        k.act_to_bf16(x, n_tok, w.n_in, act.data());
+        // By pointer: inside the lambda, `act` would name the worker's own thread_local.
+        const uint16_t* act_data = act.data();
+        pool.parallel_for(n_tasks, [&](int64_t task, int) {
+            int64_t r0, r1;
+            rows_of(task, &r0, &r1);
+            k.matmul_rows_bf16act(w, act_data, n_tok, y, bias, r0, r1);
+        });
+        return;
+    }
+    pool.parallel_for(n_tasks, [&](int64_t task, int) {
+        int64_t r0, r1;
+        rows_of(task, &r0, &r1);
+        k.matmul_rows(w, x, n_tok, y, bias, r0, r1);
+    });
+}
+
+void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y) {
+    kernels_active().rmsnorm(x, weight, eps, n_tok, dim, y);
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) { kernels_active().silu_mul(gate, up, out, n); }
+
+void softmax(float* x, int64_t n) { kernels_active().softmax(x, n); }
+
+void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
+               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
+    kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
+                               out, scratch);
+}
+
+// rope is cheap next to the matmuls around it and its precision is visible in every
+// logit, so the fast version computes exactly the reference formula (float angle,
+// cosf/sinf, no FMA contraction — this file is built without -mfma) and only hoists
+// cos/sin out of the head loop; the rotation loop is left to the auto-vectoriser.
+// Result: bitwise equal to ref::rope.
+void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_freq) {
+    constexpr int kChunk = 128;
+    const int half = head_dim / 2;
+    float c[kChunk], s[kChunk];  // cos/sin of angles i0 .. i0+n-1
+    for (int i0 = 0; i0 < half; i0 += kChunk) {
+        const int n = half - i0 < kChunk ? half - i0 : kChunk;
+        for (int i = 0; i < n; ++i) {
+            const float angle = static_cast<float>(pos) * inv_freq[i0 + i];
+            c[i] = std::cos(angle);
+            s[i] = std::sin(angle);
+        }
+        for (int h = 0; h < n_heads; ++h) {
+            float* x0 = x + static_cast<int64_t>(h) * head_dim + i0;
+            float* x1 = x0 + half;
+            for (int i = 0; i < n; ++i) {
+                const float a = x0[i], b = x1[i];
+                x0[i] = a * c[i] - b * s[i];
+                x1[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+}  // namespace lmx

@@ -1,0 +1,101 @@
+// kernels/kernels_avx2.cpp — the kernel table for AVX2 + FMA + F16C.
+// Owner: kernels. Thread-safety: pure functions. Built with -mavx2 -mfma -mf16c: call
+// only through kernels_table_avx2(), which checks the CPU first.
+//
+// One 16-lane vector is a pair of ymm (lanes 0-7, 8-15), so the op sequence — and the
+// result, bit for bit — is that of the AVX-512 build (see kernels_simd.h). With 16 ymm
+// registers the matmul tile is 2 rows x 2 tokens (8 accumulator ymm); decode uses 4 rows.
+#include <immintrin.h>
+
+#include "kernels_impl.h"
+#include "kernels_simd.h"
+
+namespace lmx {
+namespace {
+
+struct Avx2 {
+    struct V {
+        __m256 lo, hi;  // lanes 0-7, 8-15
+    };
+    static constexpr int kRows = 2, kToks = 2, kRows1 = 4;
+
+    static V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+    static V set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+    static V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+    static void store(float* p, V v) {
+        _mm256_storeu_ps(p, v.lo);
+        _mm256_storeu_ps(p + 8, v.hi);
+    }
+    static V add(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+    static V sub(V a, V b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+    static V mul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+    static V div(V a, V b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+    static V max(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+    static V min(V a, V b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+    static V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+    static V round(V a) {
+        constexpr int kMode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        return {_mm256_round_ps(a.lo, kMode), _mm256_round_ps(a.hi, kMode)};
+    }
+    static __m256 pow2i8(__m256 n) {
+        const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+    }
+    static V pow2i(V n) { return {pow2i8(n.lo), pow2i8(n.hi)}; }
+    static V select_lt(V a, V b, V t, V f) {
+        return {_mm256_blendv_ps(f.lo, t.lo, _mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ)),
+                _mm256_blendv_ps(f.hi, t.hi, _mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ))};
+    }
+
+    // Reduction tree shared with the AVX-512 build: 16 -> 8 -> 4 -> 2 -> 1.
+    static float hsum(V a) {
+        const __m256 s8 = _mm256_add_ps(a.lo, a.hi);
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+    static float hmax(V a) {
+        const __m256 s8 = _mm256_max_ps(a.lo, a.hi);
+        const __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const __m128 s2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+
+    static V load_f16(const uint8_t* p) {
+        return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)))};
+    }
+    static __m256 bf16_8(const uint8_t* p) {
+        const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    }
+    static V load_bf16(const uint8_t* p) { return {bf16_8(p), bf16_8(p + 16)}; }
+    static V bcast_f16(const uint8_t* p) {
+        uint16_t h;
+        __builtin_memcpy(&h, p, 2);
+        const __m256 d = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
+        return {d, d};
+    }
+    static __m256 q8_8(const uint8_t* qs, __m256 d) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+    }
+    static V load_q8(const uint8_t* qs, V d) { return {q8_8(qs, d.lo), q8_8(qs + 8, d.hi)}; }
+};
+
+const KernelTable kTable = {
+    "avx2",
+    &simd::matmul_rows<Avx2>,
+    &simd::rmsnorm<Avx2>,
+    &simd::silu_mul<Avx2>,
+    &simd::softmax<Avx2>,
+    &simd::attention<Avx2>,
+    nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::fast stays exact
+    nullptr,
+};
+
+}  // namespace
+
+const KernelTable* kernels_avx2_table_unchecked() { return &kTable; }
+
+}  // namespace lmx

@@ -1,0 +1,198 @@
+// kernels/kernels_avx512.cpp — the kernel table for AVX-512 (F/BW/VL/DQ) + FMA + F16C, and bf16 dots.
+// Owner: kernels. Thread-safety: pure functions. Built with -mavx512*: call only through
+// kernels_table_avx512(), which checks the CPU first.
+//
+// One 16-lane vector is one zmm. Register tile for matmul: 4 rows x 4 tokens = 16
+// accumulators + 4 activations + 1 weight vector of the 32 zmm; decode uses 8 rows so
+// 8 independent FMA chains cover the FMA latency. The op sequence is the shared one of
+// kernels_simd.h, so results are bitwise those of the AVX2 build.
+// GCC 12.2's AVX-512 intrinsics self-initialise their undefined operands (`__Y = __Y`),
+// which -Wuninitialized reports once inlined (GCC bug 105593, fixed in 12.3): silence
+// exactly those two warnings for this file, or the -Werror build fails.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels_impl.h"
+#include "kernels_simd.h"
+
+namespace lmx {
+namespace {
+
+struct Avx512 {
+    using V = __m512;
+    static constexpr int kRows = 4, kToks = 4, kRows1 = 8;
+
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float v) { return _mm512_set1_ps(v); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static V pow2i(V n) {
+        const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    }
+    static V select_lt(V a, V b, V t, V f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), f, t); }
+
+    // Reduction tree shared with the AVX2 build: 16 -> 8 -> 4 -> 2 -> 1.
+    static float hsum(V a) {
+        const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+    static float hmax(V a) {
+        const __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+        const __m128 s4 = _mm_max_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+        const __m128 s2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+
+    static V load_f16(const uint8_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static V load_bf16(const uint8_t* p) {
+        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    }
+    static V bcast_f16(const uint8_t* p) {
+        uint16_t h;
+        __builtin_memcpy(&h, p, 2);
+        return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+    }
+    static V load_q8(const uint8_t* qs, V d) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+    }
+};
+
+// ---- MatmulPrecision::fast for bf16 weights (AVX512_BF16) ----
+//
+// vdpbf16ps multiplies 32 bf16 pairs per instruction (twice an f32 FMA) with exact
+// products; lane j of an accumulator takes elements 32s+2j+1 then 32s+2j of each step
+// s, in order, then hsum's tree: fixed per element, independent of the tiling, as in
+// the exact path. Activations are rounded to bf16 (nearest-even) once per call.
+
+void act_to_bf16(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act) {
+    const int64_t stride = bf16_act_stride(n_in);
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float* xt = x + t * n_in;
+        uint16_t* at = act + t * stride;
+        for (int64_t i = 0; i < stride; i += 32) {
+            auto mask_for = [&](int64_t from) -> __mmask16 {
+                const int64_t n = n_in - from;
+                return n >= 16 ? static_cast<__mmask16>(0xffff) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+            };
+            const __m512 lo = _mm512_maskz_loadu_ps(mask_for(i), xt + i);
+            const __m512 hi = _mm512_maskz_loadu_ps(mask_for(i + 16), xt + i + 16);
+            _mm512_storeu_si512(at + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+    }
+}
+
+template <int R, int T>
+inline void bf16_tile(const uint8_t* w, int64_t w_stride, const uint16_t* act, int64_t a_stride, int64_t n_in,
+                      float* y, int64_t y_stride, const float* bias) {
+    __m512 acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    const int64_t n_full = n_in / 32, n_tail = n_in % 32;
+    for (int64_t s = 0; s < n_full; ++s) {
+        __m512bh xv[T];
+        for (int t = 0; t < T; ++t)
+            xv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(act + t * a_stride + s * 32));
+        for (int r = 0; r < R; ++r) {
+            const __m512bh wv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + r * w_stride + s * 64));
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv[t], wv);
+        }
+    }
+    if (n_tail) {  // weights past n_in masked to zero; the activations there are zero already
+        const __mmask32 m = static_cast<__mmask32>((1ull << n_tail) - 1);
+        __m512bh xv[T];
+        for (int t = 0; t < T; ++t)
+            xv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(act + t * a_stride + n_full * 32));
+        for (int r = 0; r < R; ++r) {
+            const __m512bh wv =
+                reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(m, w + r * w_stride + n_full * 64));
+            for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], xv[t], wv);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+            float v = Avx512::hsum(acc[r][t]);
+            if (bias) v += bias[r];
+            y[t * y_stride + r] = v;
+        }
+}
+
+template <int R, int T>
+void bf16_tile_any(int nr, int nt, const uint8_t* w, int64_t ws, const uint16_t* act, int64_t as, int64_t n_in,
+                   float* y, int64_t ys, const float* b) {
+    if constexpr (R > 0 && T > 0) {
+        if (nr < R) return bf16_tile_any<R - 1, T>(nr, nt, w, ws, act, as, n_in, y, ys, b);
+        if (nt < T) return bf16_tile_any<R, T - 1>(nr, nt, w, ws, act, as, n_in, y, ys, b);
+        bf16_tile<R, T>(w, ws, act, as, n_in, y, ys, b);
+    }
+}
+
+// Same loop nest as simd::mm_rows (token tiles kept in L2, R rows x T tokens per tile).
+void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok, float* y, const float* bias,
+                         int64_t row0, int64_t row1) {
+    const int64_t n_in = w.n_in, a_stride = bf16_act_stride(n_in);
+    const int64_t stride = row_bytes(w.dtype, n_in);
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    auto imin = [](int64_t a, int64_t b) { return a < b ? a : b; };
+    if (n_tok == 1) {
+        constexpr int R = Avx512::kRows1;
+        for (int64_t r = row0; r < row1; r += R)
+            bf16_tile_any<R, 1>(static_cast<int>(imin(R, row1 - r)), 1, base + r * stride, stride, act, a_stride, n_in,
+                                y + r, w.n_out, bias ? bias + r : nullptr);
+        return;
+    }
+    constexpr int R = Avx512::kRows, T = Avx512::kToks;
+    int64_t tile = simd::kTokenTileBytes / (a_stride * 2) / T * T;
+    if (tile < T) tile = T;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tile) {
+        const int64_t t1 = imin(n_tok, t0 + tile);
+        for (int64_t r = row0; r < row1; r += R)
+            for (int64_t t = t0; t < t1; t += T)
+                bf16_tile_any<R, T>(static_cast<int>(imin(R, row1 - r)), static_cast<int>(imin(T, t1 - t)),
+                                    base + r * stride, stride, act + t * a_stride, a_stride, n_in,
+                                    y + t * w.n_out + r, w.n_out, bias ? bias + r : nullptr);
+    }
+}
+
+const KernelTable kTable = {
+    "avx512",
+    &simd::matmul_rows<Avx512>,
+    &simd::rmsnorm<Avx512>,
+    &simd::silu_mul<Avx512>,
+    &simd::softmax<Avx512>,
+    &simd::attention<Avx512>,
+    nullptr,
+    nullptr,
+};
+
+const KernelTable kTableBf16 = {
+    "avx512",
+    &simd::matmul_rows<Avx512>,
+    &simd::rmsnorm<Avx512>,
+    &simd::silu_mul<Avx512>,
+    &simd::softmax<Avx512>,
+    &simd::attention<Avx512>,
+    &act_to_bf16,
+    &matmul_rows_bf16act,
+};
+
+}  // namespace
+
+const KernelTable* kernels_avx512_table_unchecked(bool with_bf16) { return with_bf16 ? &kTableBf16 : &kTable; }
+
+}  // namespace lmx

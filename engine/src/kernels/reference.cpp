@@ -1,0 +1,221 @@
+// kernels/reference.cpp — scalar reference ops (lmx::ref), weight conversion, row dequantisation.
+// Owner: kernels. Thread-safety: pure functions.
+//
+// The references are the oracle of the kernel tests and the fallback on CPUs without
+// AVX2: written for obviousness, they accumulate dot products and sums in double so
+// that their own rounding error is far below the tolerance granted to the fast code.
+// They are batch invariant trivially: every output element is its own loop.
+// This file is built for baseline x86-64 (no FMA), so a*b+c is never contracted.
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels_impl.h"
+
+namespace lmx {
+
+namespace {
+
+// Element i of one row of a weight matrix as f32 (exact for every format).
+inline float weight_at(const uint8_t* row, DType t, int64_t i) {
+    switch (t) {
+        case DType::F32: {
+            float v;
+            std::memcpy(&v, row + 4 * i, 4);
+            return v;
+        }
+        case DType::F16: {
+            uint16_t h;
+            std::memcpy(&h, row + 2 * i, 2);
+            return f16_to_f32(h);
+        }
+        case DType::BF16: {
+            uint16_t h;
+            std::memcpy(&h, row + 2 * i, 2);
+            return bf16_to_f32(h);
+        }
+        case DType::Q8_0: {
+            const uint8_t* blk = row + (i / kQ8BlockElems) * kQ8BlockBytes;
+            uint16_t d;
+            std::memcpy(&d, blk, 2);
+            const int8_t q = static_cast<int8_t>(blk[2 + i % kQ8BlockElems]);
+            return f16_to_f32(d) * static_cast<float>(q);  // exact: 11-bit d times 8-bit q
+        }
+    }
+    return 0.0f;
+}
+
+inline const uint8_t* weight_row(const WeightView& w, int64_t row) {
+    return static_cast<const uint8_t*>(w.data) + row * row_bytes(w.dtype, w.n_in);
+}
+
+// llama.cpp's quantize_row_q8_0_ref for one block of 32: d = amax/127, q = round(x/d).
+void quantize_block_q8_0(const float* x, uint8_t* out) {
+    float amax = 0.0f;
+    for (int j = 0; j < kQ8BlockElems; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = f32_to_f16(d);
+    std::memcpy(out, &dh, 2);
+    for (int j = 0; j < kQ8BlockElems; ++j) {
+        float r = std::round(x[j] * id);
+        // Only non-finite input can leave [-127, 127]; keep the int8 cast defined.
+        if (!(r >= -127.0f)) r = r != r ? 0.0f : -127.0f;
+        if (r > 127.0f) r = 127.0f;
+        out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(r));
+    }
+}
+
+}  // namespace
+
+// ---- conversion ----
+
+void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols) {
+    if (src_t == DType::Q8_0) throw InvalidArgument("convert_rows: source format q8_0 is not supported");
+    if (dst_t == DType::Q8_0 && n_cols % kQ8BlockElems != 0)
+        throw InvalidArgument("convert_rows: q8_0 needs a row length divisible by 32, found " +
+                              std::to_string(n_cols));
+    const int64_t src_row = row_bytes(src_t, n_cols);
+    const int64_t dst_row = row_bytes(dst_t, n_cols);
+    if (src_t == dst_t) {
+        std::memcpy(dst, src, static_cast<size_t>(src_row * n_rows));
+        return;
+    }
+    std::vector<float> tmp(static_cast<size_t>(n_cols));  // [n_cols] one row in f32
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const uint8_t* s = static_cast<const uint8_t*>(src) + r * src_row;
+        uint8_t* d = static_cast<uint8_t*>(dst) + r * dst_row;
+        for (int64_t i = 0; i < n_cols; ++i) tmp[i] = weight_at(s, src_t, i);
+        switch (dst_t) {
+            case DType::F32: std::memcpy(d, tmp.data(), static_cast<size_t>(n_cols) * 4); break;
+            case DType::F16:
+                for (int64_t i = 0; i < n_cols; ++i) {
+                    const uint16_t h = f32_to_f16(tmp[i]);
+                    std::memcpy(d + 2 * i, &h, 2);
+                }
+                break;
+            case DType::BF16:
+                for (int64_t i = 0; i < n_cols; ++i) {
+                    const uint16_t h = f32_to_bf16(tmp[i]);
+                    std::memcpy(d + 2 * i, &h, 2);
+                }
+                break;
+            case DType::Q8_0:
+                for (int64_t b = 0; b < n_cols / kQ8BlockElems; ++b)
+                    quantize_block_q8_0(tmp.data() + b * kQ8BlockElems, d + b * kQ8BlockBytes);
+                break;
+        }
+    }
+}
+
+void dequantize_row(const WeightView& w, int64_t row, float* out) {
+    assert(row >= 0 && row < w.n_out);
+    const uint8_t* r = weight_row(w, row);
+    if (w.dtype == DType::F32) {
+        std::memcpy(out, r, static_cast<size_t>(w.n_in) * 4);
+        return;
+    }
+    for (int64_t i = 0; i < w.n_in; ++i) out[i] = weight_at(r, w.dtype, i);
+}
+
+namespace ref {
+
+void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
+                 int64_t row1) {
+    assert(w.dtype != DType::Q8_0 || w.n_in % kQ8BlockElems == 0);
+    std::vector<float> wrow(static_cast<size_t>(w.n_in));  // [n_in] one weight row in f32
+    for (int64_t o = row0; o < row1; ++o) {
+        dequantize_row(w, o, wrow.data());
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const float* xt = x + t * w.n_in;
+            double acc = bias ? static_cast<double>(bias[o]) : 0.0;
+            for (int64_t i = 0; i < w.n_in; ++i) acc += static_cast<double>(xt[i]) * static_cast<double>(wrow[i]);
+            y[t * w.n_out + o] = static_cast<float>(acc);
+        }
+    }
+}
+
+void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias) {
+    matmul_rows(w, x, n_tok, y, bias, 0, w.n_out);
+}
+
+void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y) {
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float* xt = x + t * dim;
+        float* yt = y + t * dim;
+        double ss = 0.0;
+        for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+        const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(dim)) + eps);
+        for (int64_t i = 0; i < dim; ++i) yt[i] = weight[i] * (xt[i] * inv);
+    }
+}
+
+void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_freq) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < n_heads; ++h) {
+        float* xh = x + static_cast<int64_t>(h) * head_dim;
+        for (int i = 0; i < half; ++i) {
+            // Hugging Face computes the angle and its cos/sin in float32.
+            const float angle = static_cast<float>(pos) * inv_freq[i];
+            const float c = std::cos(angle), s = std::sin(angle);
+            const float x0 = xh[i], x1 = xh[i + half];
+            xh[i] = x0 * c - x1 * s;
+            xh[i + half] = x1 * c + x0 * s;
+        }
+    }
+}
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+}
+
+void softmax(float* x, int64_t n) {
+    if (n <= 0) return;
+    float mx = x[0];
+    for (int64_t i = 1; i < n; ++i) mx = std::fmax(mx, x[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = std::exp(x[i] - mx);
+        sum += x[i];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
+               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
+    assert(n_heads % n_kv_heads == 0);
+    const int group = n_heads / n_kv_heads;
+    const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
+    for (int64_t i = 0; i < n_q; ++i) {
+        const int64_t n_keys = pos0 + i + 1;
+        for (int h = 0; h < n_heads; ++h) {
+            const float* qh = q + (i * n_heads + h) * head_dim;
+            const int64_t kv_off = static_cast<int64_t>(h / group) * head_dim;
+            for (int64_t p = 0; p < n_keys; ++p) {
+                const float* k = k_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
+                double dot = 0.0;
+                for (int d = 0; d < head_dim; ++d) dot += static_cast<double>(qh[d]) * k[d];
+                scratch[p] = static_cast<float>(dot) * scale;
+            }
+            softmax(scratch, n_keys);
+            float* oh = out + (i * n_heads + h) * head_dim;
+            for (int d = 0; d < head_dim; ++d) {
+                double acc = 0.0;
+                for (int64_t p = 0; p < n_keys; ++p) {
+                    const float* v = v_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
+                    acc += static_cast<double>(scratch[p]) * v[d];
+                }
+                oh[d] = static_cast<float>(acc);
+            }
+        }
+    }
+}
+
+}  // namespace ref
+
+}  // namespace lmx
