@@ -5,6 +5,7 @@ Real engine, real files (random models written by engine.model_factory); nothing
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,26 @@ def test_ledger_never_exceeds_cap_and_returns_to_baseline_over_1000_workloads(mo
                           suppress_health_check=list(HealthCheck)),
     )
     assert LedgerMachine.n_workloads >= 1000
+
+
+def test_loading_a_model_does_not_block_serving_another(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    big = make_model(tmp_path / "big", arch="llama", hidden=128, n_layers=8, n_heads=4, n_kv_heads=2,
+                     intermediate=512, seed=9)
+    with Engine(EngineConfig(budget_bytes=256 << 20, n_threads=2)) as eng:
+        eng.load_model("a", model_dirs["llama"])
+        eng.submit(1, "a", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        tokens_seen_during_load: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            # Called from the loading thread between layers: model "a" keeps producing meanwhile.
+            before = eng.stats()["n_tokens_generated"]
+            for _ in range(200):
+                if eng.stats()["n_tokens_generated"] > before:
+                    tokens_seen_during_load.append(done)
+                    return
+                time.sleep(0.005)
+
+        eng.load_model("b", big, weights="q8_0", progress=progress)
+        assert len(tokens_seen_during_load) >= 3, tokens_seen_during_load
+        assert set(eng.models()) == {"a", "b"}
+        eng.cancel(1)
