@@ -17,8 +17,8 @@ from engine import CapacityError, Engine, EngineConfig, SamplingParams
 from engine.model_factory import make_model
 
 MODELS = {
-    "llama": dict(arch="llama", hidden=64, n_layers=8, n_heads=4, n_kv_heads=2, intermediate=256, seed=3),
-    "qwen": dict(arch="qwen2", hidden=64, n_layers=8, n_heads=4, n_kv_heads=1, intermediate=192, seed=4,
+    "llama": dict(arch="llama", hidden=64, n_layers=10, n_heads=4, n_kv_heads=2, intermediate=256, seed=3),
+    "qwen": dict(arch="qwen2", hidden=64, n_layers=12, n_heads=4, n_kv_heads=1, intermediate=192, seed=4,
                  tie_embeddings=True),
 }
 

@@ -94,18 +94,25 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
     const uint64_t headroom = ledger_.headroom_bytes();
     const uint64_t spare = headroom > ws_bytes + reserve ? headroom - ws_bytes - reserve : 0;
 
+    // Auto residency: resident when the weights fit next to the KV reserve.
+    // Otherwise the head stays resident and layers stream through slots: at
+    // least prefetch_depth + 1, and at most half of the spare bytes, so models
+    // loaded later still find room (Belady turns extra slots into hits).
+    const int n_layer = spec.n_layer;
     bool resident = opt.residency == "resident" || (opt.residency == "auto" && w->total_unit_bytes() <= spare);
     int n_slots = 0;
     if (!resident) {
+        const uint64_t head = w->unit(n_layer).n_bytes;
+        const uint64_t layer = std::max<uint64_t>(w->layer_unit_bytes(), 1);
         const int min_slots = std::max(2, cfg_.prefetch_depth + 1);
-        n_slots = opt.stream_slots > 0
-                      ? opt.stream_slots
-                      : std::max<int>(min_slots, static_cast<int>(std::min<uint64_t>(
-                                                     spare / std::max<uint64_t>(w->max_unit_bytes(), 1),
-                                                     static_cast<uint64_t>(w->n_units() - 1))));
-        n_slots = std::min(n_slots, w->n_units());
+        const uint64_t fair = spare > head ? (spare - head) / 2 / layer : 0;
+        n_slots = opt.stream_slots > 0 ? opt.stream_slots
+                                       : std::max<int>(min_slots, static_cast<int>(std::min<uint64_t>(
+                                                                      fair, static_cast<uint64_t>(n_layer - 1))));
+        n_slots = std::max(1, std::min(n_slots, n_layer));
     }
-    const uint64_t weight_need = resident ? w->total_unit_bytes() : static_cast<uint64_t>(n_slots) * w->max_unit_bytes();
+    const uint64_t weight_need = resident ? w->total_unit_bytes()
+                                          : w->unit(n_layer).n_bytes + static_cast<uint64_t>(n_slots) * w->layer_unit_bytes();
     m->ws_mem = ledger_.alloc(spec.name, BookKind::Workspace, ws_bytes);
     if (m->ws_mem && opt.residency == "swap") {
         if (w->total_unit_bytes() > headroom - std::min(headroom, ws_bytes)) {
@@ -247,7 +254,8 @@ ModelInfo Engine::info_locked(const ModelRt& m) const {
     i.n_slots = r.n_slots;
     i.n_units_loaded = r.n_units_loaded;
     i.weight_bytes = m.w->total_unit_bytes();
-    i.device_weight_bytes = r.resident ? m.w->total_unit_bytes() : static_cast<uint64_t>(r.n_slots) * r.slot_bytes;
+    i.device_weight_bytes = r.resident ? m.w->total_unit_bytes()
+                                       : m.w->unit(s.n_layer).n_bytes + static_cast<uint64_t>(r.n_slots) * r.slot_bytes;
     i.workspace_bytes = m.ws_mem.n_bytes;
     i.kv_block_bytes = m.kv ? m.kv->block_bytes() : 0;
     i.kv_bytes_per_token = static_cast<uint64_t>(s.n_layer) * 2 * static_cast<uint64_t>(s.kv_dim()) * 4;

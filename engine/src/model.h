@@ -79,6 +79,7 @@ public:
     const HeadLayout& head_layout() const { return head_; }
     const WeightView& embed() const { return embed_; }  // host memory, [n_vocab, dim]
     uint64_t max_unit_bytes() const { return max_unit_bytes_; }
+    uint64_t layer_unit_bytes() const { return units_.front().n_bytes; }  // every layer unit is this size
     uint64_t total_unit_bytes() const { return total_unit_bytes_; }
     // Copies unit u into dst (device memory of at least unit(u).n_bytes).
     void assemble_unit(int u, uint8_t* dst, class Device& dev) const;

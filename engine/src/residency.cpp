@@ -32,6 +32,7 @@ Residency::~Residency() {
     if (copy_thread_.joinable()) copy_thread_.join();
     for (auto& kv : models_) {
         for (DeviceBuffer& b : kv.second.units) ledger_.free(b);
+        ledger_.free(kv.second.head);
         for (Slot& s : kv.second.slots) ledger_.free(s.buf);
     }
 }
@@ -45,6 +46,7 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
     auto undo = [&] {
         for (DeviceBuffer& b : e.units) ledger_.free(b);
         for (Slot& s : e.slots) ledger_.free(s.buf);
+        ledger_.free(e.head);
     };
     if (resident) {
         for (int u = 0; u < e.w->n_units(); u++) {
@@ -57,10 +59,14 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
             e.units.push_back(b);
         }
     } else {
-        const int n = std::max(1, std::min(n_slots, e.w->n_units()));
+        const int head = e.w->n_units() - 1;
+        e.head = ledger_.alloc(owner, BookKind::Weights, e.w->unit(head).n_bytes);
+        if (!e.head) return false;
+        e.w->assemble_unit(head, e.head.ptr, ledger_.device());
+        const int n = std::max(1, std::min(n_slots, e.w->n_units() - 1));
         for (int i = 0; i < n; i++) {
             Slot s;
-            s.buf = ledger_.alloc(owner, BookKind::Weights, e.w->max_unit_bytes());
+            s.buf = ledger_.alloc(owner, BookKind::Weights, e.w->layer_unit_bytes());
             if (!s.buf) {
                 undo();
                 return false;
@@ -121,6 +127,7 @@ void Residency::remove_model(int model_id) {
     models_.erase(it);
     lk.unlock();
     for (DeviceBuffer& b : e.units) ledger_.free(b);
+    ledger_.free(e.head);
     for (Slot& s : e.slots) {
         assert(s.pins == 0);
         ledger_.free(s.buf);
@@ -139,7 +146,8 @@ ModelResidency Residency::model_info(int model_id) const {
         r.n_units_loaded = static_cast<int>(it->second.units.size());
     } else {
         r.n_slots = static_cast<int>(it->second.slots.size());
-        r.slot_bytes = it->second.w->max_unit_bytes();
+        r.slot_bytes = it->second.w->layer_unit_bytes();
+        r.n_units_loaded = 1;  // the head
         for (const Slot& s : it->second.slots) r.n_units_loaded += s.ready ? 1 : 0;
     }
     return r;
@@ -208,6 +216,7 @@ bool Residency::pick_job(Job& job) {
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
         if (it == models_.end() || it->second.resident || it->second.swap) continue;
+        if (u.unit == it->second.w->n_units() - 1) continue;  // the head is resident
         if (find_slot(it->second, u.unit) != nullptr) continue;
         const int v = pick_victim(it->second, u.model, i);
         if (v < 0) return false;  // later units must wait for slots to free up
@@ -269,6 +278,7 @@ const uint8_t* Residency::acquire(UnitRef u) {
         e.in_use++;
         return e.units[static_cast<size_t>(u.unit)].ptr;
     }
+    if (u.unit == e.w->n_units() - 1) return e.head.ptr;
     Slot* s = find_slot(e, u.unit);
     if (s != nullptr && s->ready) {
         stats_.n_hits++;
@@ -322,6 +332,7 @@ void Residency::release(UnitRef u) {
             it->second.in_use--;
             return;
         }
+        if (u.unit == it->second.w->n_units() - 1) return;  // the resident head
         Slot* s = find_slot(it->second, u.unit);
         assert(s != nullptr && s->pins > 0);
         s->pins--;

@@ -4,8 +4,9 @@
 // the copy thread is the only one that writes slot contents.
 //
 // Policy. A model that fits stays resident: all its units are booked and copied
-// once. Otherwise the model gets n_slots slots of its largest unit size and its
-// units stream through them. The step thread announces the order in which it will
+// once. Otherwise its head (final norm + lm_head, as large as several layers for a
+// 150k vocabulary) stays resident and its layers stream through n_slots slots of
+// one layer's size. The step thread announces the order in which it will
 // acquire units (set_schedule) — the current model's layers, then the next
 // model's — so the copy thread can fill slots up to prefetch_depth units ahead of
 // compute. Because that order is known, eviction picks the slot whose unit is next
@@ -99,8 +100,9 @@ private:
         bool resident = false;
         bool swap = false;  // whole-model swapping; units non-empty while swapped in
         int in_use = 0;     // swap models: units acquired and not released
-        std::vector<DeviceBuffer> units;  // resident models
-        std::vector<Slot> slots;          // streamed models
+        std::vector<DeviceBuffer> units;  // resident and swapped-in models
+        DeviceBuffer head;                // streamed models: the head unit, resident
+        std::vector<Slot> slots;          // streamed models: layer slots
     };
     struct Job {
         int model = -1;

@@ -178,21 +178,21 @@ std::vector<UnitRef> cycles(int model, int n_units, int n) {
 
 TEST(residency_belady_keeps_a_stable_subset_where_lru_misses_every_time) {
     const std::string dir = tmpdir();
-    auto w = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(dir, 4), nullptr);  // 5 units
+    auto w = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(dir, 5), nullptr);  // 5 layers + head
     uint64_t misses[2];
     for (int pol = 0; pol < 2; pol++) {
         auto L = make_ledger(8 << 20, 1.0);
         Residency r(*L, 0, pol == 0 ? Eviction::Belady : Eviction::LRU);
         CHECK(r.add_model(0, w, "tiny", false, 3));
-        r.set_schedule(cycles(0, 5, 2));
-        scan(r, 0, 5);
+        r.set_schedule(cycles(0, 6, 2));
+        scan(r, 0, 6);
         if (pol == 0) {
             CHECK((r.slot_units(0) == std::vector<int>{0, 1, 4}));  // 2 then 3 were next used farthest
         } else {
             CHECK((r.slot_units(0) == std::vector<int>{3, 4, 2}));  // 0 then 1 were least recent
         }
         const uint64_t before = r.stats().n_misses;
-        scan(r, 0, 5);
+        scan(r, 0, 6);
         misses[pol] = r.stats().n_misses - before;
     }
     CHECK(misses[1] == 5);  // LRU: every unit of the second pass missed
@@ -205,7 +205,7 @@ TEST(residency_prefetch_loads_upcoming_units_before_compute_asks) {
     auto L = make_ledger(8 << 20, 1.0);
     Residency r(*L, 2, Eviction::Belady);
     CHECK(r.add_model(0, w, "tiny", false, 3));
-    r.set_schedule(cycles(0, 5, 1));
+    r.set_schedule(cycles(0, 5, 1));  // 4 layers + the resident head
     std::vector<int> slots;
     for (int i = 0; i < 400; i++) {  // the copy thread fills units 0 and 1 (depth 2) on its own
         slots = r.slot_units(0);
@@ -214,7 +214,7 @@ TEST(residency_prefetch_loads_upcoming_units_before_compute_asks) {
     }
     CHECK((slots == std::vector<int>{0, 1, -1}));
     scan(r, 0, 5);
-    CHECK(r.stats().n_loads == 5);
+    CHECK(r.stats().n_loads == 4);  // layers only: the head never streams
 }
 
 TEST(residency_refuses_a_model_whose_bytes_do_not_fit_and_books_nothing) {
@@ -224,8 +224,10 @@ TEST(residency_refuses_a_model_whose_bytes_do_not_fit_and_books_nothing) {
     Residency r(*L, 1, Eviction::Belady);
     CHECK(!r.add_model(0, w, "tiny", true, 0));
     CHECK(L->snapshot().used_bytes == 0);
-    CHECK(r.add_model(0, w, "tiny", false, 2));
-    CHECK(L->snapshot().used_bytes == 2 * align_up(w->max_unit_bytes(), kAlign));
+    CHECK(!r.add_model(0, w, "tiny", false, 2));  // head + 2 layers > half the weights: refused whole
+    CHECK(L->snapshot().used_bytes == 0);
+    CHECK(r.add_model(0, w, "tiny", false, 1));
+    CHECK(L->snapshot().used_bytes == w->unit(4).n_bytes + w->layer_unit_bytes());
 }
 
 TEST(engine_streamed_and_resident_generate_the_same_tokens) {
