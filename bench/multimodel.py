@@ -38,8 +38,9 @@ def ensure_models(root: Path, quick: bool, dtype: str) -> dict[str, Path]:
     out = {}
     for name in MODELS:
         shape = dict(REFERENCE_SHAPES[name])
-        if quick:
+        if quick:  # keep the heads in proportion: a full vocabulary would dominate a 1/4-depth model
             shape["n_layers"] = max(2, shape["n_layers"] // 4)
+            shape["vocab"] = shape["vocab"] // 4
         d = root / f"{name}-{dtype}{'-quick' if quick else ''}"
         if not (d / "config.json").is_file():
             print(f"creating {d.name} (random weights) ...", file=sys.stderr, flush=True)
@@ -60,7 +61,8 @@ def run_one(dirs: dict[str, Path], budget: int, strategy: dict[str, Any], conc: 
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
                        eviction=strategy["eviction"], max_batch_tokens=max(256, prompt_len))
     with Engine(cfg) as eng:
-        for name, d in dirs.items():
+        # Largest first: auto residency is decided at load, greedily.
+        for name, d in sorted(dirs.items(), key=lambda kv: -sum(f.stat().st_size for f in kv[1].glob("*.safetensors"))):
             try:
                 eng.load_model(name, d, residency=strategy["residency"], max_context=prompt_len + max_tokens + 16)
             except CapacityError as e:

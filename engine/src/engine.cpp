@@ -96,7 +96,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
 
     // Auto residency: resident when the weights fit next to the KV reserve.
     // Otherwise the head stays resident and layers stream through slots: at
-    // least prefetch_depth + 1, and at most half of the spare bytes, so models
+    // least 2 (double buffering), and at most half of the spare bytes, so models
     // loaded later still find room (Belady turns extra slots into hits).
     const int n_layer = spec.n_layer;
     bool resident = opt.residency == "resident" || (opt.residency == "auto" && w->total_unit_bytes() <= spare);
@@ -104,7 +104,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
     if (!resident) {
         const uint64_t head = w->unit(n_layer).n_bytes;
         const uint64_t layer = std::max<uint64_t>(w->layer_unit_bytes(), 1);
-        const int min_slots = std::max(2, cfg_.prefetch_depth + 1);
+        const int min_slots = 2;
         const uint64_t fair = spare > head ? (spare - head) / 2 / layer : 0;
         n_slots = opt.stream_slots > 0 ? opt.stream_slots
                                        : std::max<int>(min_slots, static_cast<int>(std::min<uint64_t>(
