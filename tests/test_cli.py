@@ -1,0 +1,649 @@
+"""The `layermux` command line: argument errors, `generate`, `status` and `submit`.
+
+Commands run as real processes (`python -m worker.cli ...`) wherever the exit code and
+the absence of a traceback are the behaviour under test; Redis is the real server of the
+suite's `redis_url` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from worker import cli, status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fresh_prefix(tag: str) -> str:
+    """A key prefix no other test (or earlier run on the same server) has used."""
+    return f"{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def run_cli(*args: str, timeout: float = 60.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=full_env,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_size_accepts_binary_and_decimal_units() -> None:
+    assert cli.parse_size("4GiB") == 4 * 2**30
+    assert cli.parse_size("512MiB") == 512 * 2**20
+    assert cli.parse_size("2G") == 2 * 10**9
+    assert cli.parse_size("1.5GB") == 1_500_000_000
+    assert cli.parse_size("4096") == 4096
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "4 parsecs", "-1GiB", "0"])
+def test_parse_size_rejects_nonsense(text: str) -> None:
+    with pytest.raises(Exception, match="size"):
+        cli.parse_size(text)
+
+
+def test_parse_token_ids_names_the_bad_element() -> None:
+    assert cli.parse_token_ids("1, 2,3") == [1, 2, 3]
+    with pytest.raises(Exception, match=r"element 1 \('x'\)"):
+        cli.parse_token_ids("1,x")
+
+
+def test_every_subcommand_has_help() -> None:
+    for command in ("generate", "worker", "submit", "status", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args([command, "--help"])
+        assert exc.value.code == 0
+
+
+def test_generate_with_malformed_token_ids_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = run_cli("generate", str(tmp_path), "--prompt-ids", "1,x")
+    assert proc.returncode == 2
+    assert "element 1 ('x') is not a non-negative integer" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_with_missing_model_dir_exits_2_with_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    proc = run_cli("generate", str(missing), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert f"model directory not found: {missing}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_generate_needs_exactly_one_prompt_form(tmp_path: Path) -> None:
+    proc = run_cli("generate", str(tmp_path), "--prompt", "hi", "--prompt-ids", "1,2")
+    assert proc.returncode == 2
+    assert "not allowed with argument" in proc.stderr
+    proc = run_cli("generate", str(tmp_path))
+    assert proc.returncode == 2
+    assert "one of the arguments --prompt --prompt-ids is required" in proc.stderr
+
+
+def test_bad_budget_and_temperature_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("generate", str(tmp_path), "--prompt", "hi", "--budget", "lots")
+    assert proc.returncode == 2
+    assert "invalid size" in proc.stderr and "'lots'" in proc.stderr
+    proc = run_cli("generate", str(tmp_path), "--prompt", "hi", "--temperature", "-1")
+    assert proc.returncode == 2
+    assert "must be >= 0" in proc.stderr
+
+
+def test_worker_with_missing_config_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("worker", "--config", str(tmp_path / "absent.toml"))
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.model_factory import make_model
+
+    return make_model(
+        tmp_path_factory.mktemp("models") / "tiny",
+        hidden=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate=128,
+        init_std=0.1,
+        seed=5,
+    )
+
+
+def engine_greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    import engine
+
+    with engine.Engine(engine.EngineConfig(budget_bytes=256 * 2**20)) as eng:
+        eng.load_model("ref", str(model_dir))
+        return eng.generate("ref", prompt_ids, engine.SamplingParams(temperature=0.0, max_tokens=max_tokens))
+
+
+def test_generate_json_equals_engine_greedy(tiny_model: Path) -> None:
+    proc = run_cli("generate", str(tiny_model), "--prompt-ids", "1,5,9,17,33", "--max-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = orjson.loads(proc.stdout)
+    assert result["token_ids"] == engine_greedy(tiny_model, [1, 5, 9, 17, 33], 12)
+    assert result["model"] == "tiny"
+    assert result["prompt_tokens"] == 5
+    assert result["finish_reason"] in ("stop", "length")
+    assert result["weights"] == "f32"
+    assert isinstance(result["isa"], str) and result["isa"]
+    assert set(result["timings"]) == {
+        "load_s",
+        "prefill_ms",
+        "decode_ms",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    }
+    assert result["timings"]["prefill_ms"] > 0
+    assert result["timings"]["prefill_tokens_per_s"] > 0
+    from engine.text import Tokenizer
+
+    assert result["text"] == Tokenizer.from_model_dir(tiny_model).decode(result["token_ids"])
+    assert "loaded tiny" in proc.stderr
+
+
+def test_generate_streams_the_text_of_the_greedy_tokens(tiny_model: Path) -> None:
+    from engine.text import Tokenizer
+
+    tok = Tokenizer.from_model_dir(tiny_model)
+    proc = run_cli("generate", str(tiny_model), "--prompt", "The quick brown fox", "--max-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    expected = engine_greedy(tiny_model, tok.encode("The quick brown fox", add_special_tokens=True), 16)
+    assert proc.stdout == tok.decode(expected) + "\n"
+    assert "prompt tokens in" in proc.stderr
+    assert f"{len(expected)} generated" in proc.stderr
+
+
+def test_generate_chat_sends_the_prompt_through_the_chat_template(tiny_model: Path) -> None:
+    from engine.text import Tokenizer
+
+    tok = Tokenizer.from_model_dir(tiny_model)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    ids = tok.encode(chat, add_special_tokens=False)
+    proc = run_cli("generate", str(tiny_model), "--prompt", "Hello", "--chat", "--max-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = orjson.loads(proc.stdout)
+    assert result["prompt_tokens"] == len(ids)
+    assert result["token_ids"] == engine_greedy(tiny_model, ids, 6)
+
+
+def test_generate_with_a_seed_is_reproducible(tiny_model: Path) -> None:
+    args = (
+        "generate",
+        str(tiny_model),
+        "--prompt-ids",
+        "3,4,5",
+        "--max-tokens",
+        "10",
+        "--temperature",
+        "1.5",
+        "--seed",
+        "42",
+        "--json",
+    )
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert orjson.loads(first.stdout)["token_ids"] == orjson.loads(second.stdout)["token_ids"]
+
+
+def test_generate_with_a_token_id_outside_the_vocabulary_exits_2(tiny_model: Path) -> None:
+    proc = run_cli("generate", str(tiny_model), "--prompt-ids", "1,99999")
+    assert proc.returncode == 2
+    assert "99999" in proc.stderr and "vocabulary" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_on_a_folder_without_a_model_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("generate", str(tmp_path), "--prompt-ids", "1,2")
+    assert proc.returncode == 2
+    assert "config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("generate", str(tmp_path), "--prompt", "hi")
+    assert proc.returncode == 2
+    assert "tokenizer" in proc.stderr
+
+
+def test_generate_with_a_budget_too_small_for_the_model_exits_1_with_the_numbers(tiny_model: Path) -> None:
+    proc = run_cli("generate", str(tiny_model), "--prompt-ids", "1,2", "--budget", "64KiB")
+    assert proc.returncode == 1
+    assert "cannot load model 'tiny'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _write_worker_state(client: redis.Redis, prefix: str, updated_at: float) -> None:
+    """The keys as a worker writes them (protocol v1: limits at startup, stats and workers every second)."""
+    client.sadd(f"{prefix}:models", "smol", "qwen")
+    client.hset(
+        f"{prefix}:{{m:smol}}:limits",
+        mapping={"max_backlog": 100, "max_tokens": 1024, "max_prompt_tokens": 2000, "n_ctx": 2048, "schema_version": 1},
+    )
+    client.hset(
+        f"{prefix}:{{m:qwen}}:limits",
+        mapping={"max_backlog": 50, "max_tokens": 512, "max_prompt_tokens": 4000, "n_ctx": 4096, "schema_version": 1},
+    )
+    client.hset(
+        f"{prefix}:{{m:smol}}:stats",
+        mapping={
+            "backlog": 2,
+            "running": 1,
+            "admitted": 7,
+            "done": 6,
+            "errors": 0,
+            "refused_prompt_too_long": 1,
+            "queue_wait_p50_ms": 4.5,
+            "queue_wait_p99_ms": 40.25,
+            "updated_at": updated_at,
+            "worker": "w-1",
+        },
+    )
+    client.xadd(f"{prefix}:{{m:smol}}:req", {"data": b"{}"})
+    client.xadd(f"{prefix}:{{m:smol}}:req", {"data": b"{}"})
+    ledger = {
+        "budget_bytes": 64 * 2**20,
+        "cap_bytes": int(0.9 * 64 * 2**20),
+        "used_bytes": 30 * 2**20,
+        "headroom_bytes": int(0.9 * 64 * 2**20) - 30 * 2**20,
+        "eviction": "belady",
+        "prefetch_depth": 2,
+        "models": {
+            "smol": {"weights_bytes": 12 * 2**20, "kv_bytes": 2 * 2**20, "workspace_bytes": 2**20},
+            "qwen": {"weights_bytes": 14 * 2**20, "kv_bytes": 0, "workspace_bytes": 2**20},
+        },
+    }
+    models = {
+        "smol": {"resident": True, "sched_weight": 2.0, "n_running": 1, "n_waiting": 1},
+        "qwen": {"resident": False, "sched_weight": 1.0, "n_running": 0, "n_waiting": 0},
+    }
+    client.hset(
+        f"{prefix}:workers",
+        "w-1",
+        orjson.dumps({"models": models, "ledger": ledger, "queues": {}, "updated_at": updated_at}),
+    )
+
+
+def test_status_json_reports_models_backlog_and_ledger(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("st1")
+    _write_worker_state(client, prefix, time.time())
+    client.close()
+    proc = run_cli("status", "--redis-url", redis_url, "--prefix", prefix, "--json")
+    assert proc.returncode == 0, proc.stderr
+    snap: dict[str, Any] = orjson.loads(proc.stdout)
+    assert sorted(snap["models"]) == ["qwen", "smol"]
+    smol = snap["models"]["smol"]
+    assert smol["backlog"] == 2
+    assert smol["limits"]["max_backlog"] == 100
+    assert smol["stats"]["queue_wait_p99_ms"] == 40.25
+    assert smol["stats"]["worker"] == "w-1"
+    assert snap["models"]["qwen"] == {
+        "backlog": 0,
+        "limits": {"max_backlog": 50, "max_tokens": 512, "max_prompt_tokens": 4000, "n_ctx": 4096, "schema_version": 1},
+        "stats": {},
+    }
+    worker = snap["workers"]["w-1"]
+    assert worker["ledger"]["budget_bytes"] == 64 * 2**20
+    assert worker["ledger"]["models"]["qwen"]["weights_bytes"] == 14 * 2**20
+    assert worker["stale"] is False
+
+
+def test_status_tables_humanise_bytes_and_flag_stale_workers(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("st2")
+    _write_worker_state(client, prefix, time.time() - 60.0)
+    client.close()
+    proc = run_cli("status", "--redis-url", redis_url, "--prefix", prefix)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "budget 64.0 MiB" in text
+    assert "used 30.0 MiB" in text
+    assert "STALE" in text
+    smol_row = next(line for line in text.splitlines() if line.strip().startswith("smol") and "MiB" in line)
+    assert smol_row.split()[1:5] == ["12.0", "MiB", "2.0", "MiB"]
+    assert "resident" in smol_row
+    qwen_row = next(line for line in text.splitlines() if line.strip().startswith("qwen") and "MiB" in line)
+    assert "streamed" in qwen_row
+
+
+def test_status_on_an_empty_prefix_says_no_worker(redis_url: str) -> None:
+    proc = run_cli("status", "--redis-url", redis_url, "--prefix", fresh_prefix("nobody"))
+    assert proc.returncode == 0, proc.stderr
+    assert "no models served" in proc.stdout
+    assert "no workers registered" in proc.stdout
+
+
+def test_status_without_redis_exits_1_with_the_url() -> None:
+    proc = run_cli("status", "--redis-url", "redis://127.0.0.1:1/0")
+    assert proc.returncode == 1
+    assert "cannot read status from Redis at redis://127.0.0.1:1/0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_status_reads_redis_url_from_the_environment(redis_url: str) -> None:
+    proc = run_cli("status", "--json", "--prefix", fresh_prefix("env"), env={"LAYERMUX_REDIS_URL": redis_url})
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["models"] == {}
+
+
+def test_status_watch_json_prints_one_object_per_refresh_until_interrupted(redis_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "status", "--redis-url", redis_url, "--json", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the first snapshot is out: the loop is running
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        rest, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    lines = [first, *rest.splitlines()]
+    assert len(lines) >= 2
+    assert all(orjson.loads(line)["prefix"] == "lmx" for line in lines)
+
+
+def test_humanize_bytes() -> None:
+    assert status.humanize_bytes(0) == "0 B"
+    assert status.humanize_bytes(1023) == "1023 B"
+    assert status.humanize_bytes(1536) == "1.5 KiB"
+    assert status.humanize_bytes(3 * 2**30) == "3.0 GiB"
+    assert status.humanize_bytes(None) == "-"
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def _serve_one(client: redis.Redis, prefix: str, model: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Play a worker by hand: take the next request of `model` and publish `events` for it."""
+    from producer_sdk import decode_event, decode_request, encode_event
+
+    reply = client.xread({f"{prefix}:{{m:{model}}}:req": "0-0"}, count=1, block=20_000)
+    assert reply, "the submit command enqueued nothing"
+    (_, [(_, fields)]) = reply[0]
+    request = decode_request(fields[b"data"])
+    for event in events:
+        event = {"v": 1, "request_id": request.request_id, **event}
+        data = encode_event(decode_event(orjson.dumps(event)))
+        client.xadd(f"{prefix}:{{r:{request.request_id}}}:events", {"data": data})
+    return request.model_dump()
+
+
+def _start_submit(redis_url: str, prefix: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "submit", *args, "--redis-url", redis_url, "--prefix", prefix],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def _served(client: redis.Redis, prefix: str, model: str) -> None:
+    client.sadd(f"{prefix}:models", model)
+    client.hset(
+        f"{prefix}:{{m:{model}}}:limits",
+        mapping={"max_backlog": 10, "max_tokens": 256, "max_prompt_tokens": 512, "n_ctx": 1024, "schema_version": 1},
+    )
+
+
+USAGE = {
+    "prompt_tokens": 5,
+    "completion_tokens": 3,
+    "queue_ms": 1.5,
+    "prefill_ms": 2.0,
+    "decode_ms": 3.0,
+    "total_ms": 7.0,
+}
+
+
+def test_submit_streams_token_text_and_reports_usage(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("sub1")
+    _served(client, prefix, "smol")
+    proc = _start_submit(
+        redis_url, prefix, "smol", "Hello there", "--max-tokens", "3", "--seed", "7", "--temperature", "0"
+    )
+    try:
+        request = _serve_one(
+            client,
+            prefix,
+            "smol",
+            [
+                {"type": "started", "worker": "w-test", "attempt": 1, "prompt_tokens": 5},
+                {"type": "token", "index": 0, "token_ids": [11, 12], "text": "Hi "},
+                {"type": "token", "index": 2, "token_ids": [13], "text": "you"},
+                {
+                    "type": "done",
+                    "finish_reason": "length",
+                    "text": "Hi you",
+                    "token_ids": [11, 12, 13],
+                    "usage": USAGE,
+                },
+            ],
+        )
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        client.close()
+    assert proc.returncode == 0, stderr
+    assert stdout == "Hi you\n"
+    assert request["prompt"] == "Hello there"
+    assert request["params"]["max_tokens"] == 3
+    assert request["params"]["seed"] == 7
+    assert request["params"]["temperature"] == 0.0
+    assert "started on worker w-test" in stderr
+    assert "3 completion tokens" in stderr
+    assert "finish: length" in stderr
+
+
+def test_submit_chat_json_prints_one_object(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("sub2")
+    _served(client, prefix, "qwen")
+    proc = _start_submit(redis_url, prefix, "qwen", "What is up?", "--chat", "--json")
+    try:
+        request = _serve_one(
+            client,
+            prefix,
+            "qwen",
+            [
+                {"type": "started", "worker": "w-test", "attempt": 1, "prompt_tokens": 5},
+                {"type": "token", "index": 0, "token_ids": [7], "text": "ok"},
+                {"type": "done", "finish_reason": "stop", "text": "ok", "token_ids": [7], "usage": USAGE},
+            ],
+        )
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        client.close()
+    assert proc.returncode == 0, stderr
+    assert request["messages"] == [{"role": "user", "content": "What is up?"}]
+    result = orjson.loads(stdout)
+    assert result["text"] == "ok"
+    assert result["token_ids"] == [7]
+    assert result["finish_reason"] == "stop"
+    assert result["usage"]["completion_tokens"] == 3
+
+
+def test_submit_error_event_exits_1_with_code_and_numbers(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("sub3")
+    _served(client, prefix, "smol")
+    proc = _start_submit(redis_url, prefix, "smol", "a very long prompt")
+    try:
+        _serve_one(
+            client,
+            prefix,
+            "smol",
+            [
+                {
+                    "type": "error",
+                    "code": "prompt_too_long",
+                    "message": "prompt has 900 tokens, limit 512",
+                    "details": {"needed": 900, "limit": 512},
+                },
+            ],
+        )
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        client.close()
+    assert proc.returncode == 1
+    assert "prompt_too_long: prompt has 900 tokens, limit 512" in stderr
+    assert '"needed":900' in stderr
+    assert "Traceback" not in stderr
+
+
+def test_submit_to_an_unserved_model_exits_1(redis_url: str) -> None:
+    proc = run_cli("submit", "ghost", "hi", "--redis-url", redis_url, "--prefix", fresh_prefix("sub4"))
+    assert proc.returncode == 1
+    assert "unknown_model: no worker serves model 'ghost'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_submit_with_an_invalid_model_name_exits_2(redis_url: str) -> None:
+    proc = run_cli("submit", "bad name!", "hi", "--redis-url", redis_url)
+    assert proc.returncode == 2
+    assert "model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_submit_when_the_queue_is_full_exits_1(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("sub5")
+    _served(client, prefix, "smol")
+    client.hset(f"{prefix}:{{m:smol}}:limits", "max_backlog", 1)
+    client.xadd(f"{prefix}:{{m:smol}}:req", {"data": b"{}"})
+    client.close()
+    proc = run_cli("submit", "smol", "hi", "--redis-url", redis_url, "--prefix", prefix)
+    assert proc.returncode == 1
+    assert "queue_full" in proc.stderr
+
+
+# --------------------------------------------------------------------------- against a real worker
+
+
+WORKER_STOP_TIMEOUT_S = 10.0  # then SIGKILL: shutdown itself is the worker suite's subject
+
+
+@pytest.fixture
+def running_worker(tiny_model: Path, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """A `layermux worker` process serving `tiny` under a fresh prefix; yields the prefix."""
+    prefix = fresh_prefix("w")
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'redis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nworker_id = "cli-test-worker"\n'
+        f'[device]\nbudget = "256MiB"\n'
+        f'[[models]]\nname = "tiny"\npath = "{tiny_model}"\n'
+    )
+    log = (tmp_path / "worker.log").open("wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while not client.hexists(f"{prefix}:workers", "cli-test-worker"):
+            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        yield prefix
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_status_json_shows_a_running_workers_models_and_ledger(running_worker: str, redis_url: str) -> None:
+    proc = run_cli("status", "--redis-url", redis_url, "--prefix", running_worker, "--json")
+    assert proc.returncode == 0, proc.stderr
+    snap = orjson.loads(proc.stdout)
+    tiny = snap["models"]["tiny"]
+    assert tiny["backlog"] == 0
+    assert tiny["limits"]["n_ctx"] == 512
+    worker = snap["workers"]["cli-test-worker"]
+    ledger = worker["ledger"]
+    assert ledger["budget_bytes"] == 256 * 2**20
+    assert 0 < ledger["used_bytes"] <= ledger["cap_bytes"]
+    assert ledger["models"]["tiny"]["weights_bytes"] > 0
+    assert worker["models"]["tiny"]["resident"] is True
+    assert worker["stale"] is False
+    text = run_cli("status", "--redis-url", redis_url, "--prefix", running_worker).stdout
+    assert "worker cli-test-worker" in text
+    assert "device: budget 256 MiB" in text
+
+
+def test_submit_to_a_running_worker_streams_the_same_greedy_tokens_as_generate(
+    running_worker: str, redis_url: str, tiny_model: Path
+) -> None:
+    local = run_cli("generate", str(tiny_model), "--prompt", "Hello", "--chat", "--max-tokens", "10", "--json")
+    assert local.returncode == 0, local.stderr
+    remote = run_cli(
+        "submit",
+        "tiny",
+        "Hello",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "10",
+        "--json",
+        "--redis-url",
+        redis_url,
+        "--prefix",
+        running_worker,
+    )
+    assert remote.returncode == 0, remote.stderr
+    local_result, remote_result = orjson.loads(local.stdout), orjson.loads(remote.stdout)
+    assert remote_result["token_ids"] == local_result["token_ids"]
+    assert remote_result["text"] == local_result["text"]
+    assert remote_result["usage"]["prompt_tokens"] == local_result["prompt_tokens"]
+    assert "started on worker cli-test-worker" in remote.stderr

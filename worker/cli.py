@@ -1,0 +1,598 @@
+"""`layermux` command line: generate, worker, submit, status, demo.
+
+Owns: argument parsing, exit codes and the two small commands that have no other home
+(`generate`: the engine in-process, no Redis; `submit`: one request through the SDK).
+Not thread-safe; one command per process. Heavy imports (engine, SDK) happen inside
+the command that needs them, so `layermux status` works on a box with no engine build.
+
+Exit codes: 0 success; 1 the command ran and failed (engine, Redis, a typed SDK error);
+2 bad usage or bad input (argparse errors, missing model dir, malformed token ids,
+a request the engine refuses); 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "lmx"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+PROG = "layermux"
+
+
+class UsageError(Exception):
+    """Bad input found after argparse: reported as `layermux <cmd>: error: ...`, exit 2."""
+
+
+class CommandFailed(Exception):
+    """The command ran and failed: reported as `layermux <cmd>: error: ...`, exit 1."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def parse_size(text: str) -> int:
+    """'4GiB' -> 4294967296, with the worker config's rules (worker.settings.parse_bytes):
+    KiB/MiB/GiB (or Ki/Mi/Gi) are powers of 1024, KB/MB/GB (or K/M/G) powers of 1000."""
+    from worker.settings import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid size: {e}") from None
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """'1, 2,3' -> [1, 2, 3]; names the first bad element."""
+    ids = []
+    for i, part in enumerate(text.split(",")):
+        part = part.strip()
+        if not part.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"invalid token id list {text!r}: element {i} ({part!r}) is not a "
+                "non-negative integer (expected e.g. 1,2,3)"
+            )
+        ids.append(int(part))
+    return ids
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve several LLMs from one device-memory budget, fed through Redis.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser(
+        "generate",
+        help="run one prompt in-process (no Redis) and stream the text",
+        description="Load MODEL_DIR into an in-process engine, run one prompt, stream the "
+        "text to stdout (progress and timings go to stderr). Sampling defaults to greedy "
+        "(--temperature 0) so two runs print the same text; pass --temperature and --seed "
+        "to sample.",
+    )
+    g.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
+    src.add_argument(
+        "--prompt-ids", type=parse_token_ids, metavar="IDS", help="prompt as comma-separated token ids, e.g. 1,2,3"
+    )
+    g.add_argument(
+        "--chat", action="store_true", help="send --prompt as one user message through the model's chat template"
+    )
+    _add_sampling_args(g, default_max_tokens=64, default_temperature=0.0)
+    g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off (default)")
+    g.add_argument("--top-p", type=_positive_float, default=1.0, help="default 1.0 = off")
+    g.add_argument("--min-p", type=_non_negative_float, default=0.0, help="default 0.0 = off")
+    g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0 = off")
+    g.add_argument(
+        "--weights",
+        choices=("auto", "f32", "f16", "bf16", "q8_0"),
+        default="auto",
+        help="weight format on the device (auto = as stored)",
+    )
+    g.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="compute threads (0 = one per core, the default)"
+    )
+    g.add_argument("--budget", type=parse_size, default=parse_size("4GiB"), help="device memory budget (default 4GiB)")
+    g.add_argument(
+        "--json", action="store_true", help="print one JSON object with the result and timings instead of text"
+    )
+    g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("worker", help="run a worker (arq) serving the models in a TOML config")
+    w.add_argument("--config", metavar="FILE", help="TOML settings file")
+    w.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("submit", help="send one prompt to a running worker and stream the reply")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("prompt", metavar="PROMPT")
+    _add_redis_args(s)
+    _add_sampling_args(s, default_max_tokens=128, default_temperature=1.0)
+    s.add_argument(
+        "--chat", action="store_true", help="send PROMPT as one user message (the worker applies the chat template)"
+    )
+    s.add_argument("--json", action="store_true", help="print the terminal event as one JSON object instead of text")
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="show served models, queues and each worker's device ledger")
+    _add_redis_args(st)
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.add_argument("--watch", type=_positive_float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    st.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="three demo models, embedded Redis, a worker and producers")
+    d.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the summary, keep the worker and Redis running (to try status and submit) until Ctrl-C, "
+        "and keep the run directory (config, worker log)",
+    )
+    d.add_argument("--requests-per-model", type=_positive_int, default=4, metavar="N")
+    d.add_argument("--max-tokens", type=_positive_int, default=48, metavar="N")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int, default_temperature: float) -> None:
+    p.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=default_max_tokens,
+        help=f"most tokens to generate (default {default_max_tokens})",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=default_temperature,
+        help=f"0 = greedy (default {default_temperature:g})",
+    )
+    p.add_argument(
+        "--seed", type=_non_negative_int, default=None, help="sampling seed (fixed seed + parameters = same tokens)"
+    )
+
+
+def _add_redis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help=f"default: $LAYERMUX_REDIS_URL or {DEFAULT_REDIS_URL}")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix (default {DEFAULT_PREFIX})")
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return args.redis_url or os.environ.get("LAYERMUX_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+# --------------------------------------------------------------------------- generate
+
+_MODEL_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _model_name(model_dir: Path) -> str:
+    name = _MODEL_NAME_BAD.sub("-", model_dir.resolve().name)[:64]
+    return name or "model"
+
+
+class _LoadProgress:
+    """Load progress on stderr: a counter redrawn in place on a terminal, one line otherwise."""
+
+    def __init__(self, label: str, err: TextIO) -> None:
+        self._label, self._err = label, err
+        self._tty = err.isatty()
+        if not self._tty:
+            err.write(f"{label} ...\n")
+            err.flush()
+
+    def update(self, done: int, total: int) -> None:
+        if self._tty:
+            self._err.write(f"\r\x1b[K{self._label}: {done}/{total}")
+            self._err.flush()
+
+    def finish(self, text: str) -> None:
+        self._err.write(("\r\x1b[K" if self._tty else "") + text + "\n")
+        self._err.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model_dir)
+    if not model_dir.exists():
+        raise UsageError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise UsageError(f"not a directory: {model_dir} (expected a Hugging Face model folder)")
+    if args.chat and args.prompt is None:
+        raise UsageError("--chat needs --prompt (a chat message is text, not token ids)")
+
+    import engine
+    from engine.errors import InvalidRequestError, LayermuxError, ModelFileError, UnsupportedModelError
+    from engine.text import IncrementalDetokenizer, Tokenizer
+
+    out, err = sys.stdout, sys.stderr
+    name = _model_name(model_dir)
+    try:
+        tok = Tokenizer.from_model_dir(str(model_dir))
+    except (OSError, ValueError, LayermuxError) as e:
+        if args.prompt is not None:
+            raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from e
+        tok = None  # token ids in, token ids out; "text" stays empty
+
+    if args.prompt is not None:
+        assert tok is not None
+        if args.chat:
+            rendered = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+            prompt_ids = tok.encode(rendered, add_special_tokens=False)
+        else:
+            prompt_ids = tok.encode(args.prompt, add_special_tokens=True)
+        if not prompt_ids:
+            raise UsageError("the prompt tokenizes to zero tokens")
+    else:
+        prompt_ids = list(args.prompt_ids)
+
+    eng = engine.Engine(engine.EngineConfig(budget_bytes=args.budget, n_threads=args.threads))
+    try:
+        t0 = time.perf_counter()
+        progress = _LoadProgress(f"loading {model_dir}", err)
+        try:
+            info = eng.load_model(name, str(model_dir), weights=args.weights, progress=progress.update)
+        except (ModelFileError, UnsupportedModelError) as e:
+            raise UsageError(str(e)) from e
+        load_s = time.perf_counter() - t0
+        resident = "resident" if info.get("resident") else f"streamed, {info.get('n_slots')} slots"
+        progress.finish(
+            f"loaded {name}: {info.get('n_layer')} layers, {info.get('weights')} weights "
+            f"({_human(info.get('weight_bytes'))}, {resident}) in {load_s:.2f} s"
+        )
+
+        params = engine.SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed if args.seed is not None else 0,
+            max_tokens=args.max_tokens,
+        )
+        try:
+            eng.submit(1, name, prompt_ids, params)
+        except InvalidRequestError as e:
+            raise UsageError(str(e)) from e
+        detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
+        try:
+            done, token_ids = _stream_events(eng, detok, None if args.json else out)
+        except KeyboardInterrupt:
+            eng.cancel(1)
+            raise
+        if done.kind == "error":
+            raise CommandFailed(f"engine error: {done.message}")
+        if detok is not None:
+            tail = detok.flush()  # bytes held back at the end, e.g. half a UTF-8 character
+            if not args.json:
+                out.write(tail)
+        if not args.json:
+            out.write("\n")
+            out.flush()
+
+        result = _generate_result(
+            name,
+            info,
+            prompt_ids,
+            token_ids,
+            detok.text if detok is not None else "",
+            done,
+            load_s,
+            eng.info().get("isa"),
+        )
+        if args.json:
+            import orjson
+
+            out.write(orjson.dumps(result).decode() + "\n")
+        else:
+            t = result["timings"]
+            err.write(
+                f"{result['prompt_tokens']} prompt tokens in {t['prefill_ms']:.1f} ms "
+                f"({t['prefill_tokens_per_s']:.1f} tok/s), {len(token_ids)} generated in "
+                f"{t['decode_ms']:.1f} ms ({t['decode_tokens_per_s']:.1f} tok/s), "
+                f"finish: {result['finish_reason']}\n"
+            )
+        out.flush()
+        return EXIT_OK
+    except LayermuxError as e:
+        raise CommandFailed(str(e)) from e
+    finally:
+        eng.close()
+
+
+def _stream_events(eng: Any, detok: Any, out: TextIO | None) -> tuple[Any, list[int]]:
+    """Wait on the engine's eventfd; write text as it arrives; return (terminal event, ids)."""
+    token_ids: list[int] = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(eng.fileno(), selectors.EVENT_READ)
+        while True:
+            sel.select(timeout=1.0)
+            for ev in eng.drain_events():
+                if ev.kind == "token":
+                    token_ids.append(ev.token_id)
+                    piece = detok.push(ev.token_id) if detok is not None else ""
+                    if out is not None:
+                        out.write(piece if detok is not None else f"{ev.token_id} ")
+                        out.flush()
+                elif ev.kind in ("done", "error"):
+                    return ev, token_ids
+
+
+def _per_s(n: int, ms: float) -> float:
+    return round(n / (ms / 1000.0), 2) if ms > 0 else 0.0
+
+
+def _generate_result(
+    name: str,
+    info: dict[str, Any],
+    prompt_ids: list[int],
+    token_ids: list[int],
+    text: str,
+    done: Any,
+    load_s: float,
+    isa: str | None,
+) -> dict[str, Any]:
+    prompt_tokens = done.prompt_tokens or len(prompt_ids)
+    return {
+        "model": name,
+        "prompt_tokens": prompt_tokens,
+        "token_ids": token_ids,
+        "text": text,
+        "finish_reason": done.finish_reason,
+        "timings": {
+            "load_s": round(load_s, 4),
+            "prefill_ms": round(done.prefill_ms, 3),
+            "decode_ms": round(done.decode_ms, 3),
+            "prefill_tokens_per_s": _per_s(prompt_tokens, done.prefill_ms),
+            # The engine times prefill up to the first token; decode covers the n - 1 after it.
+            "decode_tokens_per_s": _per_s(max(len(token_ids) - 1, 0), done.decode_ms),
+        },
+        "weights": info.get("weights"),
+        "isa": isa,
+    }
+
+
+def _human(n_bytes: Any) -> str:
+    from worker.status import humanize_bytes
+
+    return humanize_bytes(n_bytes if isinstance(n_bytes, (int, float)) else None)
+
+
+# --------------------------------------------------------------------------- worker / status / demo
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"config file not found: {args.config}")
+    from worker.arq_app import run
+    from worker.settings import ConfigError
+
+    try:
+        run(args.config)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from worker import status
+
+    url = _redis_url(args)
+    _check_prefix(args.prefix)
+    try:
+        return status.run(url, args.prefix, args.json, args.watch)
+    except redis.RedisError as e:
+        raise CommandFailed(f"cannot read status from Redis at {_redact(url)}: {e}") from e
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker import demo
+
+    return demo.run(keep=args.keep, requests_per_model=args.requests_per_model, max_tokens=args.max_tokens)
+
+
+def _check_prefix(prefix: str) -> None:
+    from producer_sdk.keys import Keys
+
+    try:
+        Keys(prefix)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a Redis URL before printing it."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Enqueue one request and follow its reply stream: text to stdout, usage to stderr.
+
+    A typed SDK error (queue full, unknown model, refused with numbers, worker failure) is
+    a failed command (exit 1) with the error's message and details; arguments the
+    protocol refuses (a malformed model name, an out-of-range parameter) are exit 2.
+    Ctrl-C asks the worker to cancel the request before exiting.
+    """
+    import orjson
+    import redis
+
+    from producer_sdk import (
+        CancelledEvent,
+        DoneEvent,
+        ErrorEvent,
+        LayermuxClientError,
+        Producer,
+        ProtocolError,
+        StartedEvent,
+        TokenEvent,
+    )
+    from producer_sdk.reply import error_for_terminal
+
+    url = _redis_url(args)
+    _check_prefix(args.prefix)
+    out, err = sys.stdout, sys.stderr
+    prompt: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+    )
+    try:
+        with Producer(url, args.prefix) as producer:
+            try:
+                handle = producer.submit(
+                    args.model, **prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+                )
+            except ProtocolError as e:
+                raise UsageError(e.message) from e
+            err.write(f"submitted {handle.request_id} to {args.model}\n")
+            err.flush()
+            done: DoneEvent | None = None
+            try:
+                for event in handle.events():
+                    if isinstance(event, StartedEvent):
+                        err.write(
+                            f"started on worker {event.worker} (attempt {event.attempt}, "
+                            f"{event.prompt_tokens} prompt tokens)\n"
+                        )
+                        err.flush()
+                    elif isinstance(event, TokenEvent):
+                        if not args.json:
+                            out.write(event.text)
+                            out.flush()
+                    elif isinstance(event, DoneEvent):
+                        done = event
+                    elif isinstance(event, ErrorEvent | CancelledEvent):
+                        raise error_for_terminal(event)
+            except KeyboardInterrupt:
+                handle.cancel()
+                err.write(f"\ncancel requested for {handle.request_id}\n")
+                raise
+    except LayermuxClientError as e:
+        details = f" {orjson.dumps(e.details).decode()}" if e.details else ""
+        raise CommandFailed(f"{e.code}: {e.message}{details}") from e
+    except redis.RedisError as e:
+        raise CommandFailed(f"Redis at {_redact(url)}: {e}") from e
+
+    assert done is not None
+    usage = done.usage
+    if args.json:
+        out.write(
+            orjson.dumps(
+                {
+                    "request_id": done.request_id,
+                    "model": args.model,
+                    "text": done.text,
+                    "token_ids": done.token_ids,
+                    "finish_reason": done.finish_reason,
+                    "usage": usage.model_dump(),
+                }
+            ).decode()
+            + "\n"
+        )
+    else:
+        out.write("\n")
+    out.flush()
+    err.write(
+        f"finish: {done.finish_reason}; {usage.prompt_tokens} prompt + "
+        f"{usage.completion_tokens} completion tokens; queue {usage.queue_ms:.0f} ms, "
+        f"prefill {usage.prefill_ms:.0f} ms, decode {usage.decode_ms:.0f} ms, "
+        f"total {usage.total_ms:.0f} ms\n"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fail(command: str, message: str) -> None:
+    sys.stderr.write(f"{PROG} {command}: error: {message}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        _fail(args.command, str(e))
+        return EXIT_USAGE
+    except CommandFailed as e:
+        _fail(args.command, str(e))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return EXIT_INTERRUPTED
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("engine"):
+            raise
+        _fail(
+            args.command,
+            f"the engine is not built ({e}); build it with `pip install -e .` "
+            "(or `make install`) in the layermux checkout",
+        )
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # `layermux generate ... | head`: the reader left; nothing more to say.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _entry() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

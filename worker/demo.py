@@ -1,0 +1,745 @@
+"""`layermux demo`: the whole system on one box, from nothing, in well under a minute.
+
+Owns: the demo's steps — demo models (cached), an embedded Redis, a worker subprocess
+with a deliberately tight device budget, one producer process per model streaming chat
+replies back to this process, a summary — and tearing every child down again.
+Not thread-safe; runs in the main thread of the `layermux demo` process.
+
+Steps, each failing with a `DemoError` that says what broke (with the worker's log tail):
+
+1. Models: `engine.model_factory.DEMO_MODELS` (three architectures) written once into
+   ~/.cache/layermux/demo-models/<name>. A folder counts as complete only when its marker
+   file holds the fingerprint of the spec it was made from; it is written into a temporary
+   folder and renamed into place, so an interrupted run never leaves a half model behind.
+2. Budget: an in-process probe engine measures each model's weight and workspace bytes,
+   then the budget is set so that the two smaller models are resident and the largest
+   must stream its layers through slots (it would not fit next to the KV reserve), and
+   checked by loading all three exactly as the worker will. The config names each model's
+   residency explicitly, so what the worker does never hangs on a near-tie.
+3. Redis (`EmbeddedRedis`) and the worker (`python -m worker.cli worker --config ...`),
+   waited for until P:models and every model's limits hash exist.
+4. Producers: one process per model (multiprocessing, spawn) submits its N chat requests
+   at once and forwards each token event to this process through a Queue; this process
+   prints the streams as lines prefixed by model and request (coloured on a terminal).
+5. Summary (requests, tokens, tokens/s, TTFT p50 per model) and the worker's device
+   ledger as the worker published it in P:workers; then SIGTERM to the worker, Redis stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import multiprocessing.process
+import os
+import queue as queue_mod
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TextIO, cast
+
+import orjson
+import redis
+
+from worker import status
+
+PREFIX: Final = "lmx"
+WORKER_ID: Final = "demo-worker"
+MARKER: Final = ".layermux-demo-complete"
+FINGERPRINT_VERSION: Final = 1  # bump when the way demo models are written changes
+
+WORKER_READY_TIMEOUT_S: Final = 45.0
+WORKER_STOP_TIMEOUT_S: Final = 10.0
+PRODUCER_JOIN_TIMEOUT_S: Final = 5.0
+# The whole streaming phase; generous next to the few seconds it takes on two cores.
+STREAM_TIMEOUT_S: Final = 120.0
+LOG_TAIL_LINES: Final = 30
+LEDGER_POLL_S: Final = 0.5
+
+# Sampling of the demo requests: a little randomness, fixed seeds, so every run prints
+# the same streams.
+TEMPERATURE: Final = 0.8
+TOP_P: Final = 0.95
+SEED_BASE: Final = 1000
+
+# The planned budget makes the two smaller models resident and leaves the largest this
+# fraction of its weights short of fitting: it streams. Raised by BUDGET_GROWTH until the
+# probe can load everything with KV room for every request.
+STREAMED_SHORTFALL: Final = 0.5
+BUDGET_GROWTH: Final = 1.25
+BUDGET_ATTEMPTS: Final = 8
+PROMPT_TOKENS_ESTIMATE: Final = 64  # chat-templated demo prompts stay below this
+
+PROMPTS: Final = (
+    "Tell me a short story about a fox who learns to code.",
+    "What is the weather like on a sunny morning?",
+    "Explain how a queue of requests reaches a worker.",
+    "Write a haiku about memory that is always full.",
+    "How are you today?",
+    "Describe the engine that streams layers through memory.",
+    "Give me three words that rhyme with cache.",
+    "Why does the scheduler batch requests together?",
+)
+
+_COLOURS: Final = ("\x1b[36m", "\x1b[35m", "\x1b[33m", "\x1b[32m", "\x1b[34m", "\x1b[31m")
+_DIM, _BOLD, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+class DemoError(Exception):
+    """A demo step failed; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------- output
+
+
+class Console:
+    """stdout with optional colour; progress lines redraw in place on a terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
+
+    def style(self, text: str, code: str) -> str:
+        return f"{code}{text}{_RESET}" if self.tty else text
+
+    def line(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def step(self, text: str) -> None:
+        self.line(self.style(f"==> {text}", _BOLD))
+
+    def progress(self, text: str, final: bool = False) -> None:
+        """A line that the next progress() overwrites on a terminal; printed once elsewhere."""
+        if self.tty:
+            self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
+            self.out.flush()
+        elif final:
+            self.line(text)
+
+
+# ---------------------------------------------------------------------------- 1. models
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "layermux" / "demo-models"
+
+
+def _fingerprint(spec: Mapping[str, Any], factory_source: bytes) -> str:
+    """Changes when the spec or the factory that writes it does (the weights, the tokenizer)."""
+    raw = orjson.dumps({"v": FINGERPRINT_VERSION, "spec": spec}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw + factory_source).hexdigest()
+
+
+def ensure_models(root: Path, console: Console) -> dict[str, Path]:
+    """Each DEMO_MODELS folder, written unless a complete one with the same spec exists."""
+    from engine import model_factory
+    from engine.model_factory import DEMO_MODELS, make_model
+
+    factory_source = Path(model_factory.__file__).read_bytes()
+    root.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, spec in DEMO_MODELS.items():
+        path = root / name
+        fingerprint = _fingerprint(spec, factory_source)
+        marker = path / MARKER
+        if marker.is_file() and marker.read_text().strip() == fingerprint:
+            console.line(f"    {name}: cached in {path}")
+            paths[name] = path
+            continue
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        try:
+
+            def report(done: int, total: int, tensor: str, name: str = name) -> None:
+                console.progress(f"    {name}: writing tensor {done}/{total}")
+
+            make_model(tmp, progress=report, **spec)
+            (tmp / MARKER).write_text(fingerprint + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            try:
+                tmp.rename(path)
+            except OSError:  # another demo finished the same model first: use that one
+                if not (marker.is_file() and marker.read_text().strip() == fingerprint):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        console.progress(
+            f"    {name}: created ({spec['arch']}, {spec['n_layers']} layers, "
+            f"{status.humanize_bytes(size)}) in {time.perf_counter() - t0:.1f} s",
+            final=True,
+        )
+        paths[name] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------- 2. budget
+
+
+@dataclass
+class DevicePlan:
+    budget_bytes: int
+    residency: dict[str, str]  # model -> "resident" | "streamed", in load order
+    loaded: dict[str, dict[str, Any]]  # model -> load_model info under the planned budget
+    ledger: dict[str, Any]
+
+
+def plan_device(paths: Mapping[str, Path], kv_tokens_needed: int, n_requests: int) -> DevicePlan:
+    """A budget under which the largest model streams and every request still has KV room.
+
+    First a roomy probe measures each model (weights and workspace as booked); then
+    candidate budgets are checked by loading the models exactly as the worker will (same
+    order, residencies and engine config) until one leaves KV headroom for all requests.
+    """
+    import engine
+
+    cfg = engine.EngineConfig()
+    with engine.Engine(engine.EngineConfig(budget_bytes=1 << 30)) as probe:
+        infos = {name: probe.load_model(name, str(p), residency="resident") for name, p in paths.items()}
+        kv_need = sum(probe.kv_bytes_for(name, kv_tokens_needed) * n_requests for name in paths)
+    order = sorted(paths, key=lambda n: int(infos[n]["weight_bytes"]))
+    streamed = order[-1]
+    residency = {name: ("streamed" if name == streamed else "resident") for name in order}
+
+    def footprint(name: str) -> int:
+        return int(infos[name]["weight_bytes"]) + int(infos[name]["workspace_bytes"])
+
+    booked_before = sum(footprint(n) for n in order[:-1])
+    spare_for_streamed = int(infos[streamed]["weight_bytes"] * (1.0 - STREAMED_SHORTFALL))
+    cap = (booked_before + int(infos[streamed]["workspace_bytes"]) + spare_for_streamed) / (
+        1.0 - cfg.kv_reserve_fraction
+    )
+    budget = _round_up_mib(cap / cfg.cap_fraction)
+
+    last_error = ""
+    for _ in range(BUDGET_ATTEMPTS):
+        try:
+            with engine.Engine(engine.EngineConfig(budget_bytes=budget)) as check:
+                loaded = {name: check.load_model(name, str(paths[name]), residency=residency[name]) for name in order}
+                ledger = check.ledger()
+        except engine.CapacityError as e:
+            last_error = str(e)
+        else:
+            if int(ledger["headroom_bytes"]) >= kv_need:
+                return DevicePlan(budget, residency, loaded, ledger)
+            last_error = (
+                f"{status.humanize_bytes(ledger['headroom_bytes'])} left for KV, "
+                f"{status.humanize_bytes(kv_need)} needed"
+            )
+        budget = _round_up_mib(budget * BUDGET_GROWTH)
+    raise DemoError(f"could not find a device budget for the demo models: {last_error}")
+
+
+def _round_up_mib(n_bytes: float) -> int:
+    return math.ceil(n_bytes / 2**20) * 2**20
+
+
+# ---------------------------------------------------------------------------- 3. redis + worker
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_config(
+    path: Path, redis_url: str, plan: DevicePlan, paths: Mapping[str, Path], n_requests: int, max_tokens: int
+) -> None:
+    lines = [
+        "# written by `layermux demo`",
+        f"redis_url = {_toml_str(redis_url)}",
+        f"key_prefix = {_toml_str(PREFIX)}",
+        f"worker_id = {_toml_str(WORKER_ID)}",
+        "",
+        "[device]",
+        f"budget = {plan.budget_bytes}  # {status.humanize_bytes(plan.budget_bytes)}",
+    ]
+    for name, residency in plan.residency.items():
+        lines += [
+            "",
+            "[[models]]",
+            f"name = {_toml_str(name)}",
+            f"path = {_toml_str(str(paths[name]))}",
+            f"residency = {_toml_str(residency)}",
+            f"max_running = {max(1, n_requests)}",
+            f"max_backlog = {max(16, 4 * n_requests)}",
+            f"max_tokens_limit = {max(256, max_tokens)}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _child_env() -> dict[str, str]:
+    """This environment without LAYERMUX_* (they would override the demo's config) and
+    with the checkout importable when layermux is run from a source tree."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_")}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_worker(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,  # Ctrl-C reaches the demo only; it stops the worker itself
+        )
+
+
+def log_tail(log_path: Path, n_lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "    (no worker log)"
+    return "\n".join("    " + line for line in lines[-n_lines:]) or "    (empty worker log)"
+
+
+def wait_until_ready(
+    client: redis.Redis,
+    worker: subprocess.Popen[bytes],
+    models: Sequence[str],
+    log_path: Path,
+    timeout_s: float = WORKER_READY_TIMEOUT_S,
+) -> None:
+    """Until P:models holds every model and each has its limits hash (the worker serves it)."""
+    from producer_sdk.keys import Keys
+
+    keys = Keys(PREFIX)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = worker.poll()
+        if code is not None:
+            raise DemoError(
+                f"the worker exited with status {code} before its models were ready; "
+                f"worker log ({log_path}):\n{log_tail(log_path)}"
+            )
+        served = {m.decode() for m in cast("set[bytes]", client.smembers(keys.models()))}
+        if served.issuperset(models) and all(client.exists(keys.limits(m)) for m in models):
+            return
+        if time.monotonic() > deadline:
+            missing = sorted(set(models) - served)
+            raise DemoError(
+                f"the worker was not ready after {timeout_s:.0f} s (models not yet "
+                f"served: {', '.join(missing) or 'none; limits missing'}); "
+                f"worker log ({log_path}):\n{log_tail(log_path)}"
+            )
+        time.sleep(0.1)
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM (the worker drains and exits), SIGKILL after WORKER_STOP_TIMEOUT_S."""
+    if worker.poll() is not None:
+        return worker.returncode
+    worker.send_signal(signal.SIGTERM)
+    try:
+        return worker.wait(timeout=WORKER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+        return None
+
+
+# ---------------------------------------------------------------------------- 4. producers
+
+# Messages from a producer process to the demo, in order:
+#   ("token", model, i, text, n_tokens)  one token event of request i
+#   ("done", model, i, n_tokens, ttft_s, finish_reason)
+#   ("error", model, i, message)         request i ended with an error (or the producer failed: i = -1)
+#   ("exit", model, -1, wall_s)          all of this producer's requests have ended
+Message = tuple[Any, ...]
+
+
+def chat_for(model_index: int, i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[(model_index * 3 + i) % len(PROMPTS)]}]
+
+
+def producer_main(model: str, model_index: int, redis_url: str, n_requests: int, max_tokens: int, out: Any) -> None:
+    """Entry point of one producer process (spawned; everything it needs is in its arguments)."""
+    try:
+        asyncio.run(_produce(model, model_index, redis_url, n_requests, max_tokens, out))
+    except KeyboardInterrupt:
+        return  # Ctrl-C reached the whole process group: the demo itself stops everything
+    except BaseException as e:  # reported to the parent, then re-raised
+        out.put(("error", model, -1, f"producer failed: {type(e).__name__}: {e}"))
+        raise
+
+
+async def _produce(model: str, model_index: int, redis_url: str, n_requests: int, max_tokens: int, out: Any) -> None:
+    from producer_sdk import AsyncProducer, CancelledEvent, DoneEvent, ErrorEvent, LayermuxClientError, TokenEvent
+    from producer_sdk.reply import error_for_terminal
+
+    async with AsyncProducer(redis_url, PREFIX) as producer:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            t_submit = time.perf_counter()
+            ttft_s: float | None = None
+            try:
+                handle = await producer.submit(
+                    model,
+                    messages=chat_for(model_index, i),
+                    max_tokens=max_tokens,
+                    temperature=TEMPERATURE,
+                    top_p=TOP_P,
+                    seed=SEED_BASE + i,
+                )
+                async for event in handle.events():
+                    if isinstance(event, TokenEvent):
+                        if ttft_s is None:
+                            ttft_s = time.perf_counter() - t_submit
+                        out.put(("token", model, i, event.text, len(event.token_ids)))
+                    elif isinstance(event, DoneEvent):
+                        out.put(("done", model, i, len(event.token_ids), ttft_s, event.finish_reason))
+                    elif isinstance(event, ErrorEvent | CancelledEvent):
+                        raise error_for_terminal(event)
+            except LayermuxClientError as e:
+                out.put(("error", model, i, str(e)))
+
+        await asyncio.gather(*(one(i) for i in range(n_requests)))
+        out.put(("exit", model, -1, time.perf_counter() - t0))
+
+
+@dataclass
+class ModelTally:
+    requests: int = 0
+    tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    wall_s: float | None = None
+    errors: list[str] = field(default_factory=list)
+    finish: dict[str, int] = field(default_factory=dict)
+
+
+class StreamView:
+    """Prints each request's text as lines `model#i | text`, a line at a time.
+
+    Tokens of twelve concurrent streams interleave; printing whole lines (at the width of
+    the terminal, or on a newline in the text, or when a request ends) keeps each line to
+    one stream while the output still moves as tokens arrive.
+    """
+
+    def __init__(self, console: Console, models: Sequence[str]) -> None:
+        self.console = console
+        self.colour = {m: _COLOURS[i % len(_COLOURS)] for i, m in enumerate(models)}
+        self.width = max(len(m) for m in models) + 3
+        term = shutil.get_terminal_size((100, 24)).columns if console.tty else 100
+        self.text_width = max(20, term - self.width - 4)
+        self.pending: dict[tuple[str, int], str] = {}
+
+    def _emit(self, model: str, i: int, text: str, suffix: str = "") -> None:
+        label = f"{model}#{i}".rjust(self.width)
+        # Random weights sample any byte: keep control characters off the terminal.
+        body = "".join(c if c.isprintable() else " " for c in text)
+        self.console.line(
+            f"{self.console.style(label, self.colour[model])} | {body}"
+            + (self.console.style(suffix, _DIM) if suffix else "")
+        )
+
+    def token(self, model: str, i: int, text: str) -> None:
+        buf = self.pending.get((model, i), "") + text
+        while "\n" in buf or len(buf) >= self.text_width:
+            cut = buf.find("\n")
+            cut = self.text_width if cut < 0 or cut > self.text_width else cut
+            self._emit(model, i, buf[:cut])
+            buf = buf[cut + 1 :] if buf[cut : cut + 1] == "\n" else buf[cut:]
+        self.pending[(model, i)] = buf
+
+    def end(self, model: str, i: int, note: str) -> None:
+        self._emit(model, i, self.pending.pop((model, i), ""), f" [{note}]")
+
+
+class LedgerWatch:
+    """The worker's P:workers entry at its fullest (most bytes booked) while requests ran.
+
+    The worker refreshes its entry every second; reading it twice as often while the
+    streams run catches the moment the KV cache held the most requests.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        from producer_sdk.keys import Keys
+
+        self._client = client
+        self._key = Keys(PREFIX).workers()
+        self._next_s = 0.0
+        self.peak: dict[str, Any] | None = None
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now < self._next_s:
+            return
+        self._next_s = now + LEDGER_POLL_S
+        raw = cast("bytes | None", self._client.hget(self._key, WORKER_ID))
+        if raw is None:
+            return
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(entry, dict) and self._used(entry) >= (self._used(self.peak) if self.peak else -1):
+            self.peak = entry
+
+    @staticmethod
+    def _used(entry: Mapping[str, Any]) -> int:
+        ledger = entry.get("ledger")
+        used = ledger.get("used_bytes") if isinstance(ledger, dict) else None
+        return used if isinstance(used, int) else 0
+
+
+def run_producers(
+    models: Sequence[str],
+    redis_url: str,
+    n_requests: int,
+    max_tokens: int,
+    console: Console,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    children: list[multiprocessing.process.BaseProcess],
+    watch: LedgerWatch,
+) -> dict[str, ModelTally]:
+    ctx = multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    try:
+        for index, model in enumerate(models):
+            proc = ctx.Process(
+                target=producer_main,
+                name=f"producer-{model}",
+                daemon=True,
+                args=(model, index, redis_url, n_requests, max_tokens, messages),
+            )
+            proc.start()
+            children.append(proc)
+        return _collect(models, messages, children, console, worker, log_path, watch)
+    finally:
+        messages.close()
+        messages.cancel_join_thread()
+
+
+def _collect(
+    models: Sequence[str],
+    messages: Any,
+    producers: Sequence[multiprocessing.process.BaseProcess],
+    console: Console,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    watch: LedgerWatch,
+) -> dict[str, ModelTally]:
+    view = StreamView(console, models)
+    tally = {m: ModelTally() for m in models}
+    running = set(models)
+    deadline = time.monotonic() + STREAM_TIMEOUT_S
+    while running:
+        watch.poll()
+        try:
+            msg: Message = messages.get(timeout=0.2)
+        except queue_mod.Empty:
+            if worker.poll() is not None:
+                raise DemoError(
+                    f"the worker exited with status {worker.returncode} while serving; "
+                    f"worker log ({log_path}):\n{log_tail(log_path)}"
+                ) from None
+            for model, proc in zip(models, producers):
+                if model in running and proc.exitcode is not None:
+                    raise DemoError(
+                        f"the producer of {model} exited with status {proc.exitcode} before its requests ended"
+                    ) from None
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the requests did not finish within {STREAM_TIMEOUT_S:.0f} s; "
+                    f"worker log ({log_path}):\n{log_tail(log_path)}"
+                ) from None
+            continue
+        kind, model, i = msg[0], msg[1], msg[2]
+        t = tally[model]
+        if kind == "token":
+            view.token(model, i, msg[3])
+        elif kind == "done":
+            n_tokens, ttft_s, finish = msg[3], msg[4], msg[5]
+            t.requests += 1
+            t.tokens += n_tokens
+            t.finish[finish] = t.finish.get(finish, 0) + 1
+            if ttft_s is not None:
+                t.ttft_s.append(ttft_s)
+            view.end(model, i, f"{n_tokens} tokens, {finish}")
+        elif kind == "error":
+            t.errors.append(msg[3])
+            if i >= 0:
+                view.end(model, i, f"error: {msg[3]}")
+            else:
+                console.line(f"{model}: {msg[3]}")
+        elif kind == "exit":
+            t.wall_s = msg[3]
+            running.discard(model)
+    return tally
+
+
+# ---------------------------------------------------------------------------- 5. summary
+
+
+def summary_table(tally: Mapping[str, ModelTally], residency: Mapping[str, str]) -> str:
+    rows = []
+    for model, t in tally.items():
+        rate = t.tokens / t.wall_s if t.wall_s else 0.0
+        ttft = f"{1000 * statistics.median(t.ttft_s):.0f} ms" if t.ttft_s else "-"
+        rows.append((model, residency.get(model, "-"), t.requests, t.tokens, f"{rate:.1f}", ttft, len(t.errors)))
+    return status.format_table(("MODEL", "RESIDENCY", "REQUESTS", "TOKENS", "TOKENS/S", "TTFT p50", "ERRORS"), rows)
+
+
+def ledger_report(watch: LedgerWatch) -> str:
+    if watch.peak is None:
+        return "(the worker published no ledger in P:workers)"
+    return (
+        "device ledger at its fullest during the run (as the worker published it in P:workers):\n"
+        + status.render_ledger(WORKER_ID, watch.peak)
+    )
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+@contextlib.contextmanager
+def _children_reaped(
+    worker_box: list[subprocess.Popen[bytes]], producers: list[multiprocessing.process.BaseProcess]
+) -> Iterator[None]:
+    """Whatever happens inside, no producer or worker outlives the demo."""
+    try:
+        yield
+    finally:
+        for proc in producers:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in producers:
+            proc.join(PRODUCER_JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for worker in worker_box:
+            stop_worker(worker)
+
+
+def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, out: TextIO = sys.stdout) -> int:
+    """The demo; returns the exit status (0 when every request finished with tokens)."""
+    from worker.embedded_redis import EmbeddedRedis, RedisServerError
+
+    console = Console(out)
+    t_start = time.perf_counter()
+    run_dir = Path(tempfile.mkdtemp(prefix="layermux-demo-"))
+    worker_box: list[subprocess.Popen[bytes]] = []
+    producers: list[multiprocessing.process.BaseProcess] = []
+    server = None
+    try:
+        console.step(f"demo models ({cache_dir()})")
+        paths = ensure_models(cache_dir(), console)
+        models = list(paths)
+
+        console.step("planning a device budget the three models do not comfortably fit in")
+        plan = plan_device(paths, PROMPT_TOKENS_ESTIMATE + max_tokens, requests_per_model)
+        for name, info in plan.loaded.items():
+            how = "resident" if info.get("resident") else f"streamed through {info.get('n_slots')} layer slots"
+            console.line(f"    {name}: {status.humanize_bytes(info.get('weight_bytes'))} of weights, {how}")
+        console.line(
+            f"    budget {status.humanize_bytes(plan.budget_bytes)}, cap "
+            f"{status.humanize_bytes(plan.ledger.get('cap_bytes'))}, "
+            f"{status.humanize_bytes(plan.ledger.get('headroom_bytes'))} left for KV"
+        )
+
+        console.step("starting an embedded Redis and the worker")
+        try:
+            server = EmbeddedRedis(directory=run_dir / "redis").start()
+        except RedisServerError as e:
+            raise DemoError(f"cannot start Redis: {e}") from e
+        config = run_dir / "worker.toml"
+        log_path = run_dir / "worker.log"
+        write_config(config, server.url, plan, paths, requests_per_model, max_tokens)
+        client = redis.Redis.from_url(server.url)
+        try:
+            with _children_reaped(worker_box, producers):
+                t_worker = time.perf_counter()
+                worker_box.append(start_worker(config, log_path))
+                wait_until_ready(client, worker_box[0], models, log_path)
+                console.line(
+                    f"    redis {server.url}; worker pid {worker_box[0].pid} ready in "
+                    f"{time.perf_counter() - t_worker:.1f} s (log: {log_path})"
+                )
+
+                console.step(
+                    f"{len(models)} producer processes, {requests_per_model} chat "
+                    f"requests each, up to {max_tokens} tokens"
+                )
+                console.line(
+                    console.style(
+                        "    (the demo models have random weights: their text is noise; "
+                        "the streams, batching and memory budget are the point)",
+                        _DIM,
+                    )
+                )
+                watch = LedgerWatch(client)
+                tally = run_producers(
+                    models,
+                    server.url,
+                    requests_per_model,
+                    max_tokens,
+                    console,
+                    worker_box[0],
+                    log_path,
+                    producers,
+                    watch,
+                )
+
+                console.step("summary")
+                console.line(summary_table(tally, plan.residency))
+                console.line()
+                console.line(ledger_report(watch))
+                if keep:
+                    _serve_until_interrupted(console, server.url, run_dir, models[0])
+        finally:
+            client.close()
+        failures = [f"{m}: {e}" for m, t in tally.items() for e in t.errors]
+        empty = [m for m, t in tally.items() if t.tokens == 0]
+        console.line(f"\ndemo finished in {time.perf_counter() - t_start:.1f} s")
+        if failures or empty:
+            raise DemoError("some requests failed: " + "; ".join(failures + [f"{m}: no tokens" for m in empty]))
+        return 0
+    except DemoError as e:
+        console.line()
+        sys.stderr.write(f"layermux demo: error: {e}\n")
+        return 1
+    finally:
+        if server is not None:
+            with contextlib.suppress(RedisServerError):
+                server.stop()
+        if keep:
+            console.line(f"run directory kept: {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _serve_until_interrupted(console: Console, redis_url: str, run_dir: Path, model: str) -> None:
+    console.line()
+    console.line(f"--keep: the worker and Redis keep running (files in {run_dir}). Try:")
+    console.line(f"    layermux status --redis-url {redis_url}")
+    console.line(f"    layermux submit {model} 'Hello there' --redis-url {redis_url}")
+    console.line("Press Ctrl-C to stop them.")
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
+__all__ = ["DemoError", "cache_dir", "ensure_models", "plan_device", "run"]

@@ -1,0 +1,308 @@
+"""`layermux status`: a read-only snapshot of what workers publish in Redis.
+
+Owns: reading P:models, P:{m:<model>}:limits / :stats, XLEN P:{m:<model>}:req and
+P:workers, and rendering them as human tables or one JSON object. Writes nothing.
+Thread-safety: stateless functions; each call uses only the client it is given.
+
+The snapshot is plain data (`collect`), rendering is a pure function of it (`render`),
+so the demo and tests reuse both halves without a terminal.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO, cast
+
+import orjson
+import redis
+
+from producer_sdk.keys import Keys, check_model_name
+
+# A worker refreshes P:workers every second; one not heard from for this long is
+# shown as stale (it may have died; its entry stays until someone removes it).
+STALE_AFTER_S = 10.0
+
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def humanize_bytes(n_bytes: float | None) -> str:
+    """1536 -> '1.5 KiB'; binary units, three significant digits, '-' for unknown."""
+    if n_bytes is None or (isinstance(n_bytes, float) and math.isnan(n_bytes)):
+        return "-"
+    value = float(n_bytes)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    unit = 0
+    while value >= 1024.0 and unit < len(_BYTE_UNITS) - 1:
+        value /= 1024.0
+        unit += 1
+    if unit == 0:
+        return f"{sign}{int(value)} B"
+    text = f"{value:.1f}" if value < 100 else f"{value:.0f}"
+    return f"{sign}{text} {_BYTE_UNITS[unit]}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _scalar(value: bytes | str) -> int | float | str:
+    """Hash fields are strings on the wire; give numbers back as numbers."""
+    text = _text(value)
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+def _decode_hash(raw: Mapping[bytes, bytes]) -> dict[str, int | float | str]:
+    return {_text(k): _scalar(v) for k, v in sorted(raw.items())}
+
+
+def _is_model_name(name: str) -> bool:
+    try:
+        check_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[str, Any]:
+    """One consistent-enough snapshot (a single pipeline round trip per section).
+
+    Returns {prefix, at, models: {name: {backlog, limits, stats}}, workers: {id: {...,
+    age_s, stale}}}. A worker entry that is not valid JSON is kept as {"error": ...}
+    rather than failing the whole command.
+    """
+    now = time.time() if now is None else now
+    keys = Keys(prefix)
+    # A name that is not a valid model name cannot have keys; it is skipped, not fatal.
+    members = cast("set[bytes]", client.smembers(keys.models()))
+    names = sorted(n for n in map(_text, members) if _is_model_name(n))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.xlen(keys.req(name))
+        pipe.hgetall(keys.limits(name))
+        pipe.hgetall(keys.stats(name))
+    replies = pipe.execute()
+    models: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        backlog, limits, stats = replies[3 * i : 3 * i + 3]
+        models[name] = {
+            "backlog": int(backlog),
+            "limits": _decode_hash(limits),
+            "stats": _decode_hash(stats),
+        }
+    workers: dict[str, Any] = {}
+    registered = cast("dict[bytes, bytes]", client.hgetall(keys.workers()))
+    for worker_id, payload in sorted(registered.items()):
+        try:
+            entry = orjson.loads(payload)
+        except orjson.JSONDecodeError as e:
+            entry = f"not JSON ({e})"
+        if not isinstance(entry, dict):
+            workers[_text(worker_id)] = {"error": f"unreadable worker entry: {str(entry)[:200]}"}
+            continue
+        updated_at = entry.get("updated_at")
+        if isinstance(updated_at, (int, float)):
+            entry["age_s"] = round(max(0.0, now - updated_at), 3)
+            entry["stale"] = now - updated_at > STALE_AFTER_S
+        workers[_text(worker_id)] = entry
+    return {"prefix": prefix, "at": now, "models": models, "workers": workers}
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Left-aligned first column, right-aligned others; two spaces between columns."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _num(d: Mapping[str, Any], key: str) -> Any:
+    value = d.get(key)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _ms(value: Any) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.0f} ms"
+
+
+def _refused(stats: Mapping[str, Any]) -> int:
+    return sum(v for k, v in stats.items() if k.startswith("refused_") and isinstance(v, int))
+
+
+def render_models(snapshot: Mapping[str, Any]) -> str:
+    rows = []
+    for name, m in snapshot["models"].items():
+        stats, limits = m["stats"], m["limits"]
+        rows.append(
+            (
+                name,
+                m["backlog"],
+                _num(limits, "max_backlog"),
+                _num(stats, "running"),
+                _num(stats, "admitted"),
+                _num(stats, "done"),
+                _num(stats, "errors"),
+                _refused(stats),
+                _ms(stats.get("queue_wait_p50_ms")),
+                _ms(stats.get("queue_wait_p99_ms")),
+                _num(limits, "n_ctx"),
+                stats.get("worker"),
+            )
+        )
+    headers = (
+        "MODEL",
+        "BACKLOG",
+        "MAX",
+        "RUNNING",
+        "ADMITTED",
+        "DONE",
+        "ERRORS",
+        "REFUSED",
+        "WAIT p50",
+        "WAIT p99",
+        "N_CTX",
+        "WORKER",
+    )
+    return format_table(headers, rows)
+
+
+def _pick(d: Mapping[str, Any], *keys: str) -> Any:
+    """First present key: worker entries name a few fields in more than one place."""
+    for key in keys:
+        if key in d and d[key] is not None:
+            return d[key]
+    return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
+    """One worker's device ledger: totals line, settings line, per-model table."""
+    if "error" in entry and "ledger" not in entry:
+        return f"worker {worker_id}: {entry['error']}"
+    ledger: Mapping[str, Any] = entry.get("ledger") or {}
+    age = entry.get("age_s")
+    head = f"worker {worker_id}"
+    if isinstance(age, (int, float)):
+        head += f"  (updated {age:.1f} s ago{', STALE' if entry.get('stale') else ''})"
+    budget = _pick(ledger, "budget_bytes")
+    cap = _pick(ledger, "cap_bytes")
+    used = _pick(ledger, "used_bytes")
+    headroom = _pick(ledger, "headroom_bytes")
+    used_pct = f" ({100.0 * used / cap:.0f} % of cap)" if used is not None and cap else ""
+    lines = [
+        head,
+        (
+            f"  device: budget {humanize_bytes(budget)}  cap {humanize_bytes(cap)}"
+            f"  used {humanize_bytes(used)}{used_pct}  headroom {humanize_bytes(headroom)}"
+        ),
+    ]
+    settings = []
+    for label, keys in (
+        ("eviction", ("eviction", "eviction_policy")),
+        ("prefetch depth", ("prefetch_depth",)),
+        ("isa", ("isa",)),
+        ("threads", ("n_threads",)),
+    ):
+        value = _pick(ledger, *keys)
+        if value is None:
+            value = _pick(entry, *keys)
+        if label == "threads" and value == 0:
+            value = "auto"  # n_threads 0: one per core
+        if value is not None:
+            settings.append(f"{label} {value}")
+    if settings:
+        lines.append("  " + "  ".join(settings))
+    per_model: Mapping[str, Any] = ledger.get("models") or {}
+    info = _mapping(entry.get("models"))
+    queues = _mapping(entry.get("queues"))
+    names = list(per_model) + [n for n in info if n not in per_model]
+    rows = []
+    for name in names:
+        booked = per_model.get(name) or {}
+        meta = info.get(name) or {}
+        queue = queues.get(name) or {}
+        merged = {**queue, **meta, **booked}
+        resident = _pick(merged, "residency", "resident")
+        if isinstance(resident, bool):
+            resident = "resident" if resident else "streamed"
+        rows.append(
+            (
+                name,
+                humanize_bytes(_pick(booked, "weights_bytes")),
+                humanize_bytes(_pick(booked, "kv_bytes")),
+                humanize_bytes(_pick(booked, "workspace_bytes")),
+                resident,
+                _pick(merged, "sched_weight", "weight", "scheduling_weight"),
+                _pick(merged, "n_running", "running"),
+                _pick(merged, "n_waiting", "waiting"),
+            )
+        )
+    if rows:
+        headers = ("MODEL", "WEIGHTS", "KV", "WORKSPACE", "RESIDENCY", "SCHED_W", "RUNNING", "WAITING")
+        lines.extend("  " + line for line in format_table(headers, rows).splitlines())
+    return "\n".join(lines)
+
+
+def render(snapshot: Mapping[str, Any]) -> str:
+    """The whole `layermux status` screen as text."""
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snapshot["at"]))
+    out = [f"layermux status  prefix={snapshot['prefix']}  at {at}", ""]
+    if snapshot["models"]:
+        out.append(render_models(snapshot))
+    else:
+        out.append("no models served (P:models is empty: is a worker running?)")
+    out.append("")
+    if snapshot["workers"]:
+        for worker_id, entry in snapshot["workers"].items():
+            out.append(render_ledger(worker_id, entry))
+            out.append("")
+    else:
+        out.append("no workers registered")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: TextIO = sys.stdout) -> int:
+    """Print one snapshot, or one every `watch_s` seconds until interrupted.
+
+    Watching with --json prints one JSON object per line (NDJSON), so the stream can be
+    piped into `jq -c`. On a terminal, each human snapshot redraws the screen.
+    """
+    client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        while True:
+            snapshot = collect(client, prefix)
+            if as_json:
+                out.write(orjson.dumps(snapshot, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+            else:
+                if watch_s is not None and out.isatty():
+                    out.write("\x1b[H\x1b[2J")
+                out.write(render(snapshot))
+            out.flush()
+            if watch_s is None:
+                return 0
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
