@@ -3,8 +3,12 @@
 // the step thread never holds mu_ while computing.
 #include "engine.h"
 
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+
+#include <cmath>
+#include <fstream>
 
 #include <algorithm>
 #include <cassert>
@@ -18,12 +22,28 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 std::string mib(uint64_t n) { return std::to_string(n / (1024 * 1024)) + " MiB (" + std::to_string(n) + " bytes)"; }
+
+// Cores this process may really use: its CPU affinity, further limited by a
+// cgroup v2 CPU quota (containers), so n_threads = 0 never oversubscribes.
+int usable_cores() {
+    int n = static_cast<int>(std::thread::hardware_concurrency());
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+    std::ifstream f("/sys/fs/cgroup/cpu.max");
+    std::string quota;
+    double period = 0;
+    if (f >> quota >> period && quota != "max" && period > 0) {
+        const int limit = static_cast<int>(std::ceil(std::stod(quota) / period));
+        if (limit >= 1 && limit < n) n = limit;
+    }
+    return std::max(1, n);
+}
 }  // namespace
 
 Engine::Engine(const EngineConfig& cfg)
     : cfg_(cfg),
       ledger_(std::make_unique<CpuDevice>(cfg.budget_bytes), cfg.cap_fraction),
-      pool_(cfg.n_threads),
+      pool_(cfg.n_threads > 0 ? cfg.n_threads : usable_cores()),
       residency_(ledger_, cfg.prefetch_depth, eviction_from_name(cfg.eviction)),
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
