@@ -3,6 +3,7 @@
 // except the memcpy of a job, which runs unlocked on a slot marked loading.
 #include "residency.h"
 
+#include <algorithm>
 #include <cassert>
 #include <chrono>
 #include <limits>
@@ -90,26 +91,59 @@ void Residency::add_swap_model(int model_id, std::shared_ptr<const ModelWeights>
 
 // Books and copies every unit of a swapped-out model, evicting idle swap-mode
 // models whole until it fits. The copy is synchronous: a swap is a stall.
+// Victims go in next-use order (the model the schedule needs last goes first).
+// KV blocks booked between swaps fragment the arena, so the ledger can have room
+// while no hole holds a unit: units are placed largest first (for the reference
+// models, the head), and when one still finds no hole, the partial booking is undone,
+// one more model is evicted and placement starts over.
+// Precondition: the model is swapped out (e.units empty); caller holds lk.
 void Residency::swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk) {
-    for (int u = 0; u < e.w->n_units(); u++) {
-        DeviceBuffer b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
-        while (!b) {
-            Entry* victim = nullptr;
-            for (auto& kv : models_)
-                if (kv.first != model && kv.second.swap && kv.second.in_use == 0 && !kv.second.units.empty())
-                    victim = &kv.second;
-            assert(victim != nullptr && "a swap-mode model must fit the budget alone");
-            if (victim == nullptr) throw Error("whole-model swap: '" + e.owner + "' does not fit the device budget alone");
-            for (DeviceBuffer& vb : victim->units) ledger_.free(vb);
-            victim->units.clear();
-            b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
+    auto evict_one = [&] {
+        Entry* victim = nullptr;
+        size_t victim_next = 0;
+        for (auto& kv : models_) {
+            Entry& o = kv.second;
+            if (kv.first == model || !o.swap || o.in_use != 0 || o.units.empty()) continue;
+            const size_t nu = next_use(kv.first, 0, cursor_);
+            if (victim == nullptr || nu > victim_next) {
+                victim = &o;
+                victim_next = nu;
+            }
         }
-        e.units.push_back(b);
+        if (victim == nullptr) return false;
+        for (DeviceBuffer& vb : victim->units) ledger_.free(vb);
+        victim->units.clear();
+        return true;
+    };
+    const int n = e.w->n_units();
+    std::vector<int> order(static_cast<size_t>(n));
+    for (int u = 0; u < n; u++) order[static_cast<size_t>(u)] = u;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return e.w->unit(a).n_bytes > e.w->unit(b).n_bytes; });
+    while (ledger_.headroom_bytes() < e.w->total_unit_bytes() && evict_one()) {
+    }
+    for (;;) {
+        e.units.assign(static_cast<size_t>(n), DeviceBuffer{});
+        bool placed = true;
+        for (int u : order) {
+            DeviceBuffer& b = e.units[static_cast<size_t>(u)];
+            b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
+            if (!b) {
+                placed = false;
+                break;
+            }
+        }
+        if (placed) break;
+        for (DeviceBuffer& b : e.units) ledger_.free(b);
+        e.units.clear();
+        if (!evict_one())
+            throw Error("whole-model swap: '" + e.owner + "' does not fit the device budget with every other model " +
+                        "evicted (" + std::to_string(e.w->total_unit_bytes()) + " weight bytes, " +
+                        std::to_string(ledger_.headroom_bytes()) + " bytes of headroom; KV blocks may fragment it)");
     }
     lk.unlock();
-    for (int u = 0; u < e.w->n_units(); u++) e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device());
+    for (int u = 0; u < n; u++) e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device());
     lk.lock();
-    stats_.n_loads += static_cast<uint64_t>(e.w->n_units());
+    stats_.n_loads += static_cast<uint64_t>(n);
     stats_.bytes_copied += e.w->total_unit_bytes();
 }
 
@@ -208,16 +242,23 @@ int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
     return best;
 }
 
-// The earliest scheduled unit within prefetch_depth of the cursor that is not in
-// device memory, with a slot to load it into.
+// The earliest scheduled unit that is not in device memory, with a slot to load
+// it into, provided fewer than prefetch_depth copies are already ahead of compute.
+// Units that stayed in a slot since an earlier use (hits) cost no copy and do not
+// count against the depth, so the copy thread looks past a cached run of layers
+// (and past the current model into the next one) to the next miss.
 bool Residency::pick_job(Job& job) {
-    const size_t end = std::min(sched_.size(), cursor_ + static_cast<size_t>(std::max(depth_, 1)));
-    for (size_t i = cursor_; i < end; i++) {
+    const int depth = std::max(depth_, 1);
+    int n_ahead = 0;
+    for (size_t i = cursor_; i < sched_.size() && n_ahead < depth; i++) {
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
         if (it == models_.end() || it->second.resident || it->second.swap) continue;
         if (u.unit == it->second.w->n_units() - 1) continue;  // the head is resident
-        if (find_slot(it->second, u.unit) != nullptr) continue;
+        if (const Slot* s = find_slot(it->second, u.unit)) {
+            n_ahead += s->ahead ? 1 : 0;
+            continue;
+        }
         const int v = pick_victim(it->second, u.model, i);
         if (v < 0) return false;  // later units must wait for slots to free up
         job = Job{u.model, u.unit, v};
@@ -239,6 +280,7 @@ void Residency::copy_main() {
         s.unit = job.unit;
         s.ready = false;
         s.loading = true;
+        s.ahead = true;
         std::shared_ptr<const ModelWeights> w = e.w;
         uint8_t* dst = s.buf.ptr;
         lk.unlock();
@@ -317,6 +359,7 @@ const uint8_t* Residency::acquire(UnitRef u) {
             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
     }
     s->pins++;
+    s->ahead = false;
     s->last_use = ++clock_;
     cv_copy_.notify_all();  // the window moved: prefetch further
     return s->buf.ptr;

@@ -8,8 +8,12 @@
 // 150k vocabulary) stays resident and its layers stream through n_slots slots of
 // one layer's size. The step thread announces the order in which it will
 // acquire units (set_schedule) — the current model's layers, then the next
-// model's — so the copy thread can fill slots up to prefetch_depth units ahead of
-// compute. Because that order is known, eviction picks the slot whose unit is next
+// model's — so the copy thread can keep up to prefetch_depth copies ahead of
+// compute. Depth counts copies, not schedule positions: units still in a slot
+// from an earlier pass are skipped, so a cached run of layers never hides the
+// next miss from the copy thread. Each copy in flight occupies a slot that
+// cannot cache, so a depth of d costs d slots of the stable subset below.
+// Because that order is known, eviction picks the slot whose unit is next
 // used farthest in the future (Belady's MIN): on a cyclic scan larger than the
 // cache, LRU evicts exactly the unit needed next and misses every time, while MIN
 // keeps a stable subset resident and misses only on the rest. LRU stays available
@@ -91,6 +95,7 @@ private:
         int unit = -1;
         bool ready = false;
         bool loading = false;
+        bool ahead = false;  // copied (or copying) for a use compute has not reached yet
         int pins = 0;
         uint64_t last_use = 0;
     };

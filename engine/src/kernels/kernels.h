@@ -79,6 +79,7 @@ void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_
                float scale, float* out, float* scratch);
 
 // Which SIMD path the dispatcher chose on this CPU ("avx512", "avx2", "scalar").
+// The environment variable LMX_KERNELS=scalar|avx2 forces a lower one (read once).
 const char* kernels_isa();
 
 namespace ref {  // scalar references, same signatures and contracts

@@ -3,12 +3,18 @@
 // only through kernels_table_avx2(), which checks the CPU first.
 //
 // One 16-lane vector is a pair of ymm (lanes 0-7, 8-15), so the op sequence — and the
-// result, bit for bit — is that of the AVX-512 build (see kernels_simd.h). With 16 ymm
-// registers the matmul tile is 2 rows x 2 tokens (8 accumulator ymm); decode uses 4 rows.
+// result, bit for bit — is that of the AVX-512 build (see simd_*.h). With 16 ymm
+// registers and two per accumulator, the matmul tile is 4 rows x 1 token (8 accumulator
+// ymm; measured best of 4x1, 3x2, 2x3, 2x2). It is bounded by streaming activations from
+// L2, so compute-bound calls (prefill, large batches) run at about 60% of the AVX-512
+// rate; decode is memory-bound and unaffected. Blocking n_in so activations stay in L1
+// would lift it, at the cost of spilling vector accumulators between blocks.
 #include <immintrin.h>
 
 #include "kernels_impl.h"
-#include "kernels_simd.h"
+#include "simd_attention.h"
+#include "simd_elementwise.h"
+#include "simd_matmul.h"
 
 namespace lmx {
 namespace {
@@ -17,7 +23,7 @@ struct Avx2 {
     struct V {
         __m256 lo, hi;  // lanes 0-7, 8-15
     };
-    static constexpr int kRows = 2, kToks = 2, kRows1 = 4;
+    static constexpr int kRows = 4, kToks = 1, kRows1 = 4;
 
     static V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
     static V set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
@@ -53,6 +59,22 @@ struct Avx2 {
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+    // hsum of 16 vectors at once, same pairs as hsum: lane j of the result is hsum(a[j]).
+    static V hsum16(const V a[16]) {
+        __m256 l1[16], l2[8], l3[4], l4[2];
+        for (int k = 0; k < 16; ++k) l1[k] = _mm256_add_ps(a[k].lo, a[k].hi);  // j + j+8
+        for (int m = 0; m < 8; ++m)  // [key 2m | key 2m+1]: j + j+4
+            l2[m] = _mm256_add_ps(_mm256_permute2f128_ps(l1[2 * m], l1[2 * m + 1], 0x20),
+                                  _mm256_permute2f128_ps(l1[2 * m], l1[2 * m + 1], 0x31));
+        for (int n = 0; n < 4; ++n)  // [keys 4n, 4n+2 | 4n+1, 4n+3]: j + j+2
+            l3[n] = _mm256_add_ps(_mm256_shuffle_ps(l2[2 * n], l2[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(l2[2 * n], l2[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        for (int r = 0; r < 2; ++r)  // [keys 8r + 0,2,4,6 | 8r + 1,3,5,7]: j + j+1
+            l4[r] = _mm256_add_ps(_mm256_shuffle_ps(l3[2 * r], l3[2 * r + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm256_shuffle_ps(l3[2 * r], l3[2 * r + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        return {_mm256_permutevar8x32_ps(l4[0], order), _mm256_permutevar8x32_ps(l4[1], order)};
     }
     static float hmax(V a) {
         const __m256 s8 = _mm256_max_ps(a.lo, a.hi);

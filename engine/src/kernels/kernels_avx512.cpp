@@ -1,11 +1,13 @@
 // kernels/kernels_avx512.cpp — the kernel table for AVX-512 (F/BW/VL/DQ) + FMA + F16C, and bf16 dots.
 // Owner: kernels. Thread-safety: pure functions. Built with -mavx512*: call only through
-// kernels_table_avx512(), which checks the CPU first.
+// kernels_table_avx512(), which checks the CPU first (and AVX512_BF16 for the fast bf16 matmul).
 //
-// One 16-lane vector is one zmm. Register tile for matmul: 4 rows x 4 tokens = 16
-// accumulators + 4 activations + 1 weight vector of the 32 zmm; decode uses 8 rows so
-// 8 independent FMA chains cover the FMA latency. The op sequence is the shared one of
-// kernels_simd.h, so results are bitwise those of the AVX2 build.
+// One 16-lane vector is one zmm. Register tile for matmul: 6 rows x 4 tokens = 24
+// accumulators + 4 activations + 1 weight vector of the 32 zmm (measured on Zen 4: 6x4
+// >= 4x4 > 4x6, 8x2, 8x3); decode (one token) uses 8 rows, so 8 independent FMA chains
+// cover the FMA latency. The op sequence is the shared one of simd_*.h, so exact
+// results are bitwise those of the AVX2 build.
+//
 // GCC 12.2's AVX-512 intrinsics self-initialise their undefined operands (`__Y = __Y`),
 // which -Wuninitialized reports once inlined (GCC bug 105593, fixed in 12.3): silence
 // exactly those two warnings for this file, or the -Werror build fails.
@@ -14,14 +16,16 @@
 #include <immintrin.h>
 
 #include "kernels_impl.h"
-#include "kernels_simd.h"
+#include "simd_attention.h"
+#include "simd_elementwise.h"
+#include "simd_matmul.h"
 
 namespace lmx {
 namespace {
 
 struct Avx512 {
     using V = __m512;
-    static constexpr int kRows = 4, kToks = 4, kRows1 = 8;
+    static constexpr int kRows = 6, kToks = 4, kRows1 = 8;
 
     static V zero() { return _mm512_setzero_ps(); }
     static V set1(float v) { return _mm512_set1_ps(v); }
@@ -47,6 +51,24 @@ struct Avx512 {
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
         const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+    // hsum of 16 vectors at once, same pairs as hsum: lane j of the result is hsum(a[j]).
+    static V hsum16(const V a[16]) {
+        V l1[8], l2[4], l3[2];
+        for (int k = 0; k < 8; ++k)  // [a_2k | a_2k+1], each j + j+8
+            l1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                                  _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xee));
+        for (int m = 0; m < 4; ++m)  // quarter k holds key 4m+k: j + j+4
+            l2[m] = _mm512_add_ps(_mm512_shuffle_f32x4(l1[2 * m], l1[2 * m + 1], 0x88),
+                                  _mm512_shuffle_f32x4(l1[2 * m], l1[2 * m + 1], 0xdd));
+        for (int n = 0; n < 2; ++n)  // quarter k: keys 8n+k, 8n+4+k: j + j+2
+            l3[n] = _mm512_add_ps(_mm512_shuffle_ps(l2[2 * n], l2[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_ps(l2[2 * n], l2[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+        // quarter k: keys k, k+4, k+8, k+12: j + j+1
+        const V l4 = _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(l3[0], l3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+        const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        return _mm512_permutexvar_ps(order, l4);
     }
     static float hmax(V a) {
         const __m256 s8 = _mm256_max_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -78,7 +100,9 @@ struct Avx512 {
 // vdpbf16ps multiplies 32 bf16 pairs per instruction (twice an f32 FMA) with exact
 // products; lane j of an accumulator takes elements 32s+2j+1 then 32s+2j of each step
 // s, in order, then hsum's tree: fixed per element, independent of the tiling, as in
-// the exact path. Activations are rounded to bf16 (nearest-even) once per call.
+// the exact path. Activations are rounded to bf16 (nearest-even) once per call. The
+// instruction flushes denormal inputs and results to zero (by definition, whatever
+// MXCSR says) — far below the bf16 rounding error of any real activation.
 
 void act_to_bf16(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act) {
     const int64_t stride = bf16_act_stride(n_in);
@@ -99,12 +123,14 @@ void act_to_bf16(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act) {
 
 template <int R, int T>
 inline void bf16_tile(const uint8_t* w, int64_t w_stride, const uint16_t* act, int64_t a_stride, int64_t n_in,
-                      float* y, int64_t y_stride, const float* bias) {
+                      float* y, int64_t y_stride, const float* bias, const uint8_t* pf) {
     __m512 acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     const int64_t n_full = n_in / 32, n_tail = n_in % 32;
     for (int64_t s = 0; s < n_full; ++s) {
+        if (pf)  // weights of a tile further on (see simd::mm_rows)
+            for (int r = 0; r < R; ++r) __builtin_prefetch(pf + r * w_stride + s * 64, 0, 2);
         __m512bh xv[T];
         for (int t = 0; t < T; ++t)
             xv[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(act + t * a_stride + s * 32));
@@ -134,11 +160,11 @@ inline void bf16_tile(const uint8_t* w, int64_t w_stride, const uint16_t* act, i
 
 template <int R, int T>
 void bf16_tile_any(int nr, int nt, const uint8_t* w, int64_t ws, const uint16_t* act, int64_t as, int64_t n_in,
-                   float* y, int64_t ys, const float* b) {
+                   float* y, int64_t ys, const float* b, const uint8_t* pf) {
     if constexpr (R > 0 && T > 0) {
-        if (nr < R) return bf16_tile_any<R - 1, T>(nr, nt, w, ws, act, as, n_in, y, ys, b);
-        if (nt < T) return bf16_tile_any<R, T - 1>(nr, nt, w, ws, act, as, n_in, y, ys, b);
-        bf16_tile<R, T>(w, ws, act, as, n_in, y, ys, b);
+        if (nr < R) return bf16_tile_any<R - 1, T>(nr, nt, w, ws, act, as, n_in, y, ys, b, pf);
+        if (nt < T) return bf16_tile_any<R, T - 1>(nr, nt, w, ws, act, as, n_in, y, ys, b, pf);
+        bf16_tile<R, T>(w, ws, act, as, n_in, y, ys, b, pf);
     }
 }
 
@@ -149,11 +175,15 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
     const int64_t stride = row_bytes(w.dtype, n_in);
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
     auto imin = [](int64_t a, int64_t b) { return a < b ? a : b; };
+    auto prefetch_for = [&](int64_t r, int R) -> const uint8_t* {
+        const int64_t ahead = r + simd::kPrefetchTiles * R;
+        return ahead + R <= row1 ? base + ahead * stride : nullptr;
+    };
     if (n_tok == 1) {
         constexpr int R = Avx512::kRows1;
         for (int64_t r = row0; r < row1; r += R)
             bf16_tile_any<R, 1>(static_cast<int>(imin(R, row1 - r)), 1, base + r * stride, stride, act, a_stride, n_in,
-                                y + r, w.n_out, bias ? bias + r : nullptr);
+                                y + r, w.n_out, bias ? bias + r : nullptr, prefetch_for(r, R));
         return;
     }
     constexpr int R = Avx512::kRows, T = Avx512::kToks;
@@ -165,7 +195,8 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
             for (int64_t t = t0; t < t1; t += T)
                 bf16_tile_any<R, T>(static_cast<int>(imin(R, row1 - r)), static_cast<int>(imin(T, t1 - t)),
                                     base + r * stride, stride, act + t * a_stride, a_stride, n_in,
-                                    y + t * w.n_out + r, w.n_out, bias ? bias + r : nullptr);
+                                    y + t * w.n_out + r, w.n_out, bias ? bias + r : nullptr,
+                                    t == t0 ? prefetch_for(r, R) : nullptr);
     }
 }
 

@@ -50,7 +50,8 @@ inline const uint8_t* weight_row(const WeightView& w, int64_t row) {
     return static_cast<const uint8_t*>(w.data) + row * row_bytes(w.dtype, w.n_in);
 }
 
-// llama.cpp's quantize_row_q8_0_ref for one block of 32: d = amax/127, q = round(x/d).
+// llama.cpp's quantize_row_q8_0_ref for one block of 32: d = amax/127, id = 1/d,
+// q = roundf(x * id) (half away from zero), d stored as f16.
 void quantize_block_q8_0(const float* x, uint8_t* out) {
     float amax = 0.0f;
     for (int j = 0; j < kQ8BlockElems; ++j) amax = std::fmax(amax, std::fabs(x[j]));
@@ -59,11 +60,43 @@ void quantize_block_q8_0(const float* x, uint8_t* out) {
     const uint16_t dh = f32_to_f16(d);
     std::memcpy(out, &dh, 2);
     for (int j = 0; j < kQ8BlockElems; ++j) {
-        float r = std::round(x[j] * id);
-        // Only non-finite input can leave [-127, 127]; keep the int8 cast defined.
-        if (!(r >= -127.0f)) r = r != r ? 0.0f : -127.0f;
-        if (r > 127.0f) r = 127.0f;
-        out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(r));
+        const float v = x[j] * id;
+        int q;
+        if (std::fabs(v) <= 127.5f) {
+            // roundf without the libm call: truncate, then step away from zero on a
+            // fraction of at least one half (v - trunc(v) is exact here).
+            q = static_cast<int>(v);
+            const float frac = v - static_cast<float>(q);
+            q += (frac >= 0.5f) - (frac <= -0.5f);
+            q = q > 127 ? 127 : (q < -127 ? -127 : q);  // |x * id| can exceed 127 by an ulp, never by 1/2
+        } else {
+            q = v != v ? 0 : (v > 0.0f ? 127 : -127);  // only non-finite input gets here
+        }
+        out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+    }
+}
+
+// One row of src_t (F32, F16 or BF16) to f32.
+void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
+    switch (src_t) {
+        case DType::F32: std::memcpy(out, src, static_cast<size_t>(n) * 4); return;
+        case DType::F16:
+            for (int64_t i = 0; i < n; ++i) {
+                uint16_t h;
+                std::memcpy(&h, src + 2 * i, 2);
+                out[i] = f16_to_f32(h);
+            }
+            return;
+        case DType::BF16:
+            for (int64_t i = 0; i < n; ++i) {
+                uint16_t h;
+                std::memcpy(&h, src + 2 * i, 2);
+                out[i] = bf16_to_f32(h);
+            }
+            return;
+        case DType::Q8_0:
+            for (int64_t i = 0; i < n; ++i) out[i] = weight_at(src, DType::Q8_0, i);
+            return;
     }
 }
 
@@ -86,7 +119,7 @@ void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t 
     for (int64_t r = 0; r < n_rows; ++r) {
         const uint8_t* s = static_cast<const uint8_t*>(src) + r * src_row;
         uint8_t* d = static_cast<uint8_t*>(dst) + r * dst_row;
-        for (int64_t i = 0; i < n_cols; ++i) tmp[i] = weight_at(s, src_t, i);
+        row_to_f32(s, src_t, n_cols, tmp.data());
         switch (dst_t) {
             case DType::F32: std::memcpy(d, tmp.data(), static_cast<size_t>(n_cols) * 4); break;
             case DType::F16:
@@ -111,12 +144,7 @@ void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t 
 
 void dequantize_row(const WeightView& w, int64_t row, float* out) {
     assert(row >= 0 && row < w.n_out);
-    const uint8_t* r = weight_row(w, row);
-    if (w.dtype == DType::F32) {
-        std::memcpy(out, r, static_cast<size_t>(w.n_in) * 4);
-        return;
-    }
-    for (int64_t i = 0; i < w.n_in; ++i) out[i] = weight_at(r, w.dtype, i);
+    row_to_f32(weight_row(w, row), w.dtype, w.n_in, out);
 }
 
 namespace ref {

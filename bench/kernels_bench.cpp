@@ -1,0 +1,203 @@
+// bench/kernels_bench.cpp — matmul throughput per weight format, against the memory-bandwidth floor.
+// Owner: kernels. Thread-safety: single-threaded driver over one ThreadPool.
+//
+// Build (from the repo root; the ISA files need their own flags, as in CMakeLists.txt):
+//   mkdir -p build/bench && cd build/bench
+//   S=../../engine/src; F="-O3 -std=gnu++17 -I$S"
+//   g++ $F -c $S/kernels/kernels_avx2.cpp -mavx2 -mfma -mf16c
+//   g++ $F -c $S/kernels/kernels_avx512.cpp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16
+//       -mavx512vnni -mfma -mf16c -mavx2                                  (one line)
+//   g++ $F ../../bench/kernels_bench.cpp $S/kernels/dispatch.cpp $S/kernels/reference.cpp
+//       $S/threadpool.cpp $S/common.cpp kernels_avx2.o kernels_avx512.o -pthread -o kernels_bench   (one line)
+// Run: ./kernels_bench [n_threads=all] [cold|hot] [passes=3]   (LMX_KERNELS=avx2 forces the AVX2 table)
+//
+// What it prints. For y[n_tok, n_out] = x[n_tok, n_in] W^T, per format and n_tok:
+// time per call, GFLOP/s (2 n_out n_in n_tok / t) and GB/s of weights streamed (each
+// call reads W once whatever n_tok). By default every call reads a different copy of W
+// out of >= 256 MiB of copies, so weights come from DRAM as in a real decode step (a
+// whole model does not fit the L3); pass "hot" to reuse one copy (L3-resident for the
+// small shapes). The anchor line measures plain streaming-read bandwidth with the same
+// threads; "floor%" is the call's weight traffic rate as a share of that anchor, which
+// is the ceiling for batch-1 decode. "tok/s" is the call's token throughput relative to
+// n_tok = 1 (n_tok * t(1) / t(n_tok)): what batching decode sequences buys.
+// "bf16*" is bf16 weights under MatmulPrecision::fast (bf16 activations, vdpbf16ps),
+// listed only where the CPU has AVX512_BF16.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/kernels.h"
+#include "threadpool.h"
+
+using namespace lmx;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
+
+Buffer alloc_bytes(size_t n) {
+    void* p = std::aligned_alloc(64, (n + 63) / 64 * 64);
+    if (!p) {
+        std::fprintf(stderr, "out of memory (%zu bytes)\n", n);
+        std::exit(1);
+    }
+    std::memset(p, 0, n);  // fault the pages in before timing
+    return Buffer(static_cast<uint8_t*>(p));
+}
+
+uint64_t g_rng = 88172645463325252ull;
+float rand_unit() {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return static_cast<float>(g_rng >> 40) * 0x1p-23f - 1.0f;
+}
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Streaming-read bandwidth of `bytes` spread over the pool, in GB/s (best of `reps`).
+// Eight independent 64-bit accumulators: cheap enough per byte that DRAM, not the
+// loop, is the limit even in baseline SSE2 code.
+double read_bandwidth_gbs(ThreadPool& pool, const uint8_t* buf, size_t bytes, int reps) {
+    const int64_t n_chunks = 64;
+    const size_t chunk = bytes / n_chunks / 64 * 64;
+    std::vector<uint64_t> sink(static_cast<size_t>(n_chunks));
+    double best = 0.0;
+    for (int rep = 0; rep < reps; ++rep) {
+        const auto t0 = Clock::now();
+        pool.parallel_for(n_chunks, [&](int64_t c, int) {
+            const uint8_t* p = buf + static_cast<size_t>(c) * chunk;
+            uint64_t acc[8] = {};
+            for (size_t i = 0; i + 64 <= chunk; i += 64)
+                for (int j = 0; j < 8; ++j) {
+                    uint64_t v;
+                    std::memcpy(&v, p + i + 8 * static_cast<size_t>(j), 8);
+                    acc[j] += v;
+                }
+            uint64_t s = 0;
+            for (uint64_t a : acc) s ^= a;
+            sink[static_cast<size_t>(c)] = s;
+        });
+        const double gbs = static_cast<double>(chunk * n_chunks) / seconds_since(t0) / 1e9;
+        if (gbs > best) best = gbs;
+    }
+    return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const int n_threads = argc > 1 ? std::atoi(argv[1]) : 0;
+    const bool hot = argc > 2 && std::strcmp(argv[2], "hot") == 0;
+    const int n_passes = argc > 3 ? std::atoi(argv[3]) : 3;
+    ThreadPool pool(n_threads);
+
+    struct Shape {
+        int64_t n_out, n_in;
+    };
+    const Shape shapes[] = {{2560, 960}, {960, 2560}, {49152, 960}};
+    struct Fmt {
+        DType dtype;
+        MatmulPrecision precision;
+        const char* name;
+    };
+    std::vector<Fmt> fmts = {{DType::F32, MatmulPrecision::exact, "f32"},
+                             {DType::F16, MatmulPrecision::exact, "f16"},
+                             {DType::BF16, MatmulPrecision::exact, "bf16"},
+                             {DType::Q8_0, MatmulPrecision::exact, "q8_0"}};
+    if (std::strcmp(kernels_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16"))
+        fmts.push_back({DType::BF16, MatmulPrecision::fast, "bf16*"});
+    const int64_t tok_counts[] = {1, 4, 16, 64};
+    constexpr int64_t kMaxTok = 64;
+    const size_t kColdBytes = size_t{256} << 20;
+    const size_t n_tc = sizeof tok_counts / sizeof tok_counts[0];
+
+    // Best seconds per call, [shape][fmt][n_tok]. Every pass measures every row again:
+    // on a shared machine the per-row minimum over passes spread in time is the
+    // kernel's own speed.
+    std::vector<double> best(sizeof shapes / sizeof shapes[0] * fmts.size() * n_tc, 1e30);
+    std::vector<size_t> w_bytes_of(sizeof shapes / sizeof shapes[0] * fmts.size());
+    Buffer anchor_buf = alloc_bytes(size_t{512} << 20);
+    double anchor = 0.0;
+
+    for (int pass = 0; pass < n_passes; ++pass) {
+        const double a = read_bandwidth_gbs(pool, anchor_buf.get(), size_t{512} << 20, 5);
+        if (a > anchor) anchor = a;
+        std::fprintf(stderr, "pass %d/%d (anchor %.1f GB/s)\n", pass + 1, n_passes, a);
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si) {
+            const Shape& s = shapes[si];
+            std::vector<float> wf(static_cast<size_t>(s.n_out * s.n_in));
+            for (float& v : wf) v = rand_unit();
+            std::vector<float> x(static_cast<size_t>(kMaxTok * s.n_in)), y(static_cast<size_t>(kMaxTok * s.n_out));
+            for (float& v : x) v = rand_unit();
+            for (size_t fi = 0; fi < fmts.size(); ++fi) {
+                const DType dt = fmts[fi].dtype;
+                set_matmul_precision(fmts[fi].precision);
+                const size_t w_bytes = static_cast<size_t>(row_bytes(dt, s.n_in) * s.n_out);
+                w_bytes_of[si * fmts.size() + fi] = w_bytes;
+                const size_t n_copies = hot ? 1 : (kColdBytes + w_bytes - 1) / w_bytes + 1;
+                Buffer w = alloc_bytes(w_bytes * n_copies);
+                convert_rows(wf.data(), DType::F32, w.get(), dt, s.n_out, s.n_in);
+                for (size_t c = 1; c < n_copies; ++c) std::memcpy(w.get() + c * w_bytes, w.get(), w_bytes);
+                for (size_t ti = 0; ti < n_tc; ++ti) {
+                    const int64_t n_tok = tok_counts[ti];
+                    size_t copy = 0;
+                    auto call = [&] {
+                        const WeightView v{w.get() + copy * w_bytes, dt, s.n_out, s.n_in};
+                        matmul(v, x.data(), n_tok, y.data(), nullptr, pool);
+                        copy = (copy + 1) % n_copies;
+                    };
+                    call();  // warm-up
+                    double& b = best[(si * fmts.size() + fi) * n_tc + ti];
+                    const auto t_start = Clock::now();
+                    do {  // best of 20 ms trials for 0.25 s
+                        int64_t n_calls = 0;
+                        const auto t0 = Clock::now();
+                        double el = 0.0;
+                        do {
+                            call();
+                            ++n_calls;
+                            el = seconds_since(t0);
+                        } while (el < 0.02);
+                        const double per_call = el / static_cast<double>(n_calls);
+                        if (per_call < b) b = per_call;
+                    } while (seconds_since(t_start) < 0.25);
+                }
+            }
+        }
+    }
+    set_matmul_precision(MatmulPrecision::exact);
+
+    std::printf("kernels: %s   threads: %d   weights: %s   passes: %d\n", kernels_isa(), pool.n_threads(),
+                hot ? "hot (one copy, reused)" : "cold (rotating copies, >= 256 MiB)", n_passes);
+    std::printf("anchor: streaming read %.1f GB/s (memory-bandwidth floor for batch-1 decode)\n\n", anchor);
+    std::printf("%-13s %-5s %5s %10s %9s %8s %7s %8s\n", "shape", "dtype", "n_tok", "us/call", "GFLOP/s", "GB/s", "floor%",
+                "tok/s");
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si)
+        for (size_t fi = 0; fi < fmts.size(); ++fi) {
+            const Shape& s = shapes[si];
+            const size_t w_bytes = w_bytes_of[si * fmts.size() + fi];
+            const double t_one = best[(si * fmts.size() + fi) * n_tc];
+            for (size_t ti = 0; ti < n_tc; ++ti) {
+                const int64_t n_tok = tok_counts[ti];
+                const double t = best[(si * fmts.size() + fi) * n_tc + ti];
+                const double gflops = 2.0 * static_cast<double>(s.n_out * s.n_in * n_tok) / t / 1e9;
+                const double gbs = static_cast<double>(w_bytes) / t / 1e9;
+                char shape[48];
+                std::snprintf(shape, sizeof shape, "[%lldx%lld]", static_cast<long long>(s.n_out),
+                              static_cast<long long>(s.n_in));
+                std::printf("%-13s %-5s %5lld %10.1f %9.1f %8.1f %6.0f%% %7.1fx\n", shape, fmts[fi].name,
+                            static_cast<long long>(n_tok), t * 1e6, gflops, gbs, 100.0 * gbs / anchor,
+                            static_cast<double>(n_tok) * t_one / t);
+            }
+        }
+    return 0;
+}

@@ -1,0 +1,668 @@
+// test_kernels.cpp — every fast kernel against its scalar reference, plus the invariance contracts.
+// Owner: kernels. Thread-safety: tests run one at a time; they create their own pools.
+//
+// Tolerances. The fast matmul reads exactly the weights the reference reads (f16, bf16
+// and q8_0 widen to f32 without error), so the only difference is f32 accumulation
+// against the reference's double: each lane sums n_in/16 products, then a 4-level tree,
+// so |fast - ref| <= (n_in/16 + 5) * 2^-24 * sum_i |x_i w_i| (a rigorous bound, used
+// with a factor 2 of slack) — the same bound for every weight format. The format's own
+// precision is tested on convert_rows: f16 2^-11 relative, bf16 2^-8 relative, q8_0
+// 0.563 * d absolute per element (d/2 rounding plus f16 rounding of d).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.h"
+#include "kernels/kernels.h"
+#include "kernels/kernels_impl.h"
+#include "threadpool.h"
+
+using namespace lmx;
+
+namespace {
+
+struct Rng {  // splitmix64: deterministic, no global state
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed) {}
+    uint64_t next() {
+        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f; }
+};
+
+std::vector<float> random_vec(Rng& rng, int64_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (auto& x : v) x = rng.uniform(lo, hi);
+    return v;
+}
+
+const DType kDTypes[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0};
+
+// A random [n_out, n_in] weight matrix stored in `dtype`.
+std::vector<uint8_t> random_weights(Rng& rng, DType dtype, int64_t n_out, int64_t n_in) {
+    const std::vector<float> f = random_vec(rng, n_out * n_in);
+    std::vector<uint8_t> w(static_cast<size_t>(row_bytes(dtype, n_in) * n_out));
+    convert_rows(f.data(), DType::F32, w.data(), dtype, n_out, n_in);
+    return w;
+}
+
+std::vector<const KernelTable*> tables() {
+    std::vector<const KernelTable*> t{kernels_table_scalar()};
+    if (kernels_table_avx2()) t.push_back(kernels_table_avx2());
+    if (kernels_table_avx512()) t.push_back(kernels_table_avx512());
+    return t;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Checks y (from any matmul) against ref::matmul with the accumulation bound above.
+void check_matmul_close(const WeightView& w, const std::vector<float>& x, int64_t n_tok, const float* bias,
+                        const std::vector<float>& y, const char* what) {
+    std::vector<float> want(static_cast<size_t>(n_tok * w.n_out));
+    ref::matmul(w, x.data(), n_tok, want.data(), bias);
+    std::vector<float> row(static_cast<size_t>(w.n_in));
+    int bad = 0;
+    for (int64_t o = 0; o < w.n_out; ++o) {
+        dequantize_row(w, o, row.data());
+        for (int64_t t = 0; t < n_tok; ++t) {
+            double abs_sum = bias ? std::fabs(bias[o]) : 0.0;
+            for (int64_t i = 0; i < w.n_in; ++i) abs_sum += std::fabs(static_cast<double>(x[t * w.n_in + i]) * row[i]);
+            const double tol = 2.0 * (static_cast<double>(w.n_in) / 16 + 5) * 0x1p-24 * abs_sum + 1e-30;
+            const double got = y[t * w.n_out + o], exp = want[t * w.n_out + o];
+            if (!(std::fabs(got - exp) <= tol) && bad++ < 3)
+                std::fprintf(stderr, "  %s %s [%lld x %lld] n_tok=%lld (t=%lld, o=%lld): %.9g vs ref %.9g (tol %.3g)\n",
+                             what, dtype_name(w.dtype), static_cast<long long>(w.n_out),
+                             static_cast<long long>(w.n_in), static_cast<long long>(n_tok), static_cast<long long>(t),
+                             static_cast<long long>(o), got, exp, tol);
+        }
+    }
+    CHECK(bad == 0);
+}
+
+struct Shape {
+    int64_t n_out, n_in;
+};
+// Ragged on purpose: n_in below, at and past multiples of 16 / 32 / 64, n_out odd.
+const Shape kShapesAny[] = {{1, 5}, {7, 16}, {3, 17}, {17, 33}, {9, 100}, {33, 64}, {65, 250}, {40, 960}};
+const Shape kShapesQ8[] = {{1, 32}, {7, 32}, {17, 96}, {33, 64}, {13, 288}, {40, 960}, {5, 1056}};
+const int64_t kTokCounts[] = {1, 3, 4, 5, 17};
+
+template <class Fn>
+void for_each_case(Fn fn) {
+    for (DType dt : kDTypes) {
+        if (dt == DType::Q8_0)
+            for (const Shape& s : kShapesQ8) fn(dt, s);
+        else
+            for (const Shape& s : kShapesAny) fn(dt, s);
+    }
+}
+
+// Attention fixture: a paged cache of n_blocks blocks with random K/V.
+struct Cache {
+    int block_tokens, n_kv_heads, head_dim;
+    std::vector<std::vector<float>> k, v;  // [n_blocks][block_tokens, n_kv_heads, head_dim]
+    std::vector<const float*> kp, vp;
+    Cache(Rng& rng, int n_blocks, int block_tokens_, int n_kv_heads_, int head_dim_)
+        : block_tokens(block_tokens_), n_kv_heads(n_kv_heads_), head_dim(head_dim_) {
+        for (int b = 0; b < n_blocks; ++b) {
+            k.push_back(random_vec(rng, static_cast<int64_t>(block_tokens) * n_kv_heads * head_dim));
+            v.push_back(random_vec(rng, static_cast<int64_t>(block_tokens) * n_kv_heads * head_dim));
+        }
+        for (int b = 0; b < n_blocks; ++b) {  // separate allocations, as a paged pool hands them out
+            kp.push_back(k[static_cast<size_t>(b)].data());
+            vp.push_back(v[static_cast<size_t>(b)].data());
+        }
+    }
+};
+
+std::vector<float> rope_inv_freq(int head_dim, float theta) {
+    std::vector<float> f(static_cast<size_t>(head_dim / 2));
+    for (int i = 0; i < head_dim / 2; ++i)
+        f[static_cast<size_t>(i)] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+    return f;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// thread pool
+
+TEST(kernel_threadpool_runs_every_task_exactly_once_for_any_thread_count) {
+    for (int n_threads : {1, 2, 3, 5}) {
+        ThreadPool pool(n_threads);
+        CHECK(pool.n_threads() == n_threads);
+        for (int64_t n_tasks : {0, 1, 2, 7, 100, 4096}) {
+            std::vector<std::atomic<int>> runs(static_cast<size_t>(n_tasks));
+            std::atomic<int> bad_thread{0};
+            pool.parallel_for(n_tasks, [&](int64_t task, int thread) {
+                runs[static_cast<size_t>(task)].fetch_add(1);
+                if (thread < 0 || thread >= n_threads) bad_thread.fetch_add(1);
+            });
+            for (auto& r : runs) CHECK(r.load() == 1);
+            CHECK(bad_thread.load() == 0);
+        }
+    }
+}
+
+TEST(kernel_threadpool_survives_many_back_to_back_jobs_and_idle_gaps) {
+    ThreadPool pool(2);
+    int64_t total = 0;
+    std::atomic<int64_t> sum{0};
+    for (int rep = 0; rep < 20000; ++rep) {
+        pool.parallel_for(3, [&](int64_t task, int) { sum.fetch_add(task + 1); });
+        total += 6;
+    }
+    CHECK(sum.load() == total);
+    // After an idle gap longer than the spin window the workers sleep and must wake again.
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    pool.parallel_for(4, [&](int64_t task, int) { sum.fetch_add(task); });
+    CHECK(sum.load() == total + 6);
+}
+
+TEST(kernel_threadpool_rethrows_a_callers_task_exception_after_the_workers_finish) {
+    ThreadPool pool(2);
+    std::atomic<int> ran{0};
+    // Tasks take 200 us, so the caller certainly claims one of the 64 before the worker
+    // could have run them all.
+    CHECK_THROWS(pool.parallel_for(64,
+                                   [&](int64_t, int thread) {
+                                       ran.fetch_add(1);
+                                       std::this_thread::sleep_for(std::chrono::microseconds(200));
+                                       if (thread == 0) throw InvalidArgument("boom from the caller");
+                                   }),
+                 InvalidArgument, "boom");
+    CHECK(ran.load() < 64);  // the throw stopped the hand-out
+    // The pool is still usable.
+    std::atomic<int> after{0};
+    pool.parallel_for(10, [&](int64_t, int) { after.fetch_add(1); });
+    CHECK(after.load() == 10);
+}
+
+// ---------------------------------------------------------------------------------------
+// matmul
+
+TEST(kernel_matmul_every_isa_matches_reference_for_every_dtype_and_ragged_shape) {
+    Rng rng(1);
+    for_each_case([&](DType dt, Shape s) {
+        const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+        const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+        const std::vector<float> bias = random_vec(rng, s.n_out);
+        for (int64_t n_tok : kTokCounts) {
+            const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+            for (const KernelTable* k : tables()) {
+                for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
+                    std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN);
+                    k->matmul_rows(w, x.data(), n_tok, y.data(), b, 0, s.n_out);
+                    check_matmul_close(w, x, n_tok, b, y, k->name);
+                }
+            }
+        }
+    });
+}
+
+TEST(kernel_matmul_dispatched_over_pool_matches_reference_on_model_shapes) {
+    Rng rng(2);
+    ThreadPool pool(2);
+    const Shape shapes[] = {{320, 960}, {960, 320}, {97, 2560}};
+    for (DType dt : kDTypes)
+        for (const Shape& s : shapes)
+            for (int64_t n_tok : {1, 16, 70}) {
+                const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+                const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+                const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                std::vector<float> y(static_cast<size_t>(n_tok * s.n_out));
+                matmul(w, x.data(), n_tok, y.data(), nullptr, pool);
+                check_matmul_close(w, x, n_tok, nullptr, y, kernels_isa());
+            }
+}
+
+TEST(kernel_matmul_is_batch_invariant_bitwise_per_token) {
+    // The value for token t must not depend on the other tokens of the call: n_tok=7
+    // (register tiles of 4+3 tokens) and n_tok=100 over n_in=1000 (several token tiles)
+    // equal, bit for bit, one call per token.
+    Rng rng(3);
+    ThreadPool pool(2);
+    for (const KernelTable* k : tables()) {
+        for_each_case([&](DType dt, Shape s) {
+            const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+            const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+            const std::vector<float> bias = random_vec(rng, s.n_out);
+            const int64_t n_tok = 7;
+            const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+            std::vector<float> batched(static_cast<size_t>(n_tok * s.n_out)), single(batched.size());
+            k->matmul_rows(w, x.data(), n_tok, batched.data(), bias.data(), 0, s.n_out);
+            for (int64_t t = 0; t < n_tok; ++t)
+                k->matmul_rows(w, x.data() + t * s.n_in, 1, single.data() + t * s.n_out, bias.data(), 0, s.n_out);
+            CHECK(same_bits(batched, single));
+        });
+    }
+    for (DType dt : kDTypes) {  // the dispatched entry point, across token tiles
+        const int64_t n_out = 37, n_in = dt == DType::Q8_0 ? 1024 : 1000, n_tok = 100;
+        const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
+        const WeightView w{wb.data(), dt, n_out, n_in};
+        const std::vector<float> x = random_vec(rng, n_tok * n_in);
+        std::vector<float> batched(static_cast<size_t>(n_tok * n_out)), single(batched.size());
+        matmul(w, x.data(), n_tok, batched.data(), nullptr, pool);
+        for (int64_t t = 0; t < n_tok; ++t) matmul(w, x.data() + t * n_in, 1, single.data() + t * n_out, nullptr, pool);
+        CHECK(same_bits(batched, single));
+    }
+}
+
+TEST(kernel_matmul_is_thread_count_invariant_bitwise) {
+    Rng rng(4);
+    ThreadPool p1(1), p2(2), p3(3);
+    for (DType dt : kDTypes) {
+        const int64_t n_out = 301, n_in = 320;
+        const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
+        const WeightView w{wb.data(), dt, n_out, n_in};
+        const std::vector<float> bias = random_vec(rng, n_out);
+        for (int64_t n_tok : {1, 5, 17}) {
+            const std::vector<float> x = random_vec(rng, n_tok * n_in);
+            std::vector<float> y1(static_cast<size_t>(n_tok * n_out)), y2(y1.size()), y3(y1.size());
+            matmul(w, x.data(), n_tok, y1.data(), bias.data(), p1);
+            matmul(w, x.data(), n_tok, y2.data(), bias.data(), p2);
+            matmul(w, x.data(), n_tok, y3.data(), bias.data(), p3);
+            CHECK(same_bits(y1, y2));
+            CHECK(same_bits(y1, y3));
+        }
+    }
+}
+
+TEST(kernel_matmul_row_range_does_not_change_a_rows_value) {
+    // Tasks are row ranges of any size; a row's result must be the same in each.
+    Rng rng(5);
+    for (const KernelTable* k : tables()) {
+        const int64_t n_out = 29, n_in = 96, n_tok = 6;
+        const std::vector<uint8_t> wb = random_weights(rng, DType::F16, n_out, n_in);
+        const WeightView w{wb.data(), DType::F16, n_out, n_in};
+        const std::vector<float> x = random_vec(rng, n_tok * n_in);
+        std::vector<float> whole(static_cast<size_t>(n_tok * n_out)), pieces(whole.size());
+        k->matmul_rows(w, x.data(), n_tok, whole.data(), nullptr, 0, n_out);
+        for (int64_t r0 = 0; r0 < n_out; r0 += 3)
+            k->matmul_rows(w, x.data(), n_tok, pieces.data(), nullptr, r0, r0 + 3 < n_out ? r0 + 3 : n_out);
+        CHECK(same_bits(whole, pieces));
+    }
+}
+
+TEST(kernel_matmul_q8_0_equals_f32_matmul_on_its_dequantised_weights) {
+    // q8_0 widens d * q exactly, so it must give the bits of the f32 path on those values.
+    Rng rng(6);
+    for (const KernelTable* k : tables()) {
+        if (std::strcmp(k->name, "scalar") == 0) continue;
+        const int64_t n_out = 19, n_in = 320, n_tok = 5;
+        const std::vector<uint8_t> q8 = random_weights(rng, DType::Q8_0, n_out, n_in);
+        const WeightView wq{q8.data(), DType::Q8_0, n_out, n_in};
+        std::vector<float> f32(static_cast<size_t>(n_out * n_in));
+        for (int64_t o = 0; o < n_out; ++o) dequantize_row(wq, o, f32.data() + o * n_in);
+        const WeightView wf{f32.data(), DType::F32, n_out, n_in};
+        const std::vector<float> x = random_vec(rng, n_tok * n_in);
+        std::vector<float> yq(static_cast<size_t>(n_tok * n_out)), yf(yq.size());
+        k->matmul_rows(wq, x.data(), n_tok, yq.data(), nullptr, 0, n_out);
+        k->matmul_rows(wf, x.data(), n_tok, yf.data(), nullptr, 0, n_out);
+        CHECK(same_bits(yq, yf));
+    }
+}
+
+TEST(kernel_avx2_and_avx512_give_bitwise_identical_results) {
+    const KernelTable* a2 = kernels_table_avx2();
+    const KernelTable* a5 = kernels_table_avx512();
+    if (!a2 || !a5) {
+        std::fprintf(stderr, "  skipped: this CPU lacks AVX2 or AVX-512\n");
+        return;
+    }
+    Rng rng(7);
+    for_each_case([&](DType dt, Shape s) {
+        const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+        const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+        const std::vector<float> bias = random_vec(rng, s.n_out);
+        for (int64_t n_tok : kTokCounts) {
+            const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+            std::vector<float> y2(static_cast<size_t>(n_tok * s.n_out)), y5(y2.size());
+            a2->matmul_rows(w, x.data(), n_tok, y2.data(), bias.data(), 0, s.n_out);
+            a5->matmul_rows(w, x.data(), n_tok, y5.data(), bias.data(), 0, s.n_out);
+            CHECK(same_bits(y2, y5));
+        }
+    });
+    for (int64_t n : {1, 15, 16, 17, 1000}) {
+        const std::vector<float> g = random_vec(rng, n, -30.0f, 30.0f), u = random_vec(rng, n);
+        const std::vector<float> nw = random_vec(rng, n);
+        std::vector<float> o2(static_cast<size_t>(n)), o5(o2.size());
+        a2->silu_mul(g.data(), u.data(), o2.data(), n);
+        a5->silu_mul(g.data(), u.data(), o5.data(), n);
+        CHECK(same_bits(o2, o5));
+        std::vector<float> s2 = g, s5 = g;
+        a2->softmax(s2.data(), n);
+        a5->softmax(s5.data(), n);
+        CHECK(same_bits(s2, s5));
+        a2->rmsnorm(g.data(), nw.data(), 1e-6f, 1, n, o2.data());
+        a5->rmsnorm(g.data(), nw.data(), 1e-6f, 1, n, o5.data());
+        CHECK(same_bits(o2, o5));
+    }
+    Cache c(rng, 4, 16, 2, 64);
+    const int64_t n_q = 3, pos0 = 40;
+    const std::vector<float> q = random_vec(rng, n_q * 6 * 64);
+    std::vector<float> o2(q.size()), o5(q.size()), scratch(static_cast<size_t>(pos0 + n_q));
+    a2->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o2.data(), scratch.data());
+    a5->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o5.data(), scratch.data());
+    CHECK(same_bits(o2, o5));
+}
+
+TEST(kernel_matmul_fast_bf16_equals_reference_on_bf16_rounded_activations) {
+    // MatmulPrecision::fast rounds activations to bf16 (nearest-even) and multiplies
+    // exactly: against the reference fed the rounded activations, only the f32
+    // accumulation bound applies; against the f32 activations, add 2^-8 sum|x w|.
+    std::vector<const KernelTable*> fast;
+    for (const KernelTable* k : tables())
+        if (k->matmul_rows_bf16act) fast.push_back(k);
+    if (fast.empty()) {
+        std::fprintf(stderr, "  skipped: this CPU has no bf16 dot product\n");
+        return;
+    }
+    Rng rng(16);
+    for (const KernelTable* k : fast)
+        for (const Shape& s : kShapesAny) {
+            const std::vector<uint8_t> wb = random_weights(rng, DType::BF16, s.n_out, s.n_in);
+            const WeightView w{wb.data(), DType::BF16, s.n_out, s.n_in};
+            const std::vector<float> bias = random_vec(rng, s.n_out);
+            for (int64_t n_tok : kTokCounts) {
+                const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                std::vector<float> xr(x.size());
+                for (size_t i = 0; i < x.size(); ++i) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+                std::vector<uint16_t> act(static_cast<size_t>(n_tok * bf16_act_stride(s.n_in)), 0xffff);
+                k->act_to_bf16(x.data(), n_tok, s.n_in, act.data());
+                for (int64_t t = 0; t < n_tok; ++t)
+                    for (int64_t i = 0; i < bf16_act_stride(s.n_in); ++i) {
+                        const uint16_t a = act[static_cast<size_t>(t * bf16_act_stride(s.n_in) + i)];
+                        CHECK(a == (i < s.n_in ? f32_to_bf16(x[static_cast<size_t>(t * s.n_in + i)]) : 0));
+                    }
+                std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN);
+                k->matmul_rows_bf16act(w, act.data(), n_tok, y.data(), bias.data(), 0, s.n_out);
+                check_matmul_close(w, xr, n_tok, bias.data(), y, "fast-bf16");
+                std::vector<float> want(y.size());
+                ref::matmul(w, x.data(), n_tok, want.data(), bias.data());
+                std::vector<float> row(static_cast<size_t>(s.n_in));
+                for (int64_t o = 0; o < s.n_out; ++o) {
+                    dequantize_row(w, o, row.data());
+                    for (int64_t t = 0; t < n_tok; ++t) {
+                        double abs_sum = std::fabs(bias[static_cast<size_t>(o)]);
+                        for (int64_t i = 0; i < s.n_in; ++i) abs_sum += std::fabs(x[t * s.n_in + i] * row[i]);
+                        CHECK_NEAR(y[t * s.n_out + o], want[t * s.n_out + o], (0x1p-8 + 1e-5) * abs_sum);
+                    }
+                }
+            }
+        }
+}
+
+TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
+    Rng rng(17);
+    ThreadPool p1(1), p2(2);
+    set_matmul_precision(MatmulPrecision::fast);
+    CHECK(matmul_precision() == MatmulPrecision::fast);
+    for (DType dt : kDTypes) {
+        const int64_t n_out = 133, n_in = dt == DType::Q8_0 ? 320 : 300, n_tok = 9;
+        const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
+        const WeightView w{wb.data(), dt, n_out, n_in};
+        const std::vector<float> x = random_vec(rng, n_tok * n_in);
+        std::vector<float> batched(static_cast<size_t>(n_tok * n_out)), single(batched.size()), one_thread(batched.size());
+        matmul(w, x.data(), n_tok, batched.data(), nullptr, p2);
+        matmul(w, x.data(), n_tok, one_thread.data(), nullptr, p1);
+        for (int64_t t = 0; t < n_tok; ++t) matmul(w, x.data() + t * n_in, 1, single.data() + t * n_out, nullptr, p2);
+        CHECK(same_bits(batched, single));
+        CHECK(same_bits(batched, one_thread));
+    }
+    set_matmul_precision(MatmulPrecision::exact);
+    CHECK(matmul_precision() == MatmulPrecision::exact);
+}
+
+TEST(kernel_matmul_rejects_q8_0_rows_that_are_not_whole_blocks) {
+    ThreadPool pool(1);
+    std::vector<uint8_t> wb(64);
+    std::vector<float> x(40), y(1);
+    const WeightView w{wb.data(), DType::Q8_0, 1, 40};
+    CHECK_THROWS(matmul(w, x.data(), 1, y.data(), nullptr, pool), InvalidArgument, "n_in % 32");
+}
+
+// ---------------------------------------------------------------------------------------
+// element-wise ops
+
+TEST(kernel_rmsnorm_matches_reference_within_4e_6_relative) {
+    // f32 sum of squares (~dim/16 + 4 roundings per lane) plus rsqrt: a few ulp.
+    Rng rng(8);
+    for (const KernelTable* k : tables())
+        for (int64_t dim : {1, 15, 16, 17, 960, 1000})
+            for (int64_t n_tok : {1, 3}) {
+                const std::vector<float> x = random_vec(rng, n_tok * dim, -3.0f, 3.0f);
+                const std::vector<float> w = random_vec(rng, dim, 0.5f, 1.5f);
+                std::vector<float> want(x.size()), got(x.size());
+                ref::rmsnorm(x.data(), w.data(), 1e-5f, n_tok, dim, want.data());
+                k->rmsnorm(x.data(), w.data(), 1e-5f, n_tok, dim, got.data());
+                for (size_t i = 0; i < x.size(); ++i) CHECK_NEAR(got[i], want[i], 4e-6 * std::fabs(want[i]) + 1e-30);
+                std::vector<float> inplace = x;  // x may alias y
+                k->rmsnorm(inplace.data(), w.data(), 1e-5f, n_tok, dim, inplace.data());
+                CHECK(same_bits(inplace, got));
+            }
+}
+
+TEST(kernel_silu_mul_matches_reference_within_2e_6_relative) {
+    // exp is a polynomial (<= 2 ulp), then one add, one divide, one multiply.
+    Rng rng(9);
+    for (const KernelTable* k : tables())
+        for (int64_t n : {1, 15, 16, 17, 1000}) {
+            std::vector<float> g = random_vec(rng, n, -12.0f, 12.0f);
+            if (n > 4) {
+                g[0] = -100.0f;  // exp(100) saturates: silu ~ -0
+                g[1] = 100.0f;
+                g[2] = 0.0f;
+                g[3] = -88.5f;
+            }
+            const std::vector<float> u = random_vec(rng, n);
+            std::vector<float> want(static_cast<size_t>(n)), got(want.size());
+            ref::silu_mul(g.data(), u.data(), want.data(), n);
+            k->silu_mul(g.data(), u.data(), got.data(), n);
+            for (size_t i = 0; i < want.size(); ++i)
+                CHECK_NEAR(got[i], want[i], 2e-6 * std::fabs(want[i]) + 1e-35);
+            std::vector<float> aliased = g;  // out may alias gate
+            k->silu_mul(aliased.data(), u.data(), aliased.data(), n);
+            CHECK(same_bits(aliased, got));
+        }
+}
+
+TEST(kernel_softmax_matches_reference_within_4e_6_relative) {
+    Rng rng(10);
+    for (const KernelTable* k : tables())
+        for (int64_t n : {1, 5, 16, 17, 50000}) {
+            std::vector<float> x = random_vec(rng, n, -20.0f, 20.0f);
+            if (n > 3) x[2] = -INFINITY;  // masked logit
+            std::vector<float> want = x, got = x;
+            ref::softmax(want.data(), n);
+            k->softmax(got.data(), n);
+            double total = 0.0;
+            for (size_t i = 0; i < want.size(); ++i) {
+                CHECK_NEAR(got[i], want[i], 4e-6 * want[i] + 1e-38);
+                total += got[i];
+            }
+            CHECK_NEAR(total, 1.0, 1e-5);
+            if (n > 3) CHECK(got[2] == 0.0f);
+        }
+}
+
+TEST(kernel_rope_equals_reference_bitwise) {
+    // Cheap op, visible precision: the fast rope computes the reference formula exactly.
+    Rng rng(11);
+    for (int head_dim : {6, 64, 80, 128, 512})
+        for (int64_t pos : {0, 1, 17, 1000, 131071}) {
+            const std::vector<float> inv = rope_inv_freq(head_dim, 10000.0f);
+            const std::vector<float> x = random_vec(rng, 3 * head_dim);
+            std::vector<float> want = x, got = x;
+            ref::rope(want.data(), 3, head_dim, pos, inv.data());
+            rope(got.data(), 3, head_dim, pos, inv.data());
+            CHECK(same_bits(want, got));
+        }
+    // Position 0 is the identity.
+    const std::vector<float> inv = rope_inv_freq(8, 10000.0f);
+    std::vector<float> x = random_vec(rng, 8), y = x;
+    rope(y.data(), 1, 8, 0, inv.data());
+    CHECK(same_bits(x, y));
+}
+
+// ---------------------------------------------------------------------------------------
+// attention
+
+TEST(kernel_attention_matches_reference_across_blocks_with_gqa) {
+    // Scores are q.k with f32 accumulation, softmax as above, then an f32 weighted sum
+    // of unit-range V: absolute error well under 2e-5.
+    Rng rng(12);
+    struct Case {
+        int block_tokens, n_heads, n_kv_heads, head_dim;
+        int64_t pos0, n_q;
+    };
+    const Case cases[] = {
+        {16, 6, 2, 64, 0, 1},    // first token
+        {16, 6, 2, 64, 37, 3},   // prefill chunk spanning blocks 2..3
+        {5, 4, 1, 40, 11, 9},    // MQA, ragged head_dim, small blocks
+        {16, 8, 8, 128, 63, 2},  // MHA, crosses the block boundary at 64
+        {7, 6, 3, 16, 0, 20},    // whole prompt at once
+        {16, 2, 2, 256, 20, 1},  // head_dim 256
+        {16, 16, 1, 64, 30, 2},  // MQA, 16 heads on one KV head: two passes of 8
+        {8, 8, 1, 512, 5, 1},    // head_dim 512: state for 4 heads per pass
+    };
+    for (const Case& c : cases) {
+        const int64_t n_keys = c.pos0 + c.n_q;
+        const int n_blocks = static_cast<int>((n_keys + c.block_tokens - 1) / c.block_tokens);
+        Cache cache(rng, n_blocks, c.block_tokens, c.n_kv_heads, c.head_dim);
+        const std::vector<float> q = random_vec(rng, c.n_q * c.n_heads * c.head_dim);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+        std::vector<float> want(q.size()), scratch(static_cast<size_t>(n_keys));
+        ref::attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                       c.n_kv_heads, c.head_dim, scale, want.data(), scratch.data());
+        for (const KernelTable* k : tables()) {
+            std::vector<float> got(q.size(), NAN);
+            k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data());
+            for (size_t i = 0; i < got.size(); ++i) CHECK_NEAR(got[i], want[i], 2e-5);
+        }
+        // A single query at position 0 attends to one key: out is exactly that V row.
+        if (c.pos0 == 0) {
+            std::vector<float> got(static_cast<size_t>(c.n_heads * c.head_dim));
+            attention(q.data(), 1, 0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads, c.n_kv_heads,
+                      c.head_dim, scale, got.data(), scratch.data());
+            const int group = c.n_heads / c.n_kv_heads;
+            for (int h = 0; h < c.n_heads; ++h)
+                for (int d = 0; d < c.head_dim; ++d)
+                    CHECK(got[static_cast<size_t>(h * c.head_dim + d)] ==
+                          cache.v[0][static_cast<size_t>((h / group) * c.head_dim + d)]);
+        }
+    }
+}
+
+TEST(kernel_attention_of_a_query_does_not_depend_on_the_other_queries) {
+    // Prefill (n_q queries at once) and decode (one at a time) give the same bits.
+    Rng rng(13);
+    const int bt = 16, nh = 6, nkv = 2, hd = 64;
+    const int64_t pos0 = 21, n_q = 9;
+    Cache cache(rng, 2, bt, nkv, hd);
+    const std::vector<float> q = random_vec(rng, n_q * nh * hd);
+    std::vector<float> all(q.size()), one(q.size()), scratch(static_cast<size_t>(pos0 + n_q));
+    attention(q.data(), n_q, pos0, cache.kp.data(), cache.vp.data(), bt, nh, nkv, hd, 0.125f, all.data(),
+              scratch.data());
+    for (int64_t i = 0; i < n_q; ++i)
+        attention(q.data() + i * nh * hd, 1, pos0 + i, cache.kp.data(), cache.vp.data(), bt, nh, nkv, hd, 0.125f,
+                  one.data() + i * nh * hd, scratch.data());
+    CHECK(same_bits(all, one));
+}
+
+// ---------------------------------------------------------------------------------------
+// conversion
+
+TEST(kernel_convert_rows_round_trips_within_each_formats_precision) {
+    Rng rng(14);
+    const int64_t n_rows = 3, n_cols = 96;
+    const std::vector<float> x = random_vec(rng, n_rows * n_cols, -4.0f, 4.0f);
+    struct Fmt {
+        DType t;
+        double rel;
+    };
+    for (Fmt f : {Fmt{DType::F32, 0.0}, Fmt{DType::F16, 0x1p-11}, Fmt{DType::BF16, 0x1p-8}}) {
+        std::vector<uint8_t> packed(static_cast<size_t>(row_bytes(f.t, n_cols) * n_rows));
+        convert_rows(x.data(), DType::F32, packed.data(), f.t, n_rows, n_cols);
+        std::vector<float> back(x.size());
+        convert_rows(packed.data(), f.t, back.data(), DType::F32, n_rows, n_cols);
+        for (size_t i = 0; i < x.size(); ++i) CHECK_NEAR(back[i], x[i], f.rel * std::fabs(x[i]));
+        // A value already in the format survives a round trip exactly.
+        std::vector<uint8_t> again(packed.size());
+        convert_rows(back.data(), DType::F32, again.data(), f.t, n_rows, n_cols);
+        CHECK(again == packed);
+        // dequantize_row agrees with convert_rows.
+        const WeightView w{packed.data(), f.t, n_rows, n_cols};
+        std::vector<float> row(static_cast<size_t>(n_cols));
+        dequantize_row(w, 2, row.data());
+        CHECK(std::memcmp(row.data(), back.data() + 2 * n_cols, static_cast<size_t>(n_cols) * 4) == 0);
+    }
+    // f16 -> bf16 directly equals f16 -> f32 -> bf16.
+    std::vector<uint8_t> h(static_cast<size_t>(row_bytes(DType::F16, n_cols) * n_rows));
+    convert_rows(x.data(), DType::F32, h.data(), DType::F16, n_rows, n_cols);
+    std::vector<uint8_t> b1(h.size()), b2(h.size());
+    std::vector<float> hf(x.size());
+    convert_rows(h.data(), DType::F16, b1.data(), DType::BF16, n_rows, n_cols);
+    convert_rows(h.data(), DType::F16, hf.data(), DType::F32, n_rows, n_cols);
+    convert_rows(hf.data(), DType::F32, b2.data(), DType::BF16, n_rows, n_cols);
+    CHECK(b1 == b2);
+}
+
+TEST(kernel_convert_rows_q8_0_follows_llama_cpp_and_bounds_the_error) {
+    Rng rng(15);
+    const int64_t n_rows = 4, n_cols = 128;
+    std::vector<float> x = random_vec(rng, n_rows * n_cols, -2.0f, 2.0f);
+    for (int64_t i = 0; i < 32; ++i) x[static_cast<size_t>(32 + i)] = 0.0f;  // an all-zero block: d = 0
+    x[70] = 1e3f;                                                            // an outlier block
+    // A block where d = 1 exactly, so x * id lands on halves: roundf rounds them away from zero.
+    const float halves[] = {127.0f, 2.5f, -2.5f, 0.5f, -0.5f, 126.5f, -126.5f, 1.4999999f, -1.4999999f, 0.0f};
+    for (size_t i = 0; i < sizeof halves / sizeof halves[0]; ++i) x[96 + i] = halves[i];
+    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(DType::Q8_0, n_cols) * n_rows));
+    CHECK(q.size() == static_cast<size_t>(n_rows * 4 * 34));
+    convert_rows(x.data(), DType::F32, q.data(), DType::Q8_0, n_rows, n_cols);
+    std::vector<float> back(x.size());
+    const WeightView w{q.data(), DType::Q8_0, n_rows, n_cols};
+    for (int64_t r = 0; r < n_rows; ++r) dequantize_row(w, r, back.data() + r * n_cols);
+    for (int64_t b = 0; b < n_rows * n_cols / 32; ++b) {
+        const float* xb = x.data() + b * 32;
+        const uint8_t* blk = q.data() + b * 34;
+        // llama.cpp quantize_row_q8_0_ref, written out independently.
+        float amax = 0.0f;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        CHECK(dh == f32_to_f16(d));
+        for (int j = 0; j < 32; ++j) {
+            CHECK(static_cast<int8_t>(blk[2 + j]) == static_cast<int8_t>(std::round(xb[j] * id)));
+            CHECK_NEAR(back[static_cast<size_t>(b * 32 + j)], xb[j], 0.563 * d);
+        }
+    }
+    const int8_t want_halves[] = {127, 3, -3, 1, -1, 127, -127, 1, -1, 0};
+    for (size_t i = 0; i < sizeof want_halves; ++i) CHECK(static_cast<int8_t>(q[3 * 34 + 2 + i]) == want_halves[i]);
+    CHECK_THROWS(convert_rows(x.data(), DType::F32, q.data(), DType::Q8_0, 1, 40), InvalidArgument, "divisible by 32");
+}
+
+TEST(kernel_isa_names_the_best_supported_table) {
+    const std::string isa = kernels_isa();
+    CHECK(isa == "avx512" || isa == "avx2" || isa == "scalar");
+    if (std::getenv("LMX_KERNELS") == nullptr) {
+        if (kernels_table_avx512()) CHECK(isa == "avx512");
+        else if (kernels_table_avx2()) CHECK(isa == "avx2");
+    }
+    std::fprintf(stderr, "  kernels_isa() = %s\n", isa.c_str());
+}
