@@ -258,8 +258,11 @@ class EmbeddedRedis:
     def _spawn_and_wait(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            # Its own session: a Ctrl-C at the terminal reaches the worker, which drains, and not
+            # Redis, which must outlive the drain; close()/stop() end the server.
             self._proc = subprocess.Popen(
-                self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+                self._args(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         client = redis.Redis(host=HOST, port=self.port, password=self.requirepass, socket_timeout=1.0)

@@ -1,0 +1,479 @@
+"""Owns: one model's request stream as seen by this worker — the consumer-group reads (gated by
+admission), recovery of pending entries (own, then idle ones of dead workers via XAUTOCLAIM),
+lease renewal of running entries, dead-lettering, the per-request checks before a start, the
+cancel-set watcher, and the sink that turns a run's output into reply events.
+Changed by: the worker; the wire contract is producer_sdk/protocol.py and docs/protocol.md.
+Thread-safety: event-loop only. `run`, `renew_leases` and `watch_cancels` are three tasks of one
+`ModelConsumer`; its state survives their restarts by the supervisor.
+
+Life of an entry here: read (or claimed) -> too many deliveries? dead letter -> decode ->
+reply stream already terminal? ack -> deadline passed? -> cancelled already? -> tokenize ->
+request check (admission.check_request) -> engine. Every path that does not start the request
+publishes exactly one terminal event (when the request id is known) and then acks the entry;
+a started request acks when its terminal event is written (publisher.py). An entry is never
+acked otherwise, so a worker that dies leaves it pending for another to claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from producer_sdk.errors import ProtocolError
+from producer_sdk.keys import CONSUMER_GROUP, Keys, check_request_id
+from producer_sdk.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    RequestMessage,
+    StartedEvent,
+    Usage,
+    decode_request,
+)
+
+from . import admission
+from .admission import Denial
+from .engine_driver import EngineDriver, InvalidPrompt, Outcome, Run
+from .metrics import Metrics
+from .publisher import AckEntry, DeadLetter, Publisher, read_reply_state
+from .settings import ModelSettings, Settings
+
+__all__ = ["ModelConsumer", "StreamSink"]
+
+log = logging.getLogger("layermux.worker.consumer")
+
+# Own pending entries listed per XPENDING round trip during startup recovery.
+_RECOVER_COUNT: Final = 16
+
+_RENEW_SCRIPT: Final = """
+-- KEYS[1] request stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids.
+-- Resets the idle time of the entries still pending for this consumer and returns their ids;
+-- an entry another consumer claimed meanwhile is left to it (never stolen back).
+local kept = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    entry_id: str
+    data: bytes | None  # None: the entry was deleted from the stream while pending
+    deliveries: int
+
+
+class StreamSink:
+    """RunSink of the stream path: reply events through the publisher, ack after the terminal one."""
+
+    def __init__(self, consumer: ModelConsumer, entry_id: str) -> None:
+        self._c = consumer
+        self._entry_id = entry_id
+
+    def on_tokens(self, run: Run, index: int, token_ids: list[int], text: str) -> None:
+        self._c.publisher.publish_tokens(run.request_id, index, token_ids, text)
+
+    def on_finish(self, run: Run, outcome: Outcome) -> None:
+        c = self._c
+        counters = c.metrics[c.name]
+        event: DoneEvent | ErrorEvent | CancelledEvent
+        if outcome.kind == "done":
+            u = outcome.usage
+            usage = Usage(prompt_tokens=int(u["prompt_tokens"]), completion_tokens=int(u["completion_tokens"]),
+                          queue_ms=u["queue_ms"], prefill_ms=u["prefill_ms"], decode_ms=u["decode_ms"],
+                          total_ms=u["total_ms"])
+            event = DoneEvent(request_id=run.request_id, finish_reason=outcome.finish_reason,  # type: ignore[arg-type]
+                              text=outcome.text, token_ids=outcome.token_ids, usage=usage)
+            counters.done += 1
+        elif outcome.kind == "cancelled":
+            event = CancelledEvent(request_id=run.request_id, completion_tokens=len(outcome.token_ids))
+            counters.cancelled += 1
+            c.cancel_handled.add(run.request_id)
+        else:
+            event = ErrorEvent(request_id=run.request_id, code=outcome.code, message=outcome.message,
+                               details=outcome.details)
+            counters.errors += 1
+            counters.error_codes[outcome.code] += 1
+        c.running.pop(run.request_id, None)
+        c.publisher.publish(event, ack=AckEntry(c.name, self._entry_id, run.request_id))
+
+    def on_abandon(self, run: Run) -> None:
+        # No terminal, no ack: the entry stays pending and its lease lapses, so another worker
+        # (or this one, restarted) takes it over and resumes from the reply stream.
+        self._c.running.pop(run.request_id, None)
+        self._c.leases.pop(self._entry_id, None)
+        self._c.publisher.release_fence(run.request_id)
+
+
+class ModelConsumer:
+    """Reads, checks and starts one model's requests. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelSettings,
+        settings: Settings,
+        client: aioredis.Redis,
+        keys: Keys,
+        driver: EngineDriver,
+        publisher: Publisher,
+        metrics: Metrics,
+        waiting: dict[str, int],
+    ) -> None:
+        self.model = model
+        self.name = model.name
+        self.settings = settings
+        self.redis = client
+        self.keys = keys
+        self.driver = driver
+        self.publisher = publisher
+        self.metrics = metrics
+        self.waiting = waiting  # model -> entries not yet delivered to any worker (stats reporter)
+        self.consumer_name = settings.worker_id
+        self.stream = keys.req(self.name)
+        self.running: dict[str, str] = {}  # request_id -> entry_id, started here and not finished
+        self.leases: dict[str, str] = {}  # entry_id -> request_id, from start until acked
+        self.cancel_handled: set[str] = set()  # request ids to SREM from the cancel set
+        self.gate_verdict = admission.ReadVerdict.OK
+        self._stopping = False
+        self._recover_after: str | None = "-"  # own pending not yet recovered (exclusive bound)
+        self._autoclaim_cursor = "0-0"
+        self._autoclaim_due = 0.0  # loop time
+        self._running_changed = asyncio.Event()
+        self._renew = client.register_script(_RENEW_SCRIPT)
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading (graceful shutdown); running requests go on."""
+        self._stopping = True
+        self._running_changed.set()
+
+    def lease_released(self, entry: AckEntry) -> None:
+        """Publisher callback: the entry is acked, stop renewing it."""
+        self.leases.pop(entry.entry_id, None)
+
+    # -- the read loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read and start requests until stop(); Redis errors propagate (the supervisor restarts us)."""
+        await self.ensure_group()
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            if not await self._wait_gate():
+                break
+            entry: _Entry | None = None
+            try:
+                if self._recover_after is not None:
+                    entry = await self._next_own_pending()
+                if entry is None and loop.time() >= self._autoclaim_due:
+                    entry = await self._autoclaim_one()
+                    if entry is None:
+                        self._autoclaim_due = loop.time() + self.settings.lease_idle_ms / 2000.0
+                if entry is None:
+                    entry = await self._read_new()
+            except ResponseError as e:
+                if not str(e).startswith("NOGROUP"):
+                    raise
+                log.warning("model %s: consumer group lost (%s); recreating it", self.name, e)
+                await self.ensure_group()
+                continue
+            if entry is not None:
+                await self.handle(entry)
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if not str(e).startswith("BUSYGROUP"):
+                raise
+
+    async def _wait_gate(self) -> bool:
+        """Wait until admission lets this model read; False when stopping."""
+        timeout_s = self.settings.stats_interval_s
+        while not self._stopping:
+            waiter = self.driver.capacity.waiter()
+            self.gate_verdict = admission.read_verdict(self.name, self.driver.device_view(self.waiting))
+            if self.gate_verdict is admission.ReadVerdict.OK:
+                return True
+            # Headroom also changes inside the engine (KV grows, sequences are preempted), which
+            # no event announces: re-check at least every stats interval.
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return False
+
+    async def _read_new(self) -> _Entry | None:
+        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, {self.stream: ">"}, count=1,
+                                            block=self.settings.read_block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                return _Entry(_text(entry_id), _payload(fields), 1)
+        return None
+
+    async def _next_own_pending(self) -> _Entry | None:
+        """Entries a previous run of this consumer (same worker_id) read but never acked."""
+        while self._recover_after is not None:
+            lo = "-" if self._recover_after == "-" else "(" + self._recover_after
+            rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min=lo, max="+",
+                                                   count=_RECOVER_COUNT, consumername=self.consumer_name)
+            if not rows:
+                self._recover_after = None
+                return None
+            for row in rows:
+                entry_id = _text(row["message_id"])
+                self._recover_after = entry_id
+                if entry_id in self.leases:
+                    continue  # running here right now
+                entry = await self._claim(entry_id, min_idle_ms=0)
+                if entry is not None:
+                    log.info("model %s: recovering own pending entry %s (delivery %d)",
+                             self.name, entry_id, entry.deliveries)
+                    return entry
+        return None
+
+    async def _autoclaim_one(self) -> _Entry | None:
+        """One entry idle longer than lease_idle_ms (its worker died or lost it), claimed atomically."""
+        reply = await self.redis.xautoclaim(self.stream, CONSUMER_GROUP, self.consumer_name,
+                                            min_idle_time=self.settings.lease_idle_ms,
+                                            start_id=self._autoclaim_cursor, count=1)
+        cursor, entries = _text(reply[0]), reply[1]
+        self._autoclaim_cursor = cursor
+        for entry_id, fields in entries:
+            if entry_id is None:
+                # Redis < 7 returns a pending entry deleted from the stream as nil (and keeps it
+                # pending, now ours): sweep our pending list for such entries.
+                await self._sweep_deleted()
+                continue
+            entry_id = _text(entry_id)
+            if entry_id in self.leases:
+                continue  # ours and live: the claim just renewed it
+            deliveries = await self._deliveries(entry_id)
+            log.info("model %s: claimed idle entry %s (delivery %d)", self.name, entry_id, deliveries)
+            return _Entry(entry_id, _payload(fields), deliveries)
+        return None
+
+    async def _claim(self, entry_id: str, min_idle_ms: int) -> _Entry | None:
+        claimed = await self.redis.xclaim(self.stream, CONSUMER_GROUP, self.consumer_name,
+                                          min_idle_time=min_idle_ms, message_ids=[entry_id])
+        if not claimed:
+            return None
+        got_id, fields = claimed[0]
+        deliveries = await self._deliveries(entry_id)
+        if got_id is None or fields is None:
+            return _Entry(entry_id, None, deliveries)
+        return _Entry(entry_id, _payload(fields), deliveries)
+
+    async def _deliveries(self, entry_id: str) -> int:
+        rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min=entry_id, max=entry_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 1
+
+    async def _sweep_deleted(self) -> None:
+        rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min="-", max="+", count=1000,
+                                               consumername=self.consumer_name)
+        for row in rows:
+            entry_id = _text(row["message_id"])
+            if entry_id in self.leases:
+                continue
+            if not await self.redis.xrange(self.stream, min=entry_id, max=entry_id, count=1):
+                log.warning("model %s: pending entry %s was deleted from the stream; acking it", self.name, entry_id)
+                self.publisher.ack(AckEntry(self.name, entry_id))
+
+    # -- one entry --------------------------------------------------------------------------------------
+
+    async def handle(self, entry: _Entry) -> None:
+        """Check one claimed/read entry and start it, or finish it with one terminal event."""
+        counters = self.metrics[self.name]
+        if entry.entry_id in self.leases:
+            # Still ours: running, or its terminal event not yet acked. Read again only after the
+            # consumer group was recreated; a second run here would race the first.
+            return
+        if entry.data is None:
+            log.warning("model %s: entry %s has no payload (deleted or malformed); acking it",
+                        self.name, entry.entry_id)
+            self.publisher.ack(AckEntry(self.name, entry.entry_id))
+            return
+        request_id = _recover_request_id(entry.data)
+        if entry.deliveries > self.settings.max_deliveries:
+            reason = (f"delivered {entry.deliveries} times (max_deliveries {self.settings.max_deliveries}); "
+                      "every worker that took it stopped before finishing")
+            log.error("model %s: entry %s (request %s) dead-lettered: %s", self.name, entry.entry_id,
+                      request_id, reason)
+            ack = AckEntry(self.name, entry.entry_id, request_id, DeadLetter(entry.data, reason, entry.deliveries))
+            self._refuse(request_id, ack, Denial("dead_letter", f"the request was dead-lettered: {reason}",
+                                                 {"deliveries": entry.deliveries,
+                                                  "limit": self.settings.max_deliveries}))
+            return
+        try:
+            msg = decode_request(entry.data)
+        except ProtocolError as e:
+            ack = AckEntry(self.name, entry.entry_id, request_id, None if request_id else
+                           DeadLetter(entry.data, f"{e.code}: {e.message}", entry.deliveries))
+            self._refuse(request_id, ack, Denial(e.code, e.message))
+            return
+        ack = AckEntry(self.name, entry.entry_id, msg.request_id)
+        if msg.model != self.name:
+            self._refuse(msg.request_id, ack, Denial(
+                "invalid_request", f"model: the entry names model {msg.model!r} but sits in the stream of "
+                                   f"{self.name!r}"))
+            return
+        if self.driver.run_for(msg.request_id) is not None:
+            return  # already running here (an entry re-delivered to its live owner)
+        state = await read_reply_state(self.redis, self.keys, msg.request_id)  # one round trip when fresh
+        if state.terminal:
+            self.publisher.ack(ack)
+            return
+        now = time.time()
+        if msg.deadline_at is not None and now >= msg.deadline_at:
+            self._refuse(msg.request_id, ack, Denial(
+                "deadline_exceeded", "the request's deadline passed while it was queued",
+                {"deadline_at": msg.deadline_at, "queued_ms": round((now - msg.submitted_at) * 1000.0, 3),
+                 "late_ms": round((now - msg.deadline_at) * 1000.0, 3)}))
+            return
+        if await self.redis.sismember(self.keys.cancel(self.name), msg.request_id):  # type: ignore[misc]
+            counters.cancelled += 1
+            self.cancel_handled.add(msg.request_id)
+            self.publisher.publish(CancelledEvent(request_id=msg.request_id, completion_tokens=0), ack=ack)
+            self._running_changed.set()
+            return
+        try:
+            prompt_ids = await self.driver.tokenize(msg)
+        except InvalidPrompt as e:
+            self._refuse(msg.request_id, ack, Denial("invalid_request", str(e)))
+            return
+        denial = self.driver.check(self.name, len(prompt_ids), msg.params.max_tokens)
+        if denial is not None:
+            self._refuse(msg.request_id, ack, denial)
+            return
+        # Take the request's fence, then read where to resume: a previous owner still running
+        # somewhere can no longer append, so this read is final (publisher.py, "fencing").
+        fence = f"{self.consumer_name}#{secrets.token_hex(8)}"
+        await self.publisher.take_fence(msg.request_id, fence)
+        state = await read_reply_state(self.redis, self.keys, msg.request_id)
+        if state.terminal:
+            self.publisher.ack(ack)
+            return
+        if self.driver.run_for(msg.request_id) is not None:
+            return
+        self._start(msg, prompt_ids, entry, fence, state.n_started + 1, state.next_index, state.text_chars)
+
+    def _start(self, msg: RequestMessage, prompt_ids: list[int], entry: _Entry, fence: str, attempt: int,
+               resume_index: int, resume_chars: int) -> None:
+        sink = StreamSink(self, entry.entry_id)
+        try:
+            run = self.driver.begin(msg.request_id, self.name, prompt_ids, msg.params, sink,
+                                    submitted_at=msg.submitted_at, deadline_at=msg.deadline_at,
+                                    resume_index=resume_index, resume_chars=resume_chars)
+        except ValueError as e:  # engine.errors.InvalidRequestError is a ValueError
+            self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id),
+                         Denial("invalid_request", str(e)))
+            return
+        # Same loop tick as the submit: no engine event can be handled before "started" is queued.
+        self.publisher.set_fence(msg.request_id, fence)
+        self.publisher.publish(StartedEvent(request_id=msg.request_id, worker=self.consumer_name,
+                                            attempt=attempt, prompt_tokens=len(prompt_ids)))
+        self.running[msg.request_id] = entry.entry_id
+        self.leases[entry.entry_id] = msg.request_id
+        counters = self.metrics[self.name]
+        counters.admitted += 1
+        counters.observe_wait(max(0.0, run.started_at - msg.submitted_at))
+        self._running_changed.set()
+        if resume_index:
+            log.info("model %s: request %s resumed at token %d (attempt %d)", self.name, msg.request_id,
+                     resume_index, attempt)
+
+    def _refuse(self, request_id: str | None, ack: AckEntry, denial: Denial) -> None:
+        """Finish an entry that will not run: one error event (if its request id is known), then ack."""
+        counters = self.metrics[self.name]
+        counters.errors += 1
+        counters.error_codes[denial.code] += 1
+        counters.refused[denial.code] += 1
+        log.info("model %s: request %s refused: %s: %s", self.name, request_id, denial.code, denial.message)
+        if request_id is None:
+            self.publisher.ack(ack)
+            return
+        self.publisher.publish(ErrorEvent(request_id=request_id, code=denial.code, message=denial.message,
+                                          details=dict(denial.details)), ack=ack)
+
+    # -- leases and cancellations -----------------------------------------------------------------
+
+    async def renew_leases(self) -> None:
+        """Every lease_idle_ms / 3, reset the idle time of every entry this worker is working on,
+        so that XAUTOCLAIM elsewhere never takes live work. An entry no longer pending for this
+        consumer was taken over (its lease lapsed, e.g. during a Redis outage) or finished by
+        another worker: stop ours without a terminal (the fence already refuses its writes)."""
+        period_s = self.settings.lease_idle_ms / 3000.0
+        while True:
+            await asyncio.sleep(period_s)
+            if not self.leases:
+                continue
+            ids = list(self.leases)
+            claimed = await self._renew(keys=[self.stream], args=[CONSUMER_GROUP, self.consumer_name, *ids])
+            kept = {_text(i) for i in claimed}
+            for entry_id in ids:
+                if entry_id not in kept and entry_id in self.leases:
+                    request_id = self.leases.pop(entry_id)
+                    if self.driver.run_for(request_id) is not None and request_id in self.running:
+                        log.warning("model %s: entry %s (request %s) is no longer pending here; stopping it",
+                                    self.name, entry_id, request_id)
+                        self.driver.abandon(request_id)
+
+    async def watch_cancels(self) -> None:
+        """Every cancel_poll_ms while requests run, SMISMEMBER them against the model's cancel set."""
+        period_s = self.settings.cancel_poll_ms / 1000.0
+        key = self.keys.cancel(self.name)
+        while True:
+            if self.cancel_handled:
+                done = list(self.cancel_handled)
+                await self.redis.srem(key, *done)  # type: ignore[misc]
+                self.cancel_handled.difference_update(done)
+            if not self.running:
+                self._running_changed.clear()
+                if self._stopping:
+                    return
+                await self._running_changed.wait()
+                continue
+            ids = list(self.running)
+            flags = await self.redis.smismember(key, list[Any](ids))  # type: ignore[misc]
+            for request_id, flag in zip(ids, flags):
+                if flag:
+                    self.cancel_handled.add(request_id)
+                    if self.driver.cancel(request_id, "cancelled"):
+                        log.info("model %s: request %s cancelled by its producer", self.name, request_id)
+            await asyncio.sleep(period_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _payload(fields: dict[bytes, bytes] | None) -> bytes | None:
+    """An entry's `data` field. An entry without one (not written by the enqueue script) reads as
+    the empty payload, which fails to decode and is dead-lettered; None only for a deleted entry."""
+    if fields is None:
+        return None
+    return fields.get(b"data", b"")
+
+
+def _recover_request_id(raw: bytes) -> str | None:
+    """The request id of a payload that may not decode as a RequestMessage, if it has a valid one."""
+    try:
+        obj: Any = orjson.loads(raw)
+        rid = obj.get("request_id") if isinstance(obj, dict) else None
+        return check_request_id(rid) if isinstance(rid, str) else None
+    except (orjson.JSONDecodeError, ValueError):
+        return None

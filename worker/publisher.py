@@ -1,0 +1,481 @@
+"""Owns: every write to reply streams, every ack of a request entry (XACK + XDEL + HDEL ids, or
+dead-lettering), and the read of a reply stream's state before a request (re)starts.
+Changed by: the worker's protocol side only; the scripts below are part of the wire contract.
+Thread-safety: event-loop only; `publish`/`ack` never block and may be called from any callback.
+
+Order and durability. Events are queued per request in memory and written by one task, in
+order, one pipeline per round. Token events that queue up while a round is in flight are
+coalesced into one event (index of the first, ids and text concatenated), so the stream stays
+short under load and a slow Redis costs fewer, larger writes. A request's entry is acked only
+after a round that wrote its terminal event succeeded (two steps: reply keys and model keys
+live in different cluster slots). While Redis is unreachable the task retries with jittered
+exponential backoff and keeps every event, in order, in memory: nothing is lost.
+
+One writer per request (fencing). A worker that starts a request first takes its fence:
+`take_fence` sets the request's owner key P:{r:<id>}:owner to a token of its own (same slot as
+the reply stream), and only then reads the reply stream to find where to resume. Every later
+append of that run carries the token, and `_APPEND_SCRIPT` refuses it once another worker has
+taken the fence. So a worker that lost its request (its lease lapsed during a Redis outage, its
+consumer group was lost, it was paused) can never interleave tokens with the worker that took
+over: its writes are refused, `on_fenced` tells the runtime to stop its run, and it does not ack.
+
+Idempotence. Each request's events of one round go through `_APPEND_SCRIPT`, which also (a)
+writes nothing when the stream already ends with a terminal event (a second worker that raced on
+the same request cannot add a second terminal), and (b) writes nothing when the stream's last
+event equals the round's last payload (the round was applied before the connection dropped and
+is being retried). `_ACK_SCRIPT` dead-letters only an entry that was still pending, so replaying
+it cannot duplicate a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer_sdk.errors import ProtocolError
+from producer_sdk.keys import CONSUMER_GROUP, Keys
+from producer_sdk.protocol import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    StartedEvent,
+    TokenEvent,
+    decode_event,
+    encode_event,
+)
+
+__all__ = ["AckEntry", "DeadLetter", "Publisher", "ReplyState", "is_retryable", "read_reply_state"]
+
+log = logging.getLogger("layermux.worker.publisher")
+
+# Backoff of the write loop while Redis is unreachable: full jitter over an exponential ramp.
+BACKOFF_BASE_S: Final = 0.05
+BACKOFF_CAP_S: Final = 5.0
+# Server replies that mean "try again later", not "this command is wrong".
+_RETRYABLE_REPLIES: Final = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
+                             "NOSCRIPT", "NOREPLICAS")
+# Reply-stream entries read per round trip when scanning a stream on (re)start.
+_SCAN_COUNT: Final = 256
+
+_APPEND_SCRIPT: Final = """
+-- KEYS[1] reply stream, KEYS[2] owner key; ARGV[1] ttl seconds; ARGV[2] fence token or '';
+-- ARGV[3..] encoded events, in order. Returns the number of events written, 0 for a replayed
+-- round, -1 if a terminal event already ended the stream, -2 if another run holds the fence.
+if ARGV[2] ~= '' then
+  local owner = redis.call('GET', KEYS[2])
+  if owner and owner ~= ARGV[2] then return -2 end
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local fields = last[1][2]
+  local data = nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'data' then data = fields[i + 1] end
+  end
+  if data ~= nil then
+    if data == ARGV[#ARGV] then return 0 end
+    local ok, ev = pcall(cjson.decode, data)
+    if ok and type(ev) == 'table' and (ev['type'] == 'done' or ev['type'] == 'error'
+                                       or ev['type'] == 'cancelled') then
+      return -1
+    end
+  end
+end
+for i = 3, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
+end
+return #ARGV - 2
+"""
+
+_FENCE_SCRIPT: Final = """
+-- KEYS[1] owner key; ARGV[1] fence token, ARGV[2] ttl seconds. The previous owner's appends fail from now on.
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+_ACK_SCRIPT: Final = """
+-- KEYS[1] request stream, KEYS[2] ids hash, KEYS[3] dlq stream (all one model: one slot).
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] request id or '', ARGV[4] dead-letter reason or '',
+-- ARGV[5] deliveries, ARGV[6] original payload.
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 and ARGV[4] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'data', ARGV[6], 'reason', ARGV[4], 'deliveries', ARGV[5],
+             'entry_id', ARGV[2])
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then
+  redis.call('HDEL', KEYS[2], ARGV[3])
+end
+return acked
+"""
+
+AnyEvent = StartedEvent | TokenEvent | DoneEvent | ErrorEvent | CancelledEvent
+TERMINAL_TYPES: Final = (DoneEvent, ErrorEvent, CancelledEvent)
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for failures that mean Redis is (temporarily) unavailable rather than the command wrong."""
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return True
+    return isinstance(error, ResponseError) and str(error).startswith(_RETRYABLE_REPLIES)
+
+
+def backoff_s(attempt: int) -> float:
+    """Full-jitter exponential backoff for retry number `attempt` (0-based)."""
+    return random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 16))))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    data: bytes  # the entry's original payload, raw
+    reason: str
+    deliveries: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckEntry:
+    """A request entry to retire: XACK + XDEL, HDEL its ids field, and optionally dead-letter it."""
+
+    model: str
+    entry_id: str
+    request_id: str | None = None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass(slots=True)
+class _Tokens:
+    index: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(slots=True)
+class _Queued:
+    event: AnyEvent | _Tokens
+    ack: AckEntry | None = None
+
+
+@dataclass(slots=True)
+class _Round:
+    """One request's share of a write round: encoded events, and the ack due after them."""
+
+    request_id: str
+    payloads: list[bytes]
+    terminal: bool
+    ack: AckEntry | None
+    fence: str  # '' for events written outside a run (refusals)
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    rounds: int = 0
+    events_written: int = 0
+    tokens_coalesced: int = 0  # token events merged away
+    retries: int = 0
+    acks: int = 0
+    dead_letters: int = 0
+    fenced: int = 0  # rounds refused because another run took the request over
+
+
+class Publisher:
+    """Writes reply events in order and acks request entries after their terminal event. See module doc."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, reply_ttl_s: int) -> None:
+        assert reply_ttl_s >= 1
+        self._redis = client
+        self._keys = keys
+        self._ttl_s = reply_ttl_s
+        self._queues: dict[str, deque[_Queued]] = {}  # insertion order = first-dirty order
+        self._acks: deque[AckEntry] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._fences: dict[str, str] = {}  # request_id -> fence token of the run publishing it
+        self._fences_released: set[str] = set()  # runs that stopped: drop the token after their last round
+        self._append = client.register_script(_APPEND_SCRIPT)
+        self._ack = client.register_script(_ACK_SCRIPT)
+        self._fence = client.register_script(_FENCE_SCRIPT)
+        self.stats = PublisherStats()
+        # Called once per entry when this worker is done with it: acked, or its ack given up.
+        self.on_acked: Callable[[AckEntry], None] | None = None
+        # Called when a run's writes are refused (another run took the fence, or the stream
+        # ended): the run must stop without a terminal event and without acking.
+        self.on_fenced: Callable[[str], None] | None = None
+
+    # -- fencing ----------------------------------------------------------------------------------------
+
+    async def take_fence(self, request_id: str, token: str) -> None:
+        """Make this run the request's only writer (before reading where to resume); see module doc."""
+        await self._fence(keys=[owner_key(self._keys, request_id)], args=[token, self._ttl_s])
+
+    def set_fence(self, request_id: str, token: str) -> None:
+        """Every event of `request_id` published from now on carries `token` (until its terminal)."""
+        self._fences[request_id] = token
+        self._fences_released.discard(request_id)
+
+    def release_fence(self, request_id: str) -> None:
+        """The run stopped without a terminal event: forget its token once what it queued is written."""
+        if request_id in self._queues:
+            self._fences_released.add(request_id)
+        else:
+            self._fences.pop(request_id, None)
+
+    # -- producers of work (never block) ------------------------------------------------------------
+
+    def publish(self, event: AnyEvent, ack: AckEntry | None = None) -> None:
+        """Queue `event` on its request's reply stream; `ack` (terminal events only) runs after it is written."""
+        assert ack is None or isinstance(event, TERMINAL_TYPES), "only a terminal event retires an entry"
+        q = self._queues.setdefault(event.request_id, deque())
+        q.append(_Queued(event, ack))
+        self._kick()
+
+    def publish_tokens(self, request_id: str, index: int, token_ids: list[int], text: str) -> None:
+        """Queue tokens [index, index + len(token_ids)); merged with queued tokens of the same request."""
+        assert token_ids, "a token event carries at least one token"
+        q = self._queues.setdefault(request_id, deque())
+        if q and isinstance(q[-1].event, _Tokens):
+            tail = q[-1].event
+            assert tail.index + len(tail.token_ids) == index, "token indices must be contiguous"
+            tail.token_ids.extend(token_ids)
+            tail.text += text
+            self.stats.tokens_coalesced += 1
+        else:
+            q.append(_Queued(_Tokens(index, list(token_ids), text)))
+        self._kick()
+
+    def ack(self, entry: AckEntry) -> None:
+        """Retire an entry that needs no event first (its stream already ended, or it has no request id)."""
+        self._acks.append(entry)
+        self._kick()
+
+    def pending_requests(self) -> int:
+        return len(self._queues)
+
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far is written and acked; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wakeup.set()
+
+    # -- the write loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The single writer task. Runs until cancelled; what is still queued then stays unwritten
+        (its entries stay pending in Redis, so another worker redoes them)."""
+        while True:
+            if not self._queues and not self._acks:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            rounds = self._take_rounds()
+            acks = list(self._acks)
+            self._acks.clear()
+            if rounds:
+                await self._write_events(rounds)
+            acks.extend(r.ack for r in rounds if r.ack is not None)
+            if acks:
+                await self._write_acks(acks)
+
+    def _take_rounds(self) -> list[_Round]:
+        """Pop everything queued, one _Round per request, consecutive token events merged."""
+        rounds: list[_Round] = []
+        queues, self._queues = self._queues, {}
+        for request_id, q in queues.items():
+            payloads: list[bytes] = []
+            ack: AckEntry | None = None
+            terminal = False
+            for item in q:
+                if terminal:
+                    log.error("request %s: event %r after its terminal event dropped", request_id, item.event)
+                    continue
+                ev = item.event
+                if isinstance(ev, _Tokens):
+                    payloads.append(encode_event(TokenEvent(
+                        request_id=request_id, index=ev.index, token_ids=ev.token_ids, text=ev.text)))
+                else:
+                    payloads.append(encode_event(ev))
+                    if isinstance(ev, TERMINAL_TYPES):
+                        terminal, ack = True, item.ack
+            if terminal or request_id in self._fences_released:
+                self._fences_released.discard(request_id)
+                fence = self._fences.pop(request_id, "")
+            else:
+                fence = self._fences.get(request_id, "")
+            rounds.append(_Round(request_id, payloads, terminal, ack, fence))
+        return rounds
+
+    async def _write_events(self, rounds: list[_Round]) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for r in rounds:
+                        await self._append(keys=[self._keys.events(r.request_id), owner_key(self._keys, r.request_id)],
+                                           args=[self._ttl_s, r.fence, *r.payloads], client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as e:  # classified just below
+                if not is_retryable(e):
+                    raise
+                self.stats.retries += 1
+                delay = backoff_s(attempt)
+                log.warning("reply write failed (%s); retrying in %.2f s with %d requests' events kept",
+                            e, delay, len(rounds))
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            failed = [(r, res) for r, res in zip(rounds, results) if isinstance(res, Exception)]
+            retry = [(r, res) for r, res in failed if is_retryable(res)]
+            for r, res in failed:
+                if not is_retryable(res):
+                    log.error("request %s: reply stream write refused, %d events dropped: %s",
+                              r.request_id, len(r.payloads), res)
+                    if r.ack is not None:  # its terminal is not durable: leave the entry pending
+                        self._released(r.ack)
+                        r.ack = None
+            for r, res in zip(rounds, results):
+                if isinstance(res, Exception):
+                    continue
+                self.stats.events_written += max(0, int(res))
+                if int(res) == -2 or (int(res) == -1 and r.fence and not r.terminal):
+                    self._fenced(r, int(res))
+            self.stats.rounds += 1
+            if not retry:
+                return
+            rounds = [r for r, _ in retry]
+            self.stats.retries += 1
+            delay = backoff_s(attempt)
+            log.warning("reply write of %d requests refused (%s); retrying in %.2f s",
+                        len(rounds), retry[0][1], delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _write_acks(self, acks: list[AckEntry]) -> None:
+        attempt = 0
+        while acks:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for a in acks:
+                        dl = a.dead_letter
+                        await self._ack(
+                            keys=[self._keys.req(a.model), self._keys.ids(a.model), self._keys.dlq(a.model)],
+                            args=[CONSUMER_GROUP, a.entry_id, a.request_id or "",
+                                  dl.reason if dl else "", dl.deliveries if dl else 0, dl.data if dl else b""],
+                            client=pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as e:  # classified just below
+                if not is_retryable(e):
+                    raise
+                results = [e] * len(acks)
+            again: list[AckEntry] = []
+            for a, res in zip(acks, results):
+                if isinstance(res, Exception):
+                    if is_retryable(res):
+                        again.append(a)
+                    else:
+                        log.error("entry %s of model %s: ack refused: %s", a.entry_id, a.model, res)
+                        self._released(a)
+                else:
+                    self.stats.acks += 1
+                    if a.dead_letter is not None and res == 1:
+                        self.stats.dead_letters += 1
+                    self._released(a)
+            if again:
+                self.stats.retries += 1
+                delay = backoff_s(attempt)
+                log.warning("ack of %d entries failed (%s); retrying in %.2f s", len(again),
+                            next(r for r in results if isinstance(r, Exception)), delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            acks = again
+
+    def _fenced(self, r: _Round, result: int) -> None:
+        """Another run owns the request (-2), or its stream ended while this run was still going (-1)."""
+        self.stats.fenced += 1
+        log.warning("request %s: %s; stopping this worker's run without a terminal event", r.request_id,
+                    "another worker took it over" if result == -2 else "its reply stream already ended")
+        self._queues.pop(r.request_id, None)  # what this run queued meanwhile
+        self._fences.pop(r.request_id, None)
+        if r.ack is not None:  # not ours to ack: the owner acks when it finishes
+            self._released(r.ack)
+            r.ack = None
+        if self.on_fenced is not None:
+            try:
+                self.on_fenced(r.request_id)
+            except Exception:
+                log.exception("on_fenced callback failed for request %s", r.request_id)
+
+    def _released(self, entry: AckEntry) -> None:
+        if self.on_acked is not None:
+            try:
+                self.on_acked(entry)
+            except Exception:
+                log.exception("on_acked callback failed for entry %s", entry.entry_id)
+
+
+# -- reading a reply stream before a (re)start ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyState:
+    """What a reply stream already holds: the resume point of a request taken over from another worker."""
+
+    terminal: bool = False  # a done/error/cancelled event ends the stream: only ack the entry
+    n_started: int = 0  # started events so far; the next attempt number is n_started + 1
+    next_index: int = 0  # first token index not yet published
+    text_chars: int = 0  # characters of completion text already published (with tokens < next_index)
+    n_events: int = 0
+
+
+async def read_reply_state(client: aioredis.Redis, keys: Keys, request_id: str) -> ReplyState:
+    """Scan the request's reply stream (empty for a fresh request: one round trip)."""
+    key = keys.events(request_id)
+    n_started = next_index = text_chars = n_events = 0
+    start = "-"
+    while True:
+        entries = await client.xrange(key, min=start, max="+", count=_SCAN_COUNT)
+        for entry_id, fields in entries:
+            n_events += 1
+            try:
+                ev = decode_event(fields.get(b"data", b""))
+            except ProtocolError:
+                log.warning("request %s: unreadable event %s in reply stream ignored", request_id, entry_id)
+                continue
+            if isinstance(ev, TERMINAL_TYPES):
+                return ReplyState(True, n_started, next_index, text_chars, n_events)
+            if isinstance(ev, StartedEvent):
+                n_started += 1
+            elif isinstance(ev, TokenEvent) and ev.index == next_index:
+                # The same rule as the SDK: an event that does not continue the sequence is a duplicate.
+                next_index += len(ev.token_ids)
+                text_chars += len(ev.text)
+        if len(entries) < _SCAN_COUNT:
+            return ReplyState(False, n_started, next_index, text_chars, n_events)
+        last = entries[-1][0]
+        last = last.decode() if isinstance(last, bytes) else last
+        start = "(" + last
+
+
+def owner_key(keys: Keys, request_id: str) -> str:
+    """P:{r:<request_id>}:owner, the fence of the run publishing the request (the reply stream's slot)."""
+    return keys.events(request_id).removesuffix(":events") + ":owner"
