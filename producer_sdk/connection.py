@@ -65,7 +65,8 @@ assert SOCKET_TIMEOUT_S * 1000 > 2 * READ_BLOCK_MS
 
 # Errors after which a command (or a reader) may reconnect and try again. redis-py raises
 # AuthenticationError/AuthorizationError as ConnectionError subclasses: see is_transient().
-TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+# OSError: a refused connection while the server restarts can surface unwrapped.
+TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 
 _READER_BACKOFF: Final = ExponentialWithJitterBackoff(cap=READER_BACKOFF_CAP_S, base=READER_BACKOFF_BASE_S)
 

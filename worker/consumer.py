@@ -8,7 +8,8 @@ Thread-safety: event-loop only. `run`, `renew_leases` and `watch_cancels` are th
 
 Life of an entry here: read (or claimed) -> too many deliveries? dead letter -> decode ->
 reply stream already terminal? ack -> deadline passed? -> cancelled already? -> tokenize ->
-request check (admission.check_request) -> engine. Every path that does not start the request
+request check (admission.check_request) -> take the request's fence, read the resume point
+(publisher.py) -> engine. Every path that does not start the request
 publishes exactly one terminal event (when the request id is known) and then acks the entry;
 a started request acks when its terminal event is written (publisher.py). An entry is never
 acked otherwise, so a worker that dies leaves it pending for another to claim.
