@@ -1,24 +1,47 @@
-"""Multi-model benchmark: three models through one device budget, four residency strategies side by side.
+"""Multi-model benchmark: three models through one device budget, residency strategies side by side.
 
-    python bench/multimodel.py                       # reference shapes, budget 50 % of the weights
-    python bench/multimodel.py --quick               # 1/4-depth shapes, for a smoke run
-    python bench/multimodel.py --budget-fraction 0.65 --concurrency 1 4 16
+    python bench/multimodel.py                 # reference shapes; budget 50 % of the weights, then the smallest
+                                               # budget whole-model swapping runs in; 1, 4, 16 requests per model
+    python bench/multimodel.py --runs half --concurrency 16 --repeats 3
+    python bench/multimodel.py --quick         # 1/4-depth shapes, a smoke run (not the reference)
 
-Strategies (same engine, same kernels, same requests):
-  (a) layermux  — layer streaming with prefetch overlap and next-use (Belady) eviction; models that fit stay resident
-  (b) swap      — whole-model swapping: a model is copied in whole when scheduled, evicting others (what Ollama does)
-  (c) no-overlap— layer streaming, copies on demand only (prefetch depth 0)
-  (d) lru       — layer streaming with prefetch, LRU eviction
-Columns: aggregate generated tokens/s over the run; time to first token p50/p99; device bytes copied per generated
-token; the share of step time compute spent waiting on copies.
+Strategies (same engine, same kernels, same requests, same per-model slot split):
+  (a) layermux    layer streaming with prefetch overlap (depth 2) and next-use (Belady) eviction
+  (b) swap        whole-model swapping: a model is copied in whole when scheduled, evicting others. The engine
+                  interleaves models step by step, so with three busy models this swaps on (almost) every step.
+  (b') swap-drain what Ollama does with queued requests for several models: one model's requests run to completion
+                  before the next model is swapped in. Every request is still timed from t0.
+  (c) no-overlap  layer streaming, copies on demand only (prefetch depth 0)
+  (d) lru         layer streaming with prefetch, LRU eviction
+Columns: aggregate generated tokens/s over the timed run; time to first token p50/p99 (every request is submitted
+at t0); device bytes copied per generated token; copy wait = time compute spent waiting on copies / step time;
+ready = acquires of streamed layers that found the layer already on device; steps = engine steps.
+
+Budget split. Every streamed model needs its head (final norm + lm_head) resident, a workspace, and at least two
+layer slots (double buffering); the KV cache needs room for every request of the largest concurrency. What is
+left of the ledger cap is dealt out one layer slot at a time to the model with the smallest share of its layers
+on device, so every model keeps about the same share of its layers cached. Bytes copied per round of steps do not
+depend on the split (a slot of any model saves its own size once per round), so the equal-share split costs
+nothing in copies and sacrifices no model's latency to another's. The engine's greedy "auto" policy is not used:
+it decides at each load without knowing which models come next.
+
+Every cell runs in its own process (a fresh engine, and a failure such as an out-of-budget swap cannot take the
+table down) and starts with an untimed warm-up request per model: in this VM the first touch of a device page
+runs at ~1 GB/s against ~7 GB/s for a copy into a warm one, and whole-model swapping would otherwise pay it in the
+timed run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +49,27 @@ from engine import CapacityError, Engine, EngineConfig, SamplingParams
 from engine.model_factory import REFERENCE_SHAPES, make_model
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
-STRATEGIES = {
-    "(a) layermux": dict(residency="auto", prefetch_depth=2, eviction="belady"),
-    "(b) swap": dict(residency="swap", prefetch_depth=2, eviction="belady"),
-    "(c) no-overlap": dict(residency="auto", prefetch_depth=0, eviction="belady"),
-    "(d) lru": dict(residency="auto", prefetch_depth=2, eviction="lru"),
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "(a) layermux": {"residency": "split", "prefetch_depth": 2, "eviction": "belady"},
+    "(b) swap": {"residency": "swap", "prefetch_depth": 2, "eviction": "belady"},
+    "(b') swap-drain": {"residency": "swap", "prefetch_depth": 2, "eviction": "belady", "drain": True},
+    "(c) no-overlap": {"residency": "split", "prefetch_depth": 0, "eviction": "belady"},
+    "(d) lru": {"residency": "split", "prefetch_depth": 2, "eviction": "lru"},
 }
+CAP_FRACTION = EngineConfig().cap_fraction
+MIN_SLOTS = 2  # double buffering: compute on one layer while the next one copies
+CELL_TIMEOUT_S = 600
+MiB = 2**20
 
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- models
 
 def ensure_models(root: Path, quick: bool, dtype: str) -> dict[str, Path]:
+    """Creates the random reference-shape models once (written to a temporary folder, renamed when complete)."""
     out = {}
     for name in MODELS:
         shape = dict(REFERENCE_SHAPES[name])
@@ -42,112 +77,323 @@ def ensure_models(root: Path, quick: bool, dtype: str) -> dict[str, Path]:
             shape["n_layers"] = max(2, shape["n_layers"] // 4)
             shape["vocab"] = shape["vocab"] // 4
         d = root / f"{name}-{dtype}{'-quick' if quick else ''}"
-        if not (d / "config.json").is_file():
-            print(f"creating {d.name} (random weights) ...", file=sys.stderr, flush=True)
-            make_model(d, dtype=dtype, **shape)
+        if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+            tmp = d.with_name(d.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"creating {d} (random weights, {dtype}; a few minutes for the reference shapes) ...")
+            def progress(done: int, total: int, tensor: str, name: str = name, t0: float = time.perf_counter()) -> None:
+                if done % 24 == 0 or done == total:
+                    log(f"  {name}: {done}/{total} tensors written ({time.perf_counter() - t0:.0f} s)")
+
+            make_model(tmp, dtype=dtype, progress=progress, **shape)
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
         out[name] = d
     return out
 
+
+@dataclass(frozen=True)
+class Sizes:
+    """Device bytes of one model, measured by loading it."""
+
+    n_layer: int
+    weight_bytes: int  # all units: layers + head
+    layer_bytes: int  # one layer unit (= one slot)
+    head_bytes: int  # final norm + lm_head
+    ws_bytes: int  # activation workspace
+    kv_bytes: int  # KV blocks of one request at full length (prompt + generated)
+
+
+def measure_sizes(dirs: dict[str, Path], max_context: int, n_tokens: int, threads: int,
+                  max_batch_tokens: int) -> dict[str, Sizes]:
+    out = {}
+    with Engine(EngineConfig(budget_bytes=64 << 30, n_threads=threads, max_batch_tokens=max_batch_tokens)) as probe:
+        for n, d in dirs.items():
+            m = probe.load_model(n, d, residency="streamed", stream_slots=1, max_context=max_context)
+            layer = (m["weight_bytes"] - m["device_weight_bytes"]) // (m["n_layer"] - 1)
+            out[n] = Sizes(n_layer=m["n_layer"], weight_bytes=m["weight_bytes"], layer_bytes=layer,
+                           head_bytes=m["device_weight_bytes"] - layer, ws_bytes=m["workspace_bytes"],
+                           kv_bytes=probe.kv_bytes_for(n, n_tokens))
+    return out
+
+
+# --------------------------------------------------------------------------- the budget split
+
+@dataclass
+class Split:
+    budget: int
+    cap: int
+    kv_room: int
+    slots: dict[str, int]  # streamed layer slots per model (n_layer: every layer on device, loaded resident)
+    left: int  # cap bytes no slot could use
+
+    def device_bytes(self, n: str, s: Sizes) -> int:
+        return s.head_bytes + self.slots[n] * s.layer_bytes
+
+
+def split_budget(budget: int, sizes: dict[str, Sizes], max_conc: int) -> Split | None:
+    """The per-model slot counts for a budget (see the module docstring); None when the minimums do not fit."""
+    cap = int(budget * CAP_FRACTION)
+    kv_room = sum(max_conc * s.kv_bytes for s in sizes.values())
+    slots = {n: MIN_SLOTS for n in sizes}
+    used = kv_room + sum(s.ws_bytes + s.head_bytes + MIN_SLOTS * s.layer_bytes for s in sizes.values())
+    if used > cap:
+        return None
+    while True:
+        cands = [n for n, s in sizes.items() if slots[n] < s.n_layer and used + s.layer_bytes <= cap]
+        if not cands:
+            break
+        n = min(cands, key=lambda n: (slots[n] / sizes[n].n_layer, sizes[n].layer_bytes))
+        slots[n] += 1
+        used += sizes[n].layer_bytes
+    return Split(budget, cap, kv_room, slots, cap - used)
+
+
+def swap_min_budget(sizes: dict[str, Sizes], max_conc: int) -> tuple[int, int]:
+    """The smallest budget whole-model swapping runs in, and the fragmentation allowance inside it.
+
+    The cap must hold the largest model whole, every workspace (booked at load) and the KV room. KV blocks
+    booked between swaps stay where first-fit put them and cut the free space into holes, and a hole can waste
+    up to one unit that does not fit in it: the allowance is one layer of the largest model. It is empirical:
+    at the reference shapes the swap-in of Llama-3.2-1B found no hole at 16 requests per model without it
+    (2856 MiB: the engine aborts), and ran at 1, 4 and 16 from 2880 MiB up. The 1/4-depth smoke shapes need
+    more (their (b) rows may read n/a).
+    """
+    big = max(sizes.values(), key=lambda s: s.weight_bytes)
+    allowance = big.layer_bytes
+    need = big.weight_bytes + sum(s.ws_bytes + max_conc * s.kv_bytes for s in sizes.values()) + allowance
+    return math.ceil(need / CAP_FRACTION / MiB) * MiB, allowance
+
+
+def describe_split(sp: Split, sizes: dict[str, Sizes]) -> list[str]:
+    lines = [(f"  ledger cap {sp.cap / MiB:.0f} MiB (= {CAP_FRACTION:.0%} of the budget); KV room "
+              f"{sp.kv_room / MiB:.0f} MiB (every request of the largest concurrency at full length)")]
+    for n, s in sizes.items():
+        k = sp.slots[n]
+        lines.append(f"  {n:<14} head {s.head_bytes / MiB:5.0f} MiB + {k:2d}/{s.n_layer:2d} layers x "
+                     f"{s.layer_bytes / MiB:5.1f} MiB = {sp.device_bytes(n, s) / MiB:5.0f} MiB of "
+                     f"{s.weight_bytes / MiB:5.0f} MiB weights ({k / s.n_layer:.0%} of layers on device), "
+                     f"workspace {s.ws_bytes / MiB:.0f} MiB")
+    lines.append(f"  unassigned: {sp.left / MiB:.0f} MiB (smaller than any model's next layer)")
+    return lines
+
+
+# --------------------------------------------------------------------------- one measurement (child process)
 
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def run_one(dirs: dict[str, Path], budget: int, strategy: dict[str, Any], conc: int, max_tokens: int,
-            prompt_len: int, threads: int) -> dict[str, Any]:
+def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: dict[str, int],
+            strategy: dict[str, Any], conc: int, max_tokens: int, prompt_len: int, threads: int,
+            max_batch_tokens: int) -> dict[str, Any]:
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
-                       eviction=strategy["eviction"], max_batch_tokens=max(256, prompt_len))
+                       eviction=strategy["eviction"], max_batch_tokens=max_batch_tokens)
+    max_context = prompt_len + max_tokens + 16
     with Engine(cfg) as eng:
-        # Largest first: auto residency is decided at load, greedily.
-        for name, d in sorted(dirs.items(), key=lambda kv: -sum(f.stat().st_size for f in kv[1].glob("*.safetensors"))):
+        for name, d in dirs.items():
+            if strategy["residency"] == "swap":
+                kw: dict[str, Any] = {"residency": "swap"}
+            elif slots[name] >= sizes[name].n_layer:
+                kw = {"residency": "resident"}
+            else:
+                kw = {"residency": "streamed", "stream_slots": slots[name]}
             try:
-                eng.load_model(name, d, residency=strategy["residency"], max_context=prompt_len + max_tokens + 16)
+                eng.load_model(name, d, max_context=max_context, **kw)
             except CapacityError as e:
                 return {"error": f"{name}: {str(e).split(';')[0]}"}
-        residency = {n: ("resident" if m["resident"] else f"{m['n_slots']} slots") for n, m in eng.models().items()}
-        if strategy["residency"] == "swap":
-            residency = {n: "swap" for n in dirs}
-        t_submit: dict[int, float] = {}
+        # Warm-up, untimed (see the module docstring): one short request per model.
+        warm = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        for i, name in enumerate(dirs):
+            eng.submit(-1 - i, name, [10, 11, 12, 13], warm)
+        n_open = len(dirs)
+        while n_open:
+            n_open -= sum(ev.kind != "token" for ev in eng.wait_events(10.0))
+        st0 = eng.stats()
         t_first: dict[int, float] = {}
+        batches: list[list[tuple[int, str, list[int]]]] = []
         rid = 0
-        t0 = time.perf_counter()
-        for i in range(conc):
-            for j, name in enumerate(dirs):
+        for name in dirs:
+            batch = []
+            for _ in range(conc):
                 rid += 1
-                prompt = [(rid * 31 + k) % 1000 + 10 for k in range(prompt_len)]
-                t_submit[rid] = time.perf_counter()
-                eng.submit(rid, name, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-        open_ids = set(t_submit)
+                batch.append((rid, name, [(rid * 31 + k) % 1000 + 10 for k in range(prompt_len)]))
+            batches.append(batch)
+        if not strategy.get("drain"):  # everything at once, interleaved across models
+            batches = [[r for i in range(conc) for r in (b[i] for b in batches)]]
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         n_tokens = 0
-        while open_ids:
-            for ev in eng.wait_events(10.0):
-                if ev.kind == "token":
-                    n_tokens += 1
-                    t_first.setdefault(ev.req_id, time.perf_counter())
-                elif ev.kind == "error":
-                    raise RuntimeError(ev.message)
-                else:
-                    open_ids.discard(ev.req_id)
+        t0 = time.perf_counter()  # every request counts as submitted now; drain mode holds later models back
+        for batch in batches:
+            for r, name, prompt in batch:
+                eng.submit(r, name, prompt, params)
+            open_ids = {r for r, _, _ in batch}
+            while open_ids:
+                for ev in eng.wait_events(10.0):
+                    if ev.kind == "token":
+                        n_tokens += 1
+                        t_first.setdefault(ev.req_id, time.perf_counter())
+                    elif ev.kind == "error":
+                        raise RuntimeError(ev.message)
+                    else:
+                        open_ids.discard(ev.req_id)
         wall = time.perf_counter() - t0
-        st = eng.stats()
-        ttft = [1000 * (t_first[r] - t_submit[r]) for r in t_first]
-        return {
-            "tok_s": n_tokens / wall,
-            "ttft_p50": pct(ttft, 0.5),
-            "ttft_p99": pct(ttft, 0.99),
-            "copied_per_tok": st["bytes_copied"] / max(1, n_tokens),
-            "wait_frac": st["copy_wait_ms"] / max(1e-9, st["step_ms_total"]),
-            "residency": residency,
-            "wall_s": wall,
-        }
+        st1 = eng.stats()
+    st = {k: st1[k] - st0[k] for k in ("bytes_copied", "copy_wait_ms", "step_ms_total", "n_hits", "n_misses",
+                                       "n_preemptions", "n_steps")}
+    ttft = [1000 * (t - t0) for t in t_first.values()]
+    n_acq = st["n_hits"] + st["n_misses"]
+    return {
+        "tok_s": n_tokens / wall,
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "copied_per_tok": st["bytes_copied"] / max(1, n_tokens),
+        "wait_frac": st["copy_wait_ms"] / max(1e-9, st["step_ms_total"]),
+        "ready": st["n_hits"] / n_acq if n_acq and strategy["residency"] != "swap" else float("nan"),
+        "n_steps": st["n_steps"],
+        "n_preemptions": st["n_preemptions"],
+        "wall_s": wall,
+    }
+
+
+def cell_main(spec: dict[str, Any]) -> int:
+    sizes = {n: Sizes(**s) for n, s in spec["sizes"].items()}
+    r = run_one({n: Path(d) for n, d in spec["dirs"].items()}, sizes, spec["budget"], spec["slots"],
+                STRATEGIES[spec["strategy"]], spec["conc"], spec["max_tokens"], spec["prompt_len"], spec["threads"],
+                spec["max_batch_tokens"])
+    print(json.dumps(r))
+    return 0
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in a fresh process; an engine abort becomes an error row."""
+    try:
+        p = subprocess.run([sys.executable, __file__, "--cell", json.dumps(spec)], check=False,
+                           capture_output=True, text=True, timeout=CELL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CELL_TIMEOUT_S} s"}
+    if p.returncode == 0:
+        return dict(json.loads(p.stdout.strip().splitlines()[-1]))
+    lines = [ln.strip() for ln in p.stderr.strip().splitlines() if ln.strip()]
+    return {"error": f"engine process died (exit {p.returncode}): " + (lines[-1] if lines else "no output")}
+
+
+def median_of(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    if any("error" in r for r in rs):
+        return next(r for r in rs if "error" in r)
+    out = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    out["tok_s_runs"] = sorted(r["tok_s"] for r in rs)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+HEADER = (f"{'strategy':<16}{'req/model':>10}{'tok/s':>8}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
+          f"{'MiB copied/tok':>16}{'copy wait':>11}{'ready':>7}{'steps':>7}{'wall s':>8}")
+
+
+def row(sname: str, conc: int, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{sname:<16}{conc:>10}     n/a — {r['error']}"
+    ready = "-" if math.isnan(r["ready"]) else f"{r['ready']:.0%}"
+    return (f"{sname:<16}{conc:>10}{r['tok_s']:>8.2f}{r['ttft_p50']:>13.0f}{r['ttft_p99']:>13.0f}"
+            f"{r['copied_per_tok'] / MiB:>16.1f}{r['wait_frac']:>11.1%}{ready:>7}{r['n_steps']:>7.0f}"
+            f"{r['wall_s']:>8.1f}" + (f"  ({r['n_preemptions']:.0f} preemptions)" if r["n_preemptions"] else "")
+            + ("  tok/s runs " + " ".join(f"{x:.1f}" for x in r["tok_s_runs"]) if len(r["tok_s_runs"]) > 1 else ""))
+
+
+def run_table(title: str, dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, args: argparse.Namespace,
+              note: str = "") -> dict[tuple[str, int], dict[str, Any]]:
+    total = sum(s.weight_bytes for s in sizes.values())
+    sp = split_budget(budget, sizes, max(args.concurrency))
+    print(f"\n## {title}: budget {budget / MiB:.0f} MiB = {budget / total:.1%} of the {total / MiB:.0f} MiB of weights")
+    if note:
+        print(note)
+    if sp is None:
+        print("  the streaming minimums (head + 2 slots + workspace per model, plus KV room) do not fit")
+        return {}
+    print("\n".join(describe_split(sp, sizes)))
+    big = max(sizes, key=lambda n: sizes[n].weight_bytes)
+    swap_room = sp.cap - sum(s.ws_bytes for s in sizes.values())
+    if sizes[big].weight_bytes > swap_room:
+        print(f"  whole-model swapping: {big} alone needs {sizes[big].weight_bytes / MiB:.0f} MiB of weights but at "
+              f"most {swap_room / MiB:.0f} MiB of the cap are left after the workspaces: (b) cannot run here")
+    print()
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for conc in args.concurrency:
+        # Repeats go round the strategies, so a slow spell of the shared machine hits each about equally.
+        runs: dict[str, list[dict[str, Any]]] = {sname: [] for sname in args.strategies}
+        for rep in range(args.repeats):
+            for sname in args.strategies:
+                if runs[sname] and "error" in runs[sname][-1]:
+                    continue  # an error repeats identically (no budget for swapping, an abort)
+                spec = {"dirs": {n: str(d) for n, d in dirs.items()},
+                        "sizes": {n: asdict(s) for n, s in sizes.items()}, "budget": budget, "slots": sp.slots,
+                        "strategy": sname, "conc": conc, "max_tokens": args.max_tokens,
+                        "prompt_len": args.prompt_len, "threads": args.threads,
+                        "max_batch_tokens": args.max_batch_tokens}
+                log(f"  [{time.strftime('%H:%M:%S')}] {title} | {sname} | {conc} req/model | run {rep + 1} ...")
+                runs[sname].append(run_cell(spec))
+        for sname in args.strategies:
+            results[(sname, conc)] = median_of(runs[sname])
+            print(row(sname, conc, results[(sname, conc)]), flush=True)
+    for conc in args.concurrency:
+        a = results.get(("(a) layermux", conc))
+        for b_name in ("(b) swap", "(b') swap-drain"):
+            b = results.get((b_name, conc))
+            if a and b and "error" not in a and "error" not in b:
+                print(f"(a) / {b_name.split()[0]} tokens/s at {conc:>2} requests per model: "
+                      f"{a['tok_s'] / b['tok_s']:.2f}x  (TTFT p50 {a['ttft_p50']:.0f} vs {b['ttft_p50']:.0f} ms)")
+    return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1/4-depth models, fewer tokens")
-    ap.add_argument("--budget-fraction", type=float, default=0.5, help="device budget as a share of all weight bytes")
+    ap.add_argument("--quick", action="store_true", help="1/4-depth models (a smoke run, not the reference)")
+    ap.add_argument("--budget-fraction", type=float, default=0.5, help="run 'half': budget as a share of all weights")
+    ap.add_argument("--runs", nargs="+", default=["half", "swap-min"], choices=["half", "swap-min"],
+                    help="half: --budget-fraction of the weights; swap-min: the smallest budget (b) runs in")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="requests per model")
-    ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--max-batch-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per cell; the table shows the median")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--models-dir", type=Path, default=Path(__file__).resolve().parent.parent / "build" / "bench-models")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one measurement, print it as JSON
     args = ap.parse_args()
-    max_tokens = args.max_tokens or (8 if args.quick else 32)
+    if args.cell:
+        return cell_main(json.loads(args.cell))
+    t_start = time.perf_counter()
     dirs = ensure_models(args.models_dir, args.quick, args.dtype)
-    with Engine(EngineConfig(budget_bytes=64 << 30)) as probe:
-        weights = {}
-        for n, d in dirs.items():
-            weights[n] = probe.load_model(n, d, residency="streamed", stream_slots=1,
-                                          max_context=args.prompt_len + max_tokens + 16)["weight_bytes"]
-    total = sum(weights.values())
-    budget = int(total * args.budget_fraction)
-    print(f"weights: " + ", ".join(f"{n} {w / 2**20:.0f} MiB" for n, w in weights.items())
-          + f"; total {total / 2**20:.0f} MiB; budget {budget / 2**20:.0f} MiB ({args.budget_fraction:.0%}); "
-          f"{args.threads} threads; {max_tokens} tokens/request, prompt {args.prompt_len}")
-    header = f"{'strategy':<16}{'req/model':>10}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}" \
-             f"{'MiB copied/tok':>16}{'copy wait':>11}  residency"
-    print(header)
-    print("-" * len(header))
-    results: dict[tuple[str, int], dict[str, Any]] = {}
-    for conc in args.concurrency:
-        for sname in args.strategies:
-            r = run_one(dirs, budget, STRATEGIES[sname], conc, max_tokens, args.prompt_len, args.threads)
-            results[(sname, conc)] = r
-            if "error" in r:
-                print(f"{sname:<16}{conc:>10}   n/a: {r['error']}")
-                continue
-            res = ", ".join(f"{n.split('-')[0]}:{v}" for n, v in r["residency"].items())
-            print(f"{sname:<16}{conc:>10}{r['tok_s']:>9.1f}{r['ttft_p50']:>13.0f}{r['ttft_p99']:>13.0f}"
-                  f"{r['copied_per_tok'] / 2**20:>16.1f}{r['wait_frac']:>10.0%}  {res}", flush=True)
-    for conc in args.concurrency:
-        a, b = results.get(("(a) layermux", conc)), results.get(("(b) swap", conc))
-        if a and b and "error" not in a and "error" not in b:
-            print(f"(a)/(b) at {conc} requests per model: {a['tok_s'] / b['tok_s']:.2f}x")
+    max_context = args.prompt_len + args.max_tokens + 16
+    sizes = measure_sizes(dirs, max_context, args.prompt_len + args.max_tokens, args.threads, args.max_batch_tokens)
+    total = sum(s.weight_bytes for s in sizes.values())
+    print(f"# layermux multi-model benchmark ({'1/4-depth smoke shapes' if args.quick else 'reference shapes'}, "
+          f"{args.dtype} weights as stored, random values)")
+    print("weights: " + ", ".join(f"{n} {s.weight_bytes / MiB:.0f} MiB" for n, s in sizes.items())
+          + f"; total {total / MiB:.0f} MiB")
+    print(f"{args.threads} compute threads; each request: prompt {args.prompt_len} tokens, {args.max_tokens} generated "
+          f"(greedy, EOS ignored); all requests submitted at t0; at most {args.max_batch_tokens} tokens per step; "
+          f"median of {args.repeats} run(s) per cell")
+    for run in args.runs:
+        if run == "half":
+            run_table(f"budget {args.budget_fraction:.0%} of the weights", dirs, sizes,
+                      int(total * args.budget_fraction), args)
+        else:
+            budget, allowance = swap_min_budget(sizes, max(args.concurrency))
+            big = max(sizes.values(), key=lambda s: s.weight_bytes)
+            note = (f"  = (largest model {big.weight_bytes / MiB:.0f} MiB + workspaces + KV room + fragmentation "
+                    f"allowance {allowance / MiB:.0f} MiB) / {CAP_FRACTION:.0%} cap")
+            run_table("smallest budget whole-model swapping runs in", dirs, sizes, budget, args, note)
+    print(f"\ntotal bench time {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
