@@ -240,13 +240,15 @@ def test_cancel_stops_a_running_request(start_worker: Any, redis_url: str) -> No
 def test_arq_job_path_returns_what_the_stream_path_returns(start_worker: Any, redis_url: str) -> None:
     from arq import create_pool
     from arq.connections import RedisSettings
+    from arq.jobs import SerializationError
 
-    from worker.arq_app import GenerationError
+    from worker.arq_app import GenerationError, job_deserializer, job_serializer
 
     start_worker("w1")
 
     async def run() -> None:
-        pool = await create_pool(RedisSettings.from_dsn(redis_url))
+        pool = await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=job_serializer,
+                                 job_deserializer=job_deserializer)
         try:
             async with AsyncProducer(redis_url, prefix=PREFIX) as producer:
                 for model in MODEL_SHAPES:
@@ -266,10 +268,12 @@ def test_arq_job_path_returns_what_the_stream_path_returns(start_worker: Any, re
                     assert len((await chat.result(timeout=WAIT_S))["token_ids"]) >= 1
                 job = await pool.enqueue_job("generate", "m-qwen", prompt="x", max_tokens=9000)
                 assert job is not None
-                with pytest.raises(GenerationError) as e:
+                with pytest.raises(SerializationError) as e:  # orjson on the wire: the error comes back as data
                     await job.result(timeout=WAIT_S)
-                assert e.value.code == "max_tokens_over_limit"
-                assert e.value.details == {"needed": 9000, "limit": 8192}
+                failure = e.value.args[0]
+                assert failure["error"] == GenerationError.__name__
+                assert failure["code"] == "max_tokens_over_limit"
+                assert failure["details"] == {"needed": 9000, "limit": 8192}
         finally:
             await pool.aclose()
 

@@ -3,8 +3,10 @@ the `generate` job, and `run(config_path)` (for `layermux worker --config FILE`)
 Changed by: the worker; the CLI (worker/cli.py) calls `run` only.
 Thread-safety: one worker per process (it owns the device); `run` blocks until shutdown.
 
-    # async job pipeline, any process:
-    pool = await arq.create_pool(RedisSettings.from_dsn(url))
+    # async job pipeline, any process (orjson on the wire, never pickle):
+    from worker.arq_app import job_deserializer, job_serializer
+    pool = await arq.create_pool(RedisSettings.from_dsn(url), job_serializer=job_serializer,
+                                 job_deserializer=job_deserializer)
     job = await pool.enqueue_job("generate", "smol", prompt="Hello", max_tokens=32, temperature=0.0)
     result = await job.result()        # {text, token_ids, finish_reason, usage}
 
@@ -22,7 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+
 from typing import Any, Final
+
+import orjson
 
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
@@ -121,8 +126,34 @@ class _Worker(Worker):
             log.warning("arq: polling Redis failed (%s); trying again at the next poll", e)
 
 
+def _encode_default(obj: object) -> object:
+    if isinstance(obj, BaseException):  # a failed job's result: its type, code and numbers, not a pickle
+        out: dict[str, object] = {"error": type(obj).__name__, "message": str(obj)}
+        for field in ("code", "details"):
+            if hasattr(obj, field):
+                out[field] = getattr(obj, field)
+        return out
+    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+def job_serializer(obj: Any) -> bytes:
+    """arq's job and result encoding: orjson, so no pickle ever crosses the wire.
+
+    A failed job's result comes back to `job.result()` as arq's SerializationError whose
+    argument is {"error", "message", "code", "details"}.
+    """
+    return orjson.dumps(obj, default=_encode_default)
+
+
+def job_deserializer(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
 class WorkerSettings:
     """`arq worker.arq_app.WorkerSettings`: settings from env LAYERMUX_CONFIG / LAYERMUX_* at import."""
+
+    job_serializer = staticmethod(job_serializer)
+    job_deserializer = staticmethod(job_deserializer)
 
     functions = (func(generate, name="generate", max_tries=3),)
     on_startup = on_startup
@@ -156,6 +187,8 @@ def run(config_path: str | None = None) -> None:
             job_timeout=JOB_TIMEOUT_S,
             max_jobs=_max_jobs(settings),
             keep_result=WorkerSettings.keep_result,
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
             ctx={CTX_SETTINGS: settings},
         )
         try:
