@@ -150,7 +150,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def machine_line() -> str:
+def machine_line(n_threads: int = N_THREADS) -> str:
     cpu = "unknown cpu"
     try:
         for ln in Path("/proc/cpuinfo").read_text().splitlines():
@@ -161,7 +161,7 @@ def machine_line() -> str:
         pass
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"machine: {cpu}, {os.cpu_count()} cpus, python {platform.python_version()}, "
-            f"load average {load:.1f} at start, {N_THREADS} compute threads everywhere")
+            f"load average {load:.1f} at start, {n_threads} compute threads everywhere")
 
 
 # --------------------------------------------------------------------------- models

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.weights, args.hf_weights, args.cli_weights = "bf16,q8_0", "f32", "bf16"
         args.repeats, args.prefill_tokens, args.decode_tokens = 1, 128, 16
 
-    print(machine_line(), flush=True)
+    print(machine_line(args.threads), flush=True)
     model_dir = ensure_model(args.preset)
     engines = {"layermux (facade)": _csv(args.weights), "layermux generate": _csv(args.cli_weights),
                "HF transformers": _csv(args.hf_weights)}

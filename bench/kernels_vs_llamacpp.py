@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown models {sorted(unknown)}; choose from {ALL_MODELS}")
 
-    print(machine_line(), flush=True)
+    print(machine_line(args.threads), flush=True)
     log("measuring read bandwidth (1 GiB, numpy)")
     bw = read_bandwidth_gbs(repeats=3 if args.quick else 5, n_threads=max(args.threads, 1))
     print(f"read bandwidth: {bw.read_gbs:.1f} GB/s (1 thread {bw.read_1t_gbs:.1f}), copy {bw.copy_gbs:.1f} GB/s "
