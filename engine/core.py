@@ -33,6 +33,9 @@ class EngineConfig:
     max_batch_tokens: int = 512
     max_seqs_per_step: int = 64
     kv_reserve_fraction: float = 0.25
+    # "exact": bitwise the same tokens on every CPU; "fast": bf16 weights use the CPU's bf16
+    # dot product (AVX512_BF16) with activations rounded to bf16 — faster prefill, not bitwise.
+    matmul_precision: str = "exact"
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Engine:
             max_batch_tokens=cfg.max_batch_tokens,
             max_seqs_per_step=cfg.max_seqs_per_step,
             kv_reserve_fraction=cfg.kv_reserve_fraction,
+            matmul_precision=cfg.matmul_precision,
         )
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

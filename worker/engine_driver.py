@@ -126,7 +126,7 @@ def _default_engine_factory(settings: Settings) -> Any:
     return Engine(EngineConfig(
         budget_bytes=d.budget, cap_fraction=d.cap_fraction, n_threads=d.n_threads,
         prefetch_depth=d.prefetch_depth, eviction=d.eviction, kv_block_tokens=d.kv_block_tokens,
-        max_batch_tokens=d.max_batch_tokens))
+        max_batch_tokens=d.max_batch_tokens, matmul_precision=d.matmul_precision))
 
 
 def _default_tokenizer_factory(path: str) -> Any:

@@ -106,6 +106,8 @@ class DeviceSettings(_Section):
     eviction: Literal["belady", "lru"] = "belady"
     kv_block_tokens: int = Field(default=16, ge=1)
     max_batch_tokens: int = Field(default=512, ge=1)
+    matmul_precision: Literal["exact", "fast"] = Field(
+        default="exact", description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them")
 
 
 class ModelSettings(_Section):

@@ -120,7 +120,7 @@ PYBIND11_MODULE(_core, m) {
     py::class_<Engine>(m, "Engine")
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth,
                          const std::string& eviction, int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step,
-                         double kv_reserve_fraction) {
+                         double kv_reserve_fraction, const std::string& matmul_precision) {
                  EngineConfig c;
                  c.budget_bytes = budget_bytes;
                  c.cap_fraction = cap_fraction;
@@ -131,11 +131,13 @@ PYBIND11_MODULE(_core, m) {
                  c.max_batch_tokens = max_batch_tokens;
                  c.max_seqs_per_step = max_seqs_per_step;
                  c.kv_reserve_fraction = kv_reserve_fraction;
+                 c.matmul_precision = matmul_precision;
                  return std::make_unique<Engine>(c);
              }),
              py::arg("budget_bytes"), py::arg("cap_fraction") = 0.9, py::arg("n_threads") = 0,
              py::arg("prefetch_depth") = 2, py::arg("eviction") = "belady", py::arg("kv_block_tokens") = 16,
-             py::arg("max_batch_tokens") = 512, py::arg("max_seqs_per_step") = 64, py::arg("kv_reserve_fraction") = 0.25)
+             py::arg("max_batch_tokens") = 512, py::arg("max_seqs_per_step") = 64, py::arg("kv_reserve_fraction") = 0.25,
+             py::arg("matmul_precision") = "exact")
         .def(
             "load_model",
             [](Engine& e, const py::dict& spec, const std::string& residency, double sched_weight, int max_running,

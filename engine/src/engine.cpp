@@ -2,6 +2,7 @@
 // Owner: engine core. Thread-safety: see engine.h. Lock order: mu_ before ev_mu_;
 // the step thread never holds mu_ while computing.
 #include "engine.h"
+#include "kernels/kernels.h"
 
 #include <sched.h>
 #include <sys/eventfd.h>
@@ -48,6 +49,12 @@ Engine::Engine(const EngineConfig& cfg)
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
+    if (cfg.matmul_precision == "exact")
+        set_matmul_precision(MatmulPrecision::exact);
+    else if (cfg.matmul_precision == "fast")
+        set_matmul_precision(MatmulPrecision::fast);
+    else
+        throw InvalidArgument("matmul_precision: expected 'exact' or 'fast', found '" + cfg.matmul_precision + "'");
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) throw Error(std::string("eventfd: ") + std::strerror(errno));
     scratch_.resize(static_cast<size_t>(pool_.n_threads()));

@@ -45,6 +45,9 @@ struct EngineConfig {
     int max_batch_tokens = 512;
     int max_seqs_per_step = 64;
     double kv_reserve_fraction = 0.25;  // of the cap, kept free for KV when deciding residency
+    // "exact" (bitwise the same on every ISA) or "fast" (denser dot products where the CPU has
+    // them; see kernels.h). Process-wide: the last engine constructed decides.
+    std::string matmul_precision = "exact";
 };
 
 struct ModelLoadOptions {
