@@ -10,7 +10,7 @@ are also what the worker imports. Pure Python: redis, orjson, pydantic; no compi
 """
 
 from .client import AsyncProducer, Producer, build_request
-from .enqueue import EnqueueOutcome, enqueue_keys, enqueue_script_source, parse_enqueue_reply
+from .enqueue import EnqueueOutcome, enqueue_args, enqueue_keys, enqueue_script_source, parse_enqueue_reply
 from .errors import (
     DeadlineExceededError,
     LayermuxClientError,
@@ -23,7 +23,7 @@ from .errors import (
     WorkerFailureError,
 )
 from .handle import AsyncHandle, Handle
-from .keys import CONSUMER_GROUP, Keys
+from .keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys, priority_band
 from .protocol import (
     PROTOCOL_VERSION,
     CancelledEvent,
@@ -61,6 +61,7 @@ __all__ = [
     "Event",
     "Handle",
     "Keys",
+    "PRIORITY_BANDS",
     "LayermuxClientError",
     "Producer",
     "ProtocolError",
@@ -82,6 +83,8 @@ __all__ = [
     "decode_request",
     "encode_event",
     "encode_request",
+    "enqueue_args",
+    "priority_band",
     "enqueue_keys",
     "enqueue_script_source",
     "parse_enqueue_reply",

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio
 
 from .connection import DEFAULT_REDIS_URL, make_async_client, make_sync_client
-from .enqueue import EnqueueOutcome, enqueue_keys, enqueue_script_source, parse_enqueue_reply
+from .enqueue import EnqueueOutcome, enqueue_args, enqueue_keys, enqueue_script_source, parse_enqueue_reply
 from .errors import ProtocolError, QueueFullError, UnknownModelError
 from .handle import AsyncHandle, Handle
 from .keys import Keys, check_model_name, check_request_id
@@ -177,7 +177,8 @@ class AsyncProducer:
             priority=priority, deadline_s=deadline_s, request_id=request_id,
         )  # fmt: skip
         reply = await self._enqueue(
-            keys=enqueue_keys(self.keys, model), args=[message.request_id, encode_request(message)]
+            keys=enqueue_keys(self.keys, model),
+            args=enqueue_args(message.request_id, encode_request(message), message.priority),
         )
         outcome = parse_enqueue_reply(reply)
         _raise_for_outcome(outcome, model, message.request_id)
@@ -250,7 +251,8 @@ class Producer:
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             priority=priority, deadline_s=deadline_s, request_id=request_id,
         )  # fmt: skip
-        reply = self._enqueue(keys=enqueue_keys(self.keys, model), args=[message.request_id, encode_request(message)])
+        reply = self._enqueue(keys=enqueue_keys(self.keys, model),
+                              args=enqueue_args(message.request_id, encode_request(message), message.priority))
         outcome = parse_enqueue_reply(reply)
         _raise_for_outcome(outcome, model, message.request_id)
         return Handle(

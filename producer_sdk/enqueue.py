@@ -15,9 +15,9 @@ from importlib import resources
 from typing import Final, Literal, TypeAlias
 
 from .errors import ProtocolError
-from .keys import Keys
+from .keys import PRIORITY_BANDS, Keys, priority_band
 
-__all__ = ["EnqueueOutcome", "EnqueueStatus", "enqueue_keys", "enqueue_script_source", "parse_enqueue_reply"]
+__all__ = ["EnqueueOutcome", "EnqueueStatus", "enqueue_args", "enqueue_keys", "enqueue_script_source", "parse_enqueue_reply"]
 
 ENQUEUE_SCRIPT_FILE: Final = "enqueue.lua"
 
@@ -31,8 +31,13 @@ def enqueue_script_source() -> str:
 
 
 def enqueue_keys(keys: Keys, model: str) -> list[str]:
-    """KEYS of the script, in its order: request stream, ids hash, limits hash."""
-    return [keys.req(model), keys.ids(model), keys.limits(model)]
+    """KEYS of the script, in its order: the request streams (high, normal, low), ids hash, limits hash."""
+    return [*keys.req_streams(model), keys.ids(model), keys.limits(model)]
+
+
+def enqueue_args(request_id: str, payload: bytes, priority: int) -> list[str | bytes | int]:
+    """ARGV of the script: request id, payload, and the 1-based index of the priority's band."""
+    return [request_id, payload, PRIORITY_BANDS.index(priority_band(priority)) + 1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,20 +14,32 @@ from typing import Final
 
 __all__ = [
     "CONSUMER_GROUP",
+    "PRIORITY_BANDS",
     "MODEL_NAME_PATTERN",
     "PREFIX_PATTERN",
     "REQUEST_ID_PATTERN",
     "Keys",
     "check_model_name",
     "check_request_id",
+    "priority_band",
 ]
 
 MODEL_NAME_PATTERN: Final = r"[A-Za-z0-9._-]{1,64}"
 REQUEST_ID_PATTERN: Final = r"[A-Za-z0-9._:-]{1,128}"
 PREFIX_PATTERN: Final = r"[A-Za-z0-9._:-]{1,64}"
 
-# The consumer group every worker joins on a model's request stream.
+# The consumer group every worker joins on each of a model's request streams.
 CONSUMER_GROUP: Final = "workers"
+
+# A model's requests wait in one stream per priority band (Redis streams are FIFO and a
+# consumer group delivers in order, so priority needs separate streams, as Celery's Redis
+# transport does with its priority steps). Listed highest first; "normal" is priority 0.
+PRIORITY_BANDS: Final = ("high", "normal", "low")
+
+
+def priority_band(priority: int) -> str:
+    """The band of a request priority: > 0 high, 0 normal, < 0 low."""
+    return "high" if priority > 0 else "low" if priority < 0 else "normal"
 
 _MODEL_RE: Final = re.compile(MODEL_NAME_PATTERN)
 _REQUEST_ID_RE: Final = re.compile(REQUEST_ID_PATTERN)
@@ -64,9 +76,16 @@ class Keys:
     def _model_key(self, model: str, suffix: str) -> str:
         return f"{self.prefix}:{{m:{check_model_name(model)}}}:{suffix}"
 
-    def req(self, model: str) -> str:
-        """Stream of request entries (field `data`), consumer group CONSUMER_GROUP."""
-        return self._model_key(model, "req")
+    def req(self, model: str, band: str = "normal") -> str:
+        """Stream of one priority band's request entries (field `data`), consumer group CONSUMER_GROUP.
+        The normal band keeps the plain name `req`; the others are `req:high` and `req:low`."""
+        if band not in PRIORITY_BANDS:
+            raise ValueError(f"priority band: expected one of {PRIORITY_BANDS}, found {band!r}")
+        return self._model_key(model, "req" if band == "normal" else f"req:{band}")
+
+    def req_streams(self, model: str) -> list[str]:
+        """The model's request streams, one per band in PRIORITY_BANDS order (highest first)."""
+        return [self.req(model, band) for band in PRIORITY_BANDS]
 
     def ids(self, model: str) -> str:
         """Hash request_id -> stream entry id, for idempotent enqueue."""

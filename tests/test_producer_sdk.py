@@ -55,8 +55,8 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
 # -- the worker's side, by hand --------------------------------------------------------------
 
 
-def req_key(model: str = MODEL) -> str:
-    return f"lmx:{{m:{model}}}:req"
+def req_key(model: str = MODEL, band: str = "normal") -> str:
+    return f"lmx:{{m:{model}}}:req" + ("" if band == "normal" else f":{band}")
 
 
 def events_key(request_id: str) -> str:
@@ -135,7 +135,9 @@ def producer(redis_url: str) -> Iterator[Producer]:
 
 
 def queued_entries(r: redis.Redis, model: str = MODEL) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = r.xrange(req_key(model))  # type: ignore[assignment]
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for band in ("high", "normal", "low"):
+        entries += r.xrange(req_key(model, band))  # type: ignore[arg-type]
     return entries
 
 
@@ -158,7 +160,7 @@ def test_submit_enqueues_one_v1_message_and_records_its_id(redis_url: str, r: re
             return await producer.submit(MODEL, prompt="Hello", max_tokens=16, temperature=0.0, stop=["\n"], priority=3)
 
     handle = run(main)
-    assert r.xlen(req_key()) == 1
+    assert (r.xlen(req_key(band="high")), r.xlen(req_key())) == (1, 0)  # priority 3: the high band
     [(entry_id, fields)] = queued_entries(r)
     assert entry_id.decode() == handle.entry_id and not handle.duplicate
     message = decode_request(fields[b"data"])
@@ -168,6 +170,17 @@ def test_submit_enqueues_one_v1_message_and_records_its_id(redis_url: str, r: re
     stored_id: object = r.hget(f"lmx:{{m:{MODEL}}}:ids", handle.request_id)
     assert stored_id == entry_id
     assert len(handle.request_id) == 32  # uuid4 hex
+
+
+def test_priority_picks_the_band_stream_and_the_backlog_counts_every_band(producer: Producer, r: redis.Redis) -> None:
+    serve(r, max_backlog=4)
+    for i, priority in enumerate([5, 0, -2, 100]):
+        producer.submit(MODEL, prompt="x", request_id=f"p{i}", priority=priority)
+    assert [r.xlen(req_key(band=b)) for b in ("high", "normal", "low")] == [2, 1, 1]
+    with pytest.raises(QueueFullError) as e:
+        producer.submit(MODEL, prompt="x", request_id="p-over", priority=-100)
+    assert (e.value.depth, e.value.limit) == (4, 4)
+    assert producer.submit(MODEL, prompt="x", request_id="p0").duplicate  # an id already queued in another band
 
 
 def test_submit_fills_a_random_seed_unless_one_is_given(producer: Producer, r: redis.Redis) -> None:

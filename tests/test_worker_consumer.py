@@ -111,8 +111,8 @@ async def until(check: Callable[[], Awaitable[bool]]) -> None:
         await asyncio.sleep(0.02)
 
 
-async def backlog_empty(client: aioredis.Redis, model: str) -> bool:
-    return await client.xlen(KEYS.req(model)) == 0
+async def backlog_empty(client: aioredis.Redis, model: str, band: str = "normal") -> bool:
+    return await client.xlen(KEYS.req(model, band)) == 0
 
 
 def reference_tokens(path: Path, prompt_ids: list[int], max_tokens: int, **params: Any) -> list[int]:
@@ -445,6 +445,93 @@ def test_own_pending_entries_are_recovered_at_start(redis_url: str, models: dict
         await until(lambda: backlog_empty(client, "tiny"))
 
     asyncio.run(serve(make_settings(redis_url, models, lease_idle_ms=600_000), body, before))
+
+
+# -- priority ---------------------------------------------------------------------------------------
+
+
+async def start_order(client: aioredis.Redis, handles: list[Any]) -> list[str]:
+    """Request ids ordered by when their `started` event was written (reply-stream ids are server ms)."""
+    firsts: list[tuple[tuple[int, int], str]] = []
+    for h in handles:
+        [(entry_id, _fields)] = await client.xrange(KEYS.events(h.request_id), count=1)
+        ms, seq = entry_id.decode().split("-")
+        firsts.append(((int(ms), int(seq)), h.request_id))
+    return [rid for _, rid in sorted(firsts)]
+
+
+def _one_at_a_time(url: str, models: dict[str, Path], aging_s: float) -> Settings:
+    settings = make_settings(url, {"tiny": models["tiny"]}, priority_aging_s=aging_s)
+    fields = settings.model_dump()
+    fields["models"][0]["max_running"] = 1
+    return load_settings(None, **fields)
+
+
+def test_higher_priority_bands_are_read_first(redis_url: str, models: dict[str, Path]) -> None:
+    """max_running 1 makes the read order the start order; aging is slow enough not to matter."""
+    handles: dict[str, Any] = {}
+
+    async def before(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        await register_limits(client, "tiny")
+        for name, priority in [("low1", -5), ("norm1", 0), ("high1", 1), ("low2", -100), ("norm2", 0),
+                               ("high2", 100)]:
+            handles[name] = await producer.submit("tiny", prompt_ids=[5, 6], max_tokens=2, priority=priority,
+                                                  request_id=f"prio-{name}")
+
+    async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        for h in handles.values():
+            assert isinstance((await events_until_terminal(client, h.request_id))[-1], DoneEvent)
+        order = await start_order(client, list(handles.values()))
+        assert order == [f"prio-{n}" for n in ["high1", "high2", "norm1", "norm2", "low1", "low2"]]
+        for band in ("high", "normal", "low"):
+            assert await client.xlen(KEYS.req("tiny", band)) == 0
+
+    asyncio.run(serve(_one_at_a_time(redis_url, models, aging_s=1000.0), body, before))
+
+
+def test_aging_lets_a_long_waiting_low_priority_request_go_before_newer_high_ones(
+    redis_url: str, models: dict[str, Path]
+) -> None:
+    """Waiting priority_aging_s is worth one band: low requests queued more than 2 x aging before the
+    high ones (two bands apart) are read first. The gap is fixed by the enqueue times alone."""
+    aging_s = 0.1
+    handles: list[Any] = []
+
+    async def before(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        await register_limits(client, "tiny")
+        for i in range(2):
+            handles.append(await producer.submit("tiny", prompt_ids=[5], max_tokens=2, priority=-1,
+                                                 request_id=f"old-low{i}"))
+        await asyncio.sleep(4 * aging_s)
+        for i in range(2):
+            handles.append(await producer.submit("tiny", prompt_ids=[5], max_tokens=2, priority=1,
+                                                 request_id=f"new-high{i}"))
+
+    async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        for h in handles:
+            await events_until_terminal(client, h.request_id)
+        assert await start_order(client, handles) == ["old-low0", "old-low1", "new-high0", "new-high1"]
+
+    asyncio.run(serve(_one_at_a_time(redis_url, models, aging_s=aging_s), body, before))
+
+
+def test_idle_entry_of_the_high_band_is_claimed_from_a_dead_worker(redis_url: str, models: dict[str, Path]) -> None:
+    handles: list[Any] = []
+
+    async def before(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        await register_limits(client, "tiny")
+        handles.append(await producer.submit("tiny", prompt_ids=[7, 8], max_tokens=3, priority=9))
+        stream = KEYS.req("tiny", "high")
+        await client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        await client.xreadgroup(CONSUMER_GROUP, "ghost", {stream: ">"}, count=10)
+
+    async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        events = await events_until_terminal(client, handles[0].request_id)
+        check_stream_shape(events)
+        assert isinstance(events[-1], DoneEvent)
+        await until(lambda: backlog_empty(client, "tiny", "high"))
+
+    asyncio.run(serve(make_settings(redis_url, models, lease_idle_ms=200), body, before))
 
 
 def test_registration_limits_and_worker_status(redis_url: str, models: dict[str, Path]) -> None:

@@ -1,5 +1,5 @@
-"""Owns: one model's request stream as seen by this worker — the consumer-group reads (gated by
-admission), recovery of pending entries (own, then idle ones of dead workers via XAUTOCLAIM),
+"""Owns: one model's request streams (one per priority band) as seen by this worker — the
+consumer-group reads (gated by admission, band chosen by priority with aging), recovery of pending entries (own, then idle ones of dead workers via XAUTOCLAIM),
 lease renewal of running entries, dead-lettering, the per-request checks before a start, the
 cancel-set watcher, and the sink that turns a run's output into reply events.
 Changed by: the worker; the wire contract is producer_sdk/protocol.py and docs/protocol.md.
@@ -13,6 +13,14 @@ request check (admission.check_request) -> take the request's fence, read the re
 publishes exactly one terminal event (when the request id is known) and then acks the entry;
 a started request acks when its terminal event is written (publisher.py). An entry is never
 acked otherwise, so a worker that dies leaves it pending for another to claim.
+
+Priority. A model's requests wait in three streams, one per band (high > 0, normal = 0,
+low < 0; producer_sdk.keys.PRIORITY_BANDS). Before each read, `_PICK_SCRIPT` looks at the
+oldest undelivered entry of every band and picks the band with the highest score
+`rank + age / priority_aging_s` (rank 2, 1, 0). So waiting priority_aging_s is worth one band:
+a request is never passed over by a request of a higher band that arrived more than
+(band difference) x priority_aging_s after it, and a low-priority request always finishes.
+Within a band, order is FIFO. Recovery (own pending, XAUTOCLAIM) visits the bands in order.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer_sdk.errors import ProtocolError
-from producer_sdk.keys import CONSUMER_GROUP, Keys, check_request_id
+from producer_sdk.keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys, check_request_id
 from producer_sdk.protocol import (
     CancelledEvent,
     DoneEvent,
@@ -54,6 +62,36 @@ log = logging.getLogger("layermux.worker.consumer")
 # Own pending entries listed per XPENDING round trip during startup recovery.
 _RECOVER_COUNT: Final = 16
 
+_PICK_SCRIPT: Final = """
+-- KEYS[1..n] the model's request streams, highest band first; ARGV[1] group, ARGV[2] aging ms.
+-- Returns the 1-based index of the band whose oldest undelivered entry scores highest
+-- (score = (n - index) + age_ms / aging_ms), or 0 when no band has an undelivered entry.
+-- Entry ids are Redis server milliseconds, so ages are read against the server's clock.
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local aging = tonumber(ARGV[2])
+local best, best_score = 0, nil
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local last = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+      local f = {}
+      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+      if f['name'] == ARGV[1] then last = f['last-delivered-id'] end
+    end
+    if last then
+      local head = redis.call('XRANGE', KEYS[i], '(' .. last, '+', 'COUNT', 1)
+      if #head > 0 then
+        local ms = tonumber(string.match(head[1][1], '^(%d+)'))
+        local score = (#KEYS - i) + math.max(0, now_ms - ms) / aging
+        if best_score == nil or score > best_score then best, best_score = i, score end
+      end
+    end
+  end
+end
+return best
+"""
+
 _RENEW_SCRIPT: Final = """
 -- KEYS[1] request stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids.
 -- Resets the idle time of the entries still pending for this consumer and returns their ids;
@@ -75,14 +113,20 @@ class _Entry:
     entry_id: str
     data: bytes | None  # None: the entry was deleted from the stream while pending
     deliveries: int
+    band: str = "normal"
+
+    @property
+    def ref(self) -> tuple[str, str]:
+        return (self.band, self.entry_id)
 
 
 class StreamSink:
     """RunSink of the stream path: reply events through the publisher, ack after the terminal one."""
 
-    def __init__(self, consumer: ModelConsumer, entry_id: str) -> None:
+    def __init__(self, consumer: ModelConsumer, entry_id: str, band: str = "normal") -> None:
         self._c = consumer
         self._entry_id = entry_id
+        self._band = band
 
     def on_tokens(self, run: Run, index: int, token_ids: list[int], text: str) -> None:
         self._c.publisher.publish_tokens(run.request_id, index, token_ids, text)
@@ -109,13 +153,13 @@ class StreamSink:
             counters.errors += 1
             counters.error_codes[outcome.code] += 1
         c.running.pop(run.request_id, None)
-        c.publisher.publish(event, ack=AckEntry(c.name, self._entry_id, run.request_id))
+        c.publisher.publish(event, ack=AckEntry(c.name, self._entry_id, run.request_id, band=self._band))
 
     def on_abandon(self, run: Run) -> None:
         # No terminal, no ack: the entry stays pending and its lease lapses, so another worker
         # (or this one, restarted) takes it over and resumes from the reply stream.
         self._c.running.pop(run.request_id, None)
-        self._c.leases.pop(self._entry_id, None)
+        self._c.leases.pop((self._band, self._entry_id), None)
         self._c.publisher.release_fence(run.request_id)
 
 
@@ -144,17 +188,22 @@ class ModelConsumer:
         self.metrics = metrics
         self.waiting = waiting  # model -> entries not yet delivered to any worker (stats reporter)
         self.consumer_name = settings.worker_id
-        self.stream = keys.req(self.name)
-        self.running: dict[str, str] = {}  # request_id -> entry_id, started here and not finished
-        self.leases: dict[str, str] = {}  # entry_id -> request_id, from start until acked
+        self.streams: dict[str, str] = {band: keys.req(self.name, band) for band in PRIORITY_BANDS}
+        self.running: dict[str, tuple[str, str]] = {}  # request_id -> (band, entry_id), started, not finished
+        self.leases: dict[tuple[str, str], str] = {}  # (band, entry_id) -> request_id, from start until acked
+        # Entries one blocking read delivered beyond the first (several bands filled at once):
+        # handled next, renewed like leases meanwhile.
+        self._early: list[_Entry] = []
         self.cancel_handled: set[str] = set()  # request ids to SREM from the cancel set
         self.gate_verdict = admission.ReadVerdict.OK
         self._stopping = False
-        self._recover_after: str | None = "-"  # own pending not yet recovered (exclusive bound)
-        self._autoclaim_cursor = "0-0"
+        # Per band: own pending not yet recovered (exclusive bound; None when done), XAUTOCLAIM cursor.
+        self._recover_after: dict[str, str | None] = {band: "-" for band in PRIORITY_BANDS}
+        self._autoclaim_cursor = {band: "0-0" for band in PRIORITY_BANDS}
         self._autoclaim_due = 0.0  # loop time
         self._running_changed = asyncio.Event()
         self._renew = client.register_script(_RENEW_SCRIPT)
+        self._pick = client.register_script(_PICK_SCRIPT)
 
     # -- control ----------------------------------------------------------------------------------------
 
@@ -165,7 +214,7 @@ class ModelConsumer:
 
     def lease_released(self, entry: AckEntry) -> None:
         """Publisher callback: the entry is acked, stop renewing it."""
-        self.leases.pop(entry.entry_id, None)
+        self.leases.pop((entry.band, entry.entry_id), None)
 
     # -- the read loop -------------------------------------------------------------------------------
 
@@ -176,9 +225,9 @@ class ModelConsumer:
         while not self._stopping:
             if not await self._wait_gate():
                 break
-            entry: _Entry | None = None
+            entry: _Entry | None = self._early.pop(0) if self._early else None
             try:
-                if self._recover_after is not None:
+                if entry is None and any(a is not None for a in self._recover_after.values()):
                     entry = await self._next_own_pending()
                 if entry is None and loop.time() >= self._autoclaim_due:
                     entry = await self._autoclaim_one()
@@ -196,11 +245,12 @@ class ModelConsumer:
                 await self.handle(entry)
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, CONSUMER_GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if not str(e).startswith("BUSYGROUP"):
-                raise
+        for stream in self.streams.values():
+            try:
+                await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if not str(e).startswith("BUSYGROUP"):
+                    raise
 
     async def _wait_gate(self) -> bool:
         """Wait until admission lets this model read; False when stopping."""
@@ -219,94 +269,114 @@ class ModelConsumer:
         return False
 
     async def _read_new(self) -> _Entry | None:
-        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, {self.stream: ">"}, count=1,
-                                            block=self.settings.read_block_ms)
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                return _Entry(_text(entry_id), _payload(fields), 1)
-        return None
+        """The next undelivered entry of the band `_PICK_SCRIPT` chooses; when every band is empty,
+        a blocking read on all of them (entries that arrive together beyond the first wait in _early)."""
+        streams = list(self.streams.values())
+        index = int(await self._pick(keys=streams, args=[CONSUMER_GROUP,
+                                                          max(1, round(self.settings.priority_aging_s * 1000))]))
+        if index > 0:
+            reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, {streams[index - 1]: ">"},
+                                                count=1)
+        else:
+            reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
+                                                count=1, block=self.settings.read_block_ms)
+        band_of = {stream: band for band, stream in self.streams.items()}
+        got = [_Entry(_text(entry_id), _payload(fields), 1, band_of[_text(stream)])
+               for stream, entries in reply or [] for entry_id, fields in entries]
+        if not got:
+            return None
+        got.sort(key=lambda e: PRIORITY_BANDS.index(e.band))
+        self._early.extend(got[1:])
+        return got[0]
 
     async def _next_own_pending(self) -> _Entry | None:
         """Entries a previous run of this consumer (same worker_id) read but never acked."""
-        while self._recover_after is not None:
-            lo = "-" if self._recover_after == "-" else "(" + self._recover_after
-            rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min=lo, max="+",
-                                                   count=_RECOVER_COUNT, consumername=self.consumer_name)
-            if not rows:
-                self._recover_after = None
-                return None
-            for row in rows:
-                entry_id = _text(row["message_id"])
-                self._recover_after = entry_id
-                if entry_id in self.leases:
-                    continue  # running here right now
-                entry = await self._claim(entry_id, min_idle_ms=0)
-                if entry is not None:
-                    log.info("model %s: recovering own pending entry %s (delivery %d)",
-                             self.name, entry_id, entry.deliveries)
-                    return entry
+        for band, stream in self.streams.items():
+            while (after := self._recover_after[band]) is not None:
+                lo = "-" if after == "-" else "(" + after
+                rows = await self.redis.xpending_range(stream, CONSUMER_GROUP, min=lo, max="+",
+                                                       count=_RECOVER_COUNT, consumername=self.consumer_name)
+                if not rows:
+                    self._recover_after[band] = None
+                    break
+                for row in rows:
+                    entry_id = _text(row["message_id"])
+                    self._recover_after[band] = entry_id
+                    if (band, entry_id) in self.leases:
+                        continue  # running here right now
+                    entry = await self._claim(band, entry_id, min_idle_ms=0)
+                    if entry is not None:
+                        log.info("model %s: recovering own pending entry %s of band %s (delivery %d)",
+                                 self.name, entry_id, band, entry.deliveries)
+                        return entry
         return None
 
     async def _autoclaim_one(self) -> _Entry | None:
-        """One entry idle longer than lease_idle_ms (its worker died or lost it), claimed atomically."""
-        reply = await self.redis.xautoclaim(self.stream, CONSUMER_GROUP, self.consumer_name,
-                                            min_idle_time=self.settings.lease_idle_ms,
-                                            start_id=self._autoclaim_cursor, count=1)
-        cursor, entries = _text(reply[0]), reply[1]
-        self._autoclaim_cursor = cursor
-        for entry_id, fields in entries:
-            if entry_id is None:
-                # Redis < 7 returns a pending entry deleted from the stream as nil (and keeps it
-                # pending, now ours): sweep our pending list for such entries.
-                await self._sweep_deleted()
-                continue
-            entry_id = _text(entry_id)
-            if entry_id in self.leases:
-                continue  # ours and live: the claim just renewed it
-            deliveries = await self._deliveries(entry_id)
-            log.info("model %s: claimed idle entry %s (delivery %d)", self.name, entry_id, deliveries)
-            return _Entry(entry_id, _payload(fields), deliveries)
+        """One entry idle longer than lease_idle_ms (its worker died or lost it), claimed atomically;
+        the bands are visited highest first."""
+        for band, stream in self.streams.items():
+            reply = await self.redis.xautoclaim(stream, CONSUMER_GROUP, self.consumer_name,
+                                                min_idle_time=self.settings.lease_idle_ms,
+                                                start_id=self._autoclaim_cursor[band], count=1)
+            cursor, entries = _text(reply[0]), reply[1]
+            self._autoclaim_cursor[band] = cursor
+            for entry_id, fields in entries:
+                if entry_id is None:
+                    # Redis < 7 returns a pending entry deleted from the stream as nil (and keeps it
+                    # pending, now ours): sweep our pending list for such entries.
+                    await self._sweep_deleted(band)
+                    continue
+                entry_id = _text(entry_id)
+                if (band, entry_id) in self.leases:
+                    continue  # ours and live: the claim just renewed it
+                deliveries = await self._deliveries(band, entry_id)
+                log.info("model %s: claimed idle entry %s of band %s (delivery %d)", self.name, entry_id, band,
+                         deliveries)
+                return _Entry(entry_id, _payload(fields), deliveries, band)
         return None
 
-    async def _claim(self, entry_id: str, min_idle_ms: int) -> _Entry | None:
-        claimed = await self.redis.xclaim(self.stream, CONSUMER_GROUP, self.consumer_name,
+    async def _claim(self, band: str, entry_id: str, min_idle_ms: int) -> _Entry | None:
+        claimed = await self.redis.xclaim(self.streams[band], CONSUMER_GROUP, self.consumer_name,
                                           min_idle_time=min_idle_ms, message_ids=[entry_id])
         if not claimed:
             return None
         got_id, fields = claimed[0]
-        deliveries = await self._deliveries(entry_id)
+        deliveries = await self._deliveries(band, entry_id)
         if got_id is None or fields is None:
-            return _Entry(entry_id, None, deliveries)
-        return _Entry(entry_id, _payload(fields), deliveries)
+            return _Entry(entry_id, None, deliveries, band)
+        return _Entry(entry_id, _payload(fields), deliveries, band)
 
-    async def _deliveries(self, entry_id: str) -> int:
-        rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min=entry_id, max=entry_id, count=1)
+    async def _deliveries(self, band: str, entry_id: str) -> int:
+        rows = await self.redis.xpending_range(self.streams[band], CONSUMER_GROUP, min=entry_id, max=entry_id,
+                                               count=1)
         return int(rows[0]["times_delivered"]) if rows else 1
 
-    async def _sweep_deleted(self) -> None:
-        rows = await self.redis.xpending_range(self.stream, CONSUMER_GROUP, min="-", max="+", count=1000,
+    async def _sweep_deleted(self, band: str) -> None:
+        stream = self.streams[band]
+        rows = await self.redis.xpending_range(stream, CONSUMER_GROUP, min="-", max="+", count=1000,
                                                consumername=self.consumer_name)
         for row in rows:
             entry_id = _text(row["message_id"])
-            if entry_id in self.leases:
+            if (band, entry_id) in self.leases:
                 continue
-            if not await self.redis.xrange(self.stream, min=entry_id, max=entry_id, count=1):
-                log.warning("model %s: pending entry %s was deleted from the stream; acking it", self.name, entry_id)
-                self.publisher.ack(AckEntry(self.name, entry_id))
+            if not await self.redis.xrange(stream, min=entry_id, max=entry_id, count=1):
+                log.warning("model %s: pending entry %s of band %s was deleted from the stream; acking it",
+                            self.name, entry_id, band)
+                self.publisher.ack(AckEntry(self.name, entry_id, band=band))
 
     # -- one entry --------------------------------------------------------------------------------------
 
     async def handle(self, entry: _Entry) -> None:
         """Check one claimed/read entry and start it, or finish it with one terminal event."""
         counters = self.metrics[self.name]
-        if entry.entry_id in self.leases:
+        if entry.ref in self.leases:
             # Still ours: running, or its terminal event not yet acked. Read again only after the
             # consumer group was recreated; a second run here would race the first.
             return
         if entry.data is None:
             log.warning("model %s: entry %s has no payload (deleted or malformed); acking it",
                         self.name, entry.entry_id)
-            self.publisher.ack(AckEntry(self.name, entry.entry_id))
+            self.publisher.ack(AckEntry(self.name, entry.entry_id, band=entry.band))
             return
         request_id = _recover_request_id(entry.data)
         if entry.deliveries > self.settings.max_deliveries:
@@ -314,7 +384,8 @@ class ModelConsumer:
                       "every worker that took it stopped before finishing")
             log.error("model %s: entry %s (request %s) dead-lettered: %s", self.name, entry.entry_id,
                       request_id, reason)
-            ack = AckEntry(self.name, entry.entry_id, request_id, DeadLetter(entry.data, reason, entry.deliveries))
+            ack = AckEntry(self.name, entry.entry_id, request_id, DeadLetter(entry.data, reason, entry.deliveries),
+                           band=entry.band)
             self._refuse(request_id, ack, Denial("dead_letter", f"the request was dead-lettered: {reason}",
                                                  {"deliveries": entry.deliveries,
                                                   "limit": self.settings.max_deliveries}))
@@ -323,10 +394,10 @@ class ModelConsumer:
             msg = decode_request(entry.data)
         except ProtocolError as e:
             ack = AckEntry(self.name, entry.entry_id, request_id, None if request_id else
-                           DeadLetter(entry.data, f"{e.code}: {e.message}", entry.deliveries))
+                           DeadLetter(entry.data, f"{e.code}: {e.message}", entry.deliveries), band=entry.band)
             self._refuse(request_id, ack, Denial(e.code, e.message))
             return
-        ack = AckEntry(self.name, entry.entry_id, msg.request_id)
+        ack = AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band)
         if msg.model != self.name:
             self._refuse(msg.request_id, ack, Denial(
                 "invalid_request", f"model: the entry names model {msg.model!r} but sits in the stream of "
@@ -374,21 +445,21 @@ class ModelConsumer:
 
     def _start(self, msg: RequestMessage, prompt_ids: list[int], entry: _Entry, fence: str, attempt: int,
                resume_index: int, resume_chars: int) -> None:
-        sink = StreamSink(self, entry.entry_id)
+        sink = StreamSink(self, entry.entry_id, entry.band)
         try:
             run = self.driver.begin(msg.request_id, self.name, prompt_ids, msg.params, sink,
                                     submitted_at=msg.submitted_at, deadline_at=msg.deadline_at,
                                     resume_index=resume_index, resume_chars=resume_chars)
         except ValueError as e:  # engine.errors.InvalidRequestError is a ValueError
-            self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id),
+            self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band),
                          Denial("invalid_request", str(e)))
             return
         # Same loop tick as the submit: no engine event can be handled before "started" is queued.
         self.publisher.set_fence(msg.request_id, fence)
         self.publisher.publish(StartedEvent(request_id=msg.request_id, worker=self.consumer_name,
                                             attempt=attempt, prompt_tokens=len(prompt_ids)))
-        self.running[msg.request_id] = entry.entry_id
-        self.leases[entry.entry_id] = msg.request_id
+        self.running[msg.request_id] = entry.ref
+        self.leases[entry.ref] = msg.request_id
         counters = self.metrics[self.name]
         counters.admitted += 1
         counters.observe_wait(max(0.0, run.started_at - msg.submitted_at))
@@ -420,18 +491,22 @@ class ModelConsumer:
         period_s = self.settings.lease_idle_ms / 3000.0
         while True:
             await asyncio.sleep(period_s)
-            if not self.leases:
-                continue
-            ids = list(self.leases)
-            claimed = await self._renew(keys=[self.stream], args=[CONSUMER_GROUP, self.consumer_name, *ids])
-            kept = {_text(i) for i in claimed}
-            for entry_id in ids:
-                if entry_id not in kept and entry_id in self.leases:
-                    request_id = self.leases.pop(entry_id)
-                    if self.driver.run_for(request_id) is not None and request_id in self.running:
-                        log.warning("model %s: entry %s (request %s) is no longer pending here; stopping it",
-                                    self.name, entry_id, request_id)
-                        self.driver.abandon(request_id)
+            for band, stream in self.streams.items():
+                early = [e.entry_id for e in self._early if e.band == band]
+                ids = [entry_id for b, entry_id in self.leases if b == band]
+                if not ids and not early:
+                    continue
+                claimed = await self._renew(keys=[stream], args=[CONSUMER_GROUP, self.consumer_name, *ids, *early])
+                kept = {_text(i) for i in claimed}
+                # An early entry taken over meanwhile is another worker's now: forget it.
+                self._early = [e for e in self._early if e.band != band or e.entry_id in kept]
+                for entry_id in ids:
+                    if entry_id not in kept and (band, entry_id) in self.leases:
+                        request_id = self.leases.pop((band, entry_id))
+                        if self.driver.run_for(request_id) is not None and request_id in self.running:
+                            log.warning("model %s: entry %s (request %s) is no longer pending here; stopping it",
+                                        self.name, entry_id, request_id)
+                            self.driver.abandon(request_id)
 
     async def watch_cancels(self) -> None:
         """Every cancel_poll_ms while requests run, SMISMEMBER them against the model's cancel set."""

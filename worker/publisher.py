@@ -154,6 +154,7 @@ class AckEntry:
     entry_id: str
     request_id: str | None = None
     dead_letter: DeadLetter | None = None
+    band: str = "normal"  # the priority band whose stream holds the entry
 
 
 @dataclass(slots=True)
@@ -378,7 +379,7 @@ class Publisher:
                     for a in acks:
                         dl = a.dead_letter
                         await self._ack(
-                            keys=[self._keys.req(a.model), self._keys.ids(a.model), self._keys.dlq(a.model)],
+                            keys=[self._keys.req(a.model, a.band), self._keys.ids(a.model), self._keys.dlq(a.model)],
                             args=[CONSUMER_GROUP, a.entry_id, a.request_id or "",
                                   dl.reason if dl else "", dl.deliveries if dl else 0, dl.data if dl else b""],
                             client=pipe)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from producer_sdk.connection import make_async_client
-from producer_sdk.keys import CONSUMER_GROUP, Keys
+from producer_sdk.keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys
 from producer_sdk.protocol import MAX_SEED, PROTOCOL_VERSION, ChatMessage, SamplingParamsModel
 
 from .consumer import ModelConsumer
@@ -294,17 +294,27 @@ class Runtime:
         names = list(self.consumers)
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.xlen(self.keys.req(name))
-                pipe.xpending(self.keys.req(name), CONSUMER_GROUP)
+                for stream in self.keys.req_streams(name):
+                    pipe.xlen(stream)
+                    pipe.xpending(stream, CONSUMER_GROUP)
             replies = await pipe.execute(raise_on_error=False)
+        n_bands = len(PRIORITY_BANDS)
         for i, name in enumerate(names):
-            xlen, pending = replies[2 * i], replies[2 * i + 1]
-            if isinstance(xlen, int):
-                self.backlog[name] = xlen
-                n_pending = int(pending["pending"]) if isinstance(pending, dict) else 0
-                self.waiting[name] = max(0, xlen - n_pending)
-            elif isinstance(xlen, Exception) and not isinstance(xlen, ResponseError):
-                raise xlen
+            backlog = waiting = 0
+            ok = True
+            for b in range(n_bands):
+                xlen, pending = replies[2 * (i * n_bands + b)], replies[2 * (i * n_bands + b) + 1]
+                if isinstance(xlen, int):
+                    n_pending = int(pending["pending"]) if isinstance(pending, dict) else 0
+                    backlog += xlen
+                    waiting += max(0, xlen - n_pending)
+                elif isinstance(xlen, Exception) and not isinstance(xlen, ResponseError):
+                    raise xlen
+                else:
+                    ok = False
+            if ok:
+                self.backlog[name] = backlog
+                self.waiting[name] = waiting
         self.driver.capacity.notify()  # demand changed: the fair-share gate may open
         now = time.time()
         ledger = self.driver.ledger()

@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     stats_interval_s: float = Field(default=1.0, gt=0.0)
     cancel_poll_ms: int = Field(default=200, ge=10)
     read_block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; bounds shutdown latency")
+    priority_aging_s: float = Field(
+        default=5.0, gt=0.0,
+        description="waiting this long is worth one priority band: a queued request is never passed over by "
+                    "a request of a higher band that arrived more than (band difference) x this later")
 
     @field_validator("redis_url")
     @classmethod

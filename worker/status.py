@@ -19,7 +19,7 @@ from typing import Any, TextIO, cast
 import orjson
 import redis
 
-from producer_sdk.keys import Keys, check_model_name
+from producer_sdk.keys import PRIORITY_BANDS, Keys, check_model_name
 
 # A worker refreshes P:workers every second; one not heard from for this long is
 # shown as stale (it may have died; its entry stays until someone removes it).
@@ -88,16 +88,20 @@ def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[
     members = cast("set[bytes]", client.smembers(keys.models()))
     names = sorted(n for n in map(_text, members) if _is_model_name(n))
     pipe = client.pipeline(transaction=False)
+    n_bands = len(PRIORITY_BANDS)
     for name in names:
-        pipe.xlen(keys.req(name))
+        for stream in keys.req_streams(name):
+            pipe.xlen(stream)
         pipe.hgetall(keys.limits(name))
         pipe.hgetall(keys.stats(name))
     replies = pipe.execute()
     models: dict[str, Any] = {}
+    per_model = n_bands + 2
     for i, name in enumerate(names):
-        backlog, limits, stats = replies[3 * i : 3 * i + 3]
+        row = replies[per_model * i : per_model * (i + 1)]
+        backlog, (limits, stats) = sum(int(n) for n in row[:n_bands]), row[n_bands:]
         models[name] = {
-            "backlog": int(backlog),
+            "backlog": backlog,
             "limits": _decode_hash(limits),
             "stats": _decode_hash(stats),
         }

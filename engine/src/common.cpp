@@ -13,6 +13,7 @@ const char* dtype_name(DType t) {
         case DType::F16: return "f16";
         case DType::BF16: return "bf16";
         case DType::Q8_0: return "q8_0";
+        case DType::Q4_0: return "q4_0";
     }
     return "?";
 }
@@ -22,7 +23,8 @@ DType dtype_from_name(const std::string& s) {
     if (s == "f16" || s == "float16") return DType::F16;
     if (s == "bf16" || s == "bfloat16") return DType::BF16;
     if (s == "q8_0") return DType::Q8_0;
-    throw InvalidArgument("weight format: expected one of f32, f16, bf16, q8_0; found '" + s + "'");
+    if (s == "q4_0") return DType::Q4_0;
+    throw InvalidArgument("weight format: expected one of f32, f16, bf16, q8_0, q4_0; found '" + s + "'");
 }
 
 int64_t row_bytes(DType t, int64_t n_cols) {
@@ -31,6 +33,7 @@ int64_t row_bytes(DType t, int64_t n_cols) {
         case DType::F16:
         case DType::BF16: return n_cols * 2;
         case DType::Q8_0: return n_cols / kQ8BlockElems * kQ8BlockBytes;
+        case DType::Q4_0: return n_cols / kQ8BlockElems * kQ4BlockBytes;
     }
     return 0;
 }

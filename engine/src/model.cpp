@@ -40,9 +40,10 @@ std::string layer_name(int l, const char* rest) { return "model.layers." + std::
 }  // namespace
 
 const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols) {
-    if (to == DType::Q8_0 && cols % kQ8BlockElems != 0)
-        throw UnsupportedError("tensor '" + t.name + "' in " + t.file + ": q8_0 needs rows of a multiple of 32 values, found " +
-                               std::to_string(cols) + "; choose --weights f16 or bf16 for this model");
+    if (dtype_is_blocked(to) && cols % kQ8BlockElems != 0)
+        throw UnsupportedError("tensor '" + t.name + "' in " + t.file + ": " + dtype_name(to) +
+                               " needs rows of a multiple of 32 values, found " + std::to_string(cols) +
+                               "; choose --weights f16 or bf16 for this model");
     if (t.dtype == to) return t.data;
     const uint64_t n = static_cast<uint64_t>(row_bytes(to, cols)) * static_cast<uint64_t>(rows);
     void* p = std::aligned_alloc(kAlign, align_up(n == 0 ? 1 : n, kAlign));

@@ -46,7 +46,7 @@ std::vector<float> random_vec(Rng& rng, int64_t n, float lo = -1.0f, float hi = 
     return v;
 }
 
-const DType kDTypes[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0};
+const DType kDTypes[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0};
 
 // A random [n_out, n_in] weight matrix stored in `dtype`.
 std::vector<uint8_t> random_weights(Rng& rng, DType dtype, int64_t n_out, int64_t n_in) {
@@ -102,7 +102,7 @@ const int64_t kTokCounts[] = {1, 3, 4, 5, 17};
 template <class Fn>
 void for_each_case(Fn fn) {
     for (DType dt : kDTypes) {
-        if (dt == DType::Q8_0)
+        if (dtype_is_blocked(dt))
             for (const Shape& s : kShapesQ8) fn(dt, s);
         else
             for (const Shape& s : kShapesAny) fn(dt, s);
@@ -249,7 +249,7 @@ TEST(kernel_matmul_is_batch_invariant_bitwise_per_token) {
         });
     }
     for (DType dt : kDTypes) {  // the dispatched entry point, across token tiles
-        const int64_t n_out = 37, n_in = dt == DType::Q8_0 ? 1024 : 1000, n_tok = 100;
+        const int64_t n_out = 37, n_in = dtype_is_blocked(dt) ? 1024 : 1000, n_tok = 100;
         const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
         const WeightView w{wb.data(), dt, n_out, n_in};
         const std::vector<float> x = random_vec(rng, n_tok * n_in);
@@ -296,14 +296,15 @@ TEST(kernel_matmul_row_range_does_not_change_a_rows_value) {
     }
 }
 
-TEST(kernel_matmul_q8_0_equals_f32_matmul_on_its_dequantised_weights) {
-    // q8_0 widens d * q exactly, so it must give the bits of the f32 path on those values.
+TEST(kernel_matmul_q8_0_and_q4_0_equal_f32_matmul_on_their_dequantised_weights) {
+    // q8_0 and q4_0 widen d * q exactly, so they must give the bits of the f32 path on those values.
     Rng rng(6);
-    for (const KernelTable* k : tables()) {
+    for (const KernelTable* k : tables())
+    for (DType dt : {DType::Q8_0, DType::Q4_0}) {
         if (std::strcmp(k->name, "scalar") == 0) continue;
         const int64_t n_out = 19, n_in = 320, n_tok = 5;
-        const std::vector<uint8_t> q8 = random_weights(rng, DType::Q8_0, n_out, n_in);
-        const WeightView wq{q8.data(), DType::Q8_0, n_out, n_in};
+        const std::vector<uint8_t> q8 = random_weights(rng, dt, n_out, n_in);
+        const WeightView wq{q8.data(), dt, n_out, n_in};
         std::vector<float> f32(static_cast<size_t>(n_out * n_in));
         for (int64_t o = 0; o < n_out; ++o) dequantize_row(wq, o, f32.data() + o * n_in);
         const WeightView wf{f32.data(), DType::F32, n_out, n_in};
@@ -411,7 +412,7 @@ TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
     set_matmul_precision(MatmulPrecision::fast);
     CHECK(matmul_precision() == MatmulPrecision::fast);
     for (DType dt : kDTypes) {
-        const int64_t n_out = 133, n_in = dt == DType::Q8_0 ? 320 : 300, n_tok = 9;
+        const int64_t n_out = 133, n_in = dtype_is_blocked(dt) ? 320 : 300, n_tok = 9;
         const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
         const WeightView w{wb.data(), dt, n_out, n_in};
         const std::vector<float> x = random_vec(rng, n_tok * n_in);

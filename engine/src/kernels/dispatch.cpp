@@ -28,8 +28,11 @@ bool cpu_has_avx512() {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
 
+// The scalar table runs the fast q8_0 / q4_0 path too: its reference is the definition
+// the SIMD builds reproduce bit for bit, so results do not depend on the ISA.
 const KernelTable kScalar = {
-    "scalar", &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention, nullptr, nullptr,
+    "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention, nullptr, nullptr,
+    &ref::act_to_q8, &ref::matmul_rows_q8act,
 };
 
 std::atomic<uint8_t> g_precision{static_cast<uint8_t>(MatmulPrecision::exact)};
@@ -73,7 +76,8 @@ const KernelTable* kernels_table_scalar() { return &kScalar; }
 const KernelTable* kernels_table_avx2() { return cpu_has_avx2() ? kernels_avx2_table_unchecked() : nullptr; }
 const KernelTable* kernels_table_avx512() {
     if (!cpu_has_avx512()) return nullptr;
-    return kernels_avx512_table_unchecked(__builtin_cpu_supports("avx512bf16") != 0);
+    return kernels_avx512_table_unchecked(__builtin_cpu_supports("avx512bf16") != 0,
+                                          __builtin_cpu_supports("avx512vnni") != 0);
 }
 
 void set_matmul_precision(MatmulPrecision p) { g_precision.store(static_cast<uint8_t>(p)); }
@@ -87,8 +91,9 @@ const KernelTable& kernels_active() {
 const char* kernels_isa() { return kernels_active().name; }
 
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool) {
-    if (w.dtype == DType::Q8_0 && w.n_in % kQ8BlockElems != 0)
-        throw InvalidArgument("matmul: q8_0 weights need n_in % 32 == 0, found n_in=" + std::to_string(w.n_in));
+    if (dtype_is_blocked(w.dtype) && w.n_in % kQ8BlockElems != 0)
+        throw InvalidArgument(std::string("matmul: ") + dtype_name(w.dtype) +
+                              " weights need n_in % 32 == 0, found n_in=" + std::to_string(w.n_in));
     if (n_tok <= 0 || w.n_out <= 0) return;
     const KernelTable& k = kernels_active();
     const bool inline_call = w.n_out * w.n_in * n_tok < kMinParallelMacs || pool.n_threads() == 1;
@@ -112,6 +117,19 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const 
             int64_t r0, r1;
             rows_of(task, &r0, &r1);
             k.matmul_rows_bf16act(w, act_data, n_tok, y, bias, r0, r1);
+        });
+        return;
+    }
+    if (dtype_is_blocked(w.dtype) && k.matmul_rows_q8act && matmul_precision() == MatmulPrecision::fast) {
+        // Quantise the activations to int8 blocks once per call, as above.
+        thread_local std::vector<uint8_t> act;
+        act.resize(static_cast<size_t>(n_tok * q8_act_row_bytes(w.n_in)));
+        k.act_to_q8(x, n_tok, w.n_in, act.data());
+        const uint8_t* act_data = act.data();
+        pool.parallel_for(n_tasks, [&](int64_t task, int) {
+            int64_t r0, r1;
+            rows_of(task, &r0, &r1);
+            k.matmul_rows_q8act(w, act_data, n_tok, y, bias, r0, r1);
         });
         return;
     }

@@ -10,7 +10,9 @@
 //    rows, never over the reduction dimension.
 //  * Layouts are row-major. A weight matrix W is [n_out, n_in]; its rows are
 //    contiguous, each row_bytes(dtype, n_in) long. Q8_0 rows are n_in/32 blocks
-//    of {uint16 f16 scale d; int8 qs[32]}, value = d * qs[i] (llama.cpp's block_q8_0).
+//    of {uint16 f16 scale d; int8 qs[32]}, value = d * qs[i] (llama.cpp's block_q8_0);
+//    Q4_0 rows n_in/32 blocks of {f16 d; uint8 qs[16]}, value = d * (nibble - 8), low
+//    nibbles elements 0..15, high nibbles 16..31 (llama.cpp's block_q4_0).
 #pragma once
 
 #include <cstdint>
@@ -31,7 +33,9 @@ struct WeightView {
 // ---- conversion (load time) ----
 // Converts n_rows x n_cols elements from src (dtype src_t: F32, F16 or BF16) to
 // dst (dtype dst_t: any). Q8_0 quantisation: d = max|x| / 127, q = round(x / d).
-// Precondition: dst_t != Q8_0 || n_cols % 32 == 0.
+// Q4_0 quantisation (llama.cpp's quantize_row_q4_0_ref): the value of largest magnitude
+// m (sign kept) gives d = m / -8, nibble = min(15, trunc(x / d + 8.5)).
+// Precondition: dst_t is not a block format (Q8_0, Q4_0) or n_cols % 32 == 0.
 void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols);
 // Dequantises one row of a weight matrix into out[n_in] (embedding lookup).
 void dequantize_row(const WeightView& w, int64_t row, float* out);
@@ -45,10 +49,14 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const 
 //  exact (default): activations stay f32, weights are widened exactly, f32 FMA in a
 //    fixed order: bitwise the same on AVX2 and AVX-512 machines.
 //  fast: where the CPU has a denser dot product, activations are rounded to its format
-//    once per call, as llama.cpp does. Today: bf16 weights on AVX512_BF16 CPUs take
-//    bf16 activations (vdpbf16ps: twice the multiply-adds per instruction of f32 FMA;
-//    each product then carries a relative error up to 2^-8). Every other case stays
-//    exact. Still batch- and thread-invariant, but no longer identical across ISAs.
+//    once per call, as llama.cpp does. Today:
+//    * bf16 weights on AVX512_BF16 CPUs take bf16 activations (vdpbf16ps: twice the
+//      multiply-adds per instruction of f32 FMA; each product then carries a relative
+//      error up to 2^-8);
+//    * q8_0 and q4_0 weights take int8 activations, one f32 scale per block of 32
+//      (|error| <= d_x/2 per element), and integer block dots (vpdpbusd, or vpmaddubsw
+//      on AVX2); defined bit for bit by ref::matmul_rows_q8act, the same on every ISA.
+//    Every other case stays exact. Still batch- and thread-invariant.
 enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
 void set_matmul_precision(MatmulPrecision p);
 MatmulPrecision matmul_precision();

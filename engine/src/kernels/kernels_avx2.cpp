@@ -15,6 +15,7 @@
 #include "simd_attention.h"
 #include "simd_elementwise.h"
 #include "simd_matmul.h"
+#include "simd_q8act.h"
 
 namespace lmx {
 namespace {
@@ -103,6 +104,22 @@ struct Avx2 {
         return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
     }
     static V load_q8(const uint8_t* qs, V d) { return {q8_8(qs, d.lo), q8_8(qs + 8, d.hi)}; }
+    static __m256 q4_8(const uint8_t* qs, int h, __m256 d) {
+        __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
+        q = h ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), d);
+    }
+    static V load_q4(const uint8_t* qs, int h, V d) { return {q4_8(qs, h, d.lo), q4_8(qs + 8, h, d.hi)}; }
+};
+
+// Integer block dot of simd_q8act.h: vpmaddubsw (u8 x s8 pairs to s16, no saturation
+// for |u * s| <= 128 * 127) then vpmaddwd by ones (pairs of s16 to s32). Tiles: 4 rows
+// for one token, 3 rows x 2 tokens otherwise (6 accumulators of the 16 ymm).
+struct Avx2Dot {
+    static constexpr int kRows1 = 4, kRows = 3, kToks = 2;
+    static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+        return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    }
 };
 
 const KernelTable kTable = {
@@ -112,8 +129,10 @@ const KernelTable kTable = {
     &simd::silu_mul<Avx2>,
     &simd::softmax<Avx2>,
     &simd::attention<Avx2>,
-    nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::fast stays exact
+    nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::fast keeps bf16 exact
     nullptr,
+    &simd::act_to_q8<Avx2Dot>,
+    &simd::matmul_rows_q8act<Avx2Dot>,
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
-// kernels/kernels_avx512.cpp — the kernel table for AVX-512 (F/BW/VL/DQ) + FMA + F16C, and bf16 dots.
+// kernels/kernels_avx512.cpp — the kernel table for AVX-512 (F/BW/VL/DQ) + FMA + F16C, bf16 and int8 dots.
 // Owner: kernels. Thread-safety: pure functions. Built with -mavx512*: call only through
-// kernels_table_avx512(), which checks the CPU first (and AVX512_BF16 for the fast bf16 matmul).
+// kernels_table_avx512(), which checks the CPU first (and AVX512_BF16 for the fast bf16
+// matmul, AVX512_VNNI for vpdpbusd in the fast q8_0 / q4_0 matmul).
 //
 // One 16-lane vector is one zmm. Register tile for matmul: 6 rows x 4 tokens = 24
 // accumulators + 4 activations + 1 weight vector of the 32 zmm (measured on Zen 4: 6x4
@@ -19,6 +20,7 @@
 #include "simd_attention.h"
 #include "simd_elementwise.h"
 #include "simd_matmul.h"
+#include "simd_q8act.h"
 
 namespace lmx {
 namespace {
@@ -92,6 +94,11 @@ struct Avx512 {
     static V load_q8(const uint8_t* qs, V d) {
         const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
         return _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
+    }
+    static V load_q4(const uint8_t* qs, int h, V d) {
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))), d);
     }
 };
 
@@ -200,30 +207,42 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
     }
 }
 
-const KernelTable kTable = {
-    "avx512",
-    &simd::matmul_rows<Avx512>,
-    &simd::rmsnorm<Avx512>,
-    &simd::silu_mul<Avx512>,
-    &simd::softmax<Avx512>,
-    &simd::attention<Avx512>,
-    nullptr,
-    nullptr,
+// Integer block dots of simd_q8act.h (MatmulPrecision::fast, q8_0 / q4_0): vpdpbusd on
+// ymm with AVX512_VNNI (+VL), else vpmaddubsw + vpmaddwd; the int32 lanes, so the
+// results, are the same. Tiles: 8 rows for one token, 4 rows x 4 tokens otherwise.
+struct VnniDot {
+    static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
+    static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+};
+struct BwDot {
+    static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
+    static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+        return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    }
 };
 
-const KernelTable kTableBf16 = {
-    "avx512",
-    &simd::matmul_rows<Avx512>,
-    &simd::rmsnorm<Avx512>,
-    &simd::silu_mul<Avx512>,
-    &simd::softmax<Avx512>,
-    &simd::attention<Avx512>,
-    &act_to_bf16,
-    &matmul_rows_bf16act,
-};
+constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
+    return KernelTable{
+        "avx512",
+        &simd::matmul_rows<Avx512>,
+        &simd::rmsnorm<Avx512>,
+        &simd::silu_mul<Avx512>,
+        &simd::softmax<Avx512>,
+        &simd::attention<Avx512>,
+        with_bf16 ? &act_to_bf16 : nullptr,
+        with_bf16 ? &matmul_rows_bf16act : nullptr,
+        with_vnni ? &simd::act_to_q8<VnniDot> : &simd::act_to_q8<BwDot>,
+        with_vnni ? &simd::matmul_rows_q8act<VnniDot> : &simd::matmul_rows_q8act<BwDot>,
+    };
+}
+
+const KernelTable kTables[2][2] = {{make_table(false, false), make_table(false, true)},
+                                   {make_table(true, false), make_table(true, true)}};
 
 }  // namespace
 
-const KernelTable* kernels_avx512_table_unchecked(bool with_bf16) { return with_bf16 ? &kTableBf16 : &kTable; }
+const KernelTable* kernels_avx512_table_unchecked(bool with_bf16, bool with_vnni) {
+    return &kTables[with_bf16 ? 1 : 0][with_vnni ? 1 : 0];
+}
 
 }  // namespace lmx

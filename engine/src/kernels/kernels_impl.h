@@ -32,10 +32,21 @@ struct KernelTable {
     void (*act_to_bf16)(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act);
     void (*matmul_rows_bf16act)(const WeightView& w, const uint16_t* act, int64_t n_tok, float* y,
                                 const float* bias, int64_t row0, int64_t row1);
+    // MatmulPrecision::fast for q8_0 and q4_0 weights (integer block dot products).
+    // act_to_q8 quantises x [n_tok, n_in] (n_in % 32 == 0) to act [n_tok, q8_act_row_bytes(n_in)];
+    // matmul_rows_q8act is matmul_rows on those activations. The math, bit for bit, is
+    // ref::act_to_q8 / ref::matmul_rows_q8act (reference.cpp), on every ISA.
+    void (*act_to_q8)(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act);
+    void (*matmul_rows_q8act)(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                              int64_t row0, int64_t row1);
 };
 
 // Row stride, in elements, of bf16 activations: n_in rounded up to a whole 32-element step.
 static inline int64_t bf16_act_stride(int64_t n_in) { return (n_in + 31) / 32 * 32; }
+
+// One token's quantised activations: int8 qs[n_in], then f32 d[n_in / 32] (block b's
+// value i is d[b] * qs[32b + i]). Precondition: n_in % 32 == 0.
+static inline int64_t q8_act_row_bytes(int64_t n_in) { return n_in + n_in / kQ8BlockElems * 4; }
 
 // Tables by ISA. The SIMD ones return nullptr when the CPU (or OS) lacks the ISA,
 // so a caller can never run them where they would fault.
@@ -48,12 +59,16 @@ const KernelTable& kernels_active();
 
 // Raw table getters of the ISA files; call only after checking CPU support.
 const KernelTable* kernels_avx2_table_unchecked();
-const KernelTable* kernels_avx512_table_unchecked(bool with_bf16);
+const KernelTable* kernels_avx512_table_unchecked(bool with_bf16, bool with_vnni);
 
 namespace ref {
 // Scalar matmul on output rows [row0, row1) (double accumulation), the scalar table's kernel.
 void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
                  int64_t row1);
+// The fast (quantised-activation) q8_0 / q4_0 matmul: the definition every ISA reproduces.
+void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act);
+void matmul_rows_q8act(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                       int64_t row0, int64_t row1);
 }  // namespace ref
 
 }  // namespace lmx

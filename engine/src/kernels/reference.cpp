@@ -42,6 +42,14 @@ inline float weight_at(const uint8_t* row, DType t, int64_t i) {
             const int8_t q = static_cast<int8_t>(blk[2 + i % kQ8BlockElems]);
             return f16_to_f32(d) * static_cast<float>(q);  // exact: 11-bit d times 8-bit q
         }
+        case DType::Q4_0: {
+            const uint8_t* blk = row + (i / kQ8BlockElems) * kQ4BlockBytes;
+            uint16_t d;
+            std::memcpy(&d, blk, 2);
+            const int64_t j = i % kQ8BlockElems;
+            const int nib = j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
+            return f16_to_f32(d) * static_cast<float>(nib - 8);  // exact: 11-bit d times 4-bit q
+        }
     }
     return 0.0f;
 }
@@ -76,6 +84,29 @@ void quantize_block_q8_0(const float* x, uint8_t* out) {
     }
 }
 
+// llama.cpp's quantize_row_q4_0_ref for one block of 32: the value of largest
+// magnitude, max (its sign kept), maps to -8: d = max / -8, id = 1/d; the nibble is
+// min(15, (int8_t)(x * id + 8.5f)) (truncation), d stored as f16.
+void quantize_block_q4_0(const float* x, uint8_t* out) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < kQ8BlockElems; ++j) {
+        if (amax < std::fabs(x[j])) {
+            amax = std::fabs(x[j]);
+            max = x[j];
+        }
+    }
+    const float d = max / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = f32_to_f16(d);
+    std::memcpy(out, &dh, 2);
+    auto nibble = [&](float v) {
+        const float s = v * id;     // in [-8, 8] for finite x
+        const float t = s + 8.5f;   // two roundings, as llama.cpp (this file is never FMA-contracted)
+        return static_cast<uint8_t>(t >= 15.0f ? 15 : (t > 0.0f ? static_cast<int>(t) : 0));  // NaN -> 0
+    };
+    for (int j = 0; j < 16; ++j) out[2 + j] = static_cast<uint8_t>(nibble(x[j]) | (nibble(x[16 + j]) << 4));
+}
+
 // One row of src_t (F32, F16 or BF16) to f32.
 void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
     switch (src_t) {
@@ -95,7 +126,8 @@ void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
             }
             return;
         case DType::Q8_0:
-            for (int64_t i = 0; i < n; ++i) out[i] = weight_at(src, DType::Q8_0, i);
+        case DType::Q4_0:
+            for (int64_t i = 0; i < n; ++i) out[i] = weight_at(src, src_t, i);
             return;
     }
 }
@@ -105,10 +137,11 @@ void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
 // ---- conversion ----
 
 void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols) {
-    if (src_t == DType::Q8_0) throw InvalidArgument("convert_rows: source format q8_0 is not supported");
-    if (dst_t == DType::Q8_0 && n_cols % kQ8BlockElems != 0)
-        throw InvalidArgument("convert_rows: q8_0 needs a row length divisible by 32, found " +
-                              std::to_string(n_cols));
+    if (dtype_is_blocked(src_t))
+        throw InvalidArgument(std::string("convert_rows: source format ") + dtype_name(src_t) + " is not supported");
+    if (dtype_is_blocked(dst_t) && n_cols % kQ8BlockElems != 0)
+        throw InvalidArgument(std::string("convert_rows: ") + dtype_name(dst_t) +
+                              " needs a row length divisible by 32, found " + std::to_string(n_cols));
     const int64_t src_row = row_bytes(src_t, n_cols);
     const int64_t dst_row = row_bytes(dst_t, n_cols);
     if (src_t == dst_t) {
@@ -138,6 +171,10 @@ void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t 
                 for (int64_t b = 0; b < n_cols / kQ8BlockElems; ++b)
                     quantize_block_q8_0(tmp.data() + b * kQ8BlockElems, d + b * kQ8BlockBytes);
                 break;
+            case DType::Q4_0:
+                for (int64_t b = 0; b < n_cols / kQ8BlockElems; ++b)
+                    quantize_block_q4_0(tmp.data() + b * kQ8BlockElems, d + b * kQ4BlockBytes);
+                break;
         }
     }
 }
@@ -151,7 +188,7 @@ namespace ref {
 
 void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
                  int64_t row1) {
-    assert(w.dtype != DType::Q8_0 || w.n_in % kQ8BlockElems == 0);
+    assert(!dtype_is_blocked(w.dtype) || w.n_in % kQ8BlockElems == 0);
     std::vector<float> wrow(static_cast<size_t>(w.n_in));  // [n_in] one weight row in f32
     for (int64_t o = row0; o < row1; ++o) {
         dequantize_row(w, o, wrow.data());
@@ -166,6 +203,85 @@ void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, c
 
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias) {
     matmul_rows(w, x, n_tok, y, bias, 0, w.n_out);
+}
+
+// ---- MatmulPrecision::fast for q8_0 / q4_0 weights ----
+//
+// Unlike the references above, these two are not an oracle with a looser tolerance:
+// they *define* the fast path's result, and every SIMD build reproduces it bit for bit.
+//
+// Activations: per block of 32, d = amax / 127 (f32, not rounded to f16), id = 1/d,
+// q = x * id rounded to nearest even (the SIMD convert), clamped to [-127, 127].
+// Finite activations only (a NaN or inf gives an unspecified q).
+//
+// Dot product of weight row o and token t: 8 f32 lanes, lane j owning elements
+// 32b + 4j .. 32b + 4j + 3 of every block b (the int32 lanes of vpdpbusd / vpmaddwd):
+//   for b in order:  s = d_w[b] * d_x[b] (f32);  lane[j] = fma(float(isum_j), s, lane[j])
+// where isum_j = sum of the four products w_q * x_q (exact int32; w_q = qs for q8_0,
+// nibble - 8 for q4_0). Then lanes j + j+4, j + j+2, j + j+1 (hsum's tree), + bias[o].
+// Against the exact f32 matmul the error is that of rounding x to 8 bits per block:
+// |x - d q| <= d/2, so |y_fast - y| <= sum_b (d_x[b]/2) sum_i |w_i| + f32 accumulation.
+
+void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act) {
+    assert(n_in % kQ8BlockElems == 0);
+    const int64_t n_blocks = n_in / kQ8BlockElems;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const float* xt = x + t * n_in;
+        uint8_t* qs = act + t * q8_act_row_bytes(n_in);
+        uint8_t* ds = qs + n_in;  // f32 scales, 4-byte aligned because n_in % 32 == 0
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            float amax = 0.0f;
+            for (int64_t j = 0; j < kQ8BlockElems; ++j) amax = std::fmax(amax, std::fabs(xt[b * kQ8BlockElems + j]));
+            const float d = amax / 127.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            std::memcpy(ds + 4 * b, &d, 4);
+            for (int64_t j = 0; j < kQ8BlockElems; ++j) {
+                const float v = std::nearbyint(xt[b * kQ8BlockElems + j] * id);  // ties to even
+                const int q = v >= 127.0f ? 127 : (v <= -127.0f ? -127 : static_cast<int>(v));
+                qs[b * kQ8BlockElems + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+            }
+        }
+    }
+}
+
+void matmul_rows_q8act(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                       int64_t row0, int64_t row1) {
+    assert(dtype_is_blocked(w.dtype) && w.n_in % kQ8BlockElems == 0);
+    const int64_t n_blocks = w.n_in / kQ8BlockElems;
+    const int64_t blk_bytes = w.dtype == DType::Q8_0 ? kQ8BlockBytes : kQ4BlockBytes;
+    int8_t wq[kQ8BlockElems];
+    for (int64_t o = row0; o < row1; ++o) {
+        const uint8_t* row = weight_row(w, o);
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const uint8_t* at = act + t * q8_act_row_bytes(w.n_in);
+            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t b = 0; b < n_blocks; ++b) {
+                const uint8_t* blk = row + b * blk_bytes;
+                for (int i = 0; i < kQ8BlockElems; ++i) {
+                    if (w.dtype == DType::Q8_0)
+                        wq[i] = static_cast<int8_t>(blk[2 + i]);
+                    else
+                        wq[i] = static_cast<int8_t>((i < 16 ? (blk[2 + i] & 15) : (blk[2 + i - 16] >> 4)) - 8);
+                }
+                uint16_t dwh;
+                float dx;
+                std::memcpy(&dwh, blk, 2);
+                std::memcpy(&dx, at + w.n_in + 4 * b, 4);
+                const float s = f16_to_f32(dwh) * dx;
+                const int8_t* xq = reinterpret_cast<const int8_t*>(at + b * kQ8BlockElems);
+                for (int j = 0; j < 8; ++j) {
+                    int32_t isum = 0;
+                    for (int k = 0; k < 4; ++k) isum += static_cast<int32_t>(wq[4 * j + k]) * xq[4 * j + k];
+                    lane[j] = std::fma(static_cast<float>(isum), s, lane[j]);
+                }
+            }
+            const float l4[4] = {lane[0] + lane[4], lane[1] + lane[5], lane[2] + lane[6], lane[3] + lane[7]};
+            const float l2[2] = {l4[0] + l4[2], l4[1] + l4[3]};
+            float v = l2[0] + l2[1];
+            if (bias) v += bias[o];
+            y[t * w.n_out + o] = v;
+        }
+    }
 }
 
 void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y) {

@@ -39,10 +39,25 @@ struct LoadBF16 {
     static constexpr int64_t kElemBytes = 2;
     static typename S::V load(const uint8_t* row, int64_t s) { return S::load_bf16(row + s * 32); }
 };
+// Block formats: n_in % 32 == 0, so no tail; mm_tile walks them block by block (see
+// there) and load_half(blk, h, d) widens elements 16h .. 16h+15 of a block, times d.
 template <class S>
 struct LoadQ8 {
-    static constexpr int64_t kElemBytes = 0;  // blocks; n_in % 32 == 0 so no tail
-    static constexpr bool kBlocks = true;     // mm_tile walks it block by block (see there)
+    static constexpr int64_t kElemBytes = 0;
+    static constexpr bool kBlocks = true;
+    static constexpr int64_t kBlockBytes = kQ8BlockBytes;
+    static typename S::V load_half(const uint8_t* blk, int64_t h, typename S::V d) {
+        return S::load_q8(blk + 2 + h * kLanes, d);
+    }
+};
+template <class S>
+struct LoadQ4 {
+    static constexpr int64_t kElemBytes = 0;
+    static constexpr bool kBlocks = true;
+    static constexpr int64_t kBlockBytes = kQ4BlockBytes;
+    static typename S::V load_half(const uint8_t* blk, int64_t h, typename S::V d) {
+        return S::load_q4(blk + 2, static_cast<int>(h), d);
+    }
 };
 
 // One register tile: R weight rows (w, stride w_stride bytes) times T tokens (x, stride
@@ -56,19 +71,20 @@ static inline void mm_tile(const uint8_t* w, int64_t w_stride, const float* x, i
         for (int t = 0; t < T; ++t) acc[r][t] = S::zero();
     const int64_t n_steps = n_in / kLanes;
     if constexpr (L::kBlocks) {
-        // q8_0: per block, broadcast each row's scale once, then two steps of 16 with
-        // w = d * q (exact), in the same order as the other formats.
+        // q8_0, q4_0: per block, broadcast each row's scale once, then two steps of 16
+        // with w = d * q (exact), in the same order as the other formats.
+        constexpr int64_t kBB = L::kBlockBytes;
         for (int64_t b = 0; b < n_steps / 2; ++b) {
             V d[R];
-            for (int r = 0; r < R; ++r) d[r] = S::bcast_f16(w + r * w_stride + b * kQ8BlockBytes);
+            for (int r = 0; r < R; ++r) d[r] = S::bcast_f16(w + r * w_stride + b * kBB);
             if (pf)
-                for (int r = 0; r < R; ++r) __builtin_prefetch(pf + r * w_stride + b * kQ8BlockBytes, 0, 2);
+                for (int r = 0; r < R; ++r) __builtin_prefetch(pf + r * w_stride + b * kBB, 0, 2);
             for (int64_t h = 0; h < 2; ++h) {
                 const int64_t s = 2 * b + h;
                 V xv[T];
                 for (int t = 0; t < T; ++t) xv[t] = S::load(x + t * n_in + s * kLanes);
                 for (int r = 0; r < R; ++r) {
-                    const V wv = S::load_q8(w + r * w_stride + b * kQ8BlockBytes + 2 + h * kLanes, d[r]);
+                    const V wv = L::load_half(w + r * w_stride + b * kBB, h, d[r]);
                     for (int t = 0; t < T; ++t) acc[r][t] = S::fmadd(xv[t], wv, acc[r][t]);
                 }
             }
@@ -86,7 +102,7 @@ static inline void mm_tile(const uint8_t* w, int64_t w_stride, const float* x, i
             }
         }
     }
-    if constexpr (!L::kBlocks) {  // q8_0 rows are whole blocks; the others end with a zero-padded step
+    if constexpr (!L::kBlocks) {  // q8_0 / q4_0 rows are whole blocks; the others end with a zero-padded step
         const int64_t n_tail = n_in - n_steps * kLanes;
         if (n_tail > 0) {
             alignas(64) uint8_t wbuf[kLanes * 4];
@@ -202,6 +218,7 @@ static void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, floa
         case DType::F16: mm_rows<S, LoadF16<S>>(w, x, n_tok, y, bias, row0, row1); break;
         case DType::BF16: mm_rows<S, LoadBF16<S>>(w, x, n_tok, y, bias, row0, row1); break;
         case DType::Q8_0: mm_rows<S, LoadQ8<S>>(w, x, n_tok, y, bias, row0, row1); break;
+        case DType::Q4_0: mm_rows<S, LoadQ4<S>>(w, x, n_tok, y, bias, row0, row1); break;
     }
 }
 
