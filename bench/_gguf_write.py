@@ -19,7 +19,8 @@ pre-tokenizer:
   - llama3 RoPE scaling: a rope_freqs tensor with the per-dimension factors, as the
     converter computes them;
   - types as the converter's --outtype: 1-D tensors (norms, biases) stay f32, matrices
-    become f16 / bf16 / q8_0 (gguf.quants.quantize), the embedding included;
+    become f16 / bf16 / q8_0 / q4_0 (gguf.quants.quantize), the embedding included
+    (layermux's --weights q4_0 quantises the embedding the same way);
   - vocabulary: tokenizer model "gpt2", tokens and merges from tokenizer.json, ids the
     tokenizer never produces padded as [PADn] (UNUSED), bos/eos ids from the config.
 
@@ -47,6 +48,7 @@ _FILE_TYPES = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 
 _LAYER_NAMES = {
@@ -141,6 +143,8 @@ def encode(a: np.ndarray, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizati
         return to_f32(a).astype(np.float16), None
     if outtype == "q8_0":
         return gguf.quants.quantize(to_f32(a), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    if outtype == "q4_0":
+        return gguf.quants.quantize(to_f32(a), gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0
     raise ValueError(f"outtype {outtype!r}")
 
 
@@ -213,7 +217,7 @@ def write_gguf(model_dir: Path, out: Path, outtype: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="HF Llama/Qwen2 folder -> GGUF (f32/f16/bf16/q8_0), gguf package only.")
+    ap = argparse.ArgumentParser(description="HF Llama/Qwen2 folder -> GGUF (f32/f16/bf16/q8_0/q4_0), gguf package only.")
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--outtype", choices=sorted(_FILE_TYPES), default="f16")

@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_MODELS = REPO / "build" / "bench-models"  # gitignored cache of random models and GGUF files
 LLAMA_VENV = REPO / "build" / "llama-venv"  # llama-cpp-python, built without AMX (see README)
 
-# Bytes one weight occupies in each format. q8_0: blocks of 32 int8 plus one f16 scale.
-FORMAT_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34.0 / 32.0}
+# Bytes one weight occupies in each format. q8_0: blocks of 32 int8 plus one f16 scale;
+# q4_0: blocks of 32 nibbles plus one f16 scale.
+FORMAT_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34.0 / 32.0, "q4_0": 18.0 / 32.0}
 
 N_THREADS = 2  # every engine in every table runs with this many compute threads
 

@@ -18,7 +18,7 @@ import orjson
 from engine.errors import ModelFileError, UnsupportedModelError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-WEIGHT_FORMATS = ("auto", "f32", "f16", "bf16", "q8_0")
+WEIGHT_FORMATS = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -362,7 +362,43 @@ def produce_main(argv: list[str]) -> int:
     return 0
 
 
+def offer_main(argv: list[str]) -> int:
+    """`python faultlib.py offer URL PREFIX OFFERS_JSON REPORT_JSON`: submit every offer as fast as
+    possible, without retrying a refusal, then read each accepted request's events to the end.
+    An offer is {request_id, model, prompt_ids, max_tokens}. The report maps each request id to
+    {"refused": code, details} (the typed SDK error) or {"terminal": kind, "code", "n_terminal",
+    "completion_tokens"}; any other exception escapes and fails the process."""
+    from producer_sdk import LayermuxClientError, Producer
+
+    url, prefix, offers_path, report_path = argv
+    offers = orjson.loads(Path(offers_path).read_bytes())
+    report: dict[str, Any] = {}
+    accepted = []
+    with Producer(url, prefix=prefix) as producer:
+        for o in offers:
+            try:
+                handle = producer.submit(o["model"], prompt_ids=o["prompt_ids"], max_tokens=o["max_tokens"],
+                                         request_id=o["request_id"], ignore_eos=True, seed=1)
+            except LayermuxClientError as e:
+                report[o["request_id"]] = {"refused": e.code, "details": e.details, "type": type(e).__name__}
+                continue
+            accepted.append(handle)
+        for handle in accepted:
+            events = list(handle.events())
+            terminals = [e for e in events if isinstance(e, TERMINAL)]
+            last = terminals[-1] if terminals else None
+            report[handle.request_id] = {
+                "terminal": type(last).__name__ if last else None,
+                "code": getattr(last, "code", None), "n_terminal": len(terminals),
+                "completion_tokens": sum(len(e.token_ids) for e in events if isinstance(e, TokenEvent)),
+            }
+    Path(report_path).write_bytes(orjson.dumps(report))
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "produce":
         sys.exit(produce_main(sys.argv[2:]))
-    sys.exit(f"usage: {sys.argv[0]} produce URL PREFIX SPECS_JSON REPORT_JSON")
+    if len(sys.argv) >= 2 and sys.argv[1] == "offer":
+        sys.exit(offer_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} produce|offer URL PREFIX SPECS_JSON REPORT_JSON")

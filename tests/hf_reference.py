@@ -133,7 +133,9 @@ def roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
 
     fmt: "f32" (identity), "f16", "bf16" (round to nearest even), "q8_0"
     (llama.cpp block_q8_0 along the last axis: blocks of 32 share
-    d = max|x| / 127 stored as f16; q = round(x / d)).
+    d = max|x| / 127 stored as f16; q = round(x / d)), "q4_0" (llama.cpp
+    block_q4_0: the value m of largest magnitude, sign kept, gives d = m / -8;
+    nibble = min(15, trunc(x * (1/d) + 8.5)); value = f16(d) * (nibble - 8)).
     """
     x = np.asarray(x, dtype=np.float32)
     if fmt == "f32":
@@ -153,7 +155,19 @@ def roundtrip(x: np.ndarray, fmt: str) -> np.ndarray:
         d16 = d.astype(np.float16).astype(np.float32)
         dequantized: np.ndarray = (q.astype(np.float32) * d16).reshape(x.shape)
         return dequantized
-    raise ValueError(f"fmt: expected f32, f16, bf16 or q8_0, found {fmt!r}")
+    if fmt == "q4_0":
+        assert x.shape[-1] % 32 == 0, f"q4_0 needs rows that are a multiple of 32, found {x.shape}"
+        blocks = x.reshape(-1, 32)
+        m = blocks[np.arange(len(blocks)), np.argmax(np.abs(blocks), axis=1)]  # first of the largest |x|
+        d = (m / np.float32(-8.0)).astype(np.float32)[:, None]
+        with np.errstate(divide="ignore"):
+            inv = np.where(d != 0, np.float32(1.0) / np.where(d != 0, d, 1), 0).astype(np.float32)
+        t = (blocks * inv).astype(np.float32) + np.float32(8.5)  # two float32 roundings, as llama.cpp
+        nib = np.minimum(15, np.trunc(t)).astype(np.float32)
+        d16 = d.astype(np.float16).astype(np.float32)
+        dequantized4: np.ndarray = ((nib - np.float32(8.0)) * d16).reshape(x.shape)
+        return dequantized4
+    raise ValueError(f"fmt: expected f32, f16, bf16, q8_0 or q4_0, found {fmt!r}")
 
 
 def write_converted_model(src_dir: str | Path, dst_dir: str | Path, fmt: str) -> Path:

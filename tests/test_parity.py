@@ -68,10 +68,11 @@ N_GREEDY = 32
 LOGIT_PROMPT_LENS = (1, 7, 40)
 GREEDY_PROMPT_LENS = (7, 40)
 
-EXACT_CONVERSION_TOL = {"f16": 1e-4, "bf16": 1e-4, "q8_0": 1e-3}
+EXACT_CONVERSION_TOL = {"f16": 1e-4, "bf16": 1e-4, "q8_0": 1e-3, "q4_0": 1e-3}
 EXACT_CONVERSION_AGREEMENT = 0.97
-QUALITY_TOL = {"f16": 6e-3, "bf16": 6e-2, "q8_0": 1.3e-1}
-QUALITY_AGREEMENT = {"f16": 0.97, "bf16": 0.85, "q8_0": 0.84}
+QUALITY_TOL = {"f16": 6e-3, "bf16": 6e-2, "q8_0": 1.3e-1, "q4_0": 1.0}
+QUALITY_AGREEMENT = {"f16": 0.97, "bf16": 0.85, "q8_0": 0.84, "q4_0": 0.3}
+CONVERTED_FORMATS = ("f16", "bf16", "q8_0", "q4_0")
 N_QUALITY = 64
 
 BATCH_PROMPT_LENS = (1, 5, 15, 16, 17, 31, 33, 70)  # around the 16-token KV block edges
@@ -255,10 +256,10 @@ def converted_dirs(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPat
     """"variant/fmt" -> folder holding the variant's weights rounded the engine's way, stored f32."""
     root = tmp_path_factory.mktemp("converted")
     return {f"{v}/{fmt}": ref.write_converted_model(model_dirs[v], root / f"{v}-{fmt}", fmt)
-            for v in VARIANTS for fmt in ("f16", "bf16", "q8_0")}
+            for v in VARIANTS for fmt in CONVERTED_FORMATS}
 
 
-@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", CONVERTED_FORMATS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_load_time_conversion_computes_the_reference_rounding(
         eng: Engine, load: Loaded, model_dirs: dict[str, Path], converted_dirs: dict[str, Path], variant: str,
@@ -273,7 +274,7 @@ def test_load_time_conversion_computes_the_reference_rounding(
         assert agreement >= EXACT_CONVERSION_AGREEMENT, f"{variant} {fmt}: agreement {agreement:.3f}"
 
 
-@pytest.mark.parametrize("fmt", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("fmt", CONVERTED_FORMATS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_low_precision_weights_stay_within_stated_tolerance_of_f32(
         eng: Engine, load: Loaded, model_dirs: dict[str, Path], variant: str, fmt: str) -> None:

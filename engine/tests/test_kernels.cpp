@@ -7,7 +7,9 @@
 // so |fast - ref| <= (n_in/16 + 5) * 2^-24 * sum_i |x_i w_i| (a rigorous bound, used
 // with a factor 2 of slack) — the same bound for every weight format. The format's own
 // precision is tested on convert_rows: f16 2^-11 relative, bf16 2^-8 relative, q8_0
-// 0.563 * d absolute per element (d/2 rounding plus f16 rounding of d).
+// 0.563 * d absolute per element (d/2 rounding plus f16 rounding of d), q4_0 |d|/2
+// (|d| at the clamped top nibble) plus f16 rounding of d. The fast q8_0 / q4_0 path
+// (int8 activations) is bitwise its reference; its tolerance is stated above its tests.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -299,20 +301,21 @@ TEST(kernel_matmul_row_range_does_not_change_a_rows_value) {
 TEST(kernel_matmul_q8_0_and_q4_0_equal_f32_matmul_on_their_dequantised_weights) {
     // q8_0 and q4_0 widen d * q exactly, so they must give the bits of the f32 path on those values.
     Rng rng(6);
-    for (const KernelTable* k : tables())
-    for (DType dt : {DType::Q8_0, DType::Q4_0}) {
+    for (const KernelTable* k : tables()) {
         if (std::strcmp(k->name, "scalar") == 0) continue;
-        const int64_t n_out = 19, n_in = 320, n_tok = 5;
-        const std::vector<uint8_t> q8 = random_weights(rng, dt, n_out, n_in);
-        const WeightView wq{q8.data(), dt, n_out, n_in};
-        std::vector<float> f32(static_cast<size_t>(n_out * n_in));
-        for (int64_t o = 0; o < n_out; ++o) dequantize_row(wq, o, f32.data() + o * n_in);
-        const WeightView wf{f32.data(), DType::F32, n_out, n_in};
-        const std::vector<float> x = random_vec(rng, n_tok * n_in);
-        std::vector<float> yq(static_cast<size_t>(n_tok * n_out)), yf(yq.size());
-        k->matmul_rows(wq, x.data(), n_tok, yq.data(), nullptr, 0, n_out);
-        k->matmul_rows(wf, x.data(), n_tok, yf.data(), nullptr, 0, n_out);
-        CHECK(same_bits(yq, yf));
+        for (DType dt : {DType::Q8_0, DType::Q4_0}) {
+            const int64_t n_out = 19, n_in = 320, n_tok = 5;
+            const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
+            const WeightView wq{wb.data(), dt, n_out, n_in};
+            std::vector<float> f32(static_cast<size_t>(n_out * n_in));
+            for (int64_t o = 0; o < n_out; ++o) dequantize_row(wq, o, f32.data() + o * n_in);
+            const WeightView wf{f32.data(), DType::F32, n_out, n_in};
+            const std::vector<float> x = random_vec(rng, n_tok * n_in);
+            std::vector<float> yq(static_cast<size_t>(n_tok * n_out)), yf(yq.size());
+            k->matmul_rows(wq, x.data(), n_tok, yq.data(), nullptr, 0, n_out);
+            k->matmul_rows(wf, x.data(), n_tok, yf.data(), nullptr, 0, n_out);
+            CHECK(same_bits(yq, yf));
+        }
     }
 }
 
@@ -425,6 +428,134 @@ TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
     }
     set_matmul_precision(MatmulPrecision::exact);
     CHECK(matmul_precision() == MatmulPrecision::exact);
+}
+
+// ---- MatmulPrecision::fast for q8_0 / q4_0: int8 activations ----
+//
+// ref::act_to_q8 / ref::matmul_rows_q8act define the result (reference.cpp): every ISA
+// must reproduce them bit for bit (integer block dots are exact, and the f32 steps are
+// the same operations in the same order). Against the exact matmul on the same weights
+// the error is the activations' 8-bit rounding, |x - d q| <= d_x/2 per element, plus f32
+// rounding: tol = sum_i |w_i| d_x(i)/2 + 2 (n_in/32 + 5) 2^-24 sum_i |w_i| (|x_i| + d_x(i)).
+
+std::vector<const KernelTable*> q8act_tables() {
+    std::vector<const KernelTable*> out;
+    for (const KernelTable* k : tables())
+        if (k->matmul_rows_q8act) out.push_back(k);
+    return out;
+}
+
+float act_scale(const std::vector<uint8_t>& act, int64_t n_in, int64_t t, int64_t b) {
+    float d;
+    std::memcpy(&d, act.data() + t * q8_act_row_bytes(n_in) + n_in + 4 * b, 4);
+    return d;
+}
+
+TEST(kernel_act_to_q8_every_isa_equals_reference_bitwise) {
+    Rng rng(18);
+    for (const KernelTable* k : q8act_tables())
+        for (int64_t n_in : {32, 64, 96, 960})
+            for (int64_t n_tok : {1, 3, 17}) {
+                std::vector<float> x = random_vec(rng, n_tok * n_in, -3.0f, 3.0f);
+                for (int64_t i = 0; i < 32; ++i) x[static_cast<size_t>(i)] = 0.0f;  // an all-zero block: d = 0
+                if (n_in >= 64) {  // a block with d = 1 exactly: x * id on halves, ties to even
+                    const float halves[] = {127.0f, 2.5f, -2.5f, 0.5f, -0.5f, 1.5f, -1.5f, 126.5f, -127.0f};
+                    for (size_t i = 0; i < sizeof halves / sizeof halves[0]; ++i) x[32 + i] = halves[i];
+                }
+                const int64_t n_bytes = n_tok * q8_act_row_bytes(n_in);
+                std::vector<uint8_t> want(static_cast<size_t>(n_bytes), 0xab), got(want.size(), 0xcd);
+                ref::act_to_q8(x.data(), n_tok, n_in, want.data());
+                k->act_to_q8(x.data(), n_tok, n_in, got.data());
+                CHECK(got == want);
+                if (n_in >= 64) {
+                    const int8_t want_halves[] = {127, 2, -2, 0, 0, 2, -2, 126, -127};
+                    for (size_t i = 0; i < sizeof want_halves; ++i)
+                        CHECK(static_cast<int8_t>(want[32 + i]) == want_halves[i]);
+                    CHECK(act_scale(want, n_in, 0, 1) == 1.0f);
+                }
+                CHECK(act_scale(want, n_in, 0, 0) == 0.0f);
+                for (int64_t t = 0; t < n_tok; ++t)  // every value within d/2 of its x
+                    for (int64_t i = 0; i < n_in; ++i) {
+                        const float d = act_scale(want, n_in, t, i / 32);
+                        const int8_t q = static_cast<int8_t>(want[static_cast<size_t>(t * q8_act_row_bytes(n_in) + i)]);
+                        CHECK(q >= -127);
+                        CHECK_NEAR(d * q, x[static_cast<size_t>(t * n_in + i)], 0.5 * d * (1 + 1e-6));
+                    }
+            }
+}
+
+TEST(kernel_matmul_fast_q8_0_q4_0_every_isa_equals_reference_bitwise) {
+    Rng rng(19);
+    std::vector<const KernelTable*> ks = q8act_tables();
+    CHECK(!ks.empty());  // the scalar table at least
+    for (DType dt : {DType::Q8_0, DType::Q4_0})
+        for (const Shape& s : kShapesQ8) {
+            const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+            const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+            const std::vector<float> bias = random_vec(rng, s.n_out);
+            for (int64_t n_tok = 1; n_tok <= 17; ++n_tok) {
+                const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(s.n_in)));
+                ref::act_to_q8(x.data(), n_tok, s.n_in, act.data());
+                for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
+                    std::vector<float> want(static_cast<size_t>(n_tok * s.n_out), NAN);
+                    ref::matmul_rows_q8act(w, act.data(), n_tok, want.data(), b, 0, s.n_out);
+                    for (const KernelTable* k : ks) {
+                        std::vector<float> got(want.size(), NAN);
+                        k->matmul_rows_q8act(w, act.data(), n_tok, got.data(), b, 0, s.n_out);
+                        if (!same_bits(got, want))
+                            std::fprintf(stderr, "  %s %s [%lld x %lld] n_tok=%lld differs from the reference\n",
+                                         k->name, dtype_name(dt), static_cast<long long>(s.n_out),
+                                         static_cast<long long>(s.n_in), static_cast<long long>(n_tok));
+                        CHECK(same_bits(got, want));
+                    }
+                }
+            }
+        }
+}
+
+TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
+    Rng rng(20);
+    ThreadPool pool(2);
+    set_matmul_precision(MatmulPrecision::fast);
+    const Shape shapes[] = {{7, 32}, {33, 96}, {320, 960}, {97, 2560}};
+    for (DType dt : {DType::Q8_0, DType::Q4_0})
+        for (const Shape& s : shapes)
+            for (int64_t n_tok : {1, 5, 17}) {
+                const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
+                const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+                const std::vector<float> bias = random_vec(rng, s.n_out);
+                const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN), exact(y.size());
+                matmul(w, x.data(), n_tok, y.data(), bias.data(), pool);  // the dispatched fast path
+                ref::matmul(w, x.data(), n_tok, exact.data(), bias.data());
+                std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(s.n_in)));
+                ref::act_to_q8(x.data(), n_tok, s.n_in, act.data());
+                std::vector<float> defined(y.size());
+                ref::matmul_rows_q8act(w, act.data(), n_tok, defined.data(), bias.data(), 0, s.n_out);
+                CHECK(same_bits(y, defined));
+                std::vector<float> row(static_cast<size_t>(s.n_in));
+                int bad = 0;
+                for (int64_t o = 0; o < s.n_out; ++o) {
+                    dequantize_row(w, o, row.data());
+                    for (int64_t t = 0; t < n_tok; ++t) {
+                        double quant = 0.0, mag = std::fabs(bias[static_cast<size_t>(o)]);
+                        for (int64_t i = 0; i < s.n_in; ++i) {
+                            const double d = act_scale(act, s.n_in, t, i / 32);
+                            quant += std::fabs(row[i]) * d / 2;
+                            mag += std::fabs(row[i]) * (std::fabs(x[t * s.n_in + i]) + d);
+                        }
+                        const double tol = quant + 2.0 * (static_cast<double>(s.n_in) / 32 + 5) * 0x1p-24 * mag;
+                        const double err = std::fabs(y[t * s.n_out + o] - exact[t * s.n_out + o]);
+                        if (!(err <= tol) && bad++ < 3)
+                            std::fprintf(stderr, "  fast %s o=%lld t=%lld: |%.9g - %.9g| > %.3g\n", dtype_name(dt),
+                                         static_cast<long long>(o), static_cast<long long>(t), y[t * s.n_out + o],
+                                         exact[t * s.n_out + o], tol);
+                    }
+                }
+                CHECK(bad == 0);
+            }
+    set_matmul_precision(MatmulPrecision::exact);
 }
 
 TEST(kernel_matmul_rejects_q8_0_rows_that_are_not_whole_blocks) {
@@ -656,6 +787,53 @@ TEST(kernel_convert_rows_q8_0_follows_llama_cpp_and_bounds_the_error) {
     const int8_t want_halves[] = {127, 3, -3, 1, -1, 127, -127, 1, -1, 0};
     for (size_t i = 0; i < sizeof want_halves; ++i) CHECK(static_cast<int8_t>(q[3 * 34 + 2 + i]) == want_halves[i]);
     CHECK_THROWS(convert_rows(x.data(), DType::F32, q.data(), DType::Q8_0, 1, 40), InvalidArgument, "divisible by 32");
+}
+
+TEST(kernel_convert_rows_q4_0_follows_llama_cpp_and_bounds_the_error) {
+    Rng rng(21);
+    const int64_t n_rows = 3, n_cols = 128;
+    std::vector<float> x = random_vec(rng, n_rows * n_cols, -2.0f, 2.0f);
+    for (int64_t i = 0; i < 32; ++i) x[static_cast<size_t>(32 + i)] = 0.0f;  // an all-zero block: d = 0
+    x[70] = -1e3f;                                                           // a negative outlier: d > 0
+    x[100] = 5.0f;                                                           // a positive one: d < 0
+    std::vector<uint8_t> q(static_cast<size_t>(row_bytes(DType::Q4_0, n_cols) * n_rows));
+    CHECK(q.size() == static_cast<size_t>(n_rows * 4 * 18));
+    convert_rows(x.data(), DType::F32, q.data(), DType::Q4_0, n_rows, n_cols);
+    std::vector<float> back(x.size());
+    const WeightView w{q.data(), DType::Q4_0, n_rows, n_cols};
+    for (int64_t r = 0; r < n_rows; ++r) dequantize_row(w, r, back.data() + r * n_cols);
+    for (int64_t b = 0; b < n_rows * n_cols / 32; ++b) {
+        const float* xb = x.data() + b * 32;
+        const uint8_t* blk = q.data() + b * 18;
+        // llama.cpp quantize_row_q4_0_ref, written out independently.
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < 32; ++j)
+            if (amax < std::fabs(xb[j])) {
+                amax = std::fabs(xb[j]);
+                max = xb[j];
+            }
+        const float d = max / -8;
+        const float id = d ? 1.0f / d : 0.0f;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        CHECK(dh == f32_to_f16(d));
+        for (int j = 0; j < 16; ++j) {
+            const float x0 = xb[j] * id, x1 = xb[16 + j] * id;
+            const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>(x0 + 8.5f)));
+            const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>(x1 + 8.5f)));
+            CHECK(blk[2 + j] == static_cast<uint8_t>(q0 | (q1 << 4)));
+        }
+        // Rounding to the nearest of 16 levels: |error| <= |d|/2, except at nibble 15
+        // (the clamp: +8|d| is not representable, 7|d| is used), <= |d|; plus f16's d.
+        for (int j = 0; j < 32; ++j) {
+            const int nib = j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
+            const double bound = (nib == 15 ? 1.0 : 0.5) * std::fabs(d) + 8 * 0x1p-11 * std::fabs(d);
+            CHECK_NEAR(back[static_cast<size_t>(b * 32 + j)], xb[j], bound);
+        }
+    }
+    CHECK(back[70] == -1e3f || std::fabs(back[70] + 1e3f) <= 1e3f * 0x1p-11);  // the extreme maps to nibble 0 exactly
+    CHECK_THROWS(convert_rows(x.data(), DType::F32, q.data(), DType::Q4_0, 1, 40), InvalidArgument, "divisible by 32");
+    CHECK_THROWS(convert_rows(q.data(), DType::Q4_0, x.data(), DType::F32, 1, 32), InvalidArgument, "q4_0");
 }
 
 TEST(kernel_isa_names_the_best_supported_table) {
