@@ -219,3 +219,50 @@ def test_loading_a_model_does_not_block_serving_another(model_dirs: dict[str, Pa
         assert len(tokens_seen_during_load) >= 3, tokens_seen_during_load
         assert set(eng.models()) == {"a", "b"}
         eng.cancel(1)
+
+
+def test_a_step_that_cannot_run_ends_its_requests_with_an_error_not_the_process(tmp_path: Path) -> None:
+    """Two whole-model-swap models; the small one holds KV that leaves too little room to swap the
+    big one in. The big model's step fails: its request ends with an error event naming why, and
+    the small model's request goes on to its last token (before the fix: std::terminate)."""
+    common = dict(n_heads=4, n_kv_heads=2, max_position_embeddings=4096)
+    small = make_model(tmp_path / "small", hidden=64, n_layers=2, intermediate=128, seed=1, **common)
+    big = make_model(tmp_path / "big", hidden=128, n_layers=4, intermediate=512, seed=2, **common)
+    probe = Engine(EngineConfig(budget_bytes=256 << 20, n_threads=1))
+    try:
+        probe.load_model("small", small, residency="swap")
+        probe.load_model("big", big, residency="swap")
+        info = probe.models()
+    finally:
+        probe.close()
+    workspaces = info["small"]["workspace_bytes"] + info["big"]["workspace_bytes"]
+    slack = 256 << 10  # less than the small model's KV below
+    cap = workspaces + info["big"]["weight_bytes"] + slack
+    eng = Engine(EngineConfig(budget_bytes=int(cap / 0.9) + 1, cap_fraction=0.9, n_threads=1))
+    try:
+        eng.load_model("small", small, residency="swap")
+        eng.load_model("big", big, residency="swap")
+        long_prompt = [(i * 7) % 200 + 3 for i in range(1000)]  # 1000 x 512 B of KV > slack
+        assert info["small"]["kv_bytes_per_token"] * len(long_prompt) > slack
+        eng.submit(1, "small", long_prompt, SamplingParams(max_tokens=48, ignore_eos=True, temperature=0.0))
+        events = []
+        while not any(e.req_id == 1 and e.kind == "token" for e in events):
+            events += eng.wait_events(5.0)
+        eng.submit(2, "big", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+        ended: dict[int, object] = {}
+        deadline = time.monotonic() + 120
+        while len(ended) < 2:
+            assert time.monotonic() < deadline, events
+            for e in eng.wait_events(5.0):
+                events.append(e)
+                if e.kind in ("done", "error"):
+                    ended[e.req_id] = e
+        err = ended[2]
+        assert err.kind == "error" and "engine_failure" in err.message and "does not fit" in err.message, err  # type: ignore[attr-defined]
+        assert ended[1].kind == "done"  # type: ignore[attr-defined]
+        assert sum(e.req_id == 1 and e.kind == "token" for e in events) == 48
+        # The engine still serves both models once the KV is gone.
+        assert len(eng.generate("big", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))) == 3
+        assert eng.ledger()["peak_bytes"] <= eng.ledger()["cap_bytes"]
+    finally:
+        eng.close()

@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include <algorithm>
+#include <unordered_set>
 #include <cassert>
 #include <cerrno>
 #include <cstring>
@@ -462,6 +463,24 @@ void Engine::run_plan(StepPlan& plan) {
     stats_.step_ms_total += ms_since(t0);
 }
 
+void Engine::fail_plan(StepPlan& plan, const std::string& what) {
+    std::string name;
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        auto it = by_id_.find(plan.model);
+        if (it != by_id_.end()) name = it->second->name;
+    }
+    // A sequence the failed step already finished is gone: match by pointer, never dereference.
+    std::unordered_set<const Sequence*> live;
+    for (const auto& kv : seqs_) live.insert(kv.second.get());
+    for (const PlanItem& it : plan.items) {
+        if (live.count(it.seq) == 0) continue;
+        live.erase(it.seq);
+        finish(it.seq, EventKind::Error,
+               "engine_failure: a step of model '" + name + "' failed and the request was stopped: " + what);
+    }
+}
+
 void Engine::step_main() {
     for (;;) {
         std::deque<Command> cmds;
@@ -483,7 +502,14 @@ void Engine::step_main() {
             cv_.wait_for(lk, std::chrono::milliseconds(2), [&] { return stop_ || !inbox_.empty(); });
             continue;
         }
-        run_plan(plan);
+        try {
+            run_plan(plan);
+        } catch (const std::exception& e) {
+            // A step that cannot run (e.g. a whole-model swap with no room left next to other
+            // models' KV) must not take the process down: its sequences end with an error event
+            // and every other request keeps going.
+            fail_plan(plan, e.what());
+        }
     }
     // Shutdown: every live request ends with an event.
     std::vector<Sequence*> left;

@@ -146,6 +146,7 @@ private:
     void step_main();
     void apply(Command& c);
     void run_plan(StepPlan& plan);
+    void fail_plan(StepPlan& plan, const std::string& what);  // ends the plan's live sequences with an error
     void finish(Sequence* s, EventKind kind, const std::string& detail);
     void emit(EngineEvent ev);
     ModelInfo info_locked(const ModelRt& m) const;
