@@ -167,3 +167,59 @@ def test_reservation_and_kv_need_helpers() -> None:
     assert min_reservation_tokens(16) == 16 * MIN_RESERVATION_BLOCKS
     assert kv_tokens_needed(100, 50, 128) == 128
     assert kv_tokens_needed(10, 50, 128) == 60
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cap=st.integers(1 << 12, 1 << 20),
+    reservations=st.lists(st.integers(1, 1 << 12), min_size=3, max_size=3),
+    max_running=st.lists(st.integers(1, 8), min_size=3, max_size=3),
+    weights=st.lists(st.floats(0.5, 4.0), min_size=3, max_size=3),
+    durations=st.lists(st.integers(1, 6), min_size=1, max_size=64),
+    orders=st.lists(st.permutations(list(NAMES)), min_size=1, max_size=16),
+    late_start=st.integers(0, 10),
+)
+def test_no_model_with_backlog_waits_longer_than_the_longest_request(
+    cap: int, reservations: list[int], max_running: list[int], weights: list[float], durations: list[int],
+    orders: list[list[str]], late_start: int,
+) -> None:
+    """Starvation bound. Models a and c are flooded (always waiting); b's backlog appears at tick
+    `late_start`. Each tick, finished requests free their reservation, then the models (in a drawn
+    order) read while the gate says OK; a request holds its reservation for a drawn number of ticks
+    (1..D). Stated bound: while b has backlog and room under its max_running, it reads within
+    D + 1 ticks — provided every reservation fits within its model's weighted share of the cap
+    (otherwise the model can never be guaranteed a start, and check_request-like sizing applies)."""
+    total_w = sum(weights)
+    if any(r > cap * w / total_w for r, w in zip(reservations, weights)):
+        return
+    longest = max(durations)
+    running: dict[str, list[int]] = {n: [] for n in NAMES}  # end ticks
+    b_waiting_since: int | None = None
+    n_draw = 0
+    for tick in range(late_start + 8 * (longest + 1)):
+        for n in NAMES:
+            running[n] = [end for end in running[n] if end > tick]
+        waiting = {"a": 50, "b": 50 if tick >= late_start else 0, "c": 50}
+        if tick >= late_start and b_waiting_since is None:
+            b_waiting_since = tick
+        for name in orders[tick % len(orders)]:
+            k = NAMES.index(name)
+            while waiting[name] > 0:
+                used = sum(reservations[NAMES.index(n)] * len(running[n]) for n in NAMES)
+                view = DeviceView(
+                    headroom_bytes=cap - used,
+                    models={n: ModelLoad(running=len(running[n]), max_running=max_running[j],
+                                         kv_bytes=reservations[j] * len(running[n]),
+                                         min_reservation_bytes=reservations[j], sched_weight=weights[j],
+                                         waiting=waiting[n])
+                            for j, n in enumerate(NAMES)})
+                if read_verdict(name, view) is not ReadVerdict.OK:
+                    break
+                running[name].append(tick + durations[n_draw % len(durations)])
+                n_draw += 1
+                if name == "b":
+                    b_waiting_since = tick + 1  # served; the next b request waits from the next tick
+        if b_waiting_since is not None and len(running["b"]) < max_running[1]:
+            assert tick - b_waiting_since <= longest + 1, (tick, b_waiting_since, running)
+        elif len(running["b"]) >= max_running[1]:
+            b_waiting_since = tick + 1  # at its own limit: not starving, just full

@@ -19,6 +19,11 @@ Two gates, in order:
    its `max_running`, and less than its share. A hot model therefore cannot take the last blocks
    a cold one needs to start, and a lone model may still use the whole device.
 
+   Starvation bound (property-tested in tests/test_worker_admission.py): when every model's
+   minimum reservation fits within its weighted share of the cap, a model with backlog and room
+   under its `max_running` reads within D + 1 rounds of gate checks, D being the longest any
+   request holds its reservation: whatever blocks it is over its share and can only shrink.
+
 2. *Request check* (`check_request`), once the prompt is tokenized: a request that could never
    run on this device is denied at once with the numbers, instead of waiting forever. Its KV
    need is compared with the most KV the device can ever hold: the cap less what is booked for
