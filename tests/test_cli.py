@@ -619,6 +619,7 @@ def test_status_json_shows_a_running_workers_models_and_ledger(running_worker: s
     text = run_cli("status", "--redis-url", redis_url, "--prefix", running_worker).stdout
     assert "worker cli-test-worker" in text
     assert "device: budget 256 MiB" in text
+    assert "matmul exact" in text and "priority aging 5.0" in text
 
 
 def test_submit_to_a_running_worker_streams_the_same_greedy_tokens_as_generate(

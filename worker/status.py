@@ -226,6 +226,8 @@ def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
         ("prefetch depth", ("prefetch_depth",)),
         ("isa", ("isa",)),
         ("threads", ("n_threads",)),
+        ("matmul", ("matmul_precision",)),
+        ("priority aging", ("priority_aging_s",)),
     ):
         value = _pick(ledger, *keys)
         if value is None:
