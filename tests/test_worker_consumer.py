@@ -534,6 +534,36 @@ def test_idle_entry_of_the_high_band_is_claimed_from_a_dead_worker(redis_url: st
     asyncio.run(serve(make_settings(redis_url, models, lease_idle_ms=200), body, before))
 
 
+def test_consumers_of_gone_workers_are_removed_only_when_nothing_is_pending(
+    redis_url: str, models: dict[str, Path]
+) -> None:
+    """XGROUP DELCONSUMER housekeeping: an idle consumer with nothing pending goes; one that still
+    owns a pending entry stays (removing it would drop the entry from the pending list)."""
+    handles: list[Any] = []
+
+    async def before(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        await register_limits(client, "tiny")
+        stream = KEYS.req("tiny")
+        await client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+        await client.xgroup_createconsumer(stream, CONSUMER_GROUP, "ghost-idle")
+        handles.append(await producer.submit("tiny", prompt_ids=[5], max_tokens=2))
+        await client.xreadgroup(CONSUMER_GROUP, "ghost-pending", {stream: ">"}, count=1)  # owns the entry
+
+    async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
+        await asyncio.sleep(0.5)
+        removed = await rt.consumers["tiny"].prune_consumers()
+        assert removed == ["ghost-idle"]
+        names = {c["name"].decode() for c in await client.xinfo_consumers(KEYS.req("tiny"), CONSUMER_GROUP)}
+        assert "ghost-pending" in names and "ghost-idle" not in names
+        assert (await client.xpending(KEYS.req("tiny"), CONSUMER_GROUP))["pending"] == 1
+
+    # consumer_expiry_s far above the test's 0.5 s keeps the stats loop from pruning on its own;
+    # the long lease keeps the ghost's entry pending (never claimed) during the test.
+    settings = make_settings(redis_url, models, consumer_expiry_s=0.3, lease_idle_ms=600_000,
+                             stats_interval_s=100.0)
+    asyncio.run(serve(settings, body, before))
+
+
 def test_registration_limits_and_worker_status(redis_url: str, models: dict[str, Path]) -> None:
     async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
         limits = await client.hgetall(KEYS.limits("tiny"))

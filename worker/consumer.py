@@ -92,6 +92,23 @@ end
 return best
 """
 
+_PRUNE_SCRIPT: Final = """
+-- KEYS[1] request stream; ARGV[1] group, ARGV[2] min idle ms, ARGV[3] this worker's consumer name.
+-- Removes the group's consumers that own no pending entry and have not touched the stream for
+-- ARGV[2] ms (workers that are gone: a live one reads every read_block_ms). Atomic, so an entry
+-- cannot be delivered to a consumer between the check and its removal; returns the names removed.
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for j = 1, #c, 2 do f[c[j]] = c[j + 1] end
+  if f['name'] ~= ARGV[3] and tonumber(f['pending']) == 0 and tonumber(f['idle']) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed[#removed + 1] = f['name']
+  end
+end
+return removed
+"""
+
 _RENEW_SCRIPT: Final = """
 -- KEYS[1] request stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids.
 -- Resets the idle time of the entries still pending for this consumer and returns their ids;
@@ -204,6 +221,7 @@ class ModelConsumer:
         self._running_changed = asyncio.Event()
         self._renew = client.register_script(_RENEW_SCRIPT)
         self._pick = client.register_script(_PICK_SCRIPT)
+        self._prune = client.register_script(_PRUNE_SCRIPT)
 
     # -- control ----------------------------------------------------------------------------------------
 
@@ -480,6 +498,24 @@ class ModelConsumer:
             return
         self.publisher.publish(ErrorEvent(request_id=request_id, code=denial.code, message=denial.message,
                                           details=dict(denial.details)), ack=ack)
+
+    async def prune_consumers(self) -> list[str]:
+        """XGROUP DELCONSUMER the consumer names of gone workers (nothing pending, idle for
+        consumer_expiry_s) on every band's stream; returns what was removed."""
+        removed: list[str] = []
+        min_idle_ms = round(self.settings.consumer_expiry_s * 1000)
+        for band, stream in self.streams.items():
+            try:
+                names = await self._prune(keys=[stream], args=[CONSUMER_GROUP, min_idle_ms, self.consumer_name])
+            except ResponseError as e:
+                if str(e).startswith("NOGROUP") or "no such key" in str(e).lower():
+                    continue
+                raise
+            for name in names:
+                log.info("model %s: removed consumer %s of band %s (gone: idle, nothing pending)",
+                         self.name, _text(name), band)
+                removed.append(_text(name))
+        return removed
 
     # -- leases and cancellations -----------------------------------------------------------------
 

@@ -284,8 +284,14 @@ class Runtime:
             await pipe.execute()
 
     async def _report_stats(self) -> None:
+        loop = asyncio.get_running_loop()
+        prune_due = loop.time()
         while True:
             await self.report_stats_once()
+            if loop.time() >= prune_due:
+                for consumer in self.consumers.values():
+                    await consumer.prune_consumers()
+                prune_due = loop.time() + min(60.0, self.settings.consumer_expiry_s / 2)
             await asyncio.sleep(self.settings.stats_interval_s)
 
     async def report_stats_once(self) -> None:

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     stats_interval_s: float = Field(default=1.0, gt=0.0)
     cancel_poll_ms: int = Field(default=200, ge=10)
     read_block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; bounds shutdown latency")
+    consumer_expiry_s: float = Field(
+        default=3600.0, gt=0.0,
+        description="a consumer-group member idle this long with nothing pending (a gone worker) is removed")
     priority_aging_s: float = Field(
         default=5.0, gt=0.0,
         description="waiting this long is worth one priority band: a queued request is never passed over by "
