@@ -1,4 +1,4 @@
-// device.cpp — the CPU arena: first-fit allocation over one anonymous mapping.
+// device.cpp — the CPU arena: two-ended first-fit allocation over one anonymous mapping.
 // Owner: engine core. Thread-safety: alloc/free under mu_.
 #include "device.h"
 
@@ -6,6 +6,7 @@
 
 #include <cassert>
 #include <cstring>
+#include <iterator>
 
 #include "common.h"
 
@@ -25,9 +26,21 @@ CpuDevice::~CpuDevice() {
     if (base_ != nullptr) munmap(base_, capacity_);
 }
 
-void* CpuDevice::alloc(uint64_t n_bytes) {
+void* CpuDevice::alloc(uint64_t n_bytes, Placement where) {
     const uint64_t need = align_up(n_bytes == 0 ? 1 : n_bytes, kAlign);
     std::lock_guard<std::mutex> lk(mu_);
+    if (where == Placement::High) {
+        for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+            if (it->second < need) continue;
+            const uint64_t start = it->first;
+            const uint64_t rest = it->second - need;
+            free_.erase(std::next(it).base());
+            if (rest > 0) free_[start] = rest;
+            used_[start + rest] = need;
+            return base_ + start + rest;
+        }
+        return nullptr;
+    }
     for (auto it = free_.begin(); it != free_.end(); ++it) {
         if (it->second < need) continue;
         const uint64_t off = it->first;

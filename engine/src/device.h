@@ -13,28 +13,36 @@
 
 namespace lmx {
 
+// Where an allocation should go. Long-lived, large buffers (weights, layer slots, workspaces)
+// are placed from the top of the device, short-lived small ones (KV blocks) from the bottom, so
+// KV churn does not scatter holes between weight buffers: a whole-model swap or a new slot
+// then finds one contiguous range where the bytes are free.
+enum class Placement : uint8_t { Low = 0, High = 1 };
+
 class Device {
 public:
     virtual ~Device() = default;
     virtual const char* name() const = 0;
     virtual uint64_t capacity_bytes() const = 0;
     // nullptr when no contiguous range is free (fragmentation): a normal result.
-    virtual void* alloc(uint64_t n_bytes) = 0;
+    virtual void* alloc(uint64_t n_bytes, Placement where = Placement::Low) = 0;
     virtual void free(void* p) = 0;
     // Host -> device copy (the layer streamer's only transfer).
     virtual void copy_in(void* dst, const void* src, uint64_t n_bytes) = 0;
 };
 
 // CPU device: one anonymous mapping of capacity bytes (MAP_NORESERVE, so pages
-// cost RAM only once touched), carved by a first-fit allocator whose free
-// ranges coalesce on free. Allocations are aligned to kAlign (64) bytes.
+// cost RAM only once touched), carved by a two-ended allocator whose free ranges
+// coalesce on free: Placement::Low takes the lowest free range that fits (first
+// fit, at its start), Placement::High the highest (at its end). Allocations are
+// aligned to kAlign (64) bytes.
 class CpuDevice final : public Device {
 public:
     explicit CpuDevice(uint64_t capacity_bytes);
     ~CpuDevice() override;
     const char* name() const override { return "cpu"; }
     uint64_t capacity_bytes() const override { return capacity_; }
-    void* alloc(uint64_t n_bytes) override;
+    void* alloc(uint64_t n_bytes, Placement where = Placement::Low) override;
     void free(void* p) override;
     void copy_in(void* dst, const void* src, uint64_t n_bytes) override;
 

@@ -59,7 +59,8 @@ DeviceBuffer Ledger::alloc(const std::string& owner, BookKind kind, uint64_t n_b
     const uint64_t booked = align_up(n_bytes == 0 ? 1 : n_bytes, kAlign);
     DeviceBuffer buf;
     if (book(owner, kind, booked) != BookResult::Ok) return buf;
-    void* p = device_->alloc(booked);
+    // KV blocks come and go every step; weights and workspaces stay: keep them at opposite ends.
+    void* p = device_->alloc(booked, kind == BookKind::KV ? Placement::Low : Placement::High);
     if (p == nullptr) {
         release(owner, kind, booked);
         std::lock_guard<std::mutex> lk(mu_);

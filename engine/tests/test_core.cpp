@@ -63,6 +63,42 @@ TEST(cpu_arena_coalesces_freed_ranges) {
     CHECK(q == p[3]);
 }
 
+TEST(cpu_arena_places_high_from_the_top_and_low_from_the_bottom) {
+    CpuDevice d(64 * 10);
+    auto* base = static_cast<uint8_t*>(d.alloc(64, Placement::Low));
+    auto* top = static_cast<uint8_t*>(d.alloc(128, Placement::High));
+    CHECK(top == base + 64 * 8);  // the last two units
+    auto* low2 = static_cast<uint8_t*>(d.alloc(64, Placement::Low));
+    CHECK(low2 == base + 64);
+    d.free(base);
+    // High takes the highest range that fits: the 5-unit middle one, at its end, not the hole at 0.
+    auto* mid = static_cast<uint8_t*>(d.alloc(64, Placement::High));
+    CHECK(mid == base + 64 * 7);
+    CHECK(d.alloc(64 * 6, Placement::High) == nullptr);  // 1 + 5 units free, apart
+    CHECK(d.alloc(64 * 5, Placement::High) == base + 64 * 2);
+    CHECK(d.alloc(64, Placement::High) == base);  // the hole at 0 last
+    CHECK(d.alloc(64, Placement::Low) == nullptr);  // full
+}
+
+TEST(ledger_keeps_kv_blocks_away_from_weights_so_a_swapped_out_model_leaves_one_hole) {
+    // Whole-model swapping: model A's weights, KV blocks booked while A runs, A swapped out,
+    // more KV, then model B's weights. With weights at the top and KV at the bottom, A's bytes
+    // and the free middle form one range; with first fit alone B would find 30 + 50 units apart.
+    auto L = make_ledger(64 * 100, 1.0);
+    DeviceBuffer a = L->alloc("a", BookKind::Weights, 64 * 40);
+    CHECK(a);
+    std::vector<DeviceBuffer> kv;
+    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("a", BookKind::KV, 64));
+    L->free(a);
+    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("b", BookKind::KV, 64));
+    for (auto& k : kv) CHECK(k);
+    DeviceBuffer b = L->alloc("b", BookKind::Weights, 64 * 80);
+    CHECK(b);
+    L->free(b);
+    for (auto& k : kv) L->free(k);
+    CHECK(L->snapshot().used_bytes == 0);
+}
+
 TEST(kv_reserve_is_all_or_nothing) {
     auto L = make_ledger(64 * 1024, 1.0);
     KvCache kv(*L, "m", 2, 16, 4);  // block = 2*2*4*16*4 = 1024 bytes
