@@ -47,6 +47,7 @@ from typing import Any
 
 from engine import CapacityError, Engine, EngineConfig, SamplingParams
 from engine.model_factory import REFERENCE_SHAPES, make_model
+from engine.residency_plan import MIN_SLOTS, Footprint, plan_residency
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -57,7 +58,6 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "(d) lru": {"residency": "split", "prefetch_depth": 2, "eviction": "lru"},
 }
 CAP_FRACTION = EngineConfig().cap_fraction
-MIN_SLOTS = 2  # double buffering: compute on one layer while the next one copies
 CELL_TIMEOUT_S = 600
 MiB = 2**20
 
@@ -132,20 +132,16 @@ class Split:
 
 
 def split_budget(budget: int, sizes: dict[str, Sizes], max_conc: int) -> Split | None:
-    """The per-model slot counts for a budget (see the module docstring); None when the minimums do not fit."""
+    """The per-model slot counts for a budget (engine.residency_plan, as the worker plans them); None
+    when the minimums do not fit."""
     cap = int(budget * CAP_FRACTION)
     kv_room = sum(max_conc * s.kv_bytes for s in sizes.values())
-    slots = {n: MIN_SLOTS for n in sizes}
-    used = kv_room + sum(s.ws_bytes + s.head_bytes + MIN_SLOTS * s.layer_bytes for s in sizes.values())
-    if used > cap:
+    footprints = {n: Footprint(n_layer=s.n_layer, layer_bytes=s.layer_bytes, head_bytes=s.head_bytes,
+                               workspace_bytes=s.ws_bytes) for n, s in sizes.items()}
+    slots = plan_residency(footprints, cap, kv_room, MIN_SLOTS)
+    if slots is None:
         return None
-    while True:
-        cands = [n for n, s in sizes.items() if slots[n] < s.n_layer and used + s.layer_bytes <= cap]
-        if not cands:
-            break
-        n = min(cands, key=lambda n: (slots[n] / sizes[n].n_layer, sizes[n].layer_bytes))
-        slots[n] += 1
-        used += sizes[n].layer_bytes
+    used = kv_room + sum(f.device_bytes(slots[n]) for n, f in footprints.items())
     return Split(budget, cap, kv_room, slots, cap - used)
 
 

@@ -185,25 +185,59 @@ class EngineDriver:
         self._loop = asyncio.get_running_loop()
         self.eng = await asyncio.to_thread(self._engine_factory, self.settings)
         try:
+            plan = await asyncio.to_thread(self._plan_residency)
             for m in self.settings.models:
-                await self.load(m)
+                await self.load(m, placement=plan.get(m.name))
             self._fd = self.eng.fileno()
             self._loop.add_reader(self._fd, self._on_readable)
         except BaseException:
             await self.close()
             raise
 
-    async def load(self, m: ModelSettings) -> dict[str, Any]:
+    def _plan_residency(self) -> dict[str, tuple[str, int]]:
+        """Layer slots per model when every model is `residency = "auto"` and there are several:
+        the equal-share plan of engine/residency_plan.py, so that a model loaded early cannot take
+        the room a later one needs. {} (each load decides alone) otherwise, or when even the
+        minimums do not fit (the load that fails then says so with its numbers)."""
+        from engine.residency_plan import MIN_SLOTS, measure_footprints, plan_residency
+
+        models = self.settings.models
+        if len(models) < 2 or any(m.residency != "auto" for m in models) or self.eng is None:
+            return {}
+        cfg = self.eng.info()
+        footprints = measure_footprints(
+            [(m.name, m.path, m.weights) for m in models], n_threads=int(cfg["n_threads"]),
+            max_batch_tokens=int(cfg["max_batch_tokens"]), max_seqs_per_step=int(cfg["max_seqs_per_step"]),
+            matmul_precision=str(cfg["matmul_precision"]))
+        cap = int(self.eng.ledger()["cap_bytes"])
+        kv_room = int(cap * float(cfg["kv_reserve_fraction"]))
+        plan = plan_residency(footprints, cap, kv_room)
+        if plan is None:
+            log.warning("residency plan: the models' minimums (head + %d slots + workspace each) and %d bytes "
+                        "kept for KV do not fit the cap of %d bytes; loading one by one", MIN_SLOTS, kv_room, cap)
+            return {}
+        placements: dict[str, tuple[str, int]] = {}
+        for name, slots in plan.items():
+            f = footprints[name]
+            placements[name] = ("resident", 0) if slots >= f.n_layer else ("streamed", slots)
+            log.info("residency plan: %s %s (%d of %d layers on device, %d bytes with its workspace)", name,
+                     placements[name][0], min(slots, f.n_layer), f.n_layer, f.device_bytes(slots))
+        return placements
+
+    async def load(self, m: ModelSettings, placement: tuple[str, int] | None = None) -> dict[str, Any]:
+        """Load one model: as a residency plan placed it (residency, stream slots), else as its
+        settings say."""
         t0 = time.monotonic()
+        residency, stream_slots = placement if placement is not None else (m.residency, 0)
         info = await asyncio.to_thread(
             self.eng.load_model, m.name, m.path, weights=m.weights, sched_weight=m.sched_weight,
-            max_running=m.max_running, residency=m.residency)
+            max_running=m.max_running, residency=residency, stream_slots=stream_slots)
         self.tokenizers[m.name] = await asyncio.to_thread(self._tokenizer_factory, m.path)
         self.info[m.name] = dict(info)
         self._n_running.setdefault(m.name, 0)
         log.info("model %s loaded from %s in %.1f s: n_ctx %s, weights %s, %s", m.name, m.path,
                  time.monotonic() - t0, info.get("n_ctx"), info.get("weights"),
-                 "resident" if info.get("resident") else "streamed")
+                 "resident" if info.get("resident") else f"streamed through {info.get('n_slots')} layer slots")
         self.capacity.notify()
         return self.info[m.name]
 

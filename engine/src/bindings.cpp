@@ -244,6 +244,9 @@ PYBIND11_MODULE(_core, m) {
                  d["eviction"] = c.eviction;
                  d["kv_block_tokens"] = c.kv_block_tokens;
                  d["max_batch_tokens"] = c.max_batch_tokens;
+                 d["max_seqs_per_step"] = c.max_seqs_per_step;
+                 d["kv_reserve_fraction"] = c.kv_reserve_fraction;
+                 d["matmul_precision"] = c.matmul_precision;
                  d["isa"] = kernels_isa();
                  return d;
              })
