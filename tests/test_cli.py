@@ -355,22 +355,23 @@ def test_status_reads_redis_url_from_the_environment(redis_url: str) -> None:
 
 def test_status_watch_json_prints_one_object_per_refresh_until_interrupted(redis_url: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "status", "--redis-url", redis_url, "--json", "--watch", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
         env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # the first snapshot is out: the loop is running
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        rest, stderr = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
+    ) as proc:  # the context closes the pipes and reaps the process, whatever happens
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()  # the first snapshot is out: the loop is running
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            rest, stderr = proc.communicate(timeout=60)  # bounds the wait only; a busy machine is slow
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 0, stderr
     lines = [first, *rest.splitlines()]
     assert len(lines) >= 2
