@@ -168,6 +168,30 @@ def test_generate_json_equals_engine_greedy(tiny_model: Path) -> None:
     assert "loaded tiny" in proc.stderr
 
 
+def test_generate_ignore_eos_runs_past_an_end_of_sequence_token(tiny_model: Path, tmp_path: Path) -> None:
+    """A copy of the model whose EOS id is its third greedy token: without the flag generation stops
+    there, with --ignore-eos it runs to --max-tokens."""
+    import json
+    import shutil
+
+    greedy = engine_greedy(tiny_model, [1, 5, 9, 17, 33], 12)
+    eos = greedy[2]
+    model = tmp_path / "eos-model"
+    shutil.copytree(tiny_model, model)
+    for name in ("config.json", "generation_config.json"):
+        path = model / name
+        if path.exists():
+            doc = json.loads(path.read_text())
+            doc["eos_token_id"] = eos
+            path.write_text(json.dumps(doc))
+    base = ("generate", str(model), "--prompt-ids", "1,5,9,17,33", "--max-tokens", "12", "--json")
+    stopped = orjson.loads(run_cli(*base).stdout)
+    assert stopped["finish_reason"] == "stop" and stopped["token_ids"][-1] == eos
+    assert len(stopped["token_ids"]) == greedy.index(eos) + 1
+    full = orjson.loads(run_cli(*base, "--ignore-eos").stdout)
+    assert full["finish_reason"] == "length" and full["token_ids"] == greedy
+
+
 def test_generate_streams_the_text_of_the_greedy_tokens(tiny_model: Path) -> None:
     from engine.text import Tokenizer
 

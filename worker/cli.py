@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--budget", type=parse_size, default=parse_size("4GiB"), help="device memory budget (default 4GiB)")
     g.add_argument(
+        "--matmul-precision", choices=("exact", "fast"), default="exact",
+        help="exact: the same tokens on every CPU (default); fast: bf16 dot products where the CPU has them")
+    g.add_argument(
         "--json", action="store_true", help="print one JSON object with the result and timings instead of text"
     )
     g.set_defaults(func=cmd_generate)
@@ -198,6 +201,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int, defa
     )
     p.add_argument(
         "--seed", type=_non_negative_int, default=None, help="sampling seed (fixed seed + parameters = same tokens)"
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens, up to --max-tokens"
     )
 
 
@@ -274,7 +280,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = list(args.prompt_ids)
 
-    eng = engine.Engine(engine.EngineConfig(budget_bytes=args.budget, n_threads=args.threads))
+    eng = engine.Engine(engine.EngineConfig(budget_bytes=args.budget, n_threads=args.threads,
+                                            matmul_precision=args.matmul_precision))
     try:
         t0 = time.perf_counter()
         progress = _LoadProgress(f"loading {model_dir}", err)
@@ -297,6 +304,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed if args.seed is not None else 0,
             max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
         )
         try:
             eng.submit(1, name, prompt_ids, params)
@@ -491,7 +499,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         with Producer(url, args.prefix) as producer:
             try:
                 handle = producer.submit(
-                    args.model, **prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+                    args.model, **prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                    ignore_eos=args.ignore_eos
                 )
             except ProtocolError as e:
                 raise UsageError(e.message) from e
