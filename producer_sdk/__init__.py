@@ -48,6 +48,7 @@ from .reply import Result
 
 __all__ = [
     "CONSUMER_GROUP",
+    "PRIORITY_BANDS",
     "PROTOCOL_VERSION",
     "AsyncHandle",
     "AsyncProducer",
@@ -61,7 +62,6 @@ __all__ = [
     "Event",
     "Handle",
     "Keys",
-    "PRIORITY_BANDS",
     "LayermuxClientError",
     "Producer",
     "ProtocolError",
@@ -84,10 +84,10 @@ __all__ = [
     "encode_event",
     "encode_request",
     "enqueue_args",
-    "priority_band",
     "enqueue_keys",
     "enqueue_script_source",
     "parse_enqueue_reply",
+    "priority_band",
     "validate_request",
 ]
 

@@ -14,9 +14,9 @@ from typing import Final
 
 __all__ = [
     "CONSUMER_GROUP",
-    "PRIORITY_BANDS",
     "MODEL_NAME_PATTERN",
     "PREFIX_PATTERN",
+    "PRIORITY_BANDS",
     "REQUEST_ID_PATTERN",
     "Keys",
     "check_model_name",

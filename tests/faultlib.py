@@ -43,6 +43,7 @@ from producer_sdk.protocol import (
 __all__ = [
     "TERMINAL",
     "Fleet",
+    "ProducerProcs",
     "RequestSpec",
     "Tally",
     "WorkerProc",
@@ -360,6 +361,39 @@ def produce_main(argv: list[str]) -> int:
                                     "duplicate_submit": handle.duplicate}
     Path(report_path).write_bytes(orjson.dumps(report))
     return 0
+
+
+class ProducerProcs:
+    """Producer processes (`python faultlib.py produce|offer ...`), one per batch of JSON-able items;
+    `reports()` waits for all of them and merges what they saw. `kill()` (in a finally block) stops
+    the ones still running."""
+
+    def __init__(self, mode: str, redis_url: str, prefix: str, batches: list[list[Any]], workdir: Path) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.report_paths: list[Path] = []
+        for i, batch in enumerate(batches):
+            batch_path, report_path = workdir / f"{mode}-batch{i}.json", workdir / f"{mode}-report{i}.json"
+            batch_path.write_bytes(orjson.dumps(batch))
+            self.report_paths.append(report_path)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__)), mode, redis_url, prefix, str(batch_path), str(report_path)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+
+    def reports(self, timeout_s: float) -> dict[str, Any]:
+        """Each process must exit 0 (its output is the failure message); their reports merged."""
+        for p in self.procs:
+            out, _ = p.communicate(timeout=timeout_s)
+            assert p.returncode == 0, out.decode(errors="replace")
+        seen: dict[str, Any] = {}
+        for r in self.report_paths:
+            seen.update(orjson.loads(r.read_bytes()))
+        return seen
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def offer_main(argv: list[str]) -> int:

@@ -16,8 +16,6 @@ Nothing asserts on time; timeouts only bound waits.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +24,9 @@ from typing import Any, Final
 import orjson
 import pytest
 import redis
+from faultlib import TERMINAL, Fleet, ProducerProcs, Tally, make_models, pending_count, raw_events, wait_until
 
 from engine import Engine, EngineConfig
-from faultlib import TERMINAL, Fleet, Tally, make_models, pending_count, raw_events, wait_until
 from producer_sdk import Producer
 from producer_sdk.keys import Keys
 from producer_sdk.protocol import DoneEvent, StartedEvent
@@ -117,28 +115,15 @@ def test_overload_of_ten_times_capacity_refuses_with_types_and_loses_nothing(
     fleet = Fleet(tmp_path, redis_url, prefix, {"ma": models["ma"]}, {
         "stats_interval_s": 0.2, "device": {"budget": budget, "n_threads": 1, "cap_fraction": CAP_FRACTION},
         "model_extra": {"max_backlog": MAX_BACKLOG, "max_running": 16}})
-    producers: list[subprocess.Popen[bytes]] = []
+    producers: ProducerProcs | None = None
     tally = Tally("overload")
     try:
         worker = fleet.start("w-ov")
         worker.wait_ready(client)
-        offered: dict[str, dict[str, Any]] = {}
-        reports = []
-        for i in range(N_PRODUCERS):
-            mine = offers_of(i)
-            offered.update({o["request_id"]: o for o in mine})
-            offers_path, report_path = tmp_path / f"offers{i}.json", tmp_path / f"report{i}.json"
-            offers_path.write_bytes(orjson.dumps(mine))
-            reports.append(report_path)
-            producers.append(subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("faultlib.py")), "offer", redis_url, prefix,
-                 str(offers_path), str(report_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        for p in producers:
-            out, _ = p.communicate(timeout=RESULT_TIMEOUT_S)
-            assert p.returncode == 0, out.decode(errors="replace")
-        seen: dict[str, Any] = {}
-        for r in reports:
-            seen.update(orjson.loads(r.read_bytes()))
+        batches = [offers_of(i) for i in range(N_PRODUCERS)]
+        offered = {o["request_id"]: o for batch in batches for o in batch}
+        producers = ProducerProcs("offer", redis_url, prefix, batches, tmp_path)
+        seen = producers.reports(RESULT_TIMEOUT_S)
         assert sorted(seen) == sorted(offered)
 
         refused = {rid: s for rid, s in seen.items() if "refused" in s}
@@ -179,10 +164,8 @@ def test_overload_of_ten_times_capacity_refuses_with_types_and_loses_nothing(
             "queue_wait_p99_ms": stats.get("queue_wait_p99_ms")})
         tally.report()
     finally:
-        for p in producers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if producers is not None:
+            producers.kill()
         fleet.close()
 
 

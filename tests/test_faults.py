@@ -18,8 +18,6 @@ import asyncio
 import contextlib
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,12 +27,10 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from faultlib import (
     TERMINAL,
     Fleet,
+    ProducerProcs,
     RequestSpec,
     Tally,
     make_models,
@@ -44,6 +40,9 @@ from faultlib import (
     stream_view,
     wait_until,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from producer_sdk import Producer
 from producer_sdk.client import build_request
 from producer_sdk.connection import make_async_client
@@ -804,27 +803,16 @@ def test_two_workers_four_producer_processes_200_requests_complete_exactly_once(
     n_producers = 4
     specs = random_specs(rng, 200, names, "mp", min_tokens=4, max_tokens=48, greedy_share=0.3)
     fleet = Fleet(tmp_path, redis_url, prefix, {n: models[n] for n in names}, {"lease_idle_ms": 5000})
-    producers: list[subprocess.Popen[bytes]] = []
+    producers: ProducerProcs | None = None
     tally = Tally("2 workers x 4 producers")
     try:
         workers = [fleet.start("w1"), fleet.start("w2")]
         for w in workers:
             w.wait_ready(client)
-        reports = []
-        for i in range(n_producers):
-            mine = specs[i::n_producers]
-            specs_path, report_path = tmp_path / f"producer{i}.json", tmp_path / f"report{i}.json"
-            specs_path.write_bytes(orjson.dumps([{**s.__dict__, "prompt_ids": list(s.prompt_ids)} for s in mine]))
-            reports.append(report_path)
-            producers.append(subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("faultlib.py")), "produce", redis_url, prefix,
-                 str(specs_path), str(report_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        for p in producers:
-            out, _ = p.communicate(timeout=RESULT_TIMEOUT_S)
-            assert p.returncode == 0, out.decode(errors="replace")
-        seen: dict[str, Any] = {}
-        for r in reports:
-            seen.update(orjson.loads(r.read_bytes()))
+        producers = ProducerProcs("produce", redis_url, prefix,
+                                  [[{**s.__dict__, "prompt_ids": list(s.prompt_ids)} for s in specs[i::n_producers]]
+                                   for i in range(n_producers)], tmp_path)
+        seen = producers.reports(RESULT_TIMEOUT_S)
         assert sorted(seen) == sorted(s.request_id for s in specs)
         reference = reference_output(models, specs)
         per_worker: dict[str, int] = {}
@@ -851,10 +839,8 @@ def test_two_workers_four_producer_processes_200_requests_complete_exactly_once(
         assert sum(per_worker.values()) == len(specs) and len(per_worker) == 2, per_worker
         assert_queues_drained(client, keys, names)
     finally:
-        for p in producers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        if producers is not None:
+            producers.kill()
         fleet.close()
 
 

@@ -226,8 +226,8 @@ def test_loading_a_model_does_not_block_serving_another(model_dirs: dict[str, Pa
 def test_a_step_that_cannot_run_ends_its_requests_with_an_error_not_the_process(tmp_path: Path) -> None:
     """Two whole-model-swap models; the small one holds KV that leaves too little room to swap the
     big one in. The big model's step fails: its request ends with an error event naming why, and
-    the small model's request goes on to its last token (before the fix: std::terminate)."""
-    common = dict(n_heads=4, n_kv_heads=2, max_position_embeddings=4096)
+    the small model's request goes on (before the fix: std::terminate)."""
+    common: dict[str, Any] = {"n_heads": 4, "n_kv_heads": 2, "max_position_embeddings": 4096}
     small = make_model(tmp_path / "small", hidden=64, n_layers=2, intermediate=128, seed=1, **common)
     big = make_model(tmp_path / "big", hidden=128, n_layers=4, intermediate=512, seed=2, **common)
     probe = Engine(EngineConfig(budget_bytes=256 << 20, n_threads=1))
