@@ -290,7 +290,7 @@ def _write_worker_state(client: redis.Redis, prefix: str, updated_at: float) -> 
         },
     )
     client.xadd(f"{prefix}:{{m:smol}}:req", {"data": b"{}"})
-    client.xadd(f"{prefix}:{{m:smol}}:req", {"data": b"{}"})
+    client.xadd(f"{prefix}:{{m:smol}}:req:high", {"data": b"{}"})
     ledger = {
         "budget_bytes": 64 * 2**20,
         "cap_bytes": int(0.9 * 64 * 2**20),
@@ -324,7 +324,7 @@ def test_status_json_reports_models_backlog_and_ledger(redis_url: str) -> None:
     snap: dict[str, Any] = orjson.loads(proc.stdout)
     assert sorted(snap["models"]) == ["qwen", "smol"]
     smol = snap["models"]["smol"]
-    assert smol["backlog"] == 2
+    assert smol["backlog"] == 2 and smol["backlog_by_band"] == {"high": 1, "normal": 1, "low": 0}
     assert smol["limits"]["max_backlog"] == 100
     assert smol["stats"]["queue_wait_p99_ms"] == 40.25
     assert smol["stats"]["worker"] == "w-1"
@@ -633,6 +633,7 @@ def test_status_json_shows_a_running_workers_models_and_ledger(running_worker: s
     snap = orjson.loads(proc.stdout)
     tiny = snap["models"]["tiny"]
     assert tiny["backlog"] == 0
+    assert tiny["backlog_by_band"] == {"high": 0, "normal": 0, "low": 0}
     assert tiny["limits"]["n_ctx"] == 512
     worker = snap["workers"]["cli-test-worker"]
     ledger = worker["ledger"]

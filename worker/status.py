@@ -78,7 +78,7 @@ def _is_model_name(name: str) -> bool:
 def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[str, Any]:
     """One consistent-enough snapshot (a single pipeline round trip per section).
 
-    Returns {prefix, at, models: {name: {backlog, limits, stats}}, workers: {id: {...,
+    Returns {prefix, at, models: {name: {backlog, backlog_by_band, limits, stats}}, workers: {id: {...,
     age_s, stale}}}. A worker entry that is not valid JSON is kept as {"error": ...}
     rather than failing the whole command.
     """
@@ -99,9 +99,11 @@ def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[
     per_model = n_bands + 2
     for i, name in enumerate(names):
         row = replies[per_model * i : per_model * (i + 1)]
-        backlog, (limits, stats) = sum(int(n) for n in row[:n_bands]), row[n_bands:]
+        by_band = {band: int(n) for band, n in zip(PRIORITY_BANDS, row[:n_bands])}
+        limits, stats = row[n_bands:]
         models[name] = {
-            "backlog": backlog,
+            "backlog": sum(by_band.values()),
+            "backlog_by_band": by_band,
             "limits": _decode_hash(limits),
             "stats": _decode_hash(stats),
         }
