@@ -330,6 +330,7 @@ def test_status_json_reports_models_backlog_and_ledger(redis_url: str) -> None:
     assert smol["stats"]["worker"] == "w-1"
     assert snap["models"]["qwen"] == {
         "backlog": 0,
+        "backlog_by_band": {"high": 0, "normal": 0, "low": 0},
         "limits": {"max_backlog": 50, "max_tokens": 512, "max_prompt_tokens": 4000, "n_ctx": 4096, "schema_version": 1},
         "stats": {},
     }
