@@ -21,7 +21,9 @@
 // is the ceiling for batch-1 decode. "tok/s" is the call's token throughput relative to
 // n_tok = 1 (n_tok * t(1) / t(n_tok)): what batching decode sequences buys.
 // "bf16*" is bf16 weights under MatmulPrecision::fast (bf16 activations, vdpbf16ps),
-// listed only where the CPU has AVX512_BF16.
+// listed only where the CPU has AVX512_BF16; "q8_0*", "q4_0*" are q8_0 / q4_0 under
+// MatmulPrecision::fast (int8 activations, integer block dots).
+// Optional 4th argument: a comma-separated subset of the format names, e.g. q8_0,q8_0*.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -103,7 +105,7 @@ int main(int argc, char** argv) {
     struct Shape {
         int64_t n_out, n_in;
     };
-    const Shape shapes[] = {{2560, 960}, {960, 2560}, {49152, 960}};
+    const Shape shapes[] = {{320, 960}, {960, 960}, {2560, 960}, {960, 2560}, {49152, 960}};
     struct Fmt {
         DType dtype;
         MatmulPrecision precision;
@@ -112,9 +114,19 @@ int main(int argc, char** argv) {
     std::vector<Fmt> fmts = {{DType::F32, MatmulPrecision::exact, "f32"},
                              {DType::F16, MatmulPrecision::exact, "f16"},
                              {DType::BF16, MatmulPrecision::exact, "bf16"},
-                             {DType::Q8_0, MatmulPrecision::exact, "q8_0"}};
+                             {DType::Q8_0, MatmulPrecision::exact, "q8_0"},
+                             {DType::Q8_0, MatmulPrecision::fast, "q8_0*"},
+                             {DType::Q4_0, MatmulPrecision::exact, "q4_0"},
+                             {DType::Q4_0, MatmulPrecision::fast, "q4_0*"}};
     if (std::strcmp(kernels_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16"))
         fmts.push_back({DType::BF16, MatmulPrecision::fast, "bf16*"});
+    if (argc > 4) {  // keep only the named formats
+        const std::string want = std::string(",") + argv[4] + ",";
+        std::vector<Fmt> kept;
+        for (const Fmt& f : fmts)
+            if (want.find(std::string(",") + f.name + ",") != std::string::npos) kept.push_back(f);
+        fmts = kept;
+    }
     const int64_t tok_counts[] = {1, 4, 16, 64};
     constexpr int64_t kMaxTok = 64;
     const size_t kColdBytes = size_t{256} << 20;

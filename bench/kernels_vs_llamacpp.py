@@ -13,6 +13,12 @@ with the same thread count, one table per model:
   prefill       tok/s for one 512-token prompt
   bN            aggregate decode tok/s of N sequences decoding together
 
+layermux runs in matmul precision "exact" (f32 activations, bitwise reproducible) and/or
+"fast" (--precision; activations rounded once per matmul to the weights' dot-product
+format: bf16 on AVX512_BF16, int8 blocks for q8_0 / q4_0, as llama.cpp does). With
+--precision both (the default) the fast row is added only where it differs from exact
+(bf16, q8_0, q4_0); f16 and f32 have no fast path.
+
 llama.cpp runs from build/llama-venv (llama-cpp-python built from source without AMX)
 on GGUF files written from the same safetensors (bench/_gguf_write.py). A parity table
 checks that the three engines compute the same function: last-position logits on one
@@ -55,6 +61,17 @@ from common import (
 )
 
 ALL_MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
+FAST_DIFFERS = ("bf16", "q8_0", "q4_0")  # formats whose "fast" matmul is not the exact one
+LMX_EXACT, LMX_FAST = "layermux exact", "layermux fast"
+
+
+def lmx_engines(precision: str, formats: list[str]) -> dict[str, list[str]]:
+    """layermux row labels -> formats, for --precision exact | fast | both."""
+    if precision == "exact":
+        return {LMX_EXACT: formats}
+    if precision == "fast":
+        return {LMX_FAST: formats}
+    return {LMX_EXACT: formats, LMX_FAST: [w for w in formats if w in FAST_DIFFERS]}
 PARITY_PROMPT = prompt_ids(16, seed=7)
 
 
@@ -82,8 +99,8 @@ def bench_model(preset: str, args: argparse.Namespace, bw: Bandwidth) -> dict[st
             log(f"llama.cpp skipped: {llama_why}")
     kw = {"repeats": args.repeats, "prefill_tokens": args.prefill_tokens, "decode_tokens": args.decode_tokens,
           "batch_sizes": batch_sizes, "batch_tokens": args.batch_tokens}
-    engines = {"layermux": _csv(args.lmx_weights), "llama.cpp": [] if llama_why else _csv(args.llama_weights),
-               "HF transformers": _csv(args.hf_weights)}
+    engines = {**lmx_engines(args.precision, _csv(args.lmx_weights)),
+               "llama.cpp": [] if llama_why else _csv(args.llama_weights), "HF transformers": _csv(args.hf_weights)}
     samples: dict[tuple[str, str], dict[str, Any]] = {}
     parity: list[list[Any]] = []
     ref: np.ndarray | None = None
@@ -108,8 +125,9 @@ def bench_model(preset: str, args: argparse.Namespace, bw: Bandwidth) -> dict[st
                 if fmt not in ws:
                     continue
                 log(f"[{preset}] loading {eng} {fmt}")
-                if eng == "layermux":
-                    runners[eng] = LayermuxRunner(model_dir, fmt, n_threads=args.threads)
+                if eng in (LMX_EXACT, LMX_FAST):
+                    runners[eng] = LayermuxRunner(model_dir, fmt, n_threads=args.threads,
+                                                  precision="fast" if eng == LMX_FAST else "exact")
                 elif eng == "llama.cpp":
                     runners[eng] = LlamaRunner(ggufs[fmt], n_threads=args.threads)
                     runners[eng].batched = args.llama_batched
@@ -156,12 +174,13 @@ def bench_model(preset: str, args: argparse.Namespace, bw: Bandwidth) -> dict[st
     by = {(r["engine"], r["weights"]): r for r in rows}
     ratio = []
     for w in _csv(args.lmx_weights):
-        if ("llama.cpp", w) in by:
-            a, b = by[("layermux", w)], by[("llama.cpp", w)]
-            ratio.append([w, f"{best_of(a['decode']) / best_of(b['decode']):.2f}x",
-                          f"{best_of(a['prefill']) / best_of(b['prefill']):.2f}x"])
+        for lmx in (LMX_EXACT, LMX_FAST):
+            if ("llama.cpp", w) in by and (lmx, w) in by:
+                a, b = by[(lmx, w)], by[("llama.cpp", w)]
+                ratio.append([lmx, w, f"{best_of(a['decode']) / best_of(b['decode']):.2f}x",
+                              f"{best_of(a['prefill']) / best_of(b['prefill']):.2f}x"])
     if ratio:
-        print_table(["weights", "decode layermux/llama.cpp", "prefill layermux/llama.cpp"], ratio,
+        print_table(["engine", "weights", "decode vs llama.cpp", "prefill vs llama.cpp"], ratio,
                     title=f"{preset}: layermux relative to llama.cpp, same format")
     if parity:
         print_table(["engine", "weights", "top-1 = HF", "max |dlogit|", "rel L2 err"], parity,
@@ -173,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated presets of {ALL_MODELS}")
-    ap.add_argument("--lmx-weights", default="bf16,f16,q8_0", help="layermux formats (f32,bf16,f16,q8_0)")
-    ap.add_argument("--llama-weights", default="bf16,f16,q8_0", help="llama.cpp GGUF types ('' = skip llama.cpp)")
+    ap.add_argument("--lmx-weights", default="bf16,f16,q8_0,q4_0", help="layermux formats (f32,bf16,f16,q8_0,q4_0)")
+    ap.add_argument("--precision", choices=("exact", "fast", "both"), default="both",
+                    help="layermux matmul precision; both: a fast row too where it differs (bf16, q8_0, q4_0)")
+    ap.add_argument("--llama-weights", default="bf16,f16,q8_0,q4_0", help="llama.cpp GGUF types ('' = skip llama.cpp)")
     ap.add_argument("--hf-weights", default="bf16", help="HF dtypes, e.g. f32,bf16 ('' = skip HF; f32 is in engine_vs_hf)")
     ap.add_argument("--batch-sizes", default="4,16,64", help="batched decode sizes ('' = none)")
     ap.add_argument("--batch-tokens", type=int, default=16, help="tokens per sequence in batched decode")

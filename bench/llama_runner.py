@@ -31,7 +31,7 @@ def llama_available() -> str | None:
 
 
 def ensure_gguf(model_dir: Path, outtype: str) -> Path:
-    """The GGUF file of model_dir in outtype (f16 | bf16 | q8_0 | f32), written once and cached."""
+    """The GGUF file of model_dir in outtype (f16 | bf16 | q8_0 | q4_0 | f32), written once and cached."""
     out = BENCH_MODELS / "gguf" / f"{model_dir.name}-{outtype}.gguf"
     if out.exists():
         return out

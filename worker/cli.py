@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0 = off")
     g.add_argument(
         "--weights",
-        choices=("auto", "f32", "f16", "bf16", "q8_0"),
+        choices=("auto", "f32", "f16", "bf16", "q8_0", "q4_0"),
         default="auto",
         help="weight format on the device (auto = as stored)",
     )

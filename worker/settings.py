@@ -115,7 +115,7 @@ class ModelSettings(_Section):
 
     name: Annotated[str, Field(pattern=f"^{MODEL_NAME_PATTERN}$")]
     path: str = Field(min_length=1)
-    weights: Literal["auto", "f32", "f16", "bf16", "q8_0"] = "auto"
+    weights: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0"] = "auto"
     sched_weight: float = Field(default=1.0, gt=0.0)
     max_running: int = Field(default=32, ge=1)
     max_backlog: int = Field(default=1000, ge=1)

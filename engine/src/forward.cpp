@@ -67,20 +67,29 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
     }
     assert(T <= ws.max_tokens);
 
-    // Attention tasks: (item, chunk of queries); each runs the kernel on its own scratch.
+    // Attention tasks: (item, chunk of queries, KV heads); each runs the kernel on its own
+    // scratch. A step with fewer chunks than threads (one decoding sequence) splits them by
+    // KV head, so no thread idles through it; KV heads are independent, so no bit changes.
     struct AttnTask {
         size_t item;
         int64_t t0;  // first token (row in the step)
         int32_t q0;  // first query within the item
         int32_t n_q;
+        int kv0, kv1;  // KV heads [kv0, kv1)
     };
     std::vector<AttnTask> tasks;
     {
         int64_t t = 0;
         for (size_t i = 0; i < items.size(); i++) {
             for (int32_t q0 = 0; q0 < items[i].n_tokens; q0 += kAttnChunk)
-                tasks.push_back({i, t + q0, q0, std::min<int32_t>(kAttnChunk, items[i].n_tokens - q0)});
+                tasks.push_back({i, t + q0, q0, std::min<int32_t>(kAttnChunk, items[i].n_tokens - q0), 0, s.n_kv_heads});
             t += items[i].n_tokens;
+        }
+        if (tasks.size() < static_cast<size_t>(pool.n_threads()) && s.n_kv_heads > 1) {
+            std::vector<AttnTask> split;
+            for (const AttnTask& a : tasks)
+                for (int kv = 0; kv < s.n_kv_heads; kv++) split.push_back({a.item, a.t0, a.q0, a.n_q, kv, kv + 1});
+            tasks.swap(split);
         }
     }
     std::vector<std::vector<const float*>> kptr(items.size()), vptr(items.size());
@@ -91,9 +100,12 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
         const uint8_t* u = res.acquire(ref);
 
         rmsnorm(ws.x, fvec(u, L.attn_norm), s.rms_eps, T, dim, ws.xb);
-        matmul(view(u, L.wq, wt, qd, dim), ws.xb, T, ws.q, s.qkv_bias ? fvec(u, L.bq) : nullptr, pool);
-        matmul(view(u, L.wk, wt, kvd, dim), ws.xb, T, ws.k, s.qkv_bias ? fvec(u, L.bk) : nullptr, pool);
-        matmul(view(u, L.wv, wt, kvd, dim), ws.xb, T, ws.v, s.qkv_bias ? fvec(u, L.bv) : nullptr, pool);
+        {  // q, k and v in one hand-off to the pool
+            const MatmulOut qkv[3] = {{view(u, L.wq, wt, qd, dim), ws.q, s.qkv_bias ? fvec(u, L.bq) : nullptr},
+                                      {view(u, L.wk, wt, kvd, dim), ws.k, s.qkv_bias ? fvec(u, L.bk) : nullptr},
+                                      {view(u, L.wv, wt, kvd, dim), ws.v, s.qkv_bias ? fvec(u, L.bv) : nullptr}};
+            matmul_many(qkv, 3, ws.xb, T, pool);
+        }
 
         // RoPE, then append this step's K/V to each sequence's pages.
         int64_t t = 0;
@@ -120,16 +132,20 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
         pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t ti, int thread) {
             const AttnTask& a = tasks[static_cast<size_t>(ti)];
             const ForwardItem& it = items[a.item];
-            attention(ws.q + a.t0 * qd, a.n_q, it.pos0 + a.q0, kptr[a.item].data(), vptr[a.item].data(), bt, s.n_heads,
-                      s.n_kv_heads, s.head_dim, scale, ws.att + a.t0 * qd, ws.scratch + thread * ws.scratch_floats);
+            attention_kv_heads(ws.q + a.t0 * qd, a.n_q, it.pos0 + a.q0, kptr[a.item].data(), vptr[a.item].data(), bt,
+                               s.n_heads, s.n_kv_heads, s.head_dim, scale, ws.att + a.t0 * qd,
+                               ws.scratch + thread * ws.scratch_floats, a.kv0, a.kv1);
         });
 
         matmul(view(u, L.wo, wt, dim, qd), ws.att, T, ws.xb, nullptr, pool);
         for (int64_t i = 0; i < T * dim; i++) ws.x[i] += ws.xb[i];
 
         rmsnorm(ws.x, fvec(u, L.ffn_norm), s.rms_eps, T, dim, ws.xb);
-        matmul(view(u, L.w_gate, wt, ffn, dim), ws.xb, T, ws.gate, nullptr, pool);
-        matmul(view(u, L.w_up, wt, ffn, dim), ws.xb, T, ws.up, nullptr, pool);
+        {
+            const MatmulOut gate_up[2] = {{view(u, L.w_gate, wt, ffn, dim), ws.gate, nullptr},
+                                          {view(u, L.w_up, wt, ffn, dim), ws.up, nullptr}};
+            matmul_many(gate_up, 2, ws.xb, T, pool);
+        }
         silu_mul(ws.gate, ws.up, ws.gate, T * ffn);
         matmul(view(u, L.w_down, wt, dim, ffn), ws.gate, T, ws.xb, nullptr, pool);
         for (int64_t i = 0; i < T * dim; i++) ws.x[i] += ws.xb[i];

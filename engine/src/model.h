@@ -30,7 +30,7 @@ struct ModelSpec {
     std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3)
     std::vector<int32_t> eos_ids;
     std::vector<std::string> files;    // safetensors shards
-    std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0
+    std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0 | q4_0
 
     void validate() const;  // throws InvalidArgument naming the field
     int q_dim() const { return n_heads * head_dim; }

@@ -230,6 +230,43 @@ TEST(kernel_matmul_dispatched_over_pool_matches_reference_on_model_shapes) {
             }
 }
 
+TEST(kernel_matmul_many_equals_one_matmul_per_output_bitwise) {
+    // q, k, v in one hand-off: each output must be what matmul() alone gives, in either precision.
+    Rng rng(22);
+    ThreadPool pool(2);
+    for (MatmulPrecision p : {MatmulPrecision::exact, MatmulPrecision::fast}) {
+        set_matmul_precision(p);
+        for (DType dt : kDTypes)
+            for (int64_t n_tok : {1, 3, 17}) {
+                const int64_t n_in = 320, n_outs[3] = {320, 64, 97};
+                std::vector<std::vector<uint8_t>> wb;
+                std::vector<std::vector<float>> bias, y_many, y_one;
+                std::vector<MatmulOut> outs;
+                for (int64_t n_out : n_outs) {
+                    wb.push_back(random_weights(rng, dt, n_out, n_in));
+                    bias.push_back(random_vec(rng, n_out));
+                    y_many.emplace_back(static_cast<size_t>(n_tok * n_out), NAN);
+                    y_one.emplace_back(static_cast<size_t>(n_tok * n_out), NAN);
+                }
+                for (size_t j = 0; j < 3; ++j)
+                    outs.push_back({WeightView{wb[j].data(), dt, n_outs[j], n_in}, y_many[j].data(),
+                                    j == 1 ? nullptr : bias[j].data()});
+                const std::vector<float> x = random_vec(rng, n_tok * n_in);
+                matmul_many(outs.data(), 3, x.data(), n_tok, pool);
+                for (size_t j = 0; j < 3; ++j) {
+                    matmul(outs[j].w, x.data(), n_tok, y_one[j].data(), outs[j].bias, pool);
+                    CHECK(same_bits(y_many[j], y_one[j]));
+                }
+            }
+    }
+    set_matmul_precision(MatmulPrecision::exact);
+    std::vector<uint8_t> a(64 * 4), b(64 * 4);
+    std::vector<float> x(64), y(4);
+    const MatmulOut mixed[2] = {{WeightView{a.data(), DType::F32, 1, 64}, y.data(), nullptr},
+                                {WeightView{b.data(), DType::F32, 2, 32}, y.data(), nullptr}};
+    CHECK_THROWS(matmul_many(mixed, 2, x.data(), 1, pool), InvalidArgument, "same n_in");
+}
+
 TEST(kernel_matmul_is_batch_invariant_bitwise_per_token) {
     // The value for token t must not depend on the other tokens of the call: n_tok=7
     // (register tiles of 4+3 tokens) and n_tok=100 over n_in=1000 (several token tiles)
@@ -358,8 +395,8 @@ TEST(kernel_avx2_and_avx512_give_bitwise_identical_results) {
     const int64_t n_q = 3, pos0 = 40;
     const std::vector<float> q = random_vec(rng, n_q * 6 * 64);
     std::vector<float> o2(q.size()), o5(q.size()), scratch(static_cast<size_t>(pos0 + n_q));
-    a2->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o2.data(), scratch.data());
-    a5->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o5.data(), scratch.data());
+    a2->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o2.data(), scratch.data(), 0, 2);
+    a5->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o5.data(), scratch.data(), 0, 2);
     CHECK(same_bits(o2, o5));
 }
 
@@ -442,6 +479,8 @@ std::vector<const KernelTable*> q8act_tables() {
     std::vector<const KernelTable*> out;
     for (const KernelTable* k : tables())
         if (k->matmul_rows_q8act) out.push_back(k);
+    // AVX-512 without VNNI (vpmaddubsw instead of vpdpbusd), which the CPU check would not pick here.
+    if (kernels_table_avx512()) out.push_back(kernels_avx512_table_unchecked(false, false));
     return out;
 }
 
@@ -474,12 +513,14 @@ TEST(kernel_act_to_q8_every_isa_equals_reference_bitwise) {
                     CHECK(act_scale(want, n_in, 0, 1) == 1.0f);
                 }
                 CHECK(act_scale(want, n_in, 0, 0) == 0.0f);
-                for (int64_t t = 0; t < n_tok; ++t)  // every value within d/2 of its x
+                // Every value within d/2 of its x, plus the rounding of x * (1/d): its relative
+                // error 2^-23 on |x * id| <= 127 moves the cut by <= 1.6e-5 d.
+                for (int64_t t = 0; t < n_tok; ++t)
                     for (int64_t i = 0; i < n_in; ++i) {
                         const float d = act_scale(want, n_in, t, i / 32);
                         const int8_t q = static_cast<int8_t>(want[static_cast<size_t>(t * q8_act_row_bytes(n_in) + i)]);
                         CHECK(q >= -127);
-                        CHECK_NEAR(d * q, x[static_cast<size_t>(t * n_in + i)], 0.5 * d * (1 + 1e-6));
+                        CHECK_NEAR(d * q, x[static_cast<size_t>(t * n_in + i)], d * (0.5 + 2e-5));
                     }
             }
 }
@@ -682,8 +723,14 @@ TEST(kernel_attention_matches_reference_across_blocks_with_gqa) {
         for (const KernelTable* k : tables()) {
             std::vector<float> got(q.size(), NAN);
             k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
-                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data());
+                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data(), 0, c.n_kv_heads);
             for (size_t i = 0; i < got.size(); ++i) CHECK_NEAR(got[i], want[i], 2e-5);
+            // One KV head at a time (how decode splits attention over threads): the same bits.
+            std::vector<float> split(q.size(), NAN);
+            for (int kv = 0; kv < c.n_kv_heads; ++kv)
+                k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                             c.n_kv_heads, c.head_dim, scale, split.data(), scratch.data(), kv, kv + 1);
+            CHECK(same_bits(split, got));
         }
         // A single query at position 0 attends to one key: out is exactly that V row.
         if (c.pos0 == 0) {

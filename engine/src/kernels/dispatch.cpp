@@ -31,7 +31,7 @@ bool cpu_has_avx512() {
 // The scalar table runs the fast q8_0 / q4_0 path too: its reference is the definition
 // the SIMD builds reproduce bit for bit, so results do not depend on the ISA.
 const KernelTable kScalar = {
-    "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention, nullptr, nullptr,
+    "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention_kv_heads, nullptr, nullptr,
     &ref::act_to_q8, &ref::matmul_rows_q8act,
 };
 
@@ -91,52 +91,85 @@ const KernelTable& kernels_active() {
 const char* kernels_isa() { return kernels_active().name; }
 
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool) {
-    if (dtype_is_blocked(w.dtype) && w.n_in % kQ8BlockElems != 0)
-        throw InvalidArgument(std::string("matmul: ") + dtype_name(w.dtype) +
-                              " weights need n_in % 32 == 0, found n_in=" + std::to_string(w.n_in));
-    if (n_tok <= 0 || w.n_out <= 0) return;
+    const MatmulOut out{w, y, bias};
+    matmul_many(&out, 1, x, n_tok, pool);
+}
+
+// All outputs' row ranges form one task list, handed to the pool at once: one barrier
+// for q, k and v (or gate and up) instead of one each, and the small matrices' tasks
+// fill the gaps the large one leaves at its end. A task's rows are computed exactly
+// as matmul() would, so the result is bitwise that of separate calls.
+void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_tok, ThreadPool& pool) {
+    constexpr int kMaxOuts = 4;
+    if (n_outs < 1 || n_outs > kMaxOuts)
+        throw InvalidArgument("matmul_many: expected 1.." + std::to_string(kMaxOuts) + " outputs, found " +
+                              std::to_string(n_outs));
+    const WeightView& w0 = outs[0].w;
+    for (int j = 1; j < n_outs; ++j)
+        if (outs[j].w.n_in != w0.n_in || outs[j].w.dtype != w0.dtype)
+            throw InvalidArgument("matmul_many: every output needs the same n_in and weight format");
+    if (dtype_is_blocked(w0.dtype) && w0.n_in % kQ8BlockElems != 0)
+        throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
+                              " weights need n_in % 32 == 0, found n_in=" + std::to_string(w0.n_in));
+    int64_t n_out_all = 0;
+    for (int j = 0; j < n_outs; ++j) n_out_all += outs[j].w.n_out;
+    if (n_tok <= 0 || n_out_all <= 0) return;
     const KernelTable& k = kernels_active();
-    const bool inline_call = w.n_out * w.n_in * n_tok < kMinParallelMacs || pool.n_threads() == 1;
-    // One task covering every row when the call is too small to share (the split never
-    // changes a result, so this is purely a latency choice).
-    const int64_t rows = inline_call ? w.n_out : rows_per_task(w.n_out, row_bytes(w.dtype, w.n_in), pool.n_threads());
-    const int64_t n_tasks = (w.n_out + rows - 1) / rows;
-    auto rows_of = [&](int64_t task, int64_t* r0, int64_t* r1) {
-        *r0 = task * rows;
-        *r1 = *r0 + rows < w.n_out ? *r0 + rows : w.n_out;
+    const bool inline_call = n_out_all * w0.n_in * n_tok < kMinParallelMacs || pool.n_threads() == 1;
+    // Per output: rows per task (one task covering every row when the call is too small
+    // to share; the split never changes a result, so this is purely a latency choice),
+    // and the index of its first task.
+    int64_t rows[kMaxOuts], first[kMaxOuts + 1];
+    first[0] = 0;
+    for (int j = 0; j < n_outs; ++j) {
+        const WeightView& w = outs[j].w;
+        rows[j] = inline_call || w.n_out == 0 ? (w.n_out > 0 ? w.n_out : 1)
+                                              : rows_per_task(w.n_out, row_bytes(w.dtype, w.n_in), pool.n_threads());
+        first[j + 1] = first[j] + (w.n_out + rows[j] - 1) / rows[j];
+    }
+    auto task_of = [&](int64_t task, int* j, int64_t* r0, int64_t* r1) {
+        int o = 0;
+        while (task >= first[o + 1]) ++o;
+        *j = o;
+        *r0 = (task - first[o]) * rows[o];
+        *r1 = *r0 + rows[o] < outs[o].w.n_out ? *r0 + rows[o] : outs[o].w.n_out;
     };
-    if (w.dtype == DType::BF16 && k.matmul_rows_bf16act && matmul_precision() == MatmulPrecision::fast) {
+    const bool fast = matmul_precision() == MatmulPrecision::fast;
+    if (w0.dtype == DType::BF16 && k.matmul_rows_bf16act && fast) {
         // Round the activations once per call, on the calling thread, into a per-thread
         // buffer that only grows (no allocation in the steady state).
         thread_local std::vector<uint16_t> act;
-        act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w.n_in)));
-        k.act_to_bf16(x, n_tok, w.n_in, act.data());
+        act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w0.n_in)));
+        k.act_to_bf16(x, n_tok, w0.n_in, act.data());
         // By pointer: inside the lambda, `act` would name the worker's own thread_local.
         const uint16_t* act_data = act.data();
-        pool.parallel_for(n_tasks, [&](int64_t task, int) {
+        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
+            int j;
             int64_t r0, r1;
-            rows_of(task, &r0, &r1);
-            k.matmul_rows_bf16act(w, act_data, n_tok, y, bias, r0, r1);
+            task_of(task, &j, &r0, &r1);
+            k.matmul_rows_bf16act(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
         });
         return;
     }
-    if (dtype_is_blocked(w.dtype) && k.matmul_rows_q8act && matmul_precision() == MatmulPrecision::fast) {
+    if (dtype_is_blocked(w0.dtype) && k.matmul_rows_q8act && fast) {
         // Quantise the activations to int8 blocks once per call, as above.
         thread_local std::vector<uint8_t> act;
-        act.resize(static_cast<size_t>(n_tok * q8_act_row_bytes(w.n_in)));
-        k.act_to_q8(x, n_tok, w.n_in, act.data());
+        act.resize(static_cast<size_t>(n_tok * q8_act_row_bytes(w0.n_in)));
+        k.act_to_q8(x, n_tok, w0.n_in, act.data());
         const uint8_t* act_data = act.data();
-        pool.parallel_for(n_tasks, [&](int64_t task, int) {
+        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
+            int j;
             int64_t r0, r1;
-            rows_of(task, &r0, &r1);
-            k.matmul_rows_q8act(w, act_data, n_tok, y, bias, r0, r1);
+            task_of(task, &j, &r0, &r1);
+            k.matmul_rows_q8act(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
         });
         return;
     }
-    pool.parallel_for(n_tasks, [&](int64_t task, int) {
+    pool.parallel_for(first[n_outs], [&](int64_t task, int) {
+        int j;
         int64_t r0, r1;
-        rows_of(task, &r0, &r1);
-        k.matmul_rows(w, x, n_tok, y, bias, r0, r1);
+        task_of(task, &j, &r0, &r1);
+        k.matmul_rows(outs[j].w, x, n_tok, outs[j].y, outs[j].bias, r0, r1);
     });
 }
 
@@ -151,7 +184,14 @@ void softmax(float* x, int64_t n) { kernels_active().softmax(x, n); }
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
                int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
     kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
-                               out, scratch);
+                               out, scratch, 0, n_kv_heads);
+}
+
+void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        float scale, float* out, float* scratch, int kv0, int kv1) {
+    kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
+                               out, scratch, kv0, kv1);
 }
 
 // rope is cheap next to the matmuls around it and its precision is visible in every

@@ -45,6 +45,16 @@ void dequantize_row(const WeightView& w, int64_t row, float* out);
 // x: [n_tok, n_in], y: [n_tok, n_out]. Splits over output rows across the pool.
 void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, ThreadPool& pool);
 
+// Several matmuls of the same activations x [n_tok, n_in] (q, k and v; gate and up) in
+// one hand-off to the pool: outs[j].y = x W_j^T (+ outs[j].bias), bitwise what matmul()
+// gives for each. Every W_j has the same n_in and dtype; 1 <= n_outs <= 4.
+struct MatmulOut {
+    WeightView w;
+    float* y;           // [n_tok, w.n_out]
+    const float* bias;  // [w.n_out] or nullptr
+};
+void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_tok, ThreadPool& pool);
+
 // Matmul precision, process-wide: set it once at start-up, before the first matmul.
 //  exact (default): activations stay f32, weights are widened exactly, f32 FMA in a
 //    fixed order: bitwise the same on AVX2 and AVX-512 machines.
@@ -85,6 +95,12 @@ void softmax(float* x, int64_t n);
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                float scale, float* out, float* scratch);
+// attention() for the query heads of KV heads [kv0, kv1) only (0 <= kv0 < kv1 <= n_kv_heads):
+// writes those heads of out, bitwise what attention() writes there. KV heads are
+// independent, so one decode token's attention can be split over threads this way.
+void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        float scale, float* out, float* scratch, int kv0, int kv1);
 
 // Which SIMD path the dispatcher chose on this CPU ("avx512", "avx2", "scalar").
 // The environment variable LMX_KERNELS=scalar|avx2 forces a lower one (read once).
@@ -99,6 +115,9 @@ void softmax(float* x, int64_t n);
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                float scale, float* out, float* scratch);
+void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        float scale, float* out, float* scratch, int kv0, int kv1);
 }  // namespace ref
 
 }  // namespace lmx

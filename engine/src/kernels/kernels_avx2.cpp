@@ -116,6 +116,7 @@ struct Avx2 {
 // for |u * s| <= 128 * 127) then vpmaddwd by ones (pairs of s16 to s32). Tiles: 4 rows
 // for one token, 3 rows x 2 tokens otherwise (6 accumulators of the 16 ymm).
 struct Avx2Dot {
+    static constexpr bool kWideU = false;  // vpmaddubsw would saturate on x + 128
     static constexpr int kRows1 = 4, kRows = 3, kToks = 2;
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
         return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));

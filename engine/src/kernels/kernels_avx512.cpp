@@ -211,10 +211,12 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
 // ymm with AVX512_VNNI (+VL), else vpmaddubsw + vpmaddwd; the int32 lanes, so the
 // results, are the same. Tiles: 8 rows for one token, 4 rows x 4 tokens otherwise.
 struct VnniDot {
+    static constexpr bool kWideU = true;  // vpdpbusd takes u up to 255: x + 128 for q8_0
     static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
 };
 struct BwDot {
+    static constexpr bool kWideU = false;
     static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
         return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));

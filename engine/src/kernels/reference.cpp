@@ -332,12 +332,19 @@ void softmax(float* x, int64_t n) {
 
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
                int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
-    assert(n_heads % n_kv_heads == 0);
+    attention_kv_heads(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale, out,
+                       scratch, 0, n_kv_heads);
+}
+
+void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        float scale, float* out, float* scratch, int kv0, int kv1) {
+    assert(n_heads % n_kv_heads == 0 && 0 <= kv0 && kv0 < kv1 && kv1 <= n_kv_heads);
     const int group = n_heads / n_kv_heads;
     const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
     for (int64_t i = 0; i < n_q; ++i) {
         const int64_t n_keys = pos0 + i + 1;
-        for (int h = 0; h < n_heads; ++h) {
+        for (int h = kv0 * group; h < kv1 * group; ++h) {
             const float* qh = q + (i * n_heads + h) * head_dim;
             const int64_t kv_off = static_cast<int64_t>(h / group) * head_dim;
             for (int64_t p = 0; p < n_keys; ++p) {

@@ -184,7 +184,7 @@ static void attention_group(const float* q, float* out, int n_group, RowCursor<S
 template <class S>
 static void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                       const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                      float scale, float* out, float* scratch) {
+                      float scale, float* out, float* scratch, int kv0, int kv1) {
     (void)scratch;
     const int group = n_heads / n_kv_heads;
     const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
@@ -192,7 +192,7 @@ static void attention(const float* q, int64_t n_q, int64_t pos0, const float* co
     const int per_pass = static_cast<int>(imin(kAttnMaxGroup, imin(kAttnStateVecs / n_vecs, group)));
     for (int64_t i = 0; i < n_q; ++i) {
         const int64_t n_keys = pos0 + i + 1;
-        for (int kv = 0; kv < n_kv_heads; ++kv) {
+        for (int kv = kv0; kv < kv1; ++kv) {
             const RowCursor<S> keys{k_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim};
             const RowCursor<S> values{v_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim};
             for (int g0 = 0; g0 < group; g0 += per_pass) {

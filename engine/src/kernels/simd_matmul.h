@@ -161,6 +161,13 @@ constexpr int64_t kTokenTileBytes = 192 * 1024;
 // How many row tiles ahead mm_rows prefetches weights.
 constexpr int64_t kPrefetchTiles = 2;
 
+// The weights the first kPrefetchTiles row tiles of a task read, which no earlier tile
+// prefetched: asked for all at once, so they arrive in parallel rather than one tile's
+// worth of demand misses at a time.
+static inline void prefetch_task_head(const uint8_t* p, int64_t n_bytes) {
+    for (int64_t off = 0; off < n_bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
+
 // y[:, row0:row1] for all tokens. Loop nest, outer to inner:
 //   token tile (<= kTokenTileBytes of x, stays in L2)
 //     R rows (their weights stay in L1/L2 while the token blocks stream past)
@@ -184,6 +191,7 @@ static void mm_rows(const WeightView& w, const float* x, int64_t n_tok, float* y
     };
     if (n_tok == 1) {
         constexpr int R = S::kRows1;
+        prefetch_task_head(base + row0 * stride, imin(row1 - row0, kPrefetchTiles * R) * stride);
         for (int64_t r = row0; r < row1; r += R) {
             const int nr = static_cast<int>(imin(R, row1 - r));
             TileByRows<S, L, R, 1>::run(nr, 1, base + r * stride, stride, x, n_in, y + r, w.n_out,

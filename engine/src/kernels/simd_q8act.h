@@ -12,13 +12,17 @@
 //
 // What D must provide (static, inline): __m256i dot_acc(__m256i acc, __m256i u, __m256i s)
 // = acc + (lane j: sum over k < 4 of u[4j+k] (unsigned) * s[4j+k] (signed)), exact for
-// u <= 255, |s| <= 127; constants kRows1 (rows per tile, one token), kRows x kToks (tile
-// for several tokens).
+// u * s up to 128 * 127 (and for u up to 255 when kWideU); constants kRows1 (rows per
+// tile, one token), kRows x kToks (tile for several tokens).
 //
 // Both operands of the dot must be 8-bit with one of them unsigned:
-//   q8_0: u = |w|, s = x with w's sign (vpsignb), so u * s = w * x.
+//   q8_0, kWideU (vpdpbusd): u = x + 128, s = w, then minus 128 * sum(w) per lane,
+//         folded into the accumulator's start value (per row and block, shared by the
+//         tokens): one instruction per (row, token, block).
+//   q8_0 otherwise (vpmaddubsw saturates s16 pairs past 32767, so u stays below 129):
+//         u = |w|, s = x with w's sign (vpsignb), so u * s = w * x.
 //   q4_0: u = nibble (0..15), s = x, then minus 8 * sum(x) per lane: the "- 8" of every
-//         weight, folded into the accumulator's start value (per token and block).
+//         weight, folded into the start value (per token and block).
 #pragma once
 
 #include <immintrin.h>
@@ -27,6 +31,7 @@
 #include <cstring>
 
 #include "kernels_impl.h"
+#include "simd_matmul.h"
 
 namespace lmx {
 namespace simd {
@@ -43,10 +48,9 @@ struct Q8ActTile {
     }
     // Nibbles of a q4_0 block as 32 bytes in element order: low nibbles are elements
     // 0..15, high nibbles 16..31.
-    static __m256i unpack_q4(const uint8_t* qs16) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs16));
-        const __m256i both = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-        return _mm256_and_si256(both, _mm256_set1_epi8(15));
+    static __m256i unpack_q4(const uint8_t* qs16) {  // the 16 bytes in both halves, the high half >> 4
+        const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs16)));
+        return _mm256_and_si256(_mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
     }
     static float hsum8(__m256 a) {  // lanes j + j+4, j + j+2, j + j+1: the reference's tree
         const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -65,6 +69,7 @@ struct Q8ActTile {
         for (int64_t b = 0; b < n_blocks; ++b) {
             if (pf)  // weights of a tile further on (see simd::mm_rows)
                 for (int r = 0; r < R; ++r) __builtin_prefetch(pf + r * w_stride + b * kBlockBytes, 0, 2);
+            const __m256i zero = _mm256_setzero_si256();
             __m256i xv[T], start[T];
             __m256 dx[T];
             for (int t = 0; t < T; ++t) {
@@ -72,27 +77,35 @@ struct Q8ActTile {
                 xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + b * kQ8BlockElems));
                 dx[t] = _mm256_broadcast_ss(reinterpret_cast<const float*>(at + n_in) + b);
                 if constexpr (kQ4)  // -8 * sum(x) per lane
-                    start[t] = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                                D::dot_acc(_mm256_setzero_si256(), _mm256_set1_epi8(8), xv[t]));
-                else
-                    start[t] = _mm256_setzero_si256();
+                    start[t] = _mm256_sub_epi32(zero, D::dot_acc(zero, _mm256_set1_epi8(8), xv[t]));
+                else if constexpr (D::kWideU)  // x + 128, unsigned
+                    xv[t] = _mm256_xor_si256(xv[t], _mm256_set1_epi8(static_cast<char>(0x80)));
             }
             for (int r = 0; r < R; ++r) {
                 const uint8_t* blk = w + r * w_stride + b * kBlockBytes;
                 const __m256 dw = dw_of(blk);
-                __m256i u;
-                __m256i wq;
                 if constexpr (kQ4) {
-                    u = unpack_q4(blk + 2);
-                    wq = u;
+                    const __m256i u = unpack_q4(blk + 2);
+                    for (int t = 0; t < T; ++t) {
+                        const __m256i isum = D::dot_acc(start[t], u, xv[t]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+                    }
+                } else if constexpr (D::kWideU) {
+                    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+                    // -128 * sum(w) per lane
+                    const __m256i row_start =
+                        _mm256_sub_epi32(zero, D::dot_acc(zero, _mm256_set1_epi8(static_cast<char>(0x80)), wq));
+                    for (int t = 0; t < T; ++t) {
+                        const __m256i isum = D::dot_acc(row_start, xv[t], wq);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+                    }
                 } else {
-                    wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-                    u = _mm256_abs_epi8(wq);
-                }
-                for (int t = 0; t < T; ++t) {
-                    const __m256i s = kQ4 ? xv[t] : _mm256_sign_epi8(xv[t], wq);
-                    const __m256i isum = D::dot_acc(start[t], u, s);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+                    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+                    const __m256i u = _mm256_abs_epi8(wq);
+                    for (int t = 0; t < T; ++t) {
+                        const __m256i isum = D::dot_acc(zero, u, _mm256_sign_epi8(xv[t], wq));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+                    }
                 }
             }
         }
@@ -119,8 +132,6 @@ struct Q8ActTile {
     // weights prefetched kPrefetchTiles row tiles ahead.
     static void rows(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                      int64_t row0, int64_t row1) {
-        constexpr int64_t kTokenTileBytes = 192 * 1024;
-        constexpr int64_t kPrefetchTiles = 2;
         const int64_t n_in = w.n_in, a_stride = q8_act_row_bytes(n_in);
         const int64_t stride = row_bytes(w.dtype, n_in);
         const uint8_t* base = static_cast<const uint8_t*>(w.data);
@@ -131,6 +142,7 @@ struct Q8ActTile {
         };
         if (n_tok == 1) {
             constexpr int R = D::kRows1;
+            prefetch_task_head(base + row0 * stride, imin(row1 - row0, kPrefetchTiles * R) * stride);
             for (int64_t r = row0; r < row1; r += R)
                 tile_any<R, 1>(static_cast<int>(imin(R, row1 - r)), 1, base + r * stride, stride, act, a_stride, n_in,
                                y + r, w.n_out, bias ? bias + r : nullptr, prefetch_for(r, R));
