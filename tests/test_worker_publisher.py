@@ -216,6 +216,38 @@ def test_events_published_while_redis_is_down_are_written_in_order_when_it_retur
     asyncio.run(_with_publisher(redis_url, body, sdk_retry=False))
 
 
+def test_a_stopped_runs_queued_events_never_take_the_token_of_the_run_that_took_over(redis_url: str) -> None:
+    """The same worker stops a run (its lease was lost) and starts the request again before the
+    stopped run's last queued tokens are written: those go out under the old token and are refused,
+    the new run is not stopped, and the reply stream has no overlapping indices."""
+    fenced: list[str] = []
+
+    async def body(a: Publisher, client: aioredis.Redis) -> None:
+        a.on_fenced = fenced.append
+        entry_id = await _enqueue_entry(client, "m", "r9")
+        await a.take_fence("r9", "A#1")
+        a.set_fence("r9", "A#1")
+        a.publish(StartedEvent(request_id="r9", worker="A", attempt=1, prompt_tokens=1))
+        a.publish_tokens("r9", 0, [1, 2], "ab")
+        assert await a.flush(60)
+        await a.take_fence("r9", "A#2")  # the new run's fence, taken before it reads where to resume
+        # One loop tick, no await: the stopped run's late token, its stop, the new run's start.
+        a.publish_tokens("r9", 2, [3], "c")
+        a.release_fence("r9")
+        a.set_fence("r9", "A#2")
+        a.publish(StartedEvent(request_id="r9", worker="A", attempt=2, prompt_tokens=1))
+        a.publish_tokens("r9", 2, [3, 4], "cd")
+        a.publish(done("r9", [1, 2, 3, 4], "abcd"), ack=AckEntry("m", entry_id, "r9"))
+        assert await a.flush(60)
+        assert fenced == [] and a.stats.fenced == 1
+        events = await _events(client, "r9")
+        assert [(type(e).__name__, getattr(e, "index", None)) for e in events] == [
+            ("StartedEvent", None), ("TokenEvent", 0), ("StartedEvent", None), ("TokenEvent", 2), ("DoneEvent", None)]
+        assert await client.xlen(KEYS.req("m")) == 0  # the new run acked
+
+    asyncio.run(_with_publisher(redis_url, body))
+
+
 def test_a_run_that_lost_its_fence_can_no_longer_write_and_does_not_ack(redis_url: str) -> None:
     """Worker A runs a request; worker B takes it over (takes the fence) and resumes; A's later
     tokens and terminal are refused, A is told to stop, and only B's events follow."""

@@ -18,6 +18,9 @@ append of that run carries the token, and `_APPEND_SCRIPT` refuses it once anoth
 taken the fence. So a worker that lost its request (its lease lapsed during a Redis outage, its
 consumer group was lost, it was paused) can never interleave tokens with the worker that took
 over: its writes are refused, `on_fenced` tells the runtime to stop its run, and it does not ack.
+The token travels with each queued event, not with the request: when this same worker stops a
+run and starts the request again before the stopped run's last events are written, those go out
+under the old token and are refused, without stopping the new run.
 
 Idempotence. Each request's events of one round go through `_APPEND_SCRIPT`, which also (a)
 writes nothing when the stream already ends with a terminal event (a second worker that raced on
@@ -168,6 +171,7 @@ class _Tokens:
 class _Queued:
     event: AnyEvent | _Tokens
     ack: AckEntry | None = None
+    fence: str = ""  # the token of the run that queued it, captured when queued ('' outside a run)
 
 
 @dataclass(slots=True)
@@ -205,8 +209,10 @@ class Publisher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._fences: dict[str, str] = {}  # request_id -> fence token of the run publishing it
-        self._fences_released: set[str] = set()  # runs that stopped: drop the token after their last round
+        # request_id -> fence token of the run publishing it now. Each queued event carries the token
+        # of the run that queued it, so what a stopped run left in the queue is written (and refused)
+        # under its own token, never under the token of the run that took the request over.
+        self._fences: dict[str, str] = {}
         self._append = client.register_script(_APPEND_SCRIPT)
         self._ack = client.register_script(_ACK_SCRIPT)
         self._fence = client.register_script(_FENCE_SCRIPT)
@@ -226,14 +232,10 @@ class Publisher:
     def set_fence(self, request_id: str, token: str) -> None:
         """Every event of `request_id` published from now on carries `token` (until its terminal)."""
         self._fences[request_id] = token
-        self._fences_released.discard(request_id)
 
     def release_fence(self, request_id: str) -> None:
-        """The run stopped without a terminal event: forget its token once what it queued is written."""
-        if request_id in self._queues:
-            self._fences_released.add(request_id)
-        else:
-            self._fences.pop(request_id, None)
+        """The run stopped without a terminal event: forget its token (what it queued keeps its own)."""
+        self._fences.pop(request_id, None)
 
     # -- producers of work (never block) ------------------------------------------------------------
 
@@ -241,21 +243,22 @@ class Publisher:
         """Queue `event` on its request's reply stream; `ack` (terminal events only) runs after it is written."""
         assert ack is None or isinstance(event, TERMINAL_TYPES), "only a terminal event retires an entry"
         q = self._queues.setdefault(event.request_id, deque())
-        q.append(_Queued(event, ack))
+        q.append(_Queued(event, ack, self._fences.get(event.request_id, "")))
         self._kick()
 
     def publish_tokens(self, request_id: str, index: int, token_ids: list[int], text: str) -> None:
         """Queue tokens [index, index + len(token_ids)); merged with queued tokens of the same request."""
         assert token_ids, "a token event carries at least one token"
         q = self._queues.setdefault(request_id, deque())
-        if q and isinstance(q[-1].event, _Tokens):
+        fence = self._fences.get(request_id, "")
+        if q and isinstance(q[-1].event, _Tokens) and q[-1].fence == fence:
             tail = q[-1].event
             assert tail.index + len(tail.token_ids) == index, "token indices must be contiguous"
             tail.token_ids.extend(token_ids)
             tail.text += text
             self.stats.tokens_coalesced += 1
         else:
-            q.append(_Queued(_Tokens(index, list(token_ids), text)))
+            q.append(_Queued(_Tokens(index, list(token_ids), text), fence=fence))
         self._kick()
 
     def ack(self, entry: AckEntry) -> None:
@@ -299,31 +302,29 @@ class Publisher:
                 await self._write_acks(acks)
 
     def _take_rounds(self) -> list[_Round]:
-        """Pop everything queued, one _Round per request, consecutive token events merged."""
+        """Pop everything queued: per request, one _Round per run (fence token) in queue order,
+        consecutive token events merged."""
         rounds: list[_Round] = []
         queues, self._queues = self._queues, {}
         for request_id, q in queues.items():
-            payloads: list[bytes] = []
-            ack: AckEntry | None = None
             terminal = False
+            current: _Round | None = None
             for item in q:
                 if terminal:
                     log.error("request %s: event %r after its terminal event dropped", request_id, item.event)
                     continue
+                if current is None or current.fence != item.fence:
+                    current = _Round(request_id, [], False, None, item.fence)
+                    rounds.append(current)
                 ev = item.event
                 if isinstance(ev, _Tokens):
-                    payloads.append(encode_event(TokenEvent(
+                    current.payloads.append(encode_event(TokenEvent(
                         request_id=request_id, index=ev.index, token_ids=ev.token_ids, text=ev.text)))
                 else:
-                    payloads.append(encode_event(ev))
+                    current.payloads.append(encode_event(ev))
                     if isinstance(ev, TERMINAL_TYPES):
-                        terminal, ack = True, item.ack
-            if terminal or request_id in self._fences_released:
-                self._fences_released.discard(request_id)
-                fence = self._fences.pop(request_id, "")
-            else:
-                fence = self._fences.get(request_id, "")
-            rounds.append(_Round(request_id, payloads, terminal, ack, fence))
+                        terminal = current.terminal = True
+                        current.ack = item.ack
         return rounds
 
     async def _write_events(self, rounds: list[_Round]) -> None:
@@ -360,6 +361,8 @@ class Publisher:
                 self.stats.events_written += max(0, int(res))
                 if int(res) == -2 or (int(res) == -1 and r.fence and not r.terminal):
                     self._fenced(r, int(res))
+                elif r.terminal and r.fence and self._fences.get(r.request_id) == r.fence:
+                    self._fences.pop(r.request_id, None)  # the run ended
             self.stats.rounds += 1
             if not retry:
                 return
@@ -413,13 +416,27 @@ class Publisher:
     def _fenced(self, r: _Round, result: int) -> None:
         """Another run owns the request (-2), or its stream ended while this run was still going (-1)."""
         self.stats.fenced += 1
-        log.warning("request %s: %s; stopping this worker's run without a terminal event", r.request_id,
-                    "another worker took it over" if result == -2 else "its reply stream already ended")
-        self._queues.pop(r.request_id, None)  # what this run queued meanwhile
-        self._fences.pop(r.request_id, None)
         if r.ack is not None:  # not ours to ack: the owner acks when it finishes
             self._released(r.ack)
             r.ack = None
+        # What the refused run queued meanwhile goes too; a newer run's events (another token) stay.
+        q = self._queues.get(r.request_id)
+        if q is not None:
+            kept = deque(item for item in q if item.fence != r.fence)
+            if kept:
+                self._queues[r.request_id] = kept
+            else:
+                del self._queues[r.request_id]
+        current = self._fences.get(r.request_id)
+        if current is not None and current != r.fence:
+            # A run of this worker that already stopped (its request was taken over, possibly by this
+            # very worker again): the run publishing now is not the one refused.
+            log.info("request %s: a stopped run's leftover events were refused (%s)", r.request_id,
+                     "taken over" if result == -2 else "stream ended")
+            return
+        log.warning("request %s: %s; stopping this worker's run without a terminal event", r.request_id,
+                    "another worker took it over" if result == -2 else "its reply stream already ended")
+        self._fences.pop(r.request_id, None)
         if self.on_fenced is not None:
             try:
                 self.on_fenced(r.request_id)
