@@ -30,3 +30,13 @@ def redis_url(redis_server: EmbeddedRedis) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A synchronous client of the session server (already flushed by redis_url)."""
+    c = redis.Redis.from_url(redis_url)
+    try:
+        yield c
+    finally:
+        c.close()

@@ -17,7 +17,6 @@ Nothing asserts on time; timeouts only bound waits.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,15 +39,6 @@ MAX_TOKENS: Final = 48
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_models(tmp_path_factory.mktemp("admission-models"), ["ma", "mb"])
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def budget_for(models: dict[str, Path], names: list[str], kv_sequences: int,

@@ -206,6 +206,8 @@ class ModelConsumer:
         self.waiting = waiting  # model -> entries not yet delivered to any worker (stats reporter)
         self.consumer_name = settings.worker_id
         self.streams: dict[str, str] = {band: keys.req(self.name, band) for band in PRIORITY_BANDS}
+        self._band_of: dict[str, str] = {stream: band for band, stream in self.streams.items()}
+        self._aging_ms = max(1, round(settings.priority_aging_s * 1000))
         self.running: dict[str, tuple[str, str]] = {}  # request_id -> (band, entry_id), started, not finished
         self.leases: dict[tuple[str, str], str] = {}  # (band, entry_id) -> request_id, from start until acked
         # Entries one blocking read delivered beyond the first (several bands filled at once):
@@ -290,16 +292,14 @@ class ModelConsumer:
         """The next undelivered entry of the band `_PICK_SCRIPT` chooses; when every band is empty,
         a blocking read on all of them (entries that arrive together beyond the first wait in _early)."""
         streams = list(self.streams.values())
-        index = int(await self._pick(keys=streams, args=[CONSUMER_GROUP,
-                                                          max(1, round(self.settings.priority_aging_s * 1000))]))
+        index = int(await self._pick(keys=streams, args=[CONSUMER_GROUP, self._aging_ms]))
         if index > 0:
             reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, {streams[index - 1]: ">"},
                                                 count=1)
         else:
             reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
                                                 count=1, block=self.settings.read_block_ms)
-        band_of = {stream: band for band, stream in self.streams.items()}
-        got = [_Entry(_text(entry_id), _payload(fields), 1, band_of[_text(stream)])
+        got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)])
                for stream, entries in reply or [] for entry_id, fields in entries]
         if not got:
             return None
