@@ -20,6 +20,8 @@
 // threads; "floor%" is the call's weight traffic rate as a share of that anchor, which
 // is the ceiling for batch-1 decode. "tok/s" is the call's token throughput relative to
 // n_tok = 1 (n_tok * t(1) / t(n_tok)): what batching decode sequences buys.
+// "q8_0x16", "q4_0x16" are the same weights repacked in 16-row groups (what a model
+// loaded under fast precision holds): int8 activations, one vpdpbusd per 4 x 16 MACs.
 // "bf16*" is bf16 weights under MatmulPrecision::fast (bf16 activations, vdpbf16ps),
 // listed only where the CPU has AVX512_BF16; "q8_0*", "q4_0*" are q8_0 / q4_0 under
 // MatmulPrecision::fast (int8 activations, integer block dots).
@@ -105,7 +107,24 @@ int main(int argc, char** argv) {
     struct Shape {
         int64_t n_out, n_in;
     };
-    const Shape shapes[] = {{320, 960}, {960, 960}, {2560, 960}, {960, 2560}, {49152, 960}};
+    // LMX_BENCH_SHAPES="n_outxn_in,..." replaces the SmolLM2-360M layer shapes below, e.g.
+    // Llama-3.2-1B: 2048x2048,512x2048,8192x2048,2048x8192,128256x2048.
+    std::vector<Shape> shapes = {{320, 960}, {960, 960}, {2560, 960}, {960, 2560}, {49152, 960}};
+    if (const char* env = std::getenv("LMX_BENCH_SHAPES")) {
+        shapes.clear();
+        for (const char* p = env; *p;) {
+            char* end = nullptr;
+            const long long o = std::strtoll(p, &end, 10);
+            if (*end != 'x') break;
+            const long long i = std::strtoll(end + 1, &end, 10);
+            shapes.push_back({o, i});
+            p = *end == ',' ? end + 1 : end;
+        }
+        if (shapes.empty()) {
+            std::fprintf(stderr, "LMX_BENCH_SHAPES: expected n_outxn_in[,n_outxn_in...], found '%s'\n", env);
+            return 2;
+        }
+    }
     struct Fmt {
         DType dtype;
         MatmulPrecision precision;
@@ -117,7 +136,9 @@ int main(int argc, char** argv) {
                              {DType::Q8_0, MatmulPrecision::exact, "q8_0"},
                              {DType::Q8_0, MatmulPrecision::fast, "q8_0*"},
                              {DType::Q4_0, MatmulPrecision::exact, "q4_0"},
-                             {DType::Q4_0, MatmulPrecision::fast, "q4_0*"}};
+                             {DType::Q4_0, MatmulPrecision::fast, "q4_0*"},
+                             {DType::Q8_0X16, MatmulPrecision::fast, "q8_0x16"},
+                             {DType::Q4_0X16, MatmulPrecision::fast, "q4_0x16"}};
     if (std::strcmp(kernels_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16"))
         fmts.push_back({DType::BF16, MatmulPrecision::fast, "bf16*"});
     if (argc > 4) {  // keep only the named formats
@@ -135,8 +156,8 @@ int main(int argc, char** argv) {
     // Best seconds per call, [shape][fmt][n_tok]. Every pass measures every row again:
     // on a shared machine the per-row minimum over passes spread in time is the
     // kernel's own speed.
-    std::vector<double> best(sizeof shapes / sizeof shapes[0] * fmts.size() * n_tc, 1e30);
-    std::vector<size_t> w_bytes_of(sizeof shapes / sizeof shapes[0] * fmts.size());
+    std::vector<double> best(shapes.size() * fmts.size() * n_tc, 1e30);
+    std::vector<size_t> w_bytes_of(shapes.size() * fmts.size());
     Buffer anchor_buf = alloc_bytes(size_t{512} << 20);
     double anchor = 0.0;
 
@@ -144,7 +165,7 @@ int main(int argc, char** argv) {
         const double a = read_bandwidth_gbs(pool, anchor_buf.get(), size_t{512} << 20, 5);
         if (a > anchor) anchor = a;
         std::fprintf(stderr, "pass %d/%d (anchor %.1f GB/s)\n", pass + 1, n_passes, a);
-        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si) {
+        for (size_t si = 0; si < shapes.size(); ++si) {
             const Shape& s = shapes[si];
             std::vector<float> wf(static_cast<size_t>(s.n_out * s.n_in));
             for (float& v : wf) v = rand_unit();
@@ -157,7 +178,14 @@ int main(int argc, char** argv) {
                 w_bytes_of[si * fmts.size() + fi] = w_bytes;
                 const size_t n_copies = hot ? 1 : (kColdBytes + w_bytes - 1) / w_bytes + 1;
                 Buffer w = alloc_bytes(w_bytes * n_copies);
-                convert_rows(wf.data(), DType::F32, w.get(), dt, s.n_out, s.n_in);
+                if (dtype_is_x16(dt)) {  // quantise, then repack (the loader's two steps)
+                    const DType plain = dt == DType::Q8_0X16 ? DType::Q8_0 : DType::Q4_0;
+                    std::vector<uint8_t> tmp(w_bytes);
+                    convert_rows(wf.data(), DType::F32, tmp.data(), plain, s.n_out, s.n_in);
+                    repack_x16(tmp.data(), plain, w.get(), s.n_out, s.n_in);
+                } else {
+                    convert_rows(wf.data(), DType::F32, w.get(), dt, s.n_out, s.n_in);
+                }
                 for (size_t c = 1; c < n_copies; ++c) std::memcpy(w.get() + c * w_bytes, w.get(), w_bytes);
                 for (size_t ti = 0; ti < n_tc; ++ti) {
                     const int64_t n_tok = tok_counts[ti];
@@ -193,7 +221,7 @@ int main(int argc, char** argv) {
     std::printf("anchor: streaming read %.1f GB/s (memory-bandwidth floor for batch-1 decode)\n\n", anchor);
     std::printf("%-13s %-5s %5s %10s %9s %8s %7s %8s\n", "shape", "dtype", "n_tok", "us/call", "GFLOP/s", "GB/s", "floor%",
                 "tok/s");
-    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; ++si)
+    for (size_t si = 0; si < shapes.size(); ++si)
         for (size_t fi = 0; fi < fmts.size(); ++fi) {
             const Shape& s = shapes[si];
             const size_t w_bytes = w_bytes_of[si * fmts.size() + fi];

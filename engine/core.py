@@ -34,7 +34,9 @@ class EngineConfig:
     max_seqs_per_step: int = 64
     kv_reserve_fraction: float = 0.25
     # "exact": bitwise the same tokens on every CPU; "fast": bf16 weights use the CPU's bf16
-    # dot product (AVX512_BF16) with activations rounded to bf16 — faster prefill, not bitwise.
+    # dot product (AVX512_BF16) with activations rounded to bf16, and q8_0 / q4_0 models are
+    # loaded repacked for int8 dot products (activations rounded to int8 per block of 32, as
+    # llama.cpp does) — faster decode and prefill, not bitwise.
     matmul_precision: str = "exact"
 
 

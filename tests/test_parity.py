@@ -323,7 +323,9 @@ def test_fast_precision_stays_within_activation_rounding_of_the_converted_model(
         fast_eng: Engine, model_dirs: dict[str, Path], converted_dirs: dict[str, Path], variant: str,
         fmt: str) -> None:
     """Against HF on the same rounded weights, only the activations' rounding is left."""
-    fast_eng.load_model("m", model_dirs[variant], weights=fmt)
+    info = fast_eng.load_model("m", model_dirs[variant], weights=fmt)
+    # q8_0 / q4_0 load repacked for int8 dots (every test shape has whole 16-row groups)
+    assert info["matrix_format"] == (f"{fmt}x16" if fmt in ("q8_0", "q4_0") else fmt), info
     ref_dir = converted_dirs[f"{variant}/{fmt}"]
     errors = [check_logits(fast_eng, "m", ref_dir, prompt_ids(n), FAST_TOL[fmt]) for n in LOGIT_PROMPT_LENS]
     agreements = []

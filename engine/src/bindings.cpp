@@ -50,6 +50,7 @@ py::dict info_to_dict(const ModelInfo& i) {
     d["n_vocab"] = i.n_vocab;
     d["n_ctx"] = i.n_ctx;
     d["weights"] = i.weights;
+    d["matrix_format"] = i.matrix_format;
     d["resident"] = i.resident;
     d["n_slots"] = i.n_slots;
     d["n_units_loaded"] = i.n_units_loaded;

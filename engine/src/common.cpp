@@ -14,6 +14,8 @@ const char* dtype_name(DType t) {
         case DType::BF16: return "bf16";
         case DType::Q8_0: return "q8_0";
         case DType::Q4_0: return "q4_0";
+        case DType::Q8_0X16: return "q8_0x16";
+        case DType::Q4_0X16: return "q4_0x16";
     }
     return "?";
 }
@@ -32,8 +34,10 @@ int64_t row_bytes(DType t, int64_t n_cols) {
         case DType::F32: return n_cols * 4;
         case DType::F16:
         case DType::BF16: return n_cols * 2;
-        case DType::Q8_0: return n_cols / kQ8BlockElems * kQ8BlockBytes;
-        case DType::Q4_0: return n_cols / kQ8BlockElems * kQ4BlockBytes;
+        case DType::Q8_0:
+        case DType::Q8_0X16: return n_cols / kQ8BlockElems * kQ8BlockBytes;
+        case DType::Q4_0:
+        case DType::Q4_0X16: return n_cols / kQ8BlockElems * kQ4BlockBytes;
     }
     return 0;
 }

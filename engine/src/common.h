@@ -15,21 +15,29 @@ namespace lmx {
 //   Q8_0 {f16 d; int8 qs[32]}   (34 bytes), value i = d * qs[i]
 //   Q4_0 {f16 d; uint8 qs[16]}  (18 bytes), value i = d * (nibble_i - 8), where
 //        nibble_i = qs[i] & 15 for i < 16 and qs[i - 16] >> 4 for i >= 16.
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
+// Q8_0X16 and Q4_0X16 hold the same values as Q8_0 / Q4_0, repacked at load for the
+// integer dot products of MatmulPrecision::fast (layout: kernels/kernels.h, "x16"):
+// device-only, never a file's or a user's format.
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q8_0X16 = 5, Q4_0X16 = 6 };
 
 constexpr int64_t kQ8BlockElems = 32;  // values per block, Q8_0 and Q4_0 alike
 constexpr int64_t kQ8BlockBytes = 34;  // f16 scale + 32 x int8
 constexpr int64_t kQ4BlockBytes = 18;  // f16 scale + 16 bytes of two nibbles each
 
-// Block formats (Q8_0, Q4_0) need rows of whole blocks: n_cols % 32 == 0.
-inline bool dtype_is_blocked(DType t) { return t == DType::Q8_0 || t == DType::Q4_0; }
+constexpr int64_t kX16Rows = 16;       // rows per group of the x16 formats
+
+// Block formats (Q8_0, Q4_0 and their x16 forms) need rows of whole blocks: n_cols % 32 == 0.
+inline bool dtype_is_x16(DType t) { return t == DType::Q8_0X16 || t == DType::Q4_0X16; }
+inline bool dtype_is_blocked(DType t) { return t == DType::Q8_0 || t == DType::Q4_0 || dtype_is_x16(t); }
 constexpr size_t kAlign = 64;          // every buffer the kernels touch
 
 const char* dtype_name(DType t);
 // Parses "f32" | "f16" | "bf16" | "q8_0" | "q4_0"; throws InvalidArgument otherwise.
 DType dtype_from_name(const std::string& s);
 
-// Bytes of one row of n_cols elements. Precondition for Q8_0, Q4_0: n_cols % 32 == 0.
+// Bytes of one row of n_cols elements (for the x16 formats, a sixteenth of a group: a
+// matrix of n_rows % 16 == 0 rows still takes n_rows * row_bytes).
+// Precondition for the block formats: n_cols % 32 == 0.
 int64_t row_bytes(DType t, int64_t n_cols);
 
 // The exception tree (mirrored in Python by engine/errors.py):

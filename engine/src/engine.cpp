@@ -106,7 +106,10 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
         }
     } unmark{this, spec.name};
 
-    auto w = std::make_shared<const ModelWeights>(spec, progress);
+    // Under fast precision, q8_0 / q4_0 matrices are repacked for integer dots (x16).
+    ModelSpec load_spec = spec;
+    load_spec.repack_x16 = cfg_.matmul_precision == "fast";
+    auto w = std::make_shared<const ModelWeights>(load_spec, progress);
     auto m = std::make_shared<ModelRt>();
     m->name = spec.name;
     m->w = w;
@@ -277,6 +280,7 @@ ModelInfo Engine::info_locked(const ModelRt& m) const {
     i.n_vocab = s.n_vocab;
     i.n_ctx = s.n_ctx;
     i.weights = dtype_name(m.w->dtype());
+    i.matrix_format = dtype_name(m.w->matrix_dtype());
     const ModelResidency r = residency_.model_info(m.id);
     i.resident = r.resident;
     i.n_slots = r.n_slots;

@@ -62,6 +62,7 @@ struct ModelInfo {
     int id = -1;
     int n_layer = 0, n_vocab = 0, n_ctx = 0;
     std::string weights;
+    std::string matrix_format;  // how the device holds the matrices: weights, or its x16 form under fast precision
     bool resident = false;
     int n_slots = 0;
     int n_units_loaded = 0;

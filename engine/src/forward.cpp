@@ -54,7 +54,7 @@ void workspace_init(Workspace& ws, uint8_t* mem, const ModelSpec& s, int max_tok
 void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& kv, Workspace& ws,
                   const std::vector<ForwardItem>& items, ThreadPool& pool) {
     const ModelSpec& s = w.spec();
-    const DType wt = w.dtype();
+    const DType wt = w.matrix_dtype();
     const int64_t dim = s.dim, qd = s.q_dim(), kvd = s.kv_dim(), ffn = s.ffn_dim;
     const int bt = kv.block_tokens();
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));

@@ -46,11 +46,22 @@ const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t 
                                "; choose --weights f16 or bf16 for this model");
     if (t.dtype == to) return t.data;
     const uint64_t n = static_cast<uint64_t>(row_bytes(to, cols)) * static_cast<uint64_t>(rows);
-    void* p = std::aligned_alloc(kAlign, align_up(n == 0 ? 1 : n, kAlign));
-    if (p == nullptr) throw Error("out of host memory converting tensor '" + t.name + "'");
-    host_bufs_.emplace_back(static_cast<uint8_t*>(p), free_aligned);
-    convert_rows(t.data, t.dtype, p, to, rows, cols);
-    return static_cast<const uint8_t*>(p);
+    auto alloc = [&]() {
+        void* p = std::aligned_alloc(kAlign, align_up(n == 0 ? 1 : n, kAlign));
+        if (p == nullptr) throw Error("out of host memory converting tensor '" + t.name + "'");
+        return std::unique_ptr<uint8_t, void (*)(void*)>(static_cast<uint8_t*>(p), free_aligned);
+    };
+    auto p = alloc();
+    if (dtype_is_x16(to)) {  // quantise into a scratch copy (same size), then repack
+        const DType plain = to == DType::Q8_0X16 ? DType::Q8_0 : DType::Q4_0;
+        auto q = alloc();
+        convert_rows(t.data, t.dtype, q.get(), plain, rows, cols);
+        repack_x16(q.get(), plain, p.get(), rows, cols);
+    } else {
+        convert_rows(t.data, t.dtype, p.get(), to, rows, cols);
+    }
+    host_bufs_.push_back(std::move(p));
+    return host_bufs_.back().get();
 }
 
 void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off) {
@@ -61,7 +72,7 @@ void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int6
     us.n_bytes = off;
 }
 
-ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) : spec_(spec), dtype_(DType::F32) {
+ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) : spec_(spec), dtype_(DType::F32), matrix_dtype_(DType::F32) {
     spec_.validate();
     st_ = std::make_unique<SafetensorsSet>(spec_.files);
     const int64_t dim = spec_.dim, qd = spec_.q_dim(), kvd = spec_.kv_dim(), ffn = spec_.ffn_dim, nv = spec_.n_vocab;
@@ -74,6 +85,13 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
 
     const TensorInfo& probe = st_->require(layer_name(0, "self_attn.q_proj.weight"), {qd, dim});
     dtype_ = spec_.weights == "auto" ? probe.dtype : dtype_from_name(spec_.weights);
+    matrix_dtype_ = dtype_;
+    if (spec_.repack_x16 && (dtype_ == DType::Q8_0 || dtype_ == DType::Q4_0)) {
+        bool whole_groups = true;
+        for (int64_t n : {static_cast<int64_t>(qd), static_cast<int64_t>(kvd), dim, ffn, nv})
+            whole_groups = whole_groups && n % kX16Rows == 0;
+        if (whole_groups) matrix_dtype_ = dtype_ == DType::Q8_0 ? DType::Q8_0X16 : DType::Q4_0X16;
+    }
 
     const TensorInfo& emb = st_->require("model.embed_tokens.weight", {nv, dim});
     embed_ = WeightView{host_tensor(emb, dtype_, nv, dim), dtype_, nv, dim};
@@ -86,7 +104,7 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
         LayerLayout lay{};
         auto mat = [&](const char* nm, int64_t rows, int64_t cols, uint64_t& slot) {
             slot = off;
-            add_piece(us, st_->require(layer_name(l, nm), {rows, cols}), dtype_, rows, cols, off);
+            add_piece(us, st_->require(layer_name(l, nm), {rows, cols}), matrix_dtype_, rows, cols, off);
         };
         auto vec = [&](const char* nm, int64_t n, uint64_t& slot) {
             slot = off;
@@ -121,9 +139,9 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
                                  "); config.json says tie_word_embeddings=false — set it to true if the head is tied");
         if (lm != nullptr) {
             st_->require("lm_head.weight", {nv, dim});
-            add_piece(us, *lm, dtype_, nv, dim, off);
+            add_piece(us, *lm, matrix_dtype_, nv, dim, off);
         } else {
-            add_piece(us, emb, dtype_, nv, dim, off);
+            add_piece(us, emb, matrix_dtype_, nv, dim, off);
         }
         if (progress) progress(total, total);
     }

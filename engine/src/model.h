@@ -31,14 +31,17 @@ struct ModelSpec {
     std::vector<int32_t> eos_ids;
     std::vector<std::string> files;    // safetensors shards
     std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0 | q4_0
+    // q8_0 / q4_0 matrices stored as q8_0x16 / q4_0x16 (int8 dots, kernels.h) when every
+    // matrix has a multiple of 16 rows; set by the engine under fast matmul precision.
+    bool repack_x16 = false;
 
     void validate() const;  // throws InvalidArgument naming the field
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
 };
 
-// Byte offsets of one layer's tensors inside its unit; matrices are row-major
-// [n_out, n_in] in the model's weight dtype, vectors are f32.
+// Byte offsets of one layer's tensors inside its unit; matrices are [n_out, n_in] in
+// the model's matrix dtype (row-major, or 16-row groups for x16), vectors are f32.
 struct LayerLayout {
     uint64_t attn_norm;       // f32 [dim]
     uint64_t wq, wk, wv;      // [q_dim, dim], [kv_dim, dim], [kv_dim, dim]
@@ -72,7 +75,8 @@ public:
     // converts to the chosen format. Throws ModelFileError / UnsupportedError.
     ModelWeights(const ModelSpec& spec, const LoadProgress& progress);
     const ModelSpec& spec() const { return spec_; }
-    DType dtype() const { return dtype_; }
+    DType dtype() const { return dtype_; }                 // the weight format ("q8_0", ...)
+    DType matrix_dtype() const { return matrix_dtype_; }   // how the units hold matrices (may be x16)
     int n_units() const { return spec_.n_layer + 1; }
     const UnitSource& unit(int u) const { return units_[static_cast<size_t>(u)]; }
     const LayerLayout& layer_layout() const { return layer_; }
@@ -90,6 +94,7 @@ private:
 
     ModelSpec spec_;
     DType dtype_;
+    DType matrix_dtype_;
     std::unique_ptr<SafetensorsSet> st_;
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> host_bufs_;  // converted tensors
     std::vector<UnitSource> units_;

@@ -599,6 +599,141 @@ TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
     set_matmul_precision(MatmulPrecision::exact);
 }
 
+// ---- the x16 formats: q8_0 / q4_0 repacked in 16-row groups for integer dots ----
+
+// A random q8_0 / q4_0 matrix (src) and its x16 repacking.
+struct X16Case {
+    std::vector<uint8_t> src, packed;
+    WeightView plain, x16;
+    X16Case(Rng& rng, DType dt, int64_t n_out, int64_t n_in) {
+        src = random_weights(rng, dt, n_out, n_in);
+        packed.assign(src.size(), 0xee);
+        repack_x16(src.data(), dt, packed.data(), n_out, n_in);
+        plain = WeightView{src.data(), dt, n_out, n_in};
+        x16 = WeightView{packed.data(), dt == DType::Q8_0 ? DType::Q8_0X16 : DType::Q4_0X16, n_out, n_in};
+    }
+};
+const Shape kShapesX16[] = {{16, 32}, {32, 96}, {48, 64}, {16, 1056}, {80, 960}};
+
+TEST(kernel_repack_x16_keeps_every_value_and_rejects_ragged_groups) {
+    Rng rng(21);
+    for (DType dt : {DType::Q8_0, DType::Q4_0})
+        for (const Shape& s : kShapesX16) {
+            const X16Case c(rng, dt, s.n_out, s.n_in);
+            std::vector<float> a(static_cast<size_t>(s.n_in)), b(a.size());
+            for (int64_t o = 0; o < s.n_out; ++o) {
+                dequantize_row(c.plain, o, a.data());
+                dequantize_row(c.x16, o, b.data());
+                CHECK(same_bits(a, b));
+            }
+        }
+    std::vector<uint8_t> w(static_cast<size_t>(row_bytes(DType::Q8_0, 64) * 24)), out(w.size());
+    CHECK_THROWS(repack_x16(w.data(), DType::Q8_0, out.data(), 24, 64), InvalidArgument, "rows % 16 == 0");
+    CHECK_THROWS(repack_x16(w.data(), DType::F16, out.data(), 16, 64), InvalidArgument, "q8_0 or q4_0");
+}
+
+TEST(kernel_act_to_q8_stores_each_blocks_sum_of_q) {
+    Rng rng(22);
+    const int64_t n_in = 96, n_tok = 3;
+    const std::vector<float> x = random_vec(rng, n_tok * n_in, -2.0f, 2.0f);
+    std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(n_in)));
+    ref::act_to_q8(x.data(), n_tok, n_in, act.data());
+    for (int64_t t = 0; t < n_tok; ++t)
+        for (int64_t b = 0; b < n_in / 32; ++b) {
+            const uint8_t* row = act.data() + t * q8_act_row_bytes(n_in);
+            int32_t want = 0, got;
+            for (int64_t i = 0; i < 32; ++i) want += static_cast<int8_t>(row[b * 32 + i]);
+            std::memcpy(&got, row + n_in + 4 * (n_in / 32 + b), 4);
+            CHECK(got == want);
+        }
+}
+
+TEST(kernel_matmul_x16_every_isa_equals_reference_bitwise) {
+    Rng rng(23);
+    std::vector<const KernelTable*> ks = q8act_tables();
+    for (DType dt : {DType::Q8_0, DType::Q4_0})
+        for (const Shape& s : kShapesX16) {
+            const X16Case c(rng, dt, s.n_out, s.n_in);
+            const std::vector<float> bias = random_vec(rng, s.n_out);
+            for (int64_t n_tok = 1; n_tok <= 17; ++n_tok) {
+                std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                for (int64_t i = 0; i < 32; ++i) x[static_cast<size_t>(i)] = 3.0f;  // a block of +127s: the widest sums
+                std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(s.n_in)));
+                ref::act_to_q8(x.data(), n_tok, s.n_in, act.data());
+                for (const float* b : {static_cast<const float*>(nullptr), bias.data()}) {
+                    std::vector<float> want(static_cast<size_t>(n_tok * s.n_out), NAN);
+                    ref::matmul_rows_x16(c.x16, act.data(), n_tok, want.data(), b, 0, s.n_out);
+                    for (const KernelTable* k : ks) {
+                        std::vector<float> got(want.size(), NAN);
+                        k->matmul_rows_x16(c.x16, act.data(), n_tok, got.data(), b, 0, s.n_out);
+                        if (!same_bits(got, want))
+                            std::fprintf(stderr, "  %s %s [%lld x %lld] n_tok=%lld differs from the reference\n",
+                                         k->name, dtype_name(c.x16.dtype), static_cast<long long>(s.n_out),
+                                         static_cast<long long>(s.n_in), static_cast<long long>(n_tok));
+                        CHECK(same_bits(got, want));
+                        if (s.n_out > 16) {  // a row range that starts past the first group
+                            std::vector<float> part(want.size(), NAN);
+                            k->matmul_rows_x16(c.x16, act.data(), n_tok, part.data(), b, 16, s.n_out);
+                            for (int64_t t = 0; t < n_tok; ++t)
+                                CHECK(std::memcmp(part.data() + t * s.n_out + 16, want.data() + t * s.n_out + 16,
+                                                  static_cast<size_t>(s.n_out - 16) * 4) == 0);
+                        }
+                    }
+                }
+            }
+        }
+}
+
+// Against the exact matmul of the same weights, the bound of the int8 path above.
+TEST(kernel_matmul_x16_is_within_activation_rounding_of_exact_and_invariant) {
+    Rng rng(24);
+    ThreadPool p1(1), p2(2);
+    const Shape shapes[] = {{16, 32}, {48, 96}, {320, 960}, {96, 2560}};
+    for (DType dt : {DType::Q8_0, DType::Q4_0})
+        for (const Shape& s : shapes)
+            for (int64_t n_tok : {1, 5, 17}) {
+                const X16Case c(rng, dt, s.n_out, s.n_in);
+                const std::vector<float> bias = random_vec(rng, s.n_out);
+                const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
+                std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN), exact(y.size()), one(y.size());
+                matmul(c.x16, x.data(), n_tok, y.data(), bias.data(), p2);  // dispatched, whatever the precision
+                matmul(c.x16, x.data(), n_tok, one.data(), bias.data(), p1);
+                CHECK(same_bits(y, one));
+                for (int64_t t = 0; t < n_tok; ++t) {  // batch invariance
+                    std::vector<float> y1(static_cast<size_t>(s.n_out));
+                    matmul(c.x16, x.data() + t * s.n_in, 1, y1.data(), bias.data(), p2);
+                    CHECK(std::memcmp(y1.data(), y.data() + t * s.n_out, y1.size() * 4) == 0);
+                }
+                ref::matmul(c.plain, x.data(), n_tok, exact.data(), bias.data());
+                std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(s.n_in)));
+                ref::act_to_q8(x.data(), n_tok, s.n_in, act.data());
+                std::vector<float> row(static_cast<size_t>(s.n_in));
+                int bad = 0;
+                for (int64_t o = 0; o < s.n_out; ++o) {
+                    dequantize_row(c.plain, o, row.data());
+                    for (int64_t t = 0; t < n_tok; ++t) {
+                        double quant = 0.0, mag = std::fabs(bias[static_cast<size_t>(o)]);
+                        for (int64_t i = 0; i < s.n_in; ++i) {
+                            const double d = act_scale(act, s.n_in, t, i / 32);
+                            quant += std::fabs(row[i]) * d / 2;
+                            mag += std::fabs(row[i]) * (std::fabs(x[t * s.n_in + i]) + d);
+                        }
+                        const double tol = quant + 2.0 * (static_cast<double>(s.n_in) / 32 + 5) * 0x1p-24 * mag;
+                        const double err = std::fabs(y[t * s.n_out + o] - exact[t * s.n_out + o]);
+                        if (!(err <= tol) && bad++ < 3)
+                            std::fprintf(stderr, "  %s o=%lld t=%lld: |%.9g - %.9g| > %.3g\n", dtype_name(c.x16.dtype),
+                                         static_cast<long long>(o), static_cast<long long>(t), y[t * s.n_out + o],
+                                         exact[t * s.n_out + o], tol);
+                    }
+                }
+                CHECK(bad == 0);
+            }
+    std::vector<uint8_t> wb(static_cast<size_t>(row_bytes(DType::Q8_0X16, 32) * 8));
+    std::vector<float> x(32), y(8);
+    CHECK_THROWS(matmul(WeightView{wb.data(), DType::Q8_0X16, 8, 32}, x.data(), 1, y.data(), nullptr, p1),
+                 InvalidArgument, "groups of 16 rows");
+}
+
 TEST(kernel_matmul_rejects_q8_0_rows_that_are_not_whole_blocks) {
     ThreadPool pool(1);
     std::vector<uint8_t> wb(64);

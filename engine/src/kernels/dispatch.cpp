@@ -32,7 +32,7 @@ bool cpu_has_avx512() {
 // the SIMD builds reproduce bit for bit, so results do not depend on the ISA.
 const KernelTable kScalar = {
     "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention_kv_heads, nullptr, nullptr,
-    &ref::act_to_q8, &ref::matmul_rows_q8act,
+    &ref::act_to_q8, &ref::matmul_rows_q8act, &ref::matmul_rows_x16,
 };
 
 std::atomic<uint8_t> g_precision{static_cast<uint8_t>(MatmulPrecision::exact)};
@@ -111,6 +111,12 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
     if (dtype_is_blocked(w0.dtype) && w0.n_in % kQ8BlockElems != 0)
         throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
                               " weights need n_in % 32 == 0, found n_in=" + std::to_string(w0.n_in));
+    if (dtype_is_x16(w0.dtype))
+        for (int j = 0; j < n_outs; ++j)
+            if (outs[j].w.n_out % kX16Rows != 0)
+                throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
+                                      " weights come in groups of 16 rows, found n_out=" +
+                                      std::to_string(outs[j].w.n_out));
     int64_t n_out_all = 0;
     for (int j = 0; j < n_outs; ++j) n_out_all += outs[j].w.n_out;
     if (n_tok <= 0 || n_out_all <= 0) return;
@@ -135,33 +141,36 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         *r1 = *r0 + rows[o] < outs[o].w.n_out ? *r0 + rows[o] : outs[o].w.n_out;
     };
     const bool fast = matmul_precision() == MatmulPrecision::fast;
+    // The x16 formats (repacked at load for fast precision) always take int8 activations;
+    // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
+    if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {
+        // Quantise the activations to int8 blocks once per call, on the calling thread,
+        // into a per-thread buffer that only grows (no allocation in the steady state).
+        thread_local std::vector<uint8_t> act;
+        act.resize(static_cast<size_t>(n_tok * q8_act_row_bytes(w0.n_in)));
+        k.act_to_q8(x, n_tok, w0.n_in, act.data());
+        // By pointer: inside the lambda, `act` would name the worker's own thread_local.
+        const uint8_t* act_data = act.data();
+        const auto rows_fn = dtype_is_x16(w0.dtype) ? k.matmul_rows_x16 : k.matmul_rows_q8act;
+        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
+            int j;
+            int64_t r0, r1;
+            task_of(task, &j, &r0, &r1);
+            rows_fn(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
+        });
+        return;
+    }
     if (w0.dtype == DType::BF16 && k.matmul_rows_bf16act && fast) {
-        // Round the activations once per call, on the calling thread, into a per-thread
-        // buffer that only grows (no allocation in the steady state).
+        // Round the activations once per call, as above.
         thread_local std::vector<uint16_t> act;
         act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w0.n_in)));
         k.act_to_bf16(x, n_tok, w0.n_in, act.data());
-        // By pointer: inside the lambda, `act` would name the worker's own thread_local.
         const uint16_t* act_data = act.data();
         pool.parallel_for(first[n_outs], [&](int64_t task, int) {
             int j;
             int64_t r0, r1;
             task_of(task, &j, &r0, &r1);
             k.matmul_rows_bf16act(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
-        });
-        return;
-    }
-    if (dtype_is_blocked(w0.dtype) && k.matmul_rows_q8act && fast) {
-        // Quantise the activations to int8 blocks once per call, as above.
-        thread_local std::vector<uint8_t> act;
-        act.resize(static_cast<size_t>(n_tok * q8_act_row_bytes(w0.n_in)));
-        k.act_to_q8(x, n_tok, w0.n_in, act.data());
-        const uint8_t* act_data = act.data();
-        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
-            int j;
-            int64_t r0, r1;
-            task_of(task, &j, &r0, &r1);
-            k.matmul_rows_q8act(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
         });
         return;
     }

@@ -13,6 +13,17 @@
 //    of {uint16 f16 scale d; int8 qs[32]}, value = d * qs[i] (llama.cpp's block_q8_0);
 //    Q4_0 rows n_in/32 blocks of {f16 d; uint8 qs[16]}, value = d * (nibble - 8), low
 //    nibbles elements 0..15, high nibbles 16..31 (llama.cpp's block_q4_0).
+//  * x16 formats (Q8_0X16, Q4_0X16: Q8_0 / Q4_0 repacked by repack_x16 for integer
+//    dots, so that one 64-byte vector holds 4 elements of 16 rows): rows come in groups
+//    of 16 (n_out % 16 == 0), group G (rows 16G .. 16G+15) at byte G * 16 * row_bytes.
+//    With n_b = n_in / 32, a group is n_b blocks of quants, then n_b x 16 f16 scales
+//    (block b's 32 bytes: d of rows 16G .. 16G+15). Block b's quants:
+//      Q8_0X16, 512 bytes: for k = 0..7, for r = 0..15, four bytes q + 128 (so unsigned)
+//               of elements 32b + 4k .. 32b + 4k + 3 of row r;
+//      Q4_0X16, 256 bytes: for k = 0..3, for r = 0..15, four bytes whose low nibbles are
+//               elements 32b + 4k .. +3 and high nibbles 32b + 16 + 4k .. +3 of row r,
+//               as stored (nibble = q + 8).
+//    Same bytes per matrix as Q8_0 / Q4_0; values exactly theirs.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +50,9 @@ struct WeightView {
 void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols);
 // Dequantises one row of a weight matrix into out[n_in] (embedding lookup).
 void dequantize_row(const WeightView& w, int64_t row, float* out);
+// Repacks a Q8_0 or Q4_0 matrix [n_rows, n_cols] (src_t) into its x16 form (dst, the same
+// number of bytes). Precondition: n_rows % 16 == 0 and n_cols % 32 == 0.
+void repack_x16(const void* src, DType src_t, void* dst, int64_t n_rows, int64_t n_cols);
 
 // ---- forward ops; all activations f32 ----
 // y[t, o] = sum_i x[t, i] * W[o, i]  (+ bias[o] when bias != nullptr)
@@ -67,6 +81,8 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
 //      (|error| <= d_x/2 per element), and integer block dots (vpdpbusd, or vpmaddubsw
 //      on AVX2); defined bit for bit by ref::matmul_rows_q8act, the same on every ISA.
 //    Every other case stays exact. Still batch- and thread-invariant.
+//  The x16 formats always take the int8 path (defined by ref::matmul_rows_x16): a model
+//  loaded under fast precision stores its q8_0 / q4_0 matrices that way (model.cpp).
 enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
 void set_matmul_precision(MatmulPrecision p);
 MatmulPrecision matmul_precision();

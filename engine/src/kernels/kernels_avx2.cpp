@@ -134,6 +134,7 @@ const KernelTable kTable = {
     nullptr,
     &simd::act_to_q8<Avx2Dot>,
     &simd::matmul_rows_q8act<Avx2Dot>,
+    &simd::matmul_rows_x16_ymm<Avx2Dot>,
 };
 
 }  // namespace

@@ -223,6 +223,128 @@ struct BwDot {
     }
 };
 
+// ---- the x16 formats (kernels.h) with AVX512_VNNI ----
+//
+// One zmm of weights is 4 elements of a whole 16-row group; vpdpbusd with the token's 4
+// activation bytes broadcast adds each row's 4 products into its own int32 lane, so a
+// block's dot for 16 rows takes 8 instructions (q4_0x16: 4 loads split into low and high
+// nibbles) and no horizontal sum. The weights are unsigned (q + 128, or the nibble q + 8),
+// so each block starts at -128 (-8) * sum(x): the activations' block sums of act_to_q8.
+// Then fma(float(isum), d_w * d_x, acc) per block, as ref::matmul_rows_x16.
+// Tiles: RG groups x T tokens; one token takes 4 groups (4 independent chains of
+// vpdpbusd cover its latency), several take 2 x 4.
+template <bool kQ4, int RG, int T>
+inline void x16_tile(const uint8_t* group, int64_t group_bytes, const uint8_t* act, int64_t a_stride, int64_t n_in,
+                     float* y, int64_t y_stride, const float* bias) {
+    constexpr int64_t kQuant = kQ4 ? 256 : 512;
+    constexpr int32_t kBias = kQ4 ? 8 : 128;
+    const int64_t n_b = n_in / kQ8BlockElems;
+    const int64_t scales = n_b * kQuant;
+    auto bcast4 = [](const uint8_t* p) {
+        int32_t v;
+        std::memcpy(&v, p, 4);
+        return _mm512_set1_epi32(v);
+    };
+    __m512 acc[RG][T];
+    for (int g = 0; g < RG; ++g)
+        for (int t = 0; t < T; ++t) acc[g][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_b; ++b) {
+        __m512i ia[RG][T];
+        for (int t = 0; t < T; ++t) {
+            int32_t sum;
+            std::memcpy(&sum, act + t * a_stride + n_in + 4 * (n_b + b), 4);
+            const __m512i start = _mm512_set1_epi32(-kBias * sum);
+            for (int g = 0; g < RG; ++g) ia[g][t] = start;
+        }
+        const uint8_t* qb = group + b * kQuant;
+        if constexpr (kQ4) {
+            for (int k = 0; k < 4; ++k) {
+                __m512i lo[RG], hi[RG];
+                for (int g = 0; g < RG; ++g) {
+                    const __m512i raw = _mm512_loadu_si512(qb + g * group_bytes + k * 64);
+                    lo[g] = _mm512_and_si512(raw, _mm512_set1_epi8(15));
+                    hi[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), _mm512_set1_epi8(15));
+                }
+                for (int t = 0; t < T; ++t) {
+                    const uint8_t* xb = act + t * a_stride + b * kQ8BlockElems;
+                    const __m512i xl = bcast4(xb + 4 * k), xh = bcast4(xb + 16 + 4 * k);
+                    for (int g = 0; g < RG; ++g)
+                        ia[g][t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[g][t], lo[g], xl), hi[g], xh);
+                }
+            }
+        } else {
+            for (int k = 0; k < 8; ++k) {
+                __m512i u[RG];
+                for (int g = 0; g < RG; ++g) u[g] = _mm512_loadu_si512(qb + g * group_bytes + k * 64);
+                for (int t = 0; t < T; ++t) {
+                    const __m512i xk = bcast4(act + t * a_stride + b * kQ8BlockElems + 4 * k);
+                    for (int g = 0; g < RG; ++g) ia[g][t] = _mm512_dpbusd_epi32(ia[g][t], u[g], xk);
+                }
+            }
+        }
+        for (int g = 0; g < RG; ++g) {
+            const __m512 dw = _mm512_cvtph_ps(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + g * group_bytes + scales + b * 32)));
+            for (int t = 0; t < T; ++t) {
+                float dx;
+                std::memcpy(&dx, act + t * a_stride + n_in + 4 * b, 4);
+                acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[g][t]), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[g][t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; ++t)
+        for (int g = 0; g < RG; ++g) {
+            __m512 v = acc[g][t];
+            if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * g));
+            _mm512_storeu_ps(y + t * y_stride + 16 * g, v);
+        }
+}
+
+template <bool kQ4, int RG, int T>
+void x16_tile_any(int ng, int nt, const uint8_t* group, int64_t gb, const uint8_t* act, int64_t as, int64_t n_in,
+                  float* y, int64_t ys, const float* bias) {
+    if constexpr (RG > 0 && T > 0) {
+        if (ng < RG) return x16_tile_any<kQ4, RG - 1, T>(ng, nt, group, gb, act, as, n_in, y, ys, bias);
+        if (nt < T) return x16_tile_any<kQ4, RG, T - 1>(ng, nt, group, gb, act, as, n_in, y, ys, bias);
+        x16_tile<kQ4, RG, T>(group, gb, act, as, n_in, y, ys, bias);
+    }
+}
+
+template <bool kQ4>
+void x16_rows(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias, int64_t row0,
+              int64_t row1) {
+    const int64_t n_in = w.n_in, a_stride = q8_act_row_bytes(n_in), gb = kX16Rows * row_bytes(w.dtype, n_in);
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    auto imin = [](int64_t a, int64_t b) { return a < b ? a : b; };
+    const int64_t g0 = row0 / kX16Rows, g1 = row1 / kX16Rows;
+    if (n_tok == 1) {
+        constexpr int RG = 4;
+        for (int64_t g = g0; g < g1; g += RG)
+            x16_tile_any<kQ4, RG, 1>(static_cast<int>(imin(RG, g1 - g)), 1, base + g * gb, gb, act, a_stride, n_in,
+                                     y + g * kX16Rows, w.n_out, bias ? bias + g * kX16Rows : nullptr);
+        return;
+    }
+    constexpr int RG = 2, T = 4;
+    int64_t tile = simd::kTokenTileBytes / a_stride / T * T;
+    if (tile < T) tile = T;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tile) {
+        const int64_t t1 = imin(n_tok, t0 + tile);
+        for (int64_t g = g0; g < g1; g += RG)
+            for (int64_t t = t0; t < t1; t += T)
+                x16_tile_any<kQ4, RG, T>(static_cast<int>(imin(RG, g1 - g)), static_cast<int>(imin(T, t1 - t)),
+                                         base + g * gb, gb, act + t * a_stride, a_stride, n_in,
+                                         y + t * w.n_out + g * kX16Rows, w.n_out, bias ? bias + g * kX16Rows : nullptr);
+    }
+}
+
+void matmul_rows_x16_vnni(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                          int64_t row0, int64_t row1) {
+    if (w.dtype == DType::Q4_0X16)
+        x16_rows<true>(w, act, n_tok, y, bias, row0, row1);
+    else
+        x16_rows<false>(w, act, n_tok, y, bias, row0, row1);
+}
+
 constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
     return KernelTable{
         "avx512",
@@ -235,6 +357,7 @@ constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
         with_bf16 ? &matmul_rows_bf16act : nullptr,
         with_vnni ? &simd::act_to_q8<VnniDot> : &simd::act_to_q8<BwDot>,
         with_vnni ? &simd::matmul_rows_q8act<VnniDot> : &simd::matmul_rows_q8act<BwDot>,
+        with_vnni ? &matmul_rows_x16_vnni : &simd::matmul_rows_x16_ymm<BwDot>,
     };
 }
 

@@ -40,14 +40,19 @@ struct KernelTable {
     void (*act_to_q8)(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act);
     void (*matmul_rows_q8act)(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                               int64_t row0, int64_t row1);
+    // The x16 formats on act_to_q8's activations; row0 and row1 are multiples of 16.
+    // Bit for bit ref::matmul_rows_x16 on every ISA.
+    void (*matmul_rows_x16)(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                            int64_t row0, int64_t row1);
 };
 
 // Row stride, in elements, of bf16 activations: n_in rounded up to a whole 32-element step.
 static inline int64_t bf16_act_stride(int64_t n_in) { return (n_in + 31) / 32 * 32; }
 
 // One token's quantised activations: int8 qs[n_in], then f32 d[n_in / 32] (block b's
-// value i is d[b] * qs[32b + i]). Precondition: n_in % 32 == 0.
-static inline int64_t q8_act_row_bytes(int64_t n_in) { return n_in + n_in / kQ8BlockElems * 4; }
+// value i is d[b] * qs[32b + i]), then int32 sum[n_in / 32] (block b's sum of qs, for
+// the x16 kernels' unsigned-weight correction). Precondition: n_in % 32 == 0.
+static inline int64_t q8_act_row_bytes(int64_t n_in) { return n_in + n_in / kQ8BlockElems * 8; }
 
 // Tables by ISA. The SIMD ones return nullptr when the CPU (or OS) lacks the ISA,
 // so a caller can never run them where they would fault.
@@ -70,6 +75,9 @@ void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, c
 void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act);
 void matmul_rows_q8act(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                        int64_t row0, int64_t row1);
+// The x16 formats' matmul (int8 activations): the definition every ISA reproduces.
+void matmul_rows_x16(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                     int64_t row0, int64_t row1);
 }  // namespace ref
 
 }  // namespace lmx

@@ -50,6 +50,8 @@ inline float weight_at(const uint8_t* row, DType t, int64_t i) {
             const int nib = j < 16 ? (blk[2 + j] & 15) : (blk[2 + j - 16] >> 4);
             return f16_to_f32(d) * static_cast<float>(nib - 8);  // exact: 11-bit d times 4-bit q
         }
+        case DType::Q8_0X16:
+        case DType::Q4_0X16: break;  // not row-contiguous: see dequantize_row
     }
     return 0.0f;
 }
@@ -129,6 +131,8 @@ void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
         case DType::Q4_0:
             for (int64_t i = 0; i < n; ++i) out[i] = weight_at(src, src_t, i);
             return;
+        case DType::Q8_0X16:
+        case DType::Q4_0X16: assert(false && "x16 rows are not contiguous: dequantize_row reads them"); return;
     }
 }
 
@@ -175,13 +179,79 @@ void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t 
                 for (int64_t b = 0; b < n_cols / kQ8BlockElems; ++b)
                     quantize_block_q4_0(tmp.data() + b * kQ8BlockElems, d + b * kQ4BlockBytes);
                 break;
+            case DType::Q8_0X16:
+            case DType::Q4_0X16:
+                throw InvalidArgument(std::string("convert_rows: convert to q8_0 / q4_0, then repack_x16 to ") +
+                                      dtype_name(dst_t));
         }
     }
 }
 
+namespace {
+// Byte offsets inside one 16-row group of an x16 matrix (layout: kernels.h).
+struct X16Geom {
+    int64_t n_b, quant_bytes, group_bytes;  // blocks per row, quant bytes per block, bytes per group
+    X16Geom(DType t, int64_t n_in)
+        : n_b(n_in / kQ8BlockElems),
+          quant_bytes(t == DType::Q8_0X16 ? 512 : 256),
+          group_bytes(kX16Rows * row_bytes(t, n_in)) {}
+    int64_t scale(int64_t b, int64_t r) const { return n_b * quant_bytes + b * 32 + r * 2; }
+};
+
+// Element i of row r (0..15) of one x16 group as its integer q and f16 scale.
+inline int x16_q(const uint8_t* group, DType t, const X16Geom& g, int64_t r, int64_t i) {
+    const int64_t b = i / kQ8BlockElems, e = i % kQ8BlockElems;
+    const uint8_t* blk = group + b * g.quant_bytes;
+    if (t == DType::Q8_0X16) return static_cast<int>(blk[(e / 4) * 64 + r * 4 + e % 4]) - 128;
+    const int64_t k = (e % 16) / 4;  // which 64-byte chunk; e < 16: low nibble, else high
+    const uint8_t byte = blk[k * 64 + r * 4 + e % 4];
+    return (e < 16 ? (byte & 15) : (byte >> 4)) - 8;
+}
+inline uint16_t x16_d(const uint8_t* group, const X16Geom& g, int64_t b, int64_t r) {
+    uint16_t d;
+    std::memcpy(&d, group + g.scale(b, r), 2);
+    return d;
+}
+}  // namespace
+
 void dequantize_row(const WeightView& w, int64_t row, float* out) {
     assert(row >= 0 && row < w.n_out);
+    if (dtype_is_x16(w.dtype)) {
+        const X16Geom g(w.dtype, w.n_in);
+        const uint8_t* group = static_cast<const uint8_t*>(w.data) + (row / kX16Rows) * g.group_bytes;
+        const int64_t r = row % kX16Rows;
+        for (int64_t i = 0; i < w.n_in; ++i)  // exact: 11-bit d times an 8-bit q
+            out[i] = f16_to_f32(x16_d(group, g, i / kQ8BlockElems, r)) * static_cast<float>(x16_q(group, w.dtype, g, r, i));
+        return;
+    }
     row_to_f32(weight_row(w, row), w.dtype, w.n_in, out);
+}
+
+void repack_x16(const void* src, DType src_t, void* dst, int64_t n_rows, int64_t n_cols) {
+    if ((src_t != DType::Q8_0 && src_t != DType::Q4_0) || n_rows % kX16Rows != 0 || n_cols % kQ8BlockElems != 0)
+        throw InvalidArgument(std::string("repack_x16: expected a q8_0 or q4_0 matrix of rows % 16 == 0 and columns % 32 "
+                                          "== 0, found ") + dtype_name(src_t) + " [" + std::to_string(n_rows) + " x " +
+                              std::to_string(n_cols) + "]");
+    const bool q8 = src_t == DType::Q8_0;
+    const DType dst_t = q8 ? DType::Q8_0X16 : DType::Q4_0X16;
+    const X16Geom g(dst_t, n_cols);
+    const int64_t src_row = row_bytes(src_t, n_cols), blk_bytes = q8 ? kQ8BlockBytes : kQ4BlockBytes;
+    for (int64_t G = 0; G < n_rows / kX16Rows; ++G) {
+        uint8_t* group = static_cast<uint8_t*>(dst) + G * g.group_bytes;
+        for (int64_t r = 0; r < kX16Rows; ++r) {
+            const uint8_t* row = static_cast<const uint8_t*>(src) + (G * kX16Rows + r) * src_row;
+            for (int64_t b = 0; b < g.n_b; ++b) {
+                const uint8_t* blk = row + b * blk_bytes;
+                std::memcpy(group + g.scale(b, r), blk, 2);
+                uint8_t* qd = group + b * g.quant_bytes + r * 4;
+                if (q8) {
+                    for (int64_t e = 0; e < kQ8BlockElems; ++e) qd[(e / 4) * 64 + e % 4] = blk[2 + e] ^ 0x80;
+                } else {  // q4_0 byte j holds elements j (low) and j + 16 (high): keep the pairs
+                    for (int64_t e = 0; e < 16; ++e) qd[(e / 4) * 64 + e % 4] = blk[2 + e];
+                }
+            }
+        }
+    }
 }
 
 namespace ref {
@@ -235,11 +305,14 @@ void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act) {
             const float d = amax / 127.0f;
             const float id = d != 0.0f ? 1.0f / d : 0.0f;
             std::memcpy(ds + 4 * b, &d, 4);
+            int32_t sum = 0;
             for (int64_t j = 0; j < kQ8BlockElems; ++j) {
                 const float v = std::nearbyint(xt[b * kQ8BlockElems + j] * id);  // ties to even
                 const int q = v >= 127.0f ? 127 : (v <= -127.0f ? -127 : static_cast<int>(v));
                 qs[b * kQ8BlockElems + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+                sum += q;
             }
+            std::memcpy(ds + 4 * (n_blocks + b), &sum, 4);
         }
     }
 }
@@ -363,6 +436,37 @@ void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* 
                 }
                 oh[d] = static_cast<float>(acc);
             }
+        }
+    }
+}
+
+// The x16 formats: per (row, token) one f32 accumulator,
+//   for b in order:  s = d_w[b] * d_x[b] (f32);  acc = fma(float(isum_b), s, acc)
+// with isum_b the exact integer dot of block b (|isum_b| <= 32 * 127 * 128 < 2^24, so
+// float(isum_b) is exact); then + bias[o]. A coarser order than matmul_rows_q8act's eight
+// lanes (one rounding per block, not per four elements), the same error bound.
+void matmul_rows_x16(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                     int64_t row0, int64_t row1) {
+    assert(dtype_is_x16(w.dtype) && w.n_in % kQ8BlockElems == 0 && row0 % kX16Rows == 0);
+    const X16Geom g(w.dtype, w.n_in);
+    for (int64_t o = row0; o < row1; ++o) {
+        const uint8_t* group = static_cast<const uint8_t*>(w.data) + (o / kX16Rows) * g.group_bytes;
+        const int64_t r = o % kX16Rows;
+        for (int64_t t = 0; t < n_tok; ++t) {
+            const uint8_t* at = act + t * q8_act_row_bytes(w.n_in);
+            const int8_t* xq = reinterpret_cast<const int8_t*>(at);
+            float acc = 0.0f;
+            for (int64_t b = 0; b < g.n_b; ++b) {
+                int32_t isum = 0;
+                for (int64_t e = 0; e < kQ8BlockElems; ++e)
+                    isum += x16_q(group, w.dtype, g, r, b * kQ8BlockElems + e) * xq[b * kQ8BlockElems + e];
+                float dx;
+                std::memcpy(&dx, at + w.n_in + 4 * b, 4);
+                const float s = f16_to_f32(x16_d(group, g, b, r)) * dx;
+                acc = std::fma(static_cast<float>(isum), s, acc);
+            }
+            if (bias) acc += bias[o];
+            y[t * w.n_out + o] = acc;
         }
     }
 }

@@ -227,6 +227,8 @@ static void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, floa
         case DType::BF16: mm_rows<S, LoadBF16<S>>(w, x, n_tok, y, bias, row0, row1); break;
         case DType::Q8_0: mm_rows<S, LoadQ8<S>>(w, x, n_tok, y, bias, row0, row1); break;
         case DType::Q4_0: mm_rows<S, LoadQ4<S>>(w, x, n_tok, y, bias, row0, row1); break;
+        case DType::Q8_0X16:
+        case DType::Q4_0X16: break;  // never here: matmul_many sends them to matmul_rows_x16
     }
 }
 

@@ -192,8 +192,113 @@ static void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act)
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
             p = _mm256_max_epi8(_mm256_permutevar8x32_epi32(p, order), _mm256_set1_epi8(-127));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + b * kQ8BlockElems), p);
+            // sum of the 32 q: byte sums of q + 128 in four 64-bit lanes, less 32 * 128
+            const __m256i s4 = _mm256_sad_epu8(_mm256_xor_si256(p, _mm256_set1_epi8(static_cast<char>(0x80))),
+                                               _mm256_setzero_si256());
+            const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+            const int32_t sum = static_cast<int32_t>(_mm_cvtsi128_si64(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2)))) -
+                                static_cast<int32_t>(kQ8BlockElems * 128);
+            std::memcpy(qs + n_in + 4 * (n_blocks + b), &sum, 4);
         }
     }
+}
+
+// ---- the x16 formats (kernels.h) on 256-bit vectors ----
+//
+// A 16-row group as two halves of 8 rows: per block, per 4-element step k, one ymm of
+// weights (8 rows x 4 bytes) meets the token's 4 activation bytes broadcast, and
+// D::dot_acc leaves row r's block dot in int32 lane r: no horizontal sums. q8_0x16
+// stores q + 128, which vpmaddubsw cannot take (it saturates), so q is restored and
+// |q| x (x with q's sign) dotted; q4_0x16 dots the nibble (q + 8) and starts each block
+// at -8 * sum(x). Then per block fma(float(isum), d_w * d_x, acc): ref::matmul_rows_x16.
+// Used by the AVX2 table and AVX-512 without VNNI (kernels_avx512.cpp has the zmm one).
+template <class D, bool kQ4>
+struct X16Ymm {
+    static constexpr int T = 2;  // tokens per tile: 2 x 2 halves x (int + float) = 8 ymm
+
+    template <int NT>
+    static void tile(const uint8_t* group, const uint8_t* act, int64_t a_stride, int64_t n_in, float* y,
+                     int64_t y_stride, const float* bias) {
+        constexpr int64_t kQuant = kQ4 ? 256 : 512;
+        const int64_t n_b = n_in / kQ8BlockElems;
+        const uint8_t* scales = group + n_b * kQuant;
+        auto bcast4 = [](const uint8_t* p) {
+            int32_t v;
+            std::memcpy(&v, p, 4);
+            return _mm256_set1_epi32(v);
+        };
+        __m256 acc[2][NT];
+        for (int h = 0; h < 2; ++h)
+            for (int t = 0; t < NT; ++t) acc[h][t] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < n_b; ++b) {
+            __m256i ia[2][NT];
+            for (int t = 0; t < NT; ++t) {
+                int32_t sum = 0;
+                if constexpr (kQ4) std::memcpy(&sum, act + t * a_stride + n_in + 4 * (n_b + b), 4);
+                ia[0][t] = ia[1][t] = _mm256_set1_epi32(-8 * sum);
+            }
+            const uint8_t* qb = group + b * kQuant;
+            if constexpr (kQ4) {
+                for (int k = 0; k < 4; ++k)
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + k * 64 + 32 * h));
+                        const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(15));
+                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(15));
+                        for (int t = 0; t < NT; ++t) {
+                            const uint8_t* xb = act + t * a_stride + b * kQ8BlockElems;
+                            ia[h][t] = D::dot_acc(D::dot_acc(ia[h][t], lo, bcast4(xb + 4 * k)), hi, bcast4(xb + 16 + 4 * k));
+                        }
+                    }
+            } else {
+                for (int k = 0; k < 8; ++k)
+                    for (int h = 0; h < 2; ++h) {
+                        const __m256i wq = _mm256_xor_si256(
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + k * 64 + 32 * h)),
+                            _mm256_set1_epi8(static_cast<char>(0x80)));
+                        const __m256i u = _mm256_abs_epi8(wq);
+                        for (int t = 0; t < NT; ++t)
+                            ia[h][t] = D::dot_acc(ia[h][t], u,
+                                                  _mm256_sign_epi8(bcast4(act + t * a_stride + b * kQ8BlockElems + 4 * k), wq));
+                    }
+            }
+            for (int h = 0; h < 2; ++h) {
+                const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 32 + 16 * h)));
+                for (int t = 0; t < NT; ++t) {
+                    float dx;
+                    std::memcpy(&dx, act + t * a_stride + n_in + 4 * b, 4);
+                    acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[h][t]), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc[h][t]);
+                }
+            }
+        }
+        for (int t = 0; t < NT; ++t)
+            for (int h = 0; h < 2; ++h) {
+                __m256 v = acc[h][t];
+                if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * h));
+                _mm256_storeu_ps(y + t * y_stride + 8 * h, v);
+            }
+    }
+
+    static void rows(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                     int64_t row0, int64_t row1) {
+        const int64_t a_stride = q8_act_row_bytes(w.n_in), group_bytes = kX16Rows * row_bytes(w.dtype, w.n_in);
+        for (int64_t r = row0; r < row1; r += kX16Rows) {
+            const uint8_t* group = static_cast<const uint8_t*>(w.data) + (r / kX16Rows) * group_bytes;
+            const float* b = bias ? bias + r : nullptr;
+            int64_t t = 0;
+            for (; t + T <= n_tok; t += T)
+                tile<T>(group, act + t * a_stride, a_stride, w.n_in, y + t * w.n_out + r, w.n_out, b);
+            if (t < n_tok) tile<1>(group, act + t * a_stride, a_stride, w.n_in, y + t * w.n_out + r, w.n_out, b);
+        }
+    }
+};
+
+template <class D>
+static void matmul_rows_x16_ymm(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
+                                int64_t row0, int64_t row1) {
+    if (w.dtype == DType::Q4_0X16)
+        X16Ymm<D, true>::rows(w, act, n_tok, y, bias, row0, row1);
+    else
+        X16Ymm<D, false>::rows(w, act, n_tok, y, bias, row0, row1);
 }
 
 template <class D>
