@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=parse_size, default=parse_size("4GiB"), help="device memory budget (default 4GiB)")
     g.add_argument(
         "--matmul-precision", choices=("exact", "fast"), default="exact",
-        help="exact: the same tokens on every CPU (default); fast: bf16 dot products where the CPU has them")
+        help="exact: the same tokens on every CPU (default); fast: bf16 dot products where the CPU has them, "
+             "int8 dot products for q8_0 / q4_0")
     g.add_argument(
         "--json", action="store_true", help="print one JSON object with the result and timings instead of text"
     )

@@ -107,7 +107,9 @@ class DeviceSettings(_Section):
     kv_block_tokens: int = Field(default=16, ge=1)
     max_batch_tokens: int = Field(default=512, ge=1)
     matmul_precision: Literal["exact", "fast"] = Field(
-        default="exact", description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them")
+        default="exact",
+        description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "
+                    "q8_0 / q4_0 models repacked for int8 dot products (activations rounded to int8 per block)")
 
 
 class ModelSettings(_Section):
