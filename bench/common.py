@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from engine import _core
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_MODELS = REPO / "build" / "bench-models"  # gitignored cache of random models and GGUF files
 LLAMA_VENV = REPO / "build" / "llama-venv"  # llama-cpp-python, built without AMX (see README)
@@ -79,7 +81,7 @@ def _reduce_parts(arr: np.ndarray, n_threads: int, op: Callable[[np.ndarray], An
 
 
 def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5, n_threads: int = N_THREADS) -> Bandwidth:
-    """Measured DRAM read bandwidth with numpy: sum / or-reduce of an n_bytes array, best of N.
+    """Measured DRAM read bandwidth: numpy sum / or-reduce of an n_bytes array and the engine's probe, best of N.
 
     The array (1 GiB by default) is far larger than the L3, so every pass streams from DRAM.
     Several reductions are tried because a single numpy reduction can be compute-bound on
@@ -95,6 +97,10 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5, n_threads: int 
     for name, op in ops.items():
         for t in sorted({1, n_threads}):
             detail[f"{name}/{t}t"] = _reduce_parts(a, t, op, repeats)
+    # The engine's own probe (engine/src/membw.cpp): an anonymous mapping like the device
+    # arena, four streams per task like a matmul tile, no per-element compute.
+    for t in sorted({1, n_threads}):
+        detail[f"engine/{t}t"] = _core.read_bandwidth_gbs(n_bytes, t, repeats)
     b = np.empty_like(a)
     copy = 0.0
     for _ in range(repeats):

@@ -22,29 +22,11 @@ from engine import Engine, EngineConfig, SamplingParams
 
 BUDGET_BYTES = 8 << 30  # device budget: MAP_NORESERVE, so only touched pages cost RAM
 
-# The matmul precision is process-wide and every Engine sets it when it is constructed
-# (EngineConfig.matmul_precision), so two runners of different precisions in one process
-# would run with whichever was built last. Each runner re-asserts its own before every
-# measurement by building a throwaway Engine (a few ms, outside the timed region) when
-# the process is not already in its mode. This tracks the last mode set from here.
-_process_precision = "exact"
-
-
-def use_precision(precision: str) -> None:
-    """Puts the process in matmul precision `precision` ("exact" | "fast")."""
-    global _process_precision
-    if precision != _process_precision:
-        Engine(EngineConfig(budget_bytes=64 << 20, n_threads=1, matmul_precision=precision)).close()
-        _process_precision = precision
-
-
 class LayermuxRunner:
     def __init__(self, model_dir: Path, weights: str, n_threads: int = N_THREADS, precision: str = "exact") -> None:
-        global _process_precision
         self.precision = precision
         self.eng = Engine(EngineConfig(budget_bytes=BUDGET_BYTES, n_threads=n_threads, max_seqs_per_step=64,
                                        max_batch_tokens=512, matmul_precision=precision))
-        _process_precision = precision
         t0 = time.perf_counter()
         self.info = self.eng.load_model("m", str(model_dir), weights=weights, residency="resident")
         self.load_s = time.perf_counter() - t0
@@ -58,7 +40,6 @@ class LayermuxRunner:
 
     def last_logits(self, ids: list[int]) -> Any:
         """Last-position logits [n_vocab] float32 (parity check against HF)."""
-        use_precision(self.precision)
         return self.eng.debug_logits("m", ids)
 
     def _ids(self, n: int) -> list[int]:
@@ -66,7 +47,6 @@ class LayermuxRunner:
         return prompt_ids(n, seed=self._seed)
 
     def _run_one(self, prompt: list[int], max_tokens: int) -> tuple[Any, int]:
-        use_precision(self.precision)
         rid = self.eng.new_request_id()
         self.eng.submit(rid, "m", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
         n_tok = 0
@@ -99,7 +79,6 @@ class LayermuxRunner:
         its length. Event arrival is observed once per engine step, so the window edges are
         step boundaries.
         """
-        use_precision(self.precision)
         rids = [self.eng.new_request_id() for _ in range(n_seqs)]
         params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True)
         for rid in rids:

@@ -71,7 +71,7 @@ def measure_footprints(models: Sequence[tuple[str, str | Path, str]], *, n_threa
     """Footprints of (name, path, weights) models, read off a probe engine that loads each one streamed
     with one slot (its head is copied once; no layer is). n_threads, max_batch_tokens and
     max_seqs_per_step must be the real engine's (the workspace depends on them), and
-    matmul_precision too (it is process-wide: the probe must not change it)."""
+    matmul_precision too (under "fast", q8_0 / q4_0 matrices are held repacked)."""
     from engine.core import Engine, EngineConfig  # a cycle otherwise: engine/__init__ imports core
 
     out: dict[str, Footprint] = {}

@@ -90,6 +90,14 @@ EVENT_TIMEOUT_S = 120.0
 _req_ids = itertools.count(1_000_000)
 
 
+def _has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512_BF16 (the fast bf16 matmul needs it), from /proc/cpuinfo."""
+    try:
+        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def prompt_ids(n: int) -> list[int]:
     """A fixed prompt of n ordinary (non-special) token ids."""
     return [int(i) for i in np.random.default_rng(1000 + n).integers(3, tokenizer_size(), n)]
@@ -306,15 +314,27 @@ def test_low_precision_weights_stay_within_stated_tolerance_of_f32(
 
 @pytest.fixture
 def fast_eng() -> Iterator[Engine]:
-    """An engine in matmul precision "fast", for one test.
-
-    The precision is process-wide and every Engine sets it when constructed, so on
-    teardown a throwaway exact engine puts the process back for the other tests.
-    """
+    """An engine in matmul precision "fast", for one test."""
     with Engine(EngineConfig(budget_bytes=256 << 20, kv_block_tokens=16, matmul_precision="fast")) as e:
         yield e
-    with Engine(EngineConfig(budget_bytes=64 << 20, n_threads=1, matmul_precision="exact")):
-        pass
+
+
+def test_matmul_precision_belongs_to_the_engine_not_the_process(model_dirs: dict[str, Path]) -> None:
+    """An exact engine's logits stay bitwise the same while a fast engine lives and runs
+    next to it (before, the last engine constructed set the precision for the process)."""
+    ids = prompt_ids(12)
+    with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision="exact")) as exact:
+        for fmt in FAST_FORMATS:
+            exact.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
+        before = {fmt: exact.debug_logits(fmt, ids) for fmt in FAST_FORMATS}
+        with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision="fast")) as fast:
+            for fmt in FAST_FORMATS:
+                fast.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
+                fast_logits = fast.debug_logits(fmt, ids)
+                after = exact.debug_logits(fmt, ids)
+                assert np.array_equal(after, before[fmt]), f"{fmt}: the exact engine's logits changed"
+                if fmt != "bf16" or _has_avx512_bf16():  # bf16 has a fast path on AVX512_BF16 CPUs only
+                    assert not np.array_equal(fast_logits, before[fmt]), f"{fmt}: the fast engine ran exact"
 
 
 @pytest.mark.parametrize("fmt", FAST_FORMATS)

@@ -15,6 +15,8 @@
 
 #include "engine.h"
 #include "kernels/kernels.h"
+#include "membw.h"
+#include "threadpool.h"
 
 namespace py = pybind11;
 using namespace lmx;
@@ -117,6 +119,15 @@ PYBIND11_MODULE(_core, m) {
     });
 
     m.def("kernels_isa", &kernels_isa, "SIMD path chosen for this CPU");
+    m.def(
+        "read_bandwidth_gbs",
+        [](size_t n_bytes, int n_threads, int repeats) {
+            py::gil_scoped_release nogil;
+            ThreadPool pool(n_threads);
+            return read_bandwidth_gbs(pool, n_bytes, repeats);
+        },
+        py::arg("n_bytes") = size_t{1} << 30, py::arg("n_threads") = 0, py::arg("repeats") = 5,
+        "Best streaming-read GB/s over n_threads (0 = one per core), laid out as the device arena is");
 
     py::class_<Engine>(m, "Engine")
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth,

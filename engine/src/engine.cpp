@@ -50,11 +50,7 @@ Engine::Engine(const EngineConfig& cfg)
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
-    if (cfg.matmul_precision == "exact")
-        set_matmul_precision(MatmulPrecision::exact);
-    else if (cfg.matmul_precision == "fast")
-        set_matmul_precision(MatmulPrecision::fast);
-    else
+    if (cfg.matmul_precision != "exact" && cfg.matmul_precision != "fast")  // applied per model at load
         throw InvalidArgument("matmul_precision: expected 'exact' or 'fast', found '" + cfg.matmul_precision + "'");
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) throw Error(std::string("eventfd: ") + std::strerror(errno));
@@ -106,9 +102,9 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
         }
     } unmark{this, spec.name};
 
-    // Under fast precision, q8_0 / q4_0 matrices are repacked for integer dots (x16).
+    // This engine's matmul precision; under fast, q8_0 / q4_0 matrices load repacked (x16).
     ModelSpec load_spec = spec;
-    load_spec.repack_x16 = cfg_.matmul_precision == "fast";
+    load_spec.matmul_precision = cfg_.matmul_precision == "fast" ? MatmulPrecision::fast : MatmulPrecision::exact;
     auto w = std::make_shared<const ModelWeights>(load_spec, progress);
     auto m = std::make_shared<ModelRt>();
     m->name = spec.name;

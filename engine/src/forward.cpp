@@ -13,8 +13,8 @@ constexpr int kAttnChunk = 16;  // queries per attention task
 
 uint64_t floats(int64_t n) { return align_up(static_cast<uint64_t>(n) * 4, kAlign); }
 
-WeightView view(const uint8_t* unit, uint64_t off, DType t, int64_t n_out, int64_t n_in) {
-    return WeightView{unit + off, t, n_out, n_in};
+WeightView view(const uint8_t* unit, uint64_t off, DType t, int64_t n_out, int64_t n_in, MatmulPrecision p) {
+    return WeightView{unit + off, t, n_out, n_in, p};
 }
 const float* fvec(const uint8_t* unit, uint64_t off) { return reinterpret_cast<const float*>(unit + off); }
 }  // namespace
@@ -55,6 +55,7 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
                   const std::vector<ForwardItem>& items, ThreadPool& pool) {
     const ModelSpec& s = w.spec();
     const DType wt = w.matrix_dtype();
+    const MatmulPrecision prec = s.matmul_precision;
     const int64_t dim = s.dim, qd = s.q_dim(), kvd = s.kv_dim(), ffn = s.ffn_dim;
     const int bt = kv.block_tokens();
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
@@ -101,9 +102,9 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
 
         rmsnorm(ws.x, fvec(u, L.attn_norm), s.rms_eps, T, dim, ws.xb);
         {  // q, k and v in one hand-off to the pool
-            const MatmulOut qkv[3] = {{view(u, L.wq, wt, qd, dim), ws.q, s.qkv_bias ? fvec(u, L.bq) : nullptr},
-                                      {view(u, L.wk, wt, kvd, dim), ws.k, s.qkv_bias ? fvec(u, L.bk) : nullptr},
-                                      {view(u, L.wv, wt, kvd, dim), ws.v, s.qkv_bias ? fvec(u, L.bv) : nullptr}};
+            const MatmulOut qkv[3] = {{view(u, L.wq, wt, qd, dim, prec), ws.q, s.qkv_bias ? fvec(u, L.bq) : nullptr},
+                                      {view(u, L.wk, wt, kvd, dim, prec), ws.k, s.qkv_bias ? fvec(u, L.bk) : nullptr},
+                                      {view(u, L.wv, wt, kvd, dim, prec), ws.v, s.qkv_bias ? fvec(u, L.bv) : nullptr}};
             matmul_many(qkv, 3, ws.xb, T, pool);
         }
 
@@ -137,17 +138,17 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
                                ws.scratch + thread * ws.scratch_floats, a.kv0, a.kv1);
         });
 
-        matmul(view(u, L.wo, wt, dim, qd), ws.att, T, ws.xb, nullptr, pool);
+        matmul(view(u, L.wo, wt, dim, qd, prec), ws.att, T, ws.xb, nullptr, pool);
         for (int64_t i = 0; i < T * dim; i++) ws.x[i] += ws.xb[i];
 
         rmsnorm(ws.x, fvec(u, L.ffn_norm), s.rms_eps, T, dim, ws.xb);
         {
-            const MatmulOut gate_up[2] = {{view(u, L.w_gate, wt, ffn, dim), ws.gate, nullptr},
-                                          {view(u, L.w_up, wt, ffn, dim), ws.up, nullptr}};
+            const MatmulOut gate_up[2] = {{view(u, L.w_gate, wt, ffn, dim, prec), ws.gate, nullptr},
+                                          {view(u, L.w_up, wt, ffn, dim, prec), ws.up, nullptr}};
             matmul_many(gate_up, 2, ws.xb, T, pool);
         }
         silu_mul(ws.gate, ws.up, ws.gate, T * ffn);
-        matmul(view(u, L.w_down, wt, dim, ffn), ws.gate, T, ws.xb, nullptr, pool);
+        matmul(view(u, L.w_down, wt, dim, ffn, prec), ws.gate, T, ws.xb, nullptr, pool);
         for (int64_t i = 0; i < T * dim; i++) ws.x[i] += ws.xb[i];
 
         res.release(ref);
@@ -164,7 +165,7 @@ void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& 
     if (n_rows > 0) {
         const HeadLayout& H = w.head_layout();
         rmsnorm(ws.rows, fvec(u, H.norm), s.rms_eps, n_rows, dim, ws.rows);
-        matmul(view(u, H.lm_head, wt, s.n_vocab, dim), ws.rows, n_rows, ws.logits, nullptr, pool);
+        matmul(view(u, H.lm_head, wt, s.n_vocab, dim, prec), ws.rows, n_rows, ws.logits, nullptr, pool);
     }
     res.release(head);
 }

@@ -24,6 +24,7 @@
 #include "check.h"
 #include "kernels/kernels.h"
 #include "kernels/kernels_impl.h"
+#include "membw.h"
 #include "threadpool.h"
 
 using namespace lmx;
@@ -1026,4 +1027,14 @@ TEST(kernel_isa_names_the_best_supported_table) {
         else if (kernels_table_avx2()) CHECK(isa == "avx2");
     }
     std::fprintf(stderr, "  kernels_isa() = %s\n", isa.c_str());
+}
+
+// ---------------------------------------------------------------------------------------
+// memory bandwidth probe (membw.h): the floor the benchmarks hold decode to
+
+TEST(membw_reports_a_finite_positive_rate_and_rejects_a_tiny_buffer) {
+    ThreadPool pool(2);
+    const double gbs = read_bandwidth_gbs(pool, size_t{64} << 20, 2);
+    CHECK(gbs > 0.0 && std::isfinite(gbs));
+    CHECK_THROWS(read_bandwidth_gbs(pool, 1024, 1), InvalidArgument, "n_bytes >=");
 }

@@ -106,8 +106,8 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
                               std::to_string(n_outs));
     const WeightView& w0 = outs[0].w;
     for (int j = 1; j < n_outs; ++j)
-        if (outs[j].w.n_in != w0.n_in || outs[j].w.dtype != w0.dtype)
-            throw InvalidArgument("matmul_many: every output needs the same n_in and weight format");
+        if (outs[j].w.n_in != w0.n_in || outs[j].w.dtype != w0.dtype || outs[j].w.precision != w0.precision)
+            throw InvalidArgument("matmul_many: every output needs the same n_in, weight format and precision");
     if (dtype_is_blocked(w0.dtype) && w0.n_in % kQ8BlockElems != 0)
         throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
                               " weights need n_in % 32 == 0, found n_in=" + std::to_string(w0.n_in));
@@ -140,7 +140,7 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         *r0 = (task - first[o]) * rows[o];
         *r1 = *r0 + rows[o] < outs[o].w.n_out ? *r0 + rows[o] : outs[o].w.n_out;
     };
-    const bool fast = matmul_precision() == MatmulPrecision::fast;
+    const bool fast = w0.precision == MatmulPrecision::fast || matmul_precision() == MatmulPrecision::fast;
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
     // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
     if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {

@@ -34,11 +34,14 @@ namespace lmx {
 
 class ThreadPool;
 
+enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
+
 struct WeightView {
     const void* data;  // [n_out, row_bytes(dtype, n_in)]
     DType dtype;
     int64_t n_out;
     int64_t n_in;
+    MatmulPrecision precision = MatmulPrecision::exact;  // see "Matmul precision" below
 };
 
 // ---- conversion (load time) ----
@@ -69,7 +72,10 @@ struct MatmulOut {
 };
 void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_tok, ThreadPool& pool);
 
-// Matmul precision, process-wide: set it once at start-up, before the first matmul.
+
+// Matmul precision, per weight view (WeightView::precision: the engine sets it per model
+// from EngineConfig.matmul_precision), or process-wide for every view (set_matmul_precision:
+// tests and kernel benchmarks; the engine leaves it at exact). A matmul is fast when either says so.
 //  exact (default): activations stay f32, weights are widened exactly, f32 FMA in a
 //    fixed order: bitwise the same on AVX2 and AVX-512 machines.
 //  fast: where the CPU has a denser dot product, activations are rounded to its format
@@ -83,7 +89,6 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
 //    Every other case stays exact. Still batch- and thread-invariant.
 //  The x16 formats always take the int8 path (defined by ref::matmul_rows_x16): a model
 //  loaded under fast precision stores its q8_0 / q4_0 matrices that way (model.cpp).
-enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
 void set_matmul_precision(MatmulPrecision p);
 MatmulPrecision matmul_precision();
 
