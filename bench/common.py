@@ -25,8 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from engine import _core
-
 REPO = Path(__file__).resolve().parent.parent
 BENCH_MODELS = REPO / "build" / "bench-models"  # gitignored cache of random models and GGUF files
 LLAMA_VENV = REPO / "build" / "llama-venv"  # llama-cpp-python, built without AMX (see README)
@@ -99,6 +97,8 @@ def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5, n_threads: int 
             detail[f"{name}/{t}t"] = _reduce_parts(a, t, op, repeats)
     # The engine's own probe (engine/src/membw.cpp): an anonymous mapping like the device
     # arena, four streams per task like a matmul tile, no per-element compute.
+    from engine import _core  # here: the llama venv imports this module without the engine
+
     for t in sorted({1, n_threads}):
         detail[f"engine/{t}t"] = _core.read_bandwidth_gbs(n_bytes, t, repeats)
     b = np.empty_like(a)

@@ -491,6 +491,33 @@ float act_scale(const std::vector<uint8_t>& act, int64_t n_in, int64_t t, int64_
     return d;
 }
 
+// How many outputs of an int8-activation matmul y lie outside the bound above, against
+// exact (the f32 matmul of weights w); the first few are printed with `what`.
+static int outside_int8_bound(const WeightView& w, const std::vector<float>& x, const std::vector<uint8_t>& act,
+                       const std::vector<float>& bias, int64_t n_tok, const std::vector<float>& y,
+                       const std::vector<float>& exact, const char* what) {
+    std::vector<float> row(static_cast<size_t>(w.n_in));
+    int bad = 0;
+    for (int64_t o = 0; o < w.n_out; ++o) {
+        dequantize_row(w, o, row.data());
+        for (int64_t t = 0; t < n_tok; ++t) {
+            double quant = 0.0, mag = std::fabs(bias[static_cast<size_t>(o)]);
+            for (int64_t i = 0; i < w.n_in; ++i) {
+                const double d = act_scale(act, w.n_in, t, i / 32);
+                quant += std::fabs(row[i]) * d / 2;
+                mag += std::fabs(row[i]) * (std::fabs(x[t * w.n_in + i]) + d);
+            }
+            const double tol = quant + 2.0 * (static_cast<double>(w.n_in) / 32 + 5) * 0x1p-24 * mag;
+            const double err = std::fabs(y[t * w.n_out + o] - exact[t * w.n_out + o]);
+            if (!(err <= tol) && bad++ < 3)
+                std::fprintf(stderr, "  %s %s o=%lld t=%lld: |%.9g - %.9g| > %.3g\n", what, dtype_name(w.dtype),
+                             static_cast<long long>(o), static_cast<long long>(t), y[t * w.n_out + o],
+                             exact[t * w.n_out + o], tol);
+        }
+    }
+    return bad;
+}
+
 TEST(kernel_act_to_q8_every_isa_equals_reference_bitwise) {
     Rng rng(18);
     for (const KernelTable* k : q8act_tables())
@@ -576,26 +603,7 @@ TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
                 std::vector<float> defined(y.size());
                 ref::matmul_rows_q8act(w, act.data(), n_tok, defined.data(), bias.data(), 0, s.n_out);
                 CHECK(same_bits(y, defined));
-                std::vector<float> row(static_cast<size_t>(s.n_in));
-                int bad = 0;
-                for (int64_t o = 0; o < s.n_out; ++o) {
-                    dequantize_row(w, o, row.data());
-                    for (int64_t t = 0; t < n_tok; ++t) {
-                        double quant = 0.0, mag = std::fabs(bias[static_cast<size_t>(o)]);
-                        for (int64_t i = 0; i < s.n_in; ++i) {
-                            const double d = act_scale(act, s.n_in, t, i / 32);
-                            quant += std::fabs(row[i]) * d / 2;
-                            mag += std::fabs(row[i]) * (std::fabs(x[t * s.n_in + i]) + d);
-                        }
-                        const double tol = quant + 2.0 * (static_cast<double>(s.n_in) / 32 + 5) * 0x1p-24 * mag;
-                        const double err = std::fabs(y[t * s.n_out + o] - exact[t * s.n_out + o]);
-                        if (!(err <= tol) && bad++ < 3)
-                            std::fprintf(stderr, "  fast %s o=%lld t=%lld: |%.9g - %.9g| > %.3g\n", dtype_name(dt),
-                                         static_cast<long long>(o), static_cast<long long>(t), y[t * s.n_out + o],
-                                         exact[t * s.n_out + o], tol);
-                    }
-                }
-                CHECK(bad == 0);
+                CHECK(outside_int8_bound(w, x, act, bias, n_tok, y, exact, "fast") == 0);
             }
     set_matmul_precision(MatmulPrecision::exact);
 }
@@ -708,26 +716,7 @@ TEST(kernel_matmul_x16_is_within_activation_rounding_of_exact_and_invariant) {
                 ref::matmul(c.plain, x.data(), n_tok, exact.data(), bias.data());
                 std::vector<uint8_t> act(static_cast<size_t>(n_tok * q8_act_row_bytes(s.n_in)));
                 ref::act_to_q8(x.data(), n_tok, s.n_in, act.data());
-                std::vector<float> row(static_cast<size_t>(s.n_in));
-                int bad = 0;
-                for (int64_t o = 0; o < s.n_out; ++o) {
-                    dequantize_row(c.plain, o, row.data());
-                    for (int64_t t = 0; t < n_tok; ++t) {
-                        double quant = 0.0, mag = std::fabs(bias[static_cast<size_t>(o)]);
-                        for (int64_t i = 0; i < s.n_in; ++i) {
-                            const double d = act_scale(act, s.n_in, t, i / 32);
-                            quant += std::fabs(row[i]) * d / 2;
-                            mag += std::fabs(row[i]) * (std::fabs(x[t * s.n_in + i]) + d);
-                        }
-                        const double tol = quant + 2.0 * (static_cast<double>(s.n_in) / 32 + 5) * 0x1p-24 * mag;
-                        const double err = std::fabs(y[t * s.n_out + o] - exact[t * s.n_out + o]);
-                        if (!(err <= tol) && bad++ < 3)
-                            std::fprintf(stderr, "  %s o=%lld t=%lld: |%.9g - %.9g| > %.3g\n", dtype_name(c.x16.dtype),
-                                         static_cast<long long>(o), static_cast<long long>(t), y[t * s.n_out + o],
-                                         exact[t * s.n_out + o], tol);
-                    }
-                }
-                CHECK(bad == 0);
+                CHECK(outside_int8_bound(c.plain, x, act, bias, n_tok, y, exact, "x16") == 0);
             }
     std::vector<uint8_t> wb(static_cast<size_t>(row_bytes(DType::Q8_0X16, 32) * 8));
     std::vector<float> x(32), y(8);
