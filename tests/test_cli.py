@@ -646,6 +646,7 @@ def test_status_json_shows_a_running_workers_models_and_ledger(running_worker: s
     assert 0 < ledger["used_bytes"] <= ledger["cap_bytes"]
     assert ledger["models"]["tiny"]["weights_bytes"] > 0
     assert worker["models"]["tiny"]["resident"] is True
+    assert worker["models"]["tiny"]["weights"] == worker["models"]["tiny"]["matrix_format"]  # exact: as stored
     assert worker["stale"] is False
     text = run_cli("status", "--redis-url", redis_url, "--prefix", running_worker).stdout
     assert "worker cli-test-worker" in text

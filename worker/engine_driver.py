@@ -235,8 +235,8 @@ class EngineDriver:
         self.tokenizers[m.name] = await asyncio.to_thread(self._tokenizer_factory, m.path)
         self.info[m.name] = dict(info)
         self._n_running.setdefault(m.name, 0)
-        log.info("model %s loaded from %s in %.1f s: n_ctx %s, weights %s, %s", m.name, m.path,
-                 time.monotonic() - t0, info.get("n_ctx"), info.get("weights"),
+        log.info("model %s loaded from %s in %.1f s: n_ctx %s, weights %s (held as %s), %s", m.name, m.path,
+                 time.monotonic() - t0, info.get("n_ctx"), info.get("weights"), info.get("matrix_format"),
                  "resident" if info.get("resident") else f"streamed through {info.get('n_slots')} layer slots")
         self.capacity.notify()
         return self.info[m.name]

@@ -347,7 +347,8 @@ class Runtime:
                     "running": self.driver.running_count(name), "n_running": self.driver.running_count(name),
                     "n_requests": mi.get("n_requests"), "waiting": self.waiting[name],
                     "backlog": self.backlog[name], "sched_weight": m.sched_weight, "max_running": m.max_running,
-                    "resident": mi.get("resident"), "weights": mi.get("weights"), "n_ctx": mi.get("n_ctx"),
+                    "resident": mi.get("resident"), "weights": mi.get("weights"),
+                    "matrix_format": mi.get("matrix_format"), "n_ctx": mi.get("n_ctx"),
                     "gate": self.consumers[name].gate_verdict.value,
                 }
             doc = {
