@@ -37,7 +37,7 @@ class ThreadPool;
 enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
 
 struct WeightView {
-    const void* data;  // [n_out, row_bytes(dtype, n_in)]
+    const void* data;  // [n_out, row_bytes(dtype, n_in)]; x16 formats: 16-row groups (above)
     DType dtype;
     int64_t n_out;
     int64_t n_in;
@@ -72,7 +72,6 @@ struct MatmulOut {
 };
 void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_tok, ThreadPool& pool);
 
-
 // Matmul precision, per weight view (WeightView::precision: the engine sets it per model
 // from EngineConfig.matmul_precision), or process-wide for every view (set_matmul_precision:
 // tests and kernel benchmarks; the engine leaves it at exact). A matmul is fast when either says so.
@@ -86,7 +85,8 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
 //    * q8_0 and q4_0 weights take int8 activations, one f32 scale per block of 32
 //      (|error| <= d_x/2 per element), and integer block dots (vpdpbusd, or vpmaddubsw
 //      on AVX2); defined bit for bit by ref::matmul_rows_q8act, the same on every ISA.
-//    Every other case stays exact. Still batch- and thread-invariant.
+//    Every other case stays exact. Still batch- and thread-invariant. matmul_many needs
+//    one precision for all its outputs.
 //  The x16 formats always take the int8 path (defined by ref::matmul_rows_x16): a model
 //  loaded under fast precision stores its q8_0 / q4_0 matrices that way (model.cpp).
 void set_matmul_precision(MatmulPrecision p);
