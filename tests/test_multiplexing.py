@@ -44,10 +44,13 @@ def _collect(eng: Engine, ids: set[int]) -> dict[int, list[int]]:
     return out
 
 
-def _run_workload(model_dir: Path, budget_bytes: int, **load: object) -> tuple[dict[int, list[int]], dict[str, float]]:
+def _run_workload(model_dir: Path, budget_bytes: int, precision: str = "exact",
+                  **load: object) -> tuple[dict[int, list[int]], dict[str, float]]:
     prompts = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40, 9])]
-    with Engine(EngineConfig(budget_bytes=budget_bytes, n_threads=2)) as eng:
-        eng.load_model("m", model_dir, **load)  # type: ignore[arg-type]
+    with Engine(EngineConfig(budget_bytes=budget_bytes, n_threads=2, matmul_precision=precision)) as eng:
+        loaded = eng.load_model("m", model_dir, **load)  # type: ignore[arg-type]
+        if precision == "fast" and load.get("weights") == "q8_0":
+            assert loaded["matrix_format"] == "q8_0x16", loaded
         for i, p in enumerate(prompts):
             eng.submit(i + 1, "m", p, SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=20,
                                                      ignore_eos=True))
@@ -71,6 +74,17 @@ def test_streamed_under_30_percent_budget_generates_same_tokens_as_resident(mode
         assert rs["resident"] == 1.0 and ss["resident"] == 0.0
         assert ss["bytes_copied"] > weight_bytes  # layers really streamed, more than once
         assert streamed == resident, name
+
+
+def test_repacked_int8_weights_stream_through_layer_slots_with_the_same_tokens(model_dirs: dict[str, Path]) -> None:
+    """Fast precision's q8_0x16 layers are copied into slots as bytes like any other format."""
+    path = model_dirs["qwen"]
+    resident, rs = _run_workload(path, 64 << 20, "fast", weights="q8_0", residency="resident")
+    streamed, ss = _run_workload(path, 64 << 20, "fast", weights="q8_0", residency="streamed", stream_slots=2)
+    exact, _ = _run_workload(path, 64 << 20, "exact", weights="q8_0", residency="resident")
+    assert rs["resident"] == 1.0 and ss["resident"] == 0.0 and ss["bytes_copied"] > 0
+    assert streamed == resident
+    assert exact != resident  # the fast run did take the int8 path
 
 
 def test_lru_and_no_prefetch_variants_generate_the_same_tokens(model_dirs: dict[str, Path]) -> None:
