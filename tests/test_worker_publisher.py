@@ -59,6 +59,18 @@ async def _enqueue_entry(client: aioredis.Redis, model: str, request_id: str) ->
     return entry_id
 
 
+async def _start_run_a1(a: Publisher, client: aioredis.Redis, request_id: str) -> str:
+    """Run A#1 of a request queued on model "m": fence taken, started, tokens 0-1 ("ab")
+    written. Returns the request's entry id."""
+    entry_id = await _enqueue_entry(client, "m", request_id)
+    await a.take_fence(request_id, "A#1")
+    a.set_fence(request_id, "A#1")
+    a.publish(StartedEvent(request_id=request_id, worker="A", attempt=1, prompt_tokens=1))
+    a.publish_tokens(request_id, 0, [1, 2], "ab")
+    assert await a.flush(60)
+    return entry_id
+
+
 def done(request_id: str, ids: list[int], text: str) -> DoneEvent:
     return DoneEvent(request_id=request_id, finish_reason="length", text=text, token_ids=ids, usage=USAGE)
 
@@ -224,12 +236,7 @@ def test_a_stopped_runs_queued_events_never_take_the_token_of_the_run_that_took_
 
     async def body(a: Publisher, client: aioredis.Redis) -> None:
         a.on_fenced = fenced.append
-        entry_id = await _enqueue_entry(client, "m", "r9")
-        await a.take_fence("r9", "A#1")
-        a.set_fence("r9", "A#1")
-        a.publish(StartedEvent(request_id="r9", worker="A", attempt=1, prompt_tokens=1))
-        a.publish_tokens("r9", 0, [1, 2], "ab")
-        assert await a.flush(60)
+        entry_id = await _start_run_a1(a, client, "r9")
         await a.take_fence("r9", "A#2")  # the new run's fence, taken before it reads where to resume
         # One loop tick, no await: the stopped run's late token, its stop, the new run's start.
         a.publish_tokens("r9", 2, [3], "c")
@@ -255,12 +262,7 @@ def test_a_run_that_lost_its_fence_can_no_longer_write_and_does_not_ack(redis_ur
 
     async def body(a: Publisher, client: aioredis.Redis) -> None:
         a.on_fenced = fenced.append
-        entry_id = await _enqueue_entry(client, "m", "r7")
-        await a.take_fence("r7", "A#1")
-        a.set_fence("r7", "A#1")
-        a.publish(StartedEvent(request_id="r7", worker="A", attempt=1, prompt_tokens=1))
-        a.publish_tokens("r7", 0, [1, 2], "ab")
-        assert await a.flush(60)
+        entry_id = await _start_run_a1(a, client, "r7")
         b = Publisher(client, KEYS, reply_ttl_s=600)
         b_task = asyncio.create_task(b.run())
         try:

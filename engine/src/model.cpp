@@ -45,6 +45,8 @@ const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t 
                                " needs rows of a multiple of 32 values, found " + std::to_string(cols) +
                                "; choose --weights f16 or bf16 for this model");
     if (t.dtype == to) return t.data;
+    // A tensor is converted once per format: a tied head finds the embedding's copy.
+    if (auto it = converted_.find({t.name, to}); it != converted_.end()) return it->second;
     const uint64_t n = static_cast<uint64_t>(row_bytes(to, cols)) * static_cast<uint64_t>(rows);
     auto alloc = [&]() {
         void* p = std::aligned_alloc(kAlign, align_up(n == 0 ? 1 : n, kAlign));
@@ -52,15 +54,23 @@ const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t 
         return std::unique_ptr<uint8_t, void (*)(void*)>(static_cast<uint8_t*>(p), free_aligned);
     };
     auto p = alloc();
-    if (dtype_is_x16(to)) {  // quantise into a scratch copy (same size), then repack
+    if (dtype_is_x16(to)) {  // quantise (into a scratch copy unless already done), then repack
         const DType plain = to == DType::Q8_0X16 ? DType::Q8_0 : DType::Q4_0;
-        auto q = alloc();
-        convert_rows(t.data, t.dtype, q.get(), plain, rows, cols);
-        repack_x16(q.get(), plain, p.get(), rows, cols);
+        std::unique_ptr<uint8_t, void (*)(void*)> scratch(nullptr, free_aligned);
+        const uint8_t* q;
+        if (auto it = converted_.find({t.name, plain}); it != converted_.end()) {
+            q = it->second;
+        } else {
+            scratch = alloc();
+            convert_rows(t.data, t.dtype, scratch.get(), plain, rows, cols);
+            q = scratch.get();
+        }
+        repack_x16(q, plain, p.get(), rows, cols);
     } else {
         convert_rows(t.data, t.dtype, p.get(), to, rows, cols);
     }
     host_bufs_.push_back(std::move(p));
+    converted_[{t.name, to}] = host_bufs_.back().get();
     return host_bufs_.back().get();
 }
 

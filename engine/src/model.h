@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -97,6 +98,7 @@ private:
     DType matrix_dtype_;
     std::unique_ptr<SafetensorsSet> st_;
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> host_bufs_;  // converted tensors
+    std::map<std::pair<std::string, DType>, const uint8_t*> converted_;  // (tensor, format) -> its copy in host_bufs_
     std::vector<UnitSource> units_;
     LayerLayout layer_{};
     HeadLayout head_{};

@@ -133,12 +133,14 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
                                               : rows_per_task(w.n_out, row_bytes(w.dtype, w.n_in), pool.n_threads());
         first[j + 1] = first[j] + (w.n_out + rows[j] - 1) / rows[j];
     }
-    auto task_of = [&](int64_t task, int* j, int64_t* r0, int64_t* r1) {
-        int o = 0;
-        while (task >= first[o + 1]) ++o;
-        *j = o;
-        *r0 = (task - first[o]) * rows[o];
-        *r1 = *r0 + rows[o] < outs[o].w.n_out ? *r0 + rows[o] : outs[o].w.n_out;
+    // Runs rows_fn(out, row0, row1) for every task over the pool.
+    auto run_tasks = [&](auto&& rows_fn) {
+        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
+            int j = 0;
+            while (task >= first[j + 1]) ++j;
+            const int64_t r0 = (task - first[j]) * rows[j];
+            rows_fn(outs[j], r0, r0 + rows[j] < outs[j].w.n_out ? r0 + rows[j] : outs[j].w.n_out);
+        });
     };
     const bool fast = w0.precision == MatmulPrecision::fast || matmul_precision() == MatmulPrecision::fast;
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
@@ -152,12 +154,7 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         // By pointer: inside the lambda, `act` would name the worker's own thread_local.
         const uint8_t* act_data = act.data();
         const auto rows_fn = dtype_is_x16(w0.dtype) ? k.matmul_rows_x16 : k.matmul_rows_q8act;
-        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
-            int j;
-            int64_t r0, r1;
-            task_of(task, &j, &r0, &r1);
-            rows_fn(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
-        });
+        run_tasks([&](const MatmulOut& o, int64_t r0, int64_t r1) { rows_fn(o.w, act_data, n_tok, o.y, o.bias, r0, r1); });
         return;
     }
     if (w0.dtype == DType::BF16 && k.matmul_rows_bf16act && fast) {
@@ -166,20 +163,12 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w0.n_in)));
         k.act_to_bf16(x, n_tok, w0.n_in, act.data());
         const uint16_t* act_data = act.data();
-        pool.parallel_for(first[n_outs], [&](int64_t task, int) {
-            int j;
-            int64_t r0, r1;
-            task_of(task, &j, &r0, &r1);
-            k.matmul_rows_bf16act(outs[j].w, act_data, n_tok, outs[j].y, outs[j].bias, r0, r1);
+        run_tasks([&](const MatmulOut& o, int64_t r0, int64_t r1) {
+            k.matmul_rows_bf16act(o.w, act_data, n_tok, o.y, o.bias, r0, r1);
         });
         return;
     }
-    pool.parallel_for(first[n_outs], [&](int64_t task, int) {
-        int j;
-        int64_t r0, r1;
-        task_of(task, &j, &r0, &r1);
-        k.matmul_rows(outs[j].w, x, n_tok, outs[j].y, outs[j].bias, r0, r1);
-    });
+    run_tasks([&](const MatmulOut& o, int64_t r0, int64_t r1) { k.matmul_rows(o.w, x, n_tok, o.y, o.bias, r0, r1); });
 }
 
 void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y) {
