@@ -23,12 +23,30 @@ namespace lmx {
 
 struct ModelSpec {
     std::string name;
-    std::string arch;  // "llama" | "qwen2"
+    std::string arch;  // "llama" | "qwen2" | "qwen3" | "gemma3"
     int n_layer = 0, dim = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn_dim = 0, n_vocab = 0, n_ctx = 0;
     float rms_eps = 1e-5f;
     bool tied = false;     // lm_head shares model.embed_tokens.weight
     bool qkv_bias = false; // Qwen2
-    std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3)
+    std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3, linear)
+
+    // ---- Gemma 3 / Qwen 3 (defaults = Llama behaviour; every loader, HF or GGUF, fills them) ----
+    bool qk_norm = false;     // Qwen3, Gemma3: RMSNorm over each head of q and k (weights [head_dim]), before RoPE
+    bool post_norms = false;  // Gemma3: RMSNorm on the attention output and on the FFN output before each residual add
+    std::string ffn_act = "silu";  // "silu" (SwiGLU) | "gelu_tanh" (Gemma's GeGLU, tanh-approximated GELU)
+    // Added to every RMSNorm weight at load: 1 for Gemma HF files (the norm is x * (1 + w));
+    // 0 for Gemma GGUF files, which store 1 + w already (llama.cpp's converter adds it).
+    float norm_weight_offset = 0.0f;
+    float embed_scale = 1.0f;  // the embedding row is multiplied by this (Gemma: sqrt(dim) rounded to f32)
+    float attn_scale = 0.0f;   // scale of q.k; 0 = 1/sqrt(head_dim). Gemma3: query_pre_attn_scalar^-0.5
+    float final_logit_softcap = 0.0f;  // 0 = off; else logits = cap * tanh(logits / cap)
+    // Sliding-window attention, per layer: [n_layer] or empty (every layer sees all keys).
+    // layer_window[l] = w > 0: a query at position p attends to keys (p - w, p] only (HF's
+    // sliding_window, a query counted in its own window); 0: all keys 0 .. p.
+    std::vector<int32_t> layer_window;
+    // RoPE of the sliding-window layers when they have their own base (Gemma3's
+    // rope_local_base_freq): [head_dim / 2], or empty = rope_inv_freq for every layer.
+    std::vector<float> rope_inv_freq_local;
     std::vector<int32_t> eos_ids;
     std::vector<std::string> files;    // safetensors shards
     std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0 | q4_0
@@ -39,10 +57,17 @@ struct ModelSpec {
     void validate() const;  // throws InvalidArgument naming the field
     int q_dim() const { return n_heads * head_dim; }
     int kv_dim() const { return n_kv_heads * head_dim; }
+    int window(int layer) const { return layer_window.empty() ? 0 : layer_window[static_cast<size_t>(layer)]; }
+    const std::vector<float>& rope_for(int layer) const {
+        return window(layer) > 0 && !rope_inv_freq_local.empty() ? rope_inv_freq_local : rope_inv_freq;
+    }
 };
 
 // Byte offsets of one layer's tensors inside its unit; matrices are [n_out, n_in] in
 // the model's matrix dtype (row-major, or 16-row groups for x16), vectors are f32.
+// Norms by role, not by HF name: attn_norm is before attention, ffn_norm before the FFN
+// (Llama's post_attention_layernorm, Gemma3's pre_feedforward_layernorm); Gemma3's
+// post_attention_layernorm is post_attn_norm here. Norm vectors hold w + norm_weight_offset.
 struct LayerLayout {
     uint64_t attn_norm;       // f32 [dim]
     uint64_t wq, wk, wv;      // [q_dim, dim], [kv_dim, dim], [kv_dim, dim]
@@ -51,6 +76,8 @@ struct LayerLayout {
     uint64_t ffn_norm;        // f32 [dim]
     uint64_t w_gate, w_up;    // [ffn_dim, dim]
     uint64_t w_down;          // [dim, ffn_dim]
+    uint64_t q_norm, k_norm;  // f32 [head_dim] each; only when qk_norm
+    uint64_t post_attn_norm, post_ffn_norm;  // f32 [dim] each; only when post_norms
 };
 struct HeadLayout {
     uint64_t norm;     // f32 [dim]
