@@ -1,4 +1,4 @@
-"""`layermux` command line: generate, worker, submit, status, demo.
+"""`layermux` command line: generate, worker, serve, submit, status, demo.
 
 Owns: argument parsing, exit codes and the two small commands that have no other home
 (`generate`: the engine in-process, no Redis; `submit`: one request through the SDK).
@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run a worker (arq) serving the models in a TOML config")
     w.add_argument("--config", metavar="FILE", help="TOML settings file")
     w.set_defaults(func=cmd_worker)
+
+    sv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP gateway (a producer; start several side by side)")
+    sv.add_argument("--host", default=None, help="listen address (default: [gateway] host, else 127.0.0.1)")
+    sv.add_argument("--port", type=_non_negative_int, default=None,
+                    help="listen port (default: [gateway] port, else 8000; 0 = a free port, printed at start)")
+    sv.add_argument("--config", metavar="FILE", help="TOML settings file (redis_url, key_prefix, [gateway])")
+    sv.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("submit", help="send one prompt to a running worker and stream the reply")
     s.add_argument("model", metavar="MODEL")
@@ -428,6 +435,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
         run(args.config)
     except ConfigError as e:
         raise UsageError(str(e)) from e
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible gateway until a signal; bad configuration is exit 2, an address that
+    cannot be bound exit 1."""
+    if args.config is not None and not Path(args.config).is_file():
+        raise UsageError(f"config file not found: {args.config}")
+    if args.port is not None and args.port > 65535:
+        raise UsageError(f"--port: expected 0..65535, found {args.port}")
+    from worker.gateway.server import gateway_settings, serve
+    from worker.settings import ConfigError
+
+    try:
+        serve(gateway_settings(args.config, args.host, args.port))
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    except OSError as e:
+        raise CommandFailed(f"cannot listen on {args.host or 'the configured address'}: {e.strerror or e}") from e
     return EXIT_OK
 
 

@@ -40,7 +40,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from producer_sdk.keys import MODEL_NAME_PATTERN, PREFIX_PATTERN
 
-__all__ = ["ConfigError", "DeviceSettings", "ModelSettings", "Settings", "load_settings", "parse_bytes"]
+__all__ = ["ConfigError", "DeviceSettings", "GatewaySettings", "ModelSettings", "Settings", "load_settings",
+           "parse_bytes"]
 
 ENV_PREFIX: Final = "LAYERMUX_"
 ENV_CONFIG: Final = "LAYERMUX_CONFIG"
@@ -125,6 +126,22 @@ class ModelSettings(_Section):
     residency: Literal["auto", "resident", "streamed"] = "auto"
 
 
+class GatewaySettings(_Section):
+    """`layermux serve`: the OpenAI-compatible HTTP gateway (worker/gateway/)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Bearer keys accepted on every route but /health; none = no check")
+    api_keys_file: str | None = Field(default=None, description="one key per line, added to api_keys")
+    cors_origins: list[str] = Field(default_factory=list, description="empty = CORS off; ['*'] = any origin")
+    max_body_bytes: ByteSize = Field(default=4 * 2**20, description="larger request bodies get 413")
+    default_max_tokens: int = Field(default=512, ge=1, description="when a request gives none (capped by "
+                                    "the model's max_tokens limit)")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429 (the model's queue is full)")
+    worker_stale_s: float = Field(default=10.0, gt=0.0, description="a worker silent this long is not live")
+
+
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -153,6 +170,7 @@ class Settings(BaseSettings):
     key_prefix: Annotated[str, Field(pattern=f"^{PREFIX_PATTERN}$")] = "lmx"
     worker_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(default_factory=_default_worker_id)
     device: DeviceSettings = DeviceSettings()
+    gateway: GatewaySettings = GatewaySettings()
     models: list[ModelSettings] = Field(default_factory=list)
     reply_ttl_s: int = Field(default=3600, ge=1)
     max_deliveries: int = Field(default=5, ge=1)
