@@ -103,6 +103,11 @@ class Keys:
         """Set of request ids whose cancellation was asked."""
         return self._model_key(model, "cancel")
 
+    def arq_queue(self, model: str) -> str:
+        """arq's job queue (a sorted set) of the model's `generate` jobs: only workers serving the model
+        listen on it (worker/arq_app.py)."""
+        return self._model_key(model, "arq")
+
     def dlq(self, model: str) -> str:
         """Dead-letter stream of the model."""
         return self._model_key(model, "dlq")

@@ -38,7 +38,7 @@ from .protocol import (
     decode_event,
 )
 
-__all__ = ["ReplyCursor", "Result", "error_for_terminal", "result_from_terminal"]
+__all__ = ["ReplyCursor", "Result", "error_for_code", "error_for_terminal", "result_from_terminal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +68,15 @@ def error_for_terminal(event: ErrorEvent | CancelledEvent) -> LayermuxClientErro
             {"completion_tokens": event.completion_tokens},
             request_id=event.request_id,
         )
-    cls = _ERROR_CLASSES.get(event.code, RejectedError)
-    return cls(event.code, event.message, event.details, request_id=event.request_id)
+    return error_for_code(event.code, event.message, event.details, request_id=event.request_id)
+
+
+def error_for_code(
+    code: str, message: str, details: Mapping[str, Any] | None = None, *, request_id: str | None = None
+) -> LayermuxClientError:
+    """The typed exception of a protocol error code (an error event's, or an arq job's failure)."""
+    cls = _ERROR_CLASSES.get(code, RejectedError)
+    return cls(code, message, details, request_id=request_id)
 
 
 def result_from_terminal(event: TerminalEvent) -> Result:

@@ -119,6 +119,78 @@ def test_worker_with_missing_config_exits_2(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- generate
 
 
+def _worker_config(path: Path, model: Path, *, redis_url: str | None = "redis://127.0.0.1:1/0",
+                   budget: str = "256MiB", prefix: str = "wk") -> Path:
+    url = f'redis_url = "{redis_url}"\n' if redis_url is not None else ""
+    path.write_text(f'{url}key_prefix = "{prefix}"\n[device]\nbudget = "{budget}"\n'
+                    f'[[models]]\nname = "tiny"\npath = "{model}"\n')
+    return path
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("layermux worker: error: "), proc.stderr
+    return lines[0]
+
+
+def test_worker_with_a_missing_model_dir_exits_2_before_touching_redis(tmp_path: Path) -> None:
+    # redis_url points at a closed port: the model is checked first, so the message is about the model.
+    cfg = _worker_config(tmp_path / "w.toml", tmp_path / "no-such-model")
+    proc = run_cli("worker", "--config", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert f"path not found: {tmp_path / 'no-such-model'}" in _one_error_line(proc)
+
+
+def test_worker_with_a_truncated_weights_file_exits_2_naming_the_file(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_cli("worker", "--config", str(_worker_config(tmp_path / "w.toml", model)))
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc)
+    assert str(weights) in line and "truncated" in line
+
+
+def test_worker_with_an_unsupported_architecture_exits_2(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    model = tmp_path / "unsupported"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    proc = run_cli("worker", "--config", str(_worker_config(tmp_path / "w.toml", model)))
+    assert proc.returncode == 2, proc.stderr
+    line = _one_error_line(proc)
+    assert "MambaForCausalLM" in line and "config.json" in line
+
+
+def test_worker_with_unreachable_redis_exits_1_naming_the_url(tiny_model: Path, tmp_path: Path) -> None:
+    proc = run_cli("worker", "--config", str(_worker_config(tmp_path / "w.toml", tiny_model)))
+    assert proc.returncode == 1, proc.stderr
+    line = _one_error_line(proc)
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in line
+    assert "retrying" not in proc.stdout + proc.stderr
+
+
+def test_worker_with_a_budget_too_small_exits_1_with_the_numbers(tiny_model: Path, tmp_path: Path,
+                                                                redis_url: str) -> None:
+    cfg = _worker_config(tmp_path / "w.toml", tiny_model, redis_url=redis_url, budget="64KiB",
+                         prefix=fresh_prefix("small"))
+    proc = run_cli("worker", "--config", str(cfg))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("layermux worker: error: the models do not fit the device budget"), proc.stderr
+    assert "raise [device] budget" in last
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engine.model_factory import make_model

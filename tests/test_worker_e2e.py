@@ -238,42 +238,34 @@ def test_cancel_stops_a_running_request(start_worker: Any, redis_url: str) -> No
 
 
 def test_arq_job_path_returns_what_the_stream_path_returns(start_worker: Any, redis_url: str) -> None:
-    from arq import create_pool
-    from arq.connections import RedisSettings
-    from arq.jobs import SerializationError
-
-    from worker.arq_app import GenerationError, job_deserializer, job_serializer
+    from producer_sdk import RejectedError
+    from worker.arq_app import create_job_pool, enqueue_generate, job_result
 
     start_worker("w1")
 
     async def run() -> None:
-        pool = await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=job_serializer,
-                                 job_deserializer=job_deserializer)
+        pool = await create_job_pool(redis_url)
         try:
             async with AsyncProducer(redis_url, prefix=PREFIX) as producer:
                 for model in MODEL_SHAPES:
-                    job = await pool.enqueue_job("generate", model, prompt="Hello arq", max_tokens=24,
+                    job = await enqueue_generate(pool, model, prefix=PREFIX, prompt="Hello arq", max_tokens=24,
                                                  temperature=0.0)
-                    assert job is not None
-                    by_job = await job.result(timeout=WAIT_S)
+                    by_job = await job_result(job, timeout=WAIT_S)
                     h = await producer.submit(model, prompt="Hello arq", max_tokens=24, temperature=0.0)
                     by_stream = await h.result(timeout=WAIT_S)
                     assert by_job["token_ids"] == by_stream.token_ids
                     assert by_job["text"] == by_stream.text
                     assert by_job["finish_reason"] == by_stream.finish_reason
                     assert by_job["usage"]["completion_tokens"] == by_stream.usage.completion_tokens
-                    chat = await pool.enqueue_job("generate", model, messages=[{"role": "user", "content": "hi"}],
-                                                  max_tokens=8, temperature=0.0)
-                    assert chat is not None
-                    assert len((await chat.result(timeout=WAIT_S))["token_ids"]) >= 1
-                job = await pool.enqueue_job("generate", "m-qwen", prompt="x", max_tokens=9000)
-                assert job is not None
-                with pytest.raises(SerializationError) as e:  # orjson on the wire: the error comes back as data
-                    await job.result(timeout=WAIT_S)
-                failure = e.value.args[0]
-                assert failure["error"] == GenerationError.__name__
-                assert failure["code"] == "max_tokens_over_limit"
-                assert failure["details"] == {"needed": 9000, "limit": 8192}
+                    chat = await enqueue_generate(pool, model, prefix=PREFIX,
+                                                  messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                                  temperature=0.0)
+                    assert len((await job_result(chat, timeout=WAIT_S))["token_ids"]) >= 1
+                job = await enqueue_generate(pool, "m-qwen", prefix=PREFIX, prompt="x", max_tokens=9000)
+                with pytest.raises(RejectedError) as e:  # orjson on the wire; job_result gives the typed error
+                    await job_result(job, timeout=WAIT_S)
+                assert e.value.code == "max_tokens_over_limit"
+                assert e.value.details == {"needed": 9000, "limit": 8192}
         finally:
             await pool.aclose()
 

@@ -1,50 +1,93 @@
 """Owns: the worker as an arq worker — `WorkerSettings` (for `arq worker.arq_app.WorkerSettings`),
-the `generate` job, and `run(config_path)` (for `layermux worker --config FILE`).
+the `generate` job, `run(config_path)` (for `layermux worker --config FILE`), the checks `run` makes
+before it starts (model files, then Redis), and the client helpers of the job path.
 Changed by: the worker; the CLI (worker/cli.py) calls `run` only.
 Thread-safety: one worker per process (it owns the device); `run` blocks until shutdown.
 
     # async job pipeline, any process (orjson on the wire, never pickle):
-    from worker.arq_app import job_deserializer, job_serializer
-    pool = await arq.create_pool(RedisSettings.from_dsn(url), job_serializer=job_serializer,
-                                 job_deserializer=job_deserializer)
-    job = await pool.enqueue_job("generate", "smol", prompt="Hello", max_tokens=32, temperature=0.0)
-    result = await job.result()        # {text, token_ids, finish_reason, usage}
+    from worker.arq_app import create_job_pool, enqueue_generate, job_result
+    pool = await create_job_pool(url)
+    job = await enqueue_generate(pool, "smol", prompt="Hello", max_tokens=32, temperature=0.0)
+    result = await job_result(job, timeout=60)   # {text, token_ids, finish_reason, usage}
+                                                 # or a typed producer_sdk error (RejectedError, ...)
+
+One arq queue per model. arq's queue is one sorted set that every arq worker on the server
+polls, whatever it serves; a `generate` job for a model must reach a worker that serves it. So
+the jobs of model M wait in `P:{m:M}:arq` (producer_sdk.keys.Keys.arq_queue), and a worker runs
+one arq `Worker` per model it serves inside its process: the first is the process's main arq
+worker (it owns the signals and the startup/shutdown hooks), the others are started by
+on_startup and stopped by on_shutdown, all sharing the one Runtime (one engine, one device).
+`enqueue_generate` puts a job on its model's queue and answers UnknownModelError at once when no
+worker serves the model; `job_result` turns a failed job into the SDK's typed error.
 
 Settings: `run(path)` loads that TOML file; the arq CLI loads env LAYERMUX_CONFIG (plus LAYERMUX_*
 variables) when this module is imported. With redis_url unset, `run` starts an embedded
-redis-server for the worker's lifetime and prints its URL; the arq CLI, which connects before
-any hook runs, then uses arq's default redis://localhost:6379.
+redis-server for the worker's lifetime (on 127.0.0.1:6379 when that port is free) and prints its
+URL and the `export LAYERMUX_REDIS_URL=...` line; the arq CLI, which connects before any hook runs,
+then uses arq's default redis://localhost:6379.
 
-Shutdown: arq handles SIGTERM/SIGINT. It cancels running `generate` jobs (arq runs them again
-elsewhere), then calls on_shutdown, which drains the stream path (runtime.py).
+Before touching Redis, `run` checks every model's files (folder, config.json, architecture,
+safetensors headers and sizes): a bad one is ModelFileError / UnsupportedModelError. Then one
+PING with a short timeout: an unreachable server is RedisUnreachableError, not arq's retries.
+
+Shutdown: the first SIGTERM/SIGINT stops arq (running `generate` jobs are cancelled and run again
+elsewhere), then on_shutdown drains the stream path (runtime.py). A second signal while draining
+forces the exit at once (after saying so): running requests stay pending for another worker.
+`run` returns the signal that stopped it; `layermux worker` exits 130 after SIGINT, 0 after SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
+import socket
 import sys
-
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
-
-from arq.connections import RedisSettings
+import redis
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.jobs import Job, SerializationError
 from arq.worker import Worker, func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer_sdk.errors import LayermuxClientError, UnknownModelError
+from producer_sdk.keys import Keys
+from producer_sdk.reply import error_for_code
+
 from .runtime import GenerationError, Runtime
 from .settings import ConfigError, Settings, load_settings
 
-__all__ = ["GenerationError", "WorkerSettings", "generate", "on_shutdown", "on_startup", "run"]
+__all__ = ["GenerationError", "RedisUnreachableError", "WorkerSettings", "check_model_files", "check_redis",
+           "create_job_pool", "enqueue_generate", "generate", "job_result", "on_shutdown", "on_startup", "run"]
 
 log = logging.getLogger("layermux.worker")
 
 CTX_SETTINGS: Final = "layermux_settings"
 CTX_RUNTIME: Final = "layermux"
+CTX_MODEL_WORKERS: Final = "layermux_model_workers"
 # arq's own limit on one generate job; long completions on a slow device take a while.
 JOB_TIMEOUT_S: Final = 3600
+# The one PING before start: an unreachable server is reported, not retried for seconds.
+REDIS_CHECK_TIMEOUT_S: Final = 3.0
+# The port an embedded redis-server takes when it is free (the README's examples use it).
+EMBEDDED_REDIS_PORT: Final = 6379
+
+
+class RedisUnreachableError(RuntimeError):
+    """The configured Redis did not answer one PING; the message names the URL (password hidden)."""
+
+
+def _redact(url: str) -> str:
+    import re
+
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
 def _settings_at_import() -> tuple[Settings | None, ConfigError | None]:
@@ -64,10 +107,85 @@ def redis_settings_for(settings: Settings | None) -> RedisSettings:
     return RedisSettings.from_dsn(settings.redis_url)
 
 
-def _max_jobs(settings: Settings | None) -> int:
+def _max_jobs(max_running: int) -> int:
+    return max(10, max_running)
+
+
+def _queue_of_first_model(settings: Settings | None) -> str:
     if settings is None or not settings.models:
-        return 10
-    return max(10, sum(m.max_running for m in settings.models))
+        return "arq:queue"  # arq's default; on_startup then fails with the configuration error
+    return Keys(settings.key_prefix).arq_queue(settings.models[0].name)
+
+
+# -- checks before start ------------------------------------------------------------------------------
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and every tensor's bytes lie inside the file (a truncated copy fails here)."""
+    from engine.errors import ModelFileError
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFileError(f"{path}: truncated: {size} bytes, shorter than the 8-byte safetensors header size")
+        n_header = int.from_bytes(head, "little")
+        if 8 + n_header > size:
+            raise ModelFileError(f"{path}: truncated: the header needs {8 + n_header} bytes, the file has {size}")
+        try:
+            header = orjson.loads(f.read(n_header))
+        except orjson.JSONDecodeError as e:
+            raise ModelFileError(f"{path}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: the safetensors header is not a JSON object")
+    end, last = 0, ""
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (name != "__metadata__" and isinstance(offsets, list) and len(offsets) == 2
+                and isinstance(offsets[1], int) and offsets[1] > end):
+            end, last = offsets[1], name
+    if 8 + n_header + end > size:
+        raise ModelFileError(f"{path}: truncated: tensor '{last}' ends at byte {8 + n_header + end}, the file has "
+                             f"{size} bytes; copy or download the file again")
+
+
+def check_model_files(settings: Settings) -> None:
+    """Every configured model's files, before anything touches Redis or the device.
+
+    Raises ConfigError (no model), ModelFileError (missing folder or file, bad JSON, truncated
+    safetensors) or UnsupportedModelError (an architecture or setting layermux does not run).
+    """
+    from engine.errors import ModelFileError
+    from engine.hf_config import load_spec
+
+    if not settings.models:
+        raise ConfigError("models: no model configured; add at least one [[models]] table (name, path)")
+    for m in settings.models:
+        path = Path(m.path)
+        if not path.exists():
+            raise ModelFileError(f"model {m.name!r}: path not found: {path} (expected a Hugging Face model folder)")
+        if not path.is_dir():
+            continue  # a single-file format: the engine's loader checks it at load
+        spec = load_spec(path, m.name, m.weights)
+        for file in spec.get("files", []):
+            _check_safetensors(Path(file))
+
+
+def check_redis(url: str) -> None:
+    """One PING with a short timeout; raises RedisUnreachableError naming the URL."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=REDIS_CHECK_TIMEOUT_S,
+                                  socket_timeout=REDIS_CHECK_TIMEOUT_S, retry_on_timeout=False)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise RedisUnreachableError(
+            f"cannot reach Redis at {_redact(url)} ({e}); start one (`layermux redis`), fix redis_url, "
+            "or leave redis_url unset to start an embedded server") from e
+    finally:
+        client.close()
+
+
+# -- arq hooks and the job ------------------------------------------------------------------------------
 
 
 async def on_startup(ctx: dict[str, Any]) -> None:
@@ -82,9 +200,27 @@ async def on_startup(ctx: dict[str, Any]) -> None:
     runtime = Runtime(settings)
     await runtime.start()
     ctx[CTX_RUNTIME] = runtime
+    # The main arq worker serves the first model's queue; one more arq worker per other model.
+    keys = Keys(settings.key_prefix)
+    workers: list[_Worker] = []
+    for m in settings.models[1:]:
+        w = _Worker(functions=WorkerSettings.functions, queue_name=keys.arq_queue(m.name),
+                    redis_settings=redis_settings_for(settings), handle_signals=False, job_timeout=JOB_TIMEOUT_S,
+                    max_jobs=_max_jobs(m.max_running), keep_result=WorkerSettings.keep_result,
+                    job_serializer=job_serializer, job_deserializer=job_deserializer, ctx={CTX_RUNTIME: runtime})
+        w.main_task = asyncio.create_task(w.main(), name=f"arq:{m.name}")
+        workers.append(w)
+    ctx[CTX_MODEL_WORKERS] = workers
 
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
+    for w in ctx.pop(CTX_MODEL_WORKERS, []):
+        try:
+            await w.close()  # cancels its polling and its running jobs (arq runs them again elsewhere)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            log.warning("arq: closing a model's job queue failed (%s)", e)
+        if w.main_task is not None:
+            await asyncio.gather(w.main_task, return_exceptions=True)
     runtime = ctx.get(CTX_RUNTIME)
     if isinstance(runtime, Runtime):
         await runtime.drain()
@@ -110,8 +246,12 @@ async def generate(
                                   params=params, request_id=f"arq:{ctx.get('job_id', '')}")
 
 
+# Called at a forced exit (a second signal while draining): e.g. stop the embedded redis-server.
+_AT_FORCED_EXIT: list[Callable[[], None]] = []
+
+
 class _Worker(Worker):
-    """arq's Worker, kept alive through a Redis restart or failover.
+    """arq's Worker, kept alive through a Redis restart or failover, with a second signal that forces exit.
 
     arq ends its main loop at the first poll whose Redis command fails, and its close() then
     skips on_shutdown when Redis is still away: the worker would exit without draining, and a
@@ -119,11 +259,31 @@ class _Worker(Worker):
     supervises its tasks), so a failed poll is logged and the next poll tries again.
     """
 
+    stop_signal: int | None = None
+
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
         except (RedisConnectionError, RedisTimeoutError, OSError) as e:
             log.warning("arq: polling Redis failed (%s); trying again at the next poll", e)
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        if signum not in (signal.SIGINT, signal.SIGTERM):
+            super().handle_sig(signum)  # close() of a worker without signal handling
+            return
+        if self.stop_signal is not None:
+            sys.stderr.write(f"layermux worker: {signal.Signals(signum).name} again: stopping now without "
+                             "draining; running requests stay pending and another worker takes them over\n")
+            sys.stderr.flush()
+            for fn in _AT_FORCED_EXIT:
+                with contextlib.suppress(Exception):  # exiting anyway
+                    fn()
+            os._exit(128 + int(signum))
+        self.stop_signal = int(signum)
+        sys.stderr.write(f"layermux worker: {signal.Signals(signum).name}: draining (running requests get up to "
+                         "drain_timeout_s to finish); press Ctrl-C again to stop at once\n")
+        sys.stderr.flush()
+        super().handle_sig(signum)
 
 
 def _encode_default(obj: object) -> object:
@@ -132,6 +292,8 @@ def _encode_default(obj: object) -> object:
         for field in ("code", "details"):
             if hasattr(obj, field):
                 out[field] = getattr(obj, field)
+        if isinstance(obj, GenerationError):
+            out["message"] = obj.message
         return out
     raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
 
@@ -139,8 +301,9 @@ def _encode_default(obj: object) -> object:
 def job_serializer(obj: Any) -> bytes:
     """arq's job and result encoding: orjson, so no pickle ever crosses the wire.
 
-    A failed job's result comes back to `job.result()` as arq's SerializationError whose
-    argument is {"error", "message", "code", "details"}.
+    A failed job's result is stored as {"error", "message", "code", "details"}; `job_result`
+    turns it into the SDK's typed error (arq's own `job.result()` raises SerializationError
+    with that dict as its argument).
     """
     return orjson.dumps(obj, default=_encode_default)
 
@@ -149,8 +312,54 @@ def job_deserializer(data: bytes) -> Any:
     return orjson.loads(data)
 
 
+# -- the client side of the job path ---------------------------------------------------------------------
+
+
+async def create_job_pool(redis_url: str) -> ArqRedis:
+    """An arq pool that speaks layermux's job encoding (orjson). Close it with `await pool.aclose()`."""
+    return await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=job_serializer,
+                             job_deserializer=job_deserializer)
+
+
+async def enqueue_generate(pool: ArqRedis, model: str, *, prefix: str = "lmx", job_id: str | None = None,
+                           **kwargs: Any) -> Job:
+    """Put a `generate` job on the model's own queue (see the module docstring).
+
+    kwargs: one of prompt / messages / prompt_ids, and sampling parameters. Raises
+    UnknownModelError when no worker serves the model (its limits hash is absent), as submit does.
+    """
+    keys = Keys(prefix)
+    if not await pool.exists(keys.limits(model)):
+        raise UnknownModelError("unknown_model", f"no worker serves model {model!r}", {"model": model})
+    job = await pool.enqueue_job("generate", model, _queue_name=keys.arq_queue(model), _job_id=job_id, **kwargs)
+    if job is None:
+        raise LayermuxClientError("invalid_request", f"a job with id {job_id!r} exists already", {"job_id": job_id})
+    return job
+
+
+async def job_result(job: Job, timeout: float | None = None) -> dict[str, Any]:
+    """The job's {text, token_ids, finish_reason, usage}; a failure raises the SDK's typed error
+    (RejectedError, WorkerFailureError, ...), a timeout asyncio.TimeoutError (the job keeps running)."""
+    try:
+        result = await job.result(timeout=timeout)
+    except SerializationError as e:
+        failure = e.args[0] if e.args else None
+        if isinstance(failure, dict) and isinstance(failure.get("code"), str):
+            details = failure.get("details")
+            raise error_for_code(failure["code"], str(failure.get("message", "")),
+                                 details if isinstance(details, dict) else None,
+                                 request_id=f"arq:{job.job_id}") from None
+        raise
+    if not isinstance(result, dict):
+        raise LayermuxClientError("invalid_reply", f"job {job.job_id}: expected a result object, found {result!r}")
+    return result
+
+
 class WorkerSettings:
-    """`arq worker.arq_app.WorkerSettings`: settings from env LAYERMUX_CONFIG / LAYERMUX_* at import."""
+    """`arq worker.arq_app.WorkerSettings`: settings from env LAYERMUX_CONFIG / LAYERMUX_* at import.
+
+    arq's CLI runs this worker on the first model's queue; on_startup adds one for each other model.
+    """
 
     job_serializer = staticmethod(job_serializer)
     job_deserializer = staticmethod(job_deserializer)
@@ -159,33 +368,59 @@ class WorkerSettings:
     on_startup = on_startup
     on_shutdown = on_shutdown
     redis_settings = redis_settings_for(_IMPORT_SETTINGS)
+    queue_name = _queue_of_first_model(_IMPORT_SETTINGS)
     job_timeout = JOB_TIMEOUT_S
-    max_jobs = _max_jobs(_IMPORT_SETTINGS)
+    max_jobs = _max_jobs(_IMPORT_SETTINGS.models[0].max_running if _IMPORT_SETTINGS and _IMPORT_SETTINGS.models
+                         else 10)
     keep_result = 3600
 
 
-def run(config_path: str | None = None) -> None:
-    """Run the worker until SIGTERM/SIGINT (`layermux worker --config FILE`). Raises ConfigError."""
-    settings = load_settings(config_path)
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def run(config_path: str | None = None, *, settings: Settings | None = None) -> int | None:
+    """Run the worker until SIGTERM/SIGINT (`layermux worker --config FILE`); returns the signal number
+    that stopped it. Raises ConfigError, ModelFileError / UnsupportedModelError (checked before Redis),
+    RedisUnreachableError, CapacityError (the models do not fit the budget)."""
+    if settings is None:
+        settings = load_settings(config_path)
+    check_model_files(settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedded = None
     if settings.redis_url is None:
         from .embedded_redis import EmbeddedRedis
 
-        embedded = EmbeddedRedis().start()
+        port = EMBEDDED_REDIS_PORT if _port_free(EMBEDDED_REDIS_PORT) else None
+        embedded = EmbeddedRedis(port=port).start()
+        _AT_FORCED_EXIT.append(embedded.close)
         settings = settings.model_copy(update={"redis_url": embedded.url})
-        print(f"layermux: started an embedded redis-server at {embedded.url}", flush=True)
+        print(f"layermux: started an embedded redis-server at {embedded.url} (it stops with this worker);\n"
+              f"layermux: to reach it from another shell: export LAYERMUX_REDIS_URL={embedded.url}", flush=True)
+    else:
+        check_redis(settings.redis_url)
+    if settings.redis_mode != "standalone":  # Cluster / Sentinel: the stream path only (arq needs one server)
+        from .runtime import serve_until_signal
+
+        return asyncio.run(serve_until_signal(settings))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
+        first = settings.models[0]
         worker = _Worker(
             functions=WorkerSettings.functions,
+            queue_name=Keys(settings.key_prefix).arq_queue(first.name),
             on_startup=on_startup,
             on_shutdown=on_shutdown,
             redis_settings=redis_settings_for(settings),
             job_timeout=JOB_TIMEOUT_S,
-            max_jobs=_max_jobs(settings),
+            max_jobs=_max_jobs(first.max_running),
             keep_result=WorkerSettings.keep_result,
             job_serializer=job_serializer,
             job_deserializer=job_deserializer,
@@ -199,10 +434,12 @@ def run(config_path: str | None = None) -> None:
             runtime = worker.ctx.get(CTX_RUNTIME)
             if isinstance(runtime, Runtime):
                 loop.run_until_complete(runtime.drain())
+        return worker.stop_signal
     finally:
         asyncio.set_event_loop(None)
         loop.close()
         if embedded is not None:
+            _AT_FORCED_EXIT.remove(embedded.close)
             embedded.close()
 
 

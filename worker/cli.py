@@ -426,16 +426,28 @@ def _human(n_bytes: Any) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a worker until a signal. Bad configuration or model files (checked before Redis is touched)
+    are exit 2; an unreachable Redis, models that do not fit the budget or an engine failure are exit 1;
+    after Ctrl-C (SIGINT) the exit status is 130, after SIGTERM 0."""
     if args.config is not None and not Path(args.config).is_file():
         raise UsageError(f"config file not found: {args.config}")
-    from worker.arq_app import run
-    from worker.settings import ConfigError
+    import signal
+
+    from engine.errors import CapacityError, LayermuxError, ModelFileError, UnsupportedModelError
+    from worker.arq_app import RedisUnreachableError, run
+    from worker.settings import ConfigError, load_settings
 
     try:
-        run(args.config)
-    except ConfigError as e:
+        settings = load_settings(args.config)
+        stopped_by = run(settings=settings)
+    except (ConfigError, ModelFileError, UnsupportedModelError) as e:
         raise UsageError(str(e)) from e
-    return EXIT_OK
+    except CapacityError as e:
+        raise CommandFailed(f"the models do not fit the device budget: {e}; raise [device] budget or serve "
+                            "fewer or smaller models") from e
+    except (LayermuxError, RedisUnreachableError) as e:
+        raise CommandFailed(str(e)) from e
+    return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
