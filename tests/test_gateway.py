@@ -568,3 +568,12 @@ def test_metrics_of_gateway_and_worker_through_prometheus_client(stack: Stack) -
                if s.labels.get("route") == "chat_completions" and s.labels.get("status") == "200")
     assert any(s.name.endswith("_count") and s.value >= 1 for s in gw["layermux_gateway_time_to_first_token_seconds"]
                .samples if s.labels.get("model") == "tiny")
+    worker_text = httpx.get(f"http://127.0.0.1:{stack.worker_metrics_port}/metrics", timeout=WAIT_S).text
+    worker = {f.name: f for f in text_string_to_metric_families(worker_text)}
+    for name in ("layermux_done", "layermux_queue_wait_seconds", "layermux_backlog", "layermux_ledger_bytes",
+                 "layermux:time_to_first_token_seconds", "layermux:time_per_output_token_seconds",
+                 "layermux:request_queue_time_seconds", "layermux:e2e_request_latency_seconds"):
+        assert name in worker, (name, sorted(worker))
+    ttft = [s for s in worker["layermux:time_to_first_token_seconds"].samples
+            if s.name.endswith("_count") and s.labels.get("model") == "tiny"]
+    assert ttft and ttft[0].value >= 1

@@ -601,15 +601,23 @@ def test_metrics_endpoint_serves_prometheus_text(redis_url: str, models: dict[st
         text = await get(rt.metrics_port, "/metrics")
         head, _, exposition = text.partition("\r\n\r\n")
         assert head.startswith("HTTP/1.1 200 OK") and "text/plain; version=0.0.4" in head
-        lines = exposition.splitlines()
-        assert 'layermux_done_total{worker="test-worker",model="tiny"} 1' in lines
-        assert 'layermux_tokens_generated_total{worker="test-worker",model="tiny"} 5' in lines
-        assert 'layermux_refused_total{worker="test-worker",model="tiny",code="max_tokens_over_limit"} 1' in lines
-        assert 'layermux_queue_wait_seconds_count{worker="test-worker",model="tiny"} 1' in lines
-        assert 'layermux_queue_wait_seconds_bucket{worker="test-worker",model="tiny",le="+Inf"} 1' in lines
-        assert 'layermux_backlog{worker="test-worker",model="tiny"} 0' in lines
-        cap = rt.driver.ledger()["cap_bytes"]
-        assert f'layermux_ledger_bytes{{worker="test-worker",kind="cap"}} {cap}' in lines
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(exposition) for s in f.samples}
+
+        def value(name: str, **labels: str) -> float:
+            return samples[(name, tuple(sorted({"worker": "test-worker", **labels}.items())))]
+
+        assert value("layermux_done_total", model="tiny") == 1
+        assert value("layermux_tokens_generated_total", model="tiny") == 5
+        assert value("layermux_refused_total", model="tiny", code="max_tokens_over_limit") == 1
+        assert value("layermux_queue_wait_seconds_count", model="tiny") == 1
+        assert value("layermux_queue_wait_seconds_bucket", model="tiny", le="+Inf") == 1
+        assert value("layermux:time_to_first_token_seconds_count", model="tiny") == 1
+        assert value("layermux:time_per_output_token_seconds_count", model="tiny") == 1
+        assert value("layermux_backlog", model="tiny") == 0
+        assert value("layermux_ledger_bytes", kind="cap") == rt.driver.ledger()["cap_bytes"]
         assert (await get(rt.metrics_port, "/nope")).startswith("HTTP/1.1 404")
 
     settings = make_settings(redis_url, models, metrics_port=0, metrics_host="127.0.0.1")

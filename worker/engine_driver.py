@@ -159,6 +159,7 @@ class EngineDriver:
         detokenizer_factory: Callable[[Any, list[int]], Any] = _default_detokenizer_factory,
         sampling_params: Callable[..., Any] = _default_sampling_params,
         on_tokens_generated: Callable[[str, int], None] | None = None,
+        on_finished: Callable[[str, Outcome], None] | None = None,
     ) -> None:
         self.settings = settings
         self.capacity = CapacitySignal()
@@ -170,6 +171,7 @@ class EngineDriver:
         self._detokenizer_factory = detokenizer_factory
         self._sampling_params = sampling_params
         self._on_tokens_generated = on_tokens_generated
+        self._on_finished = on_finished  # (model, outcome) of every run that finishes, for metrics
         self._runs: dict[int, Run] = {}  # eng_id -> run (until the engine's final event)
         self._by_request: dict[str, Run] = {}  # request_id -> run (same lifetime)
         self._n_running: dict[str, int] = {m.name: 0 for m in settings.models}
@@ -534,6 +536,8 @@ class EngineDriver:
             run.timer.cancel()
             run.timer = None
         self._safe(run.sink.on_finish, run, outcome)
+        if self._on_finished is not None:
+            self._safe(self._on_finished, run.model, outcome)
 
     def _retire(self, run: Run) -> None:
         """The engine is done with the run (or we stopped listening): forget it, free its slot."""

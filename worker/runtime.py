@@ -116,7 +116,7 @@ class Runtime:
         self.keys = Keys(settings.key_prefix)
         self.metrics = Metrics([m.name for m in settings.models], settings.worker_id)
         self.driver = EngineDriver(settings, engine_factory=engine_factory,
-                                   on_tokens_generated=self._count_tokens)
+                                   on_tokens_generated=self._count_tokens, on_finished=self._observe_finished)
         self.redis: aioredis.Redis | None = None
         self.publisher: Publisher | None = None
         self.consumers: dict[str, ModelConsumer] = {}
@@ -368,6 +368,10 @@ class Runtime:
 
     def _count_tokens(self, model: str, n: int) -> None:
         self.metrics[model].tokens_generated += n
+
+    def _observe_finished(self, model: str, outcome: Outcome) -> None:
+        if outcome.kind == "done":
+            self.metrics[model].observe_done(outcome.usage)
 
     def _on_acked(self, entry: AckEntry) -> None:
         c = self.consumers.get(entry.model)
