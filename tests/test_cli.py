@@ -315,6 +315,24 @@ def test_generate_with_a_token_id_outside_the_vocabulary_exits_2(tiny_model: Pat
     assert "Traceback" not in proc.stderr
 
 
+def test_generate_with_a_prompt_that_is_not_utf8_exits_2_in_one_line(tiny_model: Path) -> None:
+    proc = run_cli("generate", str(tiny_model), "--prompt", os.fsdecode(b"caf\xe9 au lait"))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "layermux generate: error: prompt: expected valid Unicode text in prompt, found a lone surrogate; "
+        "pass the prompt as UTF-8 text"]
+
+
+@pytest.mark.parametrize("flag", ["--max-tokens", "--seed"])
+def test_generate_with_a_number_past_the_protocol_range_exits_2_in_one_line(tiny_model: Path, flag: str) -> None:
+    proc = run_cli("generate", str(tiny_model), "--prompt-ids", "1,2", flag, "999999999999999999999")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "expected less than or equal to" in lines[0], proc.stderr
+
+
 def test_generate_on_a_folder_without_a_model_exits_2(tmp_path: Path) -> None:
     proc = run_cli("generate", str(tmp_path), "--prompt-ids", "1,2")
     assert proc.returncode == 2

@@ -263,6 +263,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs --prompt (a chat message is text, not token ids)")
 
+    _check_generate_request(args, _model_name(model_dir))
+
     import engine
     from engine.errors import InvalidRequestError, LayermuxError, ModelFileError, UnsupportedModelError
     from engine.text import IncrementalDetokenizer, Tokenizer
@@ -362,6 +364,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandFailed(str(e)) from e
     finally:
         eng.close()
+
+
+def _check_generate_request(args: argparse.Namespace, name: str) -> None:
+    """The checks `submit` makes (the wire protocol's ranges, UTF-8 text), so that `generate` refuses
+    the same input with the same one-line message instead of a crash deeper down."""
+    from producer_sdk.client import build_request
+    from producer_sdk.errors import ProtocolError
+
+    chat = args.chat and args.prompt is not None
+    try:
+        build_request(
+            name, prompt=None if chat else args.prompt,
+            messages=[{"role": "user", "content": args.prompt}] if chat else None,
+            prompt_ids=args.prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+            ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+    except ProtocolError as e:
+        hint = "; pass the prompt as UTF-8 text" if "surrogate" in e.message else ""
+        raise UsageError(e.message + hint) from e
 
 
 def _stream_events(eng: Any, detok: Any, out: TextIO | None) -> tuple[Any, list[int]]:
