@@ -29,21 +29,49 @@ def _token_str(value: Any) -> str | None:
     return None
 
 
-class Tokenizer:
-    """A model's tokenizer (tokenizer.json) with its chat template (tokenizer_config.json)."""
+def _default_template(template: Any) -> str | None:
+    if isinstance(template, list):  # named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
-    def __init__(self, tok: HfTokenizer, config: dict[str, Any], eos_ids: list[int], source: str) -> None:
+
+def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """The chat template, where Hugging Face puts it: chat_template.jinja (transformers >= 4.47 writes
+    it there, and it wins over the others as in transformers), chat_template.json's "chat_template",
+    then tokenizer_config.json's "chat_template"."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelFileError(f"{jinja}: cannot be read as UTF-8 text ({e})") from e
+    as_json = model_dir / "chat_template.json"
+    if as_json.is_file():
+        try:
+            loaded = orjson.loads(as_json.read_bytes())
+        except orjson.JSONDecodeError as e:
+            raise ModelFileError(f"{as_json}: not valid JSON ({e})") from e
+        template = _default_template(loaded.get("chat_template") if isinstance(loaded, dict) else None)
+        if template is not None:
+            return template
+    return _default_template(config.get("chat_template"))
+
+
+class Tokenizer:
+    """A model's tokenizer (tokenizer.json) with its chat template (chat_template.jinja or
+    tokenizer_config.json)."""
+
+    def __init__(self, tok: HfTokenizer, config: dict[str, Any], eos_ids: list[int], source: str,
+                 chat_template: str | None = None) -> None:
         self._tok = tok
         self._config = config
         self._source = source
         self.eos_token_ids = eos_ids
         self.bos_token = _token_str(config.get("bos_token"))
         self.eos_token = _token_str(config.get("eos_token"))
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        self.chat_template: str | None = (
+            chat_template if chat_template is not None else _default_template(config.get("chat_template")))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -69,13 +97,19 @@ class Tokenizer:
 
         model_cfg = model_dir / "config.json"
         if model_cfg.is_file():
-            eos = eos_token_ids(model_dir, orjson.loads(model_cfg.read_bytes()))
+            try:
+                model_doc = orjson.loads(model_cfg.read_bytes())
+            except orjson.JSONDecodeError as e:
+                raise ModelFileError(f"{model_cfg}: not valid JSON ({e}); expected a Hugging Face config.json") from e
+            if not isinstance(model_doc, dict):
+                raise ModelFileError(f"{model_cfg}: expected a JSON object, found {type(model_doc).__name__}")
+            eos = eos_token_ids(model_dir, model_doc)
         eos_str = _token_str(config.get("eos_token"))
         if eos_str is not None:
             eos_id = tok.token_to_id(eos_str)
             if eos_id is not None and eos_id not in eos:
                 eos.append(eos_id)
-        return cls(tok, config, eos, str(model_dir))
+        return cls(tok, config, eos, str(model_dir), _read_chat_template(model_dir, config))
 
     @property
     def vocab_size(self) -> int:
@@ -91,7 +125,8 @@ class Tokenizer:
         """Renders messages with the model's own template in a jinja2 sandbox."""
         if self.chat_template is None:
             raise ChatTemplateError(
-                f"{self._source}: the model has no chat_template in tokenizer_config.json; send a plain prompt instead"
+                f"{self._source}: the model has no chat template (no chat_template.jinja, and no chat_template "
+                "in tokenizer_config.json); send a plain prompt instead (without --chat)"
             )
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined, autoescape=False

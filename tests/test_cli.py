@@ -320,8 +320,8 @@ def test_generate_with_a_prompt_that_is_not_utf8_exits_2_in_one_line(tiny_model:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "layermux generate: error: prompt: expected valid Unicode text in prompt, found a lone surrogate; "
-        "pass the prompt as UTF-8 text"]
+        ("layermux generate: error: prompt: expected valid Unicode text in prompt, found a lone surrogate; "
+         "pass the prompt as UTF-8 text")]
 
 
 @pytest.mark.parametrize("flag", ["--max-tokens", "--seed"])
@@ -331,6 +331,51 @@ def test_generate_with_a_number_past_the_protocol_range_exits_2_in_one_line(tiny
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "expected less than or equal to" in lines[0], proc.stderr
+
+
+def test_generate_names_a_broken_config_json(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "broken-config"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text("{not json")
+    proc = run_cli("generate", str(model), "--prompt", "hi")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{model / 'config.json'}: not valid JSON" in lines[0], proc.stderr
+    assert "tokenizer" not in lines[0]
+
+
+def test_generate_chat_without_a_template_exits_2_in_one_line(tiny_model: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    proc = run_cli("generate", str(model), "--prompt", "hi", "--chat")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no chat template" in lines[0] and "without --chat" in lines[0], proc.stderr
+
+
+def test_generate_chat_on_a_folder_saved_by_transformers(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "saved"
+    shutil.copytree(tiny_model, model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(model))
+    assert (model / "chat_template.jinja").is_file()
+    proc = run_cli("generate", str(model), "--prompt", "Hello", "--chat", "--max-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["token_ids"]
 
 
 def test_generate_on_a_folder_without_a_model_exits_2(tmp_path: Path) -> None:

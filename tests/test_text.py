@@ -195,3 +195,38 @@ def test_template_escaping_the_sandbox_raises_a_clear_error(model_dir: Path, tmp
     assert attribute in str(info.value) and re.search("sandbox|unsafe", str(info.value), re.IGNORECASE), str(info.value)
     assert not marker.exists(), "the template ran a shell command"
     assert messages == [{"role": "user", "content": "hi"}], "the template modified the caller's messages"
+
+
+def saved_by_transformers(src: Path, dst: Path) -> Path:
+    """src's weights and config with the tokenizer as the installed transformers saves it (save_pretrained):
+    transformers 5 writes the chat template to chat_template.jinja, not into tokenizer_config.json."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (dst / name).unlink(missing_ok=True)
+    hf = AutoTokenizer.from_pretrained(str(src))
+    hf.save_pretrained(str(dst))
+    return dst
+
+
+def test_chat_template_saved_by_transformers_is_read_and_renders_like_hf(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    saved = saved_by_transformers(model_dir, tmp_path / "saved")
+    tok = Tokenizer.from_model_dir(saved)
+    assert tok.chat_template is not None
+    messages = [{"role": "user", "content": "Hello there"}]
+    hf = AutoTokenizer.from_pretrained(str(saved))
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == expected
+
+
+def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir: Path, tmp_path: Path) -> None:
+    from engine.errors import ModelFileError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], oops}')
+    with pytest.raises(ModelFileError, match=re.escape(str(broken / "config.json")) + ": not valid JSON"):
+        Tokenizer.from_model_dir(broken)

@@ -266,22 +266,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_request(args, _model_name(model_dir))
 
     import engine
-    from engine.errors import InvalidRequestError, LayermuxError, ModelFileError, UnsupportedModelError
+    from engine.errors import (
+        ChatTemplateError,
+        InvalidRequestError,
+        LayermuxError,
+        ModelFileError,
+        UnsupportedModelError,
+    )
     from engine.text import IncrementalDetokenizer, Tokenizer
 
     out, err = sys.stdout, sys.stderr
     name = _model_name(model_dir)
     try:
         tok = Tokenizer.from_model_dir(str(model_dir))
+    except ModelFileError as e:  # names the file that is broken (tokenizer.json, config.json, ...)
+        if args.prompt is not None:
+            raise UsageError(str(e)) from e
+        tok = None  # token ids in, token ids out; "text" stays empty
     except (OSError, ValueError, LayermuxError) as e:
         if args.prompt is not None:
             raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from e
-        tok = None  # token ids in, token ids out; "text" stays empty
+        tok = None
 
     if args.prompt is not None:
         assert tok is not None
         if args.chat:
-            rendered = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+            try:
+                rendered = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                   add_generation_prompt=True)
+            except ChatTemplateError as e:
+                raise UsageError(str(e)) from e
             prompt_ids = tok.encode(rendered, add_special_tokens=False)
         else:
             prompt_ids = tok.encode(args.prompt, add_special_tokens=True)
