@@ -16,8 +16,58 @@ const char* dtype_name(DType t) {
         case DType::Q4_0: return "q4_0";
         case DType::Q8_0X16: return "q8_0x16";
         case DType::Q4_0X16: return "q4_0x16";
+        case DType::Q4_1: return "q4_1";
+        case DType::Q5_0: return "q5_0";
+        case DType::Q5_1: return "q5_1";
+        case DType::Q2_K: return "q2_k";
+        case DType::Q3_K: return "q3_k";
+        case DType::Q4_K: return "q4_k";
+        case DType::Q5_K: return "q5_k";
+        case DType::Q6_K: return "q6_k";
     }
     return "?";
+}
+
+int64_t dtype_block_elems(DType t) {
+    switch (t) {
+        case DType::F32:
+        case DType::F16:
+        case DType::BF16: return 1;
+        case DType::Q8_0:
+        case DType::Q4_0:
+        case DType::Q8_0X16:
+        case DType::Q4_0X16:
+        case DType::Q4_1:
+        case DType::Q5_0:
+        case DType::Q5_1: return 32;
+        case DType::Q2_K:
+        case DType::Q3_K:
+        case DType::Q4_K:
+        case DType::Q5_K:
+        case DType::Q6_K: return 256;
+    }
+    return 1;
+}
+
+int64_t dtype_block_bytes(DType t) {
+    switch (t) {
+        case DType::F32: return 4;
+        case DType::F16:
+        case DType::BF16: return 2;
+        case DType::Q8_0:
+        case DType::Q8_0X16: return kQ8BlockBytes;
+        case DType::Q4_0:
+        case DType::Q4_0X16: return kQ4BlockBytes;
+        case DType::Q4_1: return 20;
+        case DType::Q5_0: return 22;
+        case DType::Q5_1: return 24;
+        case DType::Q2_K: return 84;
+        case DType::Q3_K: return 110;
+        case DType::Q4_K: return 144;
+        case DType::Q5_K: return 176;
+        case DType::Q6_K: return 210;
+    }
+    return 4;
 }
 
 DType dtype_from_name(const std::string& s) {
@@ -29,18 +79,7 @@ DType dtype_from_name(const std::string& s) {
     throw InvalidArgument("weight format: expected one of f32, f16, bf16, q8_0, q4_0; found '" + s + "'");
 }
 
-int64_t row_bytes(DType t, int64_t n_cols) {
-    switch (t) {
-        case DType::F32: return n_cols * 4;
-        case DType::F16:
-        case DType::BF16: return n_cols * 2;
-        case DType::Q8_0:
-        case DType::Q8_0X16: return n_cols / kQ8BlockElems * kQ8BlockBytes;
-        case DType::Q4_0:
-        case DType::Q4_0X16: return n_cols / kQ8BlockElems * kQ4BlockBytes;
-    }
-    return 0;
-}
+int64_t row_bytes(DType t, int64_t n_cols) { return n_cols / dtype_block_elems(t) * dtype_block_bytes(t); }
 
 uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
     uint64_t r;

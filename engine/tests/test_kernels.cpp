@@ -1005,7 +1005,12 @@ TEST(kernel_convert_rows_q4_0_follows_llama_cpp_and_bounds_the_error) {
     }
     CHECK(back[70] == -1e3f || std::fabs(back[70] + 1e3f) <= 1e3f * 0x1p-11);  // the extreme maps to nibble 0 exactly
     CHECK_THROWS(convert_rows(x.data(), DType::F32, q.data(), DType::Q4_0, 1, 40), InvalidArgument, "divisible by 32");
-    CHECK_THROWS(convert_rows(q.data(), DType::Q4_0, x.data(), DType::F32, 1, 32), InvalidArgument, "q4_0");
+    // q4_0 as a source dequantises (a GGUF file loaded with --weights f32): exactly dequantize_row's values
+    std::vector<float> deq(32), row(32);
+    convert_rows(q.data(), DType::Q4_0, deq.data(), DType::F32, 1, 32);
+    dequantize_row(WeightView{q.data(), DType::Q4_0, 1, 32}, 0, row.data());
+    CHECK(std::memcmp(deq.data(), row.data(), 32 * sizeof(float)) == 0);
+    CHECK_THROWS(convert_rows(x.data(), DType::F32, q.data(), DType::Q4_1, 1, 32), InvalidArgument, "cannot quantise to q4_1");
 }
 
 TEST(kernel_isa_names_the_best_supported_table) {

@@ -106,11 +106,16 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
                               std::to_string(n_outs));
     const WeightView& w0 = outs[0].w;
     for (int j = 1; j < n_outs; ++j)
-        if (outs[j].w.n_in != w0.n_in || outs[j].w.dtype != w0.dtype || outs[j].w.precision != w0.precision)
-            throw InvalidArgument("matmul_many: every output needs the same n_in, weight format and precision");
-    if (dtype_is_blocked(w0.dtype) && w0.n_in % kQ8BlockElems != 0)
-        throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
-                              " weights need n_in % 32 == 0, found n_in=" + std::to_string(w0.n_in));
+        if (outs[j].w.n_in != w0.n_in || outs[j].w.precision != w0.precision ||
+            (outs[j].w.dtype != w0.dtype && (dtype_is_blocked(outs[j].w.dtype) || dtype_is_blocked(w0.dtype) ||
+                                             outs[j].w.dtype == DType::BF16 || w0.dtype == DType::BF16)))
+            throw InvalidArgument("matmul_many: every output needs the same n_in and precision, and the same weight "
+                                  "format when one is q8_0 / q4_0 / bf16 (their fast paths share activations)");
+    for (int j = 0; j < n_outs; ++j)
+        if (outs[j].w.n_in % dtype_block_elems(outs[j].w.dtype) != 0)
+            throw InvalidArgument(std::string("matmul: ") + dtype_name(outs[j].w.dtype) + " weights need n_in % " +
+                                  std::to_string(dtype_block_elems(outs[j].w.dtype)) +
+                                  " == 0, found n_in=" + std::to_string(outs[j].w.n_in));
     if (dtype_is_x16(w0.dtype))
         for (int j = 0; j < n_outs; ++j)
             if (outs[j].w.n_out % kX16Rows != 0)

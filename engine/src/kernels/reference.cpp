@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels_impl.h"
+#include "quants.h"
 
 namespace lmx {
 
@@ -52,6 +53,7 @@ inline float weight_at(const uint8_t* row, DType t, int64_t i) {
         }
         case DType::Q8_0X16:
         case DType::Q4_0X16: break;  // not row-contiguous: see dequantize_row
+        default: break;              // the GGUF block formats: row_to_f32 dequantises whole blocks
     }
     return 0.0f;
 }
@@ -133,6 +135,14 @@ void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
             return;
         case DType::Q8_0X16:
         case DType::Q4_0X16: assert(false && "x16 rows are not contiguous: dequantize_row reads them"); return;
+        case DType::Q4_1:
+        case DType::Q5_0:
+        case DType::Q5_1:
+        case DType::Q2_K:
+        case DType::Q3_K:
+        case DType::Q4_K:
+        case DType::Q5_K:
+        case DType::Q6_K: dequantize_blocks(src_t, src, n / dtype_block_elems(src_t), out); return;
     }
 }
 
@@ -141,8 +151,14 @@ void row_to_f32(const uint8_t* src, DType src_t, int64_t n, float* out) {
 // ---- conversion ----
 
 void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t n_rows, int64_t n_cols) {
-    if (dtype_is_blocked(src_t))
+    if (dtype_is_x16(src_t))
         throw InvalidArgument(std::string("convert_rows: source format ") + dtype_name(src_t) + " is not supported");
+    if (src_t != dst_t && dtype_is_gguf_quant(dst_t))
+        throw InvalidArgument(std::string("convert_rows: cannot quantise to ") + dtype_name(dst_t) +
+                              " (a GGUF file's format, loaded as stored)");
+    if (n_cols % dtype_block_elems(src_t) != 0)
+        throw InvalidArgument(std::string("convert_rows: ") + dtype_name(src_t) + " needs a row length divisible by " +
+                              std::to_string(dtype_block_elems(src_t)) + ", found " + std::to_string(n_cols));
     if (dtype_is_blocked(dst_t) && n_cols % kQ8BlockElems != 0)
         throw InvalidArgument(std::string("convert_rows: ") + dtype_name(dst_t) +
                               " needs a row length divisible by 32, found " + std::to_string(n_cols));
@@ -183,6 +199,7 @@ void convert_rows(const void* src, DType src_t, void* dst, DType dst_t, int64_t 
             case DType::Q4_0X16:
                 throw InvalidArgument(std::string("convert_rows: convert to q8_0 / q4_0, then repack_x16 to ") +
                                       dtype_name(dst_t));
+            default: break;  // GGUF block formats: refused above
         }
     }
 }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "simd.h"
+#include "simd_quants.h"
 
 namespace lmx {
 namespace simd {
@@ -229,6 +230,14 @@ static void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, floa
         case DType::Q4_0: mm_rows<S, LoadQ4<S>>(w, x, n_tok, y, bias, row0, row1); break;
         case DType::Q8_0X16:
         case DType::Q4_0X16: break;  // never here: matmul_many sends them to matmul_rows_x16
+        case DType::Q4_1:
+        case DType::Q5_0:
+        case DType::Q5_1:
+        case DType::Q2_K:
+        case DType::Q3_K:
+        case DType::Q4_K:
+        case DType::Q5_K:
+        case DType::Q6_K: mm_rows_deq<S>(w, x, n_tok, y, bias, row0, row1); break;
     }
 }
 

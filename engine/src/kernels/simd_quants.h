@@ -1,0 +1,79 @@
+// kernels/simd_quants.h — the exact matmul over GGUF block formats (Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K).
+// Owner: kernels (quant formats). Included only by the ISA files, after simd.h.
+// Thread-safety: pure functions; the caller splits rows across threads.
+//
+// A register tile of R rows x T tokens walks the reduction one block at a time: the R rows'
+// block is dequantised (dequantize_blocks, the scalar definition, built for baseline x86-64)
+// into an f32 buffer, then the tile's FMA steps of 16 run over it. The accumulation order is
+// simd_matmul.h's (lane j sums elements j, j+16, ... in order; hsum's tree; + bias), and the
+// dequantised values are exactly the reference's, so the result is bitwise simd_matmul.h's
+// f32 matmul of the dequantised matrix — batch- and thread-invariant, the same on every ISA.
+// Dequantisation costs once per (row, token tile); the FMA work is that of f32.
+#pragma once
+
+#include <cstdint>
+
+#include "quants.h"
+#include "simd.h"
+
+namespace lmx {
+namespace simd {
+
+constexpr int64_t kDeqMaxBlock = 256;  // values per block of the largest format (the K quants)
+
+template <class S, int R, int T>
+static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t w_stride, const float* x,
+                               float* y, int64_t y_stride, const float* bias) {
+    using V = typename S::V;
+    const int64_t n_in = w.n_in, be = dtype_block_elems(w.dtype), bb = dtype_block_bytes(w.dtype);
+    alignas(64) float buf[R][kDeqMaxBlock];
+    V acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = S::zero();
+    for (int64_t b = 0; b < n_in / be; ++b) {
+        for (int r = 0; r < R; ++r) dequantize_blocks(w.dtype, wrow + r * w_stride + b * bb, 1, buf[r]);
+        for (int64_t s = 0; s < be / kLanes; ++s) {
+            V xv[T];
+            for (int t = 0; t < T; ++t) xv[t] = S::load(x + t * n_in + b * be + s * kLanes);
+            for (int r = 0; r < R; ++r) {
+                const V wv = S::load(buf[r] + s * kLanes);
+                for (int t = 0; t < T; ++t) acc[r][t] = S::fmadd(xv[t], wv, acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) {
+            float v = S::hsum(acc[r][t]);
+            if (bias) v += bias[r];
+            y[t * y_stride + r] = v;
+        }
+}
+
+// y[:, row0:row1] for all tokens, tiles of up to kR rows x kT tokens (ragged edges one by one).
+template <class S>
+static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
+                        int64_t row1) {
+    constexpr int kR = 4, kT = 4;
+    const int64_t stride = row_bytes(w.dtype, w.n_in);
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    for (int64_t r = row0; r < row1; r += kR) {
+        const bool full_r = r + kR <= row1;
+        for (int64_t t = 0; t < n_tok; t += kT) {
+            const bool full_t = t + kT <= n_tok;
+            if (full_r && full_t) {
+                mm_tile_deq<S, kR, kT>(w, base + r * stride, stride, x + t * w.n_in, y + t * w.n_out + r, w.n_out,
+                                       bias ? bias + r : nullptr);
+            } else if (full_r && n_tok == 1) {
+                mm_tile_deq<S, kR, 1>(w, base + r * stride, stride, x, y + r, w.n_out, bias ? bias + r : nullptr);
+            } else {
+                for (int64_t rr = r; rr < imin(row1, r + kR); ++rr)
+                    for (int64_t tt = t; tt < imin(n_tok, t + kT); ++tt)
+                        mm_tile_deq<S, 1, 1>(w, base + rr * stride, stride, x + tt * w.n_in, y + tt * w.n_out + rr,
+                                             w.n_out, bias ? bias + rr : nullptr);
+            }
+        }
+    }
+}
+
+}  // namespace simd
+}  // namespace lmx
