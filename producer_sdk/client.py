@@ -26,7 +26,7 @@ from typing import Any, Self
 import redis
 import redis.asyncio
 
-from .connection import DEFAULT_REDIS_URL, make_async_client, make_sync_client
+from .connection import DEFAULT_REDIS_URL, RedisMode, make_async_client, make_sync_client
 from .enqueue import EnqueueOutcome, enqueue_args, enqueue_keys, enqueue_script_source, parse_enqueue_reply
 from .errors import ProtocolError, QueueFullError, UnknownModelError
 from .handle import AsyncHandle, Handle
@@ -132,15 +132,21 @@ class AsyncProducer:
         *,
         password: str | None = None,
         client: redis.asyncio.Redis | None = None,
+        redis_mode: RedisMode = "standalone",
+        redis_urls: Sequence[str] = (),
+        sentinel_master: str | None = None,
     ) -> None:
         """`redis_url` may be rediss:// for TLS (ssl_* options go in its query string).
 
-        Pass `client` to use your own redis-py client (Sentinel, Cluster, ...); the producer
-        then does not close it, and its retry policy is yours.
+        `redis_mode` "cluster": `redis_url` (and `redis_urls`) are Redis Cluster seed nodes;
+        "sentinel": they are Sentinels and `sentinel_master` names the master set
+        (producer_sdk/connection.py). Pass `client` to use your own redis-py client; the
+        producer then does not close it, and its retry policy is yours.
         """
         self.keys = Keys(prefix)
         self._owns_client = client is None
-        self._redis = make_async_client(redis_url, password) if client is None else client
+        self._redis = make_async_client(redis_url, password, mode=redis_mode, urls=redis_urls,
+                                        sentinel_master=sentinel_master) if client is None else client
         self._enqueue = self._redis.register_script(enqueue_script_source())
 
     async def submit(
@@ -176,15 +182,17 @@ class AsyncProducer:
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             priority=priority, deadline_s=deadline_s, request_id=request_id,
         )  # fmt: skip
-        reply = await self._enqueue(
-            keys=enqueue_keys(self.keys, model),
-            args=enqueue_args(message.request_id, encode_request(message), message.priority),
-        )
-        outcome = parse_enqueue_reply(reply)
+        keys = enqueue_keys(self.keys, model)
+        args = enqueue_args(message.request_id, encode_request(message), message.priority)
+        outcome = parse_enqueue_reply(await self._enqueue(keys=keys, args=args))
         _raise_for_outcome(outcome, model, message.request_id)
+
+        async def resubmit() -> object:  # the entry was lost in a failover (handle.py, "Lost entries")
+            return await self._enqueue(keys=keys, args=args)
+
         return AsyncHandle(
             self._redis, self.keys, model, message.request_id,
-            entry_id=outcome.entry_id, duplicate=outcome.status == "exists",
+            entry_id=outcome.entry_id, duplicate=outcome.status == "exists", resubmit=resubmit,
         )  # fmt: skip
 
     def attach(self, model: str, request_id: str) -> AsyncHandle:
@@ -214,11 +222,15 @@ class Producer:
         *,
         password: str | None = None,
         client: redis.Redis | None = None,
+        redis_mode: RedisMode = "standalone",
+        redis_urls: Sequence[str] = (),
+        sentinel_master: str | None = None,
     ) -> None:
         """See AsyncProducer.__init__."""
         self.keys = Keys(prefix)
         self._owns_client = client is None
-        self._redis = make_sync_client(redis_url, password) if client is None else client
+        self._redis = make_sync_client(redis_url, password, mode=redis_mode, urls=redis_urls,
+                                       sentinel_master=sentinel_master) if client is None else client
         self._enqueue = self._redis.register_script(enqueue_script_source())
 
     def submit(
@@ -251,13 +263,14 @@ class Producer:
             frequency_penalty=frequency_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
             priority=priority, deadline_s=deadline_s, request_id=request_id,
         )  # fmt: skip
-        reply = self._enqueue(keys=enqueue_keys(self.keys, model),
-                              args=enqueue_args(message.request_id, encode_request(message), message.priority))
-        outcome = parse_enqueue_reply(reply)
+        keys = enqueue_keys(self.keys, model)
+        args = enqueue_args(message.request_id, encode_request(message), message.priority)
+        outcome = parse_enqueue_reply(self._enqueue(keys=keys, args=args))
         _raise_for_outcome(outcome, model, message.request_id)
         return Handle(
             self._redis, self.keys, model, message.request_id,
             entry_id=outcome.entry_id, duplicate=outcome.status == "exists",
+            resubmit=lambda: self._enqueue(keys=keys, args=args),
         )  # fmt: skip
 
     def attach(self, model: str, request_id: str) -> Handle:

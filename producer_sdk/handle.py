@@ -12,18 +12,28 @@ checked between reads; the block time is cut to the time left, so a healthy conn
 never interrupted mid-command. If a read is interrupted anyway (task cancelled, Ctrl-C),
 redis-py drops that connection, the exception propagates (CancelledError is never
 swallowed), and the next read resumes from the cursor on a fresh connection.
+
+Lost entries. Redis replicates asynchronously: when a master dies (Cluster or Sentinel
+failover), writes it acknowledged just before can be missing on the promoted replica, among
+them a request's entry. A handle that has read nothing for LIVENESS_CHECK_S checks that its
+request still exists (its field in the model's ids hash, which lives until the terminal event
+is written). If it is gone and the reply stream has no terminal event, a handle from submit()
+enqueues the same message again (idempotent on the request id: `resubmits` counts it) and the
+worker that takes it resumes from what the reply stream still holds; a handle from attach(),
+which has no message, raises WorkerFailureError("request_lost"). Nothing waits forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import redis
 import redis.asyncio
 
 from .connection import (
+    LIVENESS_CHECK_S,
     READ_BLOCK_MS,
     READ_COUNT,
     READER_RECONNECT_ATTEMPTS,
@@ -32,7 +42,7 @@ from .connection import (
     reader_backoff_s,
     stream_entries,
 )
-from .errors import RequestTimeoutError
+from .errors import RequestTimeoutError, WorkerFailureError
 from .keys import Keys
 from .protocol import CANCEL_TTL_S, CancelledEvent, DoneEvent, ErrorEvent, Event, TokenEvent
 from .reply import ReplyCursor, Result, error_for_terminal, result_from_terminal
@@ -67,16 +77,36 @@ class _Deadline:
 
 
 class _HandleBase:
-    __slots__ = ("_cursor", "_keys", "_stream", "duplicate", "entry_id", "model", "request_id")
+    __slots__ = ("_cursor", "_heard_at", "_keys", "_stream", "duplicate", "entry_id", "model", "request_id",
+                 "resubmits")
 
     def __init__(self, keys: Keys, model: str, request_id: str, entry_id: str | None, duplicate: bool) -> None:
         self.model = model
         self.request_id = request_id
         self.entry_id = entry_id  # request stream entry id, when known (None after attach())
         self.duplicate = duplicate  # the id was already queued: this submit added nothing
+        self.resubmits = 0  # times the request was enqueued again because its entry was lost (module doc)
         self._keys = keys
         self._stream = keys.events(request_id)
         self._cursor = ReplyCursor(request_id)
+        self._heard_at = time.monotonic()  # last read that returned entries (or the last liveness check)
+
+    def _silent_too_long(self, got_entries: bool) -> bool:
+        now = time.monotonic()
+        if got_entries:
+            self._heard_at = now
+            return False
+        if now - self._heard_at < LIVENESS_CHECK_S:
+            return False
+        self._heard_at = now
+        return True
+
+    def _lost_error(self) -> WorkerFailureError:
+        return WorkerFailureError(
+            "request_lost",
+            f"request {self.request_id}: its queue entry is gone and its reply stream has no terminal event "
+            "(writes lost in a Redis failover); submit it again with the same request_id",
+            {"next_index": self._cursor.next_index}, request_id=self.request_id)
 
     def __repr__(self) -> str:
         state = "finished" if self._cursor.done else f"next_index={self._cursor.next_index}"
@@ -103,7 +133,7 @@ class _HandleBase:
 class AsyncHandle(_HandleBase):
     """A submitted request, for asyncio code."""
 
-    __slots__ = ("_redis",)
+    __slots__ = ("_redis", "_resubmit")
 
     def __init__(
         self,
@@ -114,9 +144,11 @@ class AsyncHandle(_HandleBase):
         *,
         entry_id: str | None = None,
         duplicate: bool = False,
+        resubmit: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         super().__init__(keys, model, request_id, entry_id, duplicate)
         self._redis = client
+        self._resubmit = resubmit  # enqueue the same message again (submit() handles only)
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield StartedEvent(s), TokenEvents, then the terminal event, and stop."""
@@ -155,7 +187,7 @@ class AsyncHandle(_HandleBase):
     async def cancel(self) -> None:
         """Ask the workers to cancel the request (idempotent); its stream ends with `cancelled`."""
         key = self._keys.cancel(self.model)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:  # one key; Cluster has no MULTI here
             pipe.sadd(key, self.request_id)
             pipe.expire(key, CANCEL_TTL_S)
             await pipe.execute()
@@ -166,7 +198,10 @@ class AsyncHandle(_HandleBase):
         while True:
             try:
                 reply = await self._redis.xread({self._stream: self._cursor.last_id}, count=READ_COUNT, block=block_ms)
-                return stream_entries(reply)
+                entries = stream_entries(reply)
+                if self._silent_too_long(bool(entries)):
+                    entries = await self._check_alive()
+                return entries
             except TRANSIENT_ERRORS as e:
                 failures += 1
                 if failures > READER_RECONNECT_ATTEMPTS or not is_transient(e):
@@ -182,10 +217,26 @@ class AsyncHandle(_HandleBase):
                 await asyncio.sleep(delay_s)
 
 
+    async def _check_alive(self) -> Entries:
+        """After a silence: entries that arrived meanwhile, or [] once the request is known to exist
+        (re-enqueued if its entry was lost). See "Lost entries" in the module docstring."""
+        if await self._redis.hexists(self._keys.ids(self.model), self.request_id):  # type: ignore[misc]
+            return []
+        # Gone from the ids hash: finished (its terminal is already in the reply stream) or lost.
+        entries = stream_entries(await self._redis.xread({self._stream: self._cursor.last_id}, count=READ_COUNT))
+        if entries:
+            return entries
+        if self._resubmit is None:
+            raise self._lost_error()
+        await self._resubmit()
+        self.resubmits += 1
+        return []
+
+
 class Handle(_HandleBase):
     """A submitted request, for blocking code (mirrors AsyncHandle)."""
 
-    __slots__ = ("_redis",)
+    __slots__ = ("_redis", "_resubmit")
 
     def __init__(
         self,
@@ -196,9 +247,11 @@ class Handle(_HandleBase):
         *,
         entry_id: str | None = None,
         duplicate: bool = False,
+        resubmit: Callable[[], object] | None = None,
     ) -> None:
         super().__init__(keys, model, request_id, entry_id, duplicate)
         self._redis = client
+        self._resubmit = resubmit  # enqueue the same message again (submit() handles only)
 
     def events(self) -> Iterator[Event]:
         """Yield StartedEvent(s), TokenEvents, then the terminal event, and stop."""
@@ -237,7 +290,7 @@ class Handle(_HandleBase):
     def cancel(self) -> None:
         """Ask the workers to cancel the request (idempotent); its stream ends with `cancelled`."""
         key = self._keys.cancel(self.model)
-        with self._redis.pipeline(transaction=True) as pipe:
+        with self._redis.pipeline(transaction=False) as pipe:  # one key; Cluster has no MULTI here
             pipe.sadd(key, self.request_id)
             pipe.expire(key, CANCEL_TTL_S)
             pipe.execute()
@@ -248,7 +301,10 @@ class Handle(_HandleBase):
         while True:
             try:
                 reply = self._redis.xread({self._stream: self._cursor.last_id}, count=READ_COUNT, block=block_ms)
-                return stream_entries(reply)
+                entries = stream_entries(reply)
+                if self._silent_too_long(bool(entries)):
+                    entries = self._check_alive()
+                return entries
             except TRANSIENT_ERRORS as e:
                 failures += 1
                 if failures > READER_RECONNECT_ATTEMPTS or not is_transient(e):
@@ -262,3 +318,16 @@ class Handle(_HandleBase):
                     delay_s = min(delay_s, left_s)
                     block_ms = deadline.block_ms()
                 time.sleep(delay_s)
+
+    def _check_alive(self) -> Entries:
+        """See AsyncHandle._check_alive."""
+        if self._redis.hexists(self._keys.ids(self.model), self.request_id):
+            return []
+        entries = stream_entries(self._redis.xread({self._stream: self._cursor.last_id}, count=READ_COUNT))
+        if entries:
+            return entries
+        if self._resubmit is None:
+            raise self._lost_error()
+        self._resubmit()
+        self.resubmits += 1
+        return []

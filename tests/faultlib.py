@@ -98,6 +98,8 @@ def write_config(path: Path, *, redis_url: str, prefix: str, worker_id: str, mod
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, (int, float)):
         return repr(value)
     return orjson.dumps(str(value)).decode()  # a JSON string is a valid TOML basic string

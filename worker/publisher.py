@@ -41,10 +41,12 @@ from dataclasses import dataclass
 from typing import Final
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer_sdk.connection import TRANSIENT_ERRORS
 from producer_sdk.errors import ProtocolError
 from producer_sdk.keys import CONSUMER_GROUP, Keys
 from producer_sdk.protocol import (
@@ -132,9 +134,17 @@ TERMINAL_TYPES: Final = (DoneEvent, ErrorEvent, CancelledEvent)
 
 def is_retryable(error: BaseException) -> bool:
     """True for failures that mean Redis is (temporarily) unavailable rather than the command wrong."""
-    if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError)):
-        return True
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError, *TRANSIENT_ERRORS)):
+        return True  # NOSCRIPT: a promoted replica has no script cache; _queue_script's callers reload
     return isinstance(error, ResponseError) and str(error).startswith(_RETRYABLE_REPLIES)
+
+
+def _queue_script(pipe: aioredis.client.Pipeline, script: AsyncScript, keys: list[str],
+                  args: list[str | bytes | int]) -> None:
+    """Queue one EVALSHA on a pipeline. Not `script(..., client=pipe)`: a standalone pipeline then
+    checks SCRIPT EXISTS before every execute (a round trip per round), and redis-py's Cluster
+    pipeline refuses it. A NOSCRIPT result (a new or promoted server) is retried after _load."""
+    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def backoff_s(attempt: int) -> float:
@@ -333,9 +343,11 @@ class Publisher:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for r in rounds:
-                        await self._append(keys=[self._keys.events(r.request_id), owner_key(self._keys, r.request_id)],
-                                           args=[self._ttl_s, r.fence, *r.payloads], client=pipe)
+                        _queue_script(pipe, self._append,
+                                      [self._keys.events(r.request_id), owner_key(self._keys, r.request_id)],
+                                      [self._ttl_s, r.fence, *r.payloads])
                     results = await pipe.execute(raise_on_error=False)
+                await self._load_if_missing(results)
             except Exception as e:  # classified just below
                 if not is_retryable(e):
                     raise
@@ -381,12 +393,13 @@ class Publisher:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for a in acks:
                         dl = a.dead_letter
-                        await self._ack(
-                            keys=[self._keys.req(a.model, a.band), self._keys.ids(a.model), self._keys.dlq(a.model)],
-                            args=[CONSUMER_GROUP, a.entry_id, a.request_id or "",
-                                  dl.reason if dl else "", dl.deliveries if dl else 0, dl.data if dl else b""],
-                            client=pipe)
+                        _queue_script(
+                            pipe, self._ack,
+                            [self._keys.req(a.model, a.band), self._keys.ids(a.model), self._keys.dlq(a.model)],
+                            [CONSUMER_GROUP, a.entry_id, a.request_id or "",
+                             dl.reason if dl else "", dl.deliveries if dl else 0, dl.data if dl else b""])
                     results = await pipe.execute(raise_on_error=False)
+                await self._load_if_missing(results)
             except Exception as e:  # classified just below
                 if not is_retryable(e):
                     raise
@@ -412,6 +425,12 @@ class Publisher:
                 attempt += 1
                 await asyncio.sleep(delay)
             acks = again
+
+    async def _load_if_missing(self, results: list[object]) -> None:
+        """SCRIPT LOAD the pipelined scripts when a server answered NOSCRIPT (every master of a Cluster)."""
+        if any(isinstance(res, NoScriptError) for res in results):
+            for script in (self._append, self._ack):
+                await self._redis.script_load(script.script)
 
     def _fenced(self, r: _Round, result: int) -> None:
         """Another run owns the request (-2), or its stream ended while this run was still going (-1)."""

@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
@@ -36,7 +39,7 @@ from .metrics import Gauges, Metrics, serve_metrics
 from .publisher import AckEntry, Publisher, backoff_s
 from .settings import ConfigError, Settings
 
-__all__ = ["GenerationError", "Runtime"]
+__all__ = ["GenerationError", "Runtime", "serve_until_signal"]
 
 log = logging.getLogger("layermux.worker")
 
@@ -133,7 +136,8 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         assert s.redis_url is not None
-        self.redis = make_async_client(s.redis_url)
+        self.redis = make_async_client(s.redis_url, mode=s.redis_mode, urls=s.redis_urls,
+                                       sentinel_master=s.sentinel_master)
         try:
             await self.redis.ping()
             await self.driver.start()
@@ -444,3 +448,35 @@ class Runtime:
 
 def _describe(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in error.errors(include_url=False))
+
+
+async def serve_until_signal(settings: Settings) -> int | None:
+    """The stream path alone, without arq's job queue (which needs one standalone server): the worker of
+    redis_mode cluster and sentinel. Serves until SIGTERM/SIGINT, then drains; a second signal stops at
+    once (running requests stay pending for another worker). Returns the signal number that stopped it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if got:
+            sys.stderr.write(f"layermux worker: {name} again: stopping now without draining\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        got.append(signum)
+        sys.stderr.write(f"layermux worker: {name}: draining (running requests get up to drain_timeout_s)\n")
+        sys.stderr.flush()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, int(sig))
+    runtime = Runtime(settings)
+    try:
+        await runtime.start()
+        await stop.wait()
+    finally:
+        await runtime.drain()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return got[0] if got else None

@@ -38,6 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from producer_sdk.connection import RedisMode, check_redis_target
 from producer_sdk.keys import MODEL_NAME_PATTERN, PREFIX_PATTERN
 
 __all__ = ["ConfigError", "DeviceSettings", "GatewaySettings", "ModelSettings", "Settings", "load_settings",
@@ -167,6 +168,10 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(default=None, description="None: start an embedded redis-server")
+    redis_mode: RedisMode = Field(default="standalone", description="standalone | cluster (redis_url and "
+                                  "redis_urls are seed nodes) | sentinel (they are Sentinels; see sentinel_master)")
+    redis_urls: list[str] = Field(default_factory=list, description="more Cluster seed nodes or Sentinels")
+    sentinel_master: str | None = Field(default=None, description="the Sentinel master set's name")
     key_prefix: Annotated[str, Field(pattern=f"^{PREFIX_PATTERN}$")] = "lmx"
     worker_id: Annotated[str, Field(min_length=1, max_length=200)] = Field(default_factory=_default_worker_id)
     device: DeviceSettings = DeviceSettings()
@@ -204,6 +209,16 @@ class Settings(BaseSettings):
         if not worker_id.isprintable() or " " in worker_id:
             raise ValueError(f"expected printable characters without spaces, found {worker_id!r}")
         return worker_id
+
+    @model_validator(mode="after")
+    def _redis_target(self) -> Settings:
+        if self.redis_url is None:
+            if self.redis_mode != "standalone" or self.redis_urls:
+                raise ValueError(f"redis_url: redis_mode {self.redis_mode!r} needs redis_url (the embedded "
+                                 "redis-server is standalone only)")
+            return self
+        check_redis_target(self.redis_mode, [self.redis_url, *self.redis_urls], self.sentinel_master)
+        return self
 
     @model_validator(mode="after")
     def _model_names_unique(self) -> Settings:

@@ -1,0 +1,259 @@
+"""Redis Cluster: every Lua script within one slot, and the end-to-end behaviours on a real
+3-master / 3-replica cluster (tests/redis_cluster.py) — exactly once, resume after a worker is
+killed, cancel, priorities, admission — with `layermux worker` processes in redis_mode cluster
+and the SDK's cluster client. The failover tests (a master killed mid-run) are in
+tests/test_cluster_failover.py.
+
+Real processes and real servers throughout; nothing asserts on time (timeouts bound waits only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from faultlib import Fleet, RequestSpec, make_models, raw_events, reference_output, stream_view, wait_until
+from redis.cluster import key_slot
+from redis.exceptions import RedisClusterException
+from redis_cluster import RedisClusterLauncher
+
+from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelError
+from producer_sdk.connection import make_sync_client
+from producer_sdk.enqueue import enqueue_args, enqueue_keys, enqueue_script_source
+from producer_sdk.keys import CONSUMER_GROUP, Keys
+from producer_sdk.protocol import CancelledEvent, DoneEvent, StartedEvent, TokenEvent, encode_event
+from worker import consumer as consumer_mod
+from worker import publisher as publisher_mod
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 120.0  # bounds waits only
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterLauncher]:
+    with RedisClusterLauncher(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture
+def cclient(cluster: RedisClusterLauncher) -> Iterator[redis.Redis]:
+    """A blocking cluster client through the SDK's factory; the cluster is emptied first."""
+    c = make_sync_client(cluster.url, mode="cluster", urls=cluster.urls[1:])
+    c.flushall(target_nodes="primaries")  # type: ignore[call-arg]
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_models(tmp_path_factory.mktemp("cluster-models"))
+
+
+# -- every script, one slot ------------------------------------------------------------------------------
+
+# Every script the code registers, by the name it is registered under.
+SCRIPTS: dict[str, str] = {
+    "enqueue_script_source()": enqueue_script_source(),
+    "_PICK_SCRIPT": consumer_mod._PICK_SCRIPT,
+    "_PRUNE_SCRIPT": consumer_mod._PRUNE_SCRIPT,
+    "_RENEW_SCRIPT": consumer_mod._RENEW_SCRIPT,
+    "_APPEND_SCRIPT": publisher_mod._APPEND_SCRIPT,
+    "_FENCE_SCRIPT": publisher_mod._FENCE_SCRIPT,
+    "_ACK_SCRIPT": publisher_mod._ACK_SCRIPT,
+}
+
+
+def test_the_script_list_is_every_script_in_the_tree() -> None:
+    """A tripwire: a new register_script / EVAL / .lua file must be added to SCRIPTS (and run below)."""
+    registered: set[str] = set()
+    raw_eval: list[str] = []
+    for path in [*REPO.glob("producer_sdk/**/*.py"), *REPO.glob("worker/**/*.py")]:
+        text = path.read_text()
+        registered.update(re.findall(r"register_script\(([^)]*\)?)\)", text))
+        for m in re.finditer(r"\.(eval|evalsha)\(|\"EVAL\"", text):
+            raw_eval.append(f"{path.relative_to(REPO)}: {m.group(0)}")
+    assert registered == set(SCRIPTS), registered ^ set(SCRIPTS)
+    assert raw_eval == []
+    lua_files = sorted(str(p.relative_to(REPO)) for p in REPO.glob("producer_sdk/**/*.lua"))
+    lua_files += sorted(str(p.relative_to(REPO)) for p in REPO.glob("worker/**/*.lua"))
+    assert lua_files == ["producer_sdk/enqueue.lua"]
+
+
+def test_every_lua_script_runs_on_a_cluster_with_its_keys_in_one_slot(cclient: redis.Redis) -> None:
+    keys = Keys("lmx")
+    model, rid = "ma", "req-1"
+    calls: dict[str, tuple[list[str], list[Any]]] = {}
+    cclient.hset(keys.limits(model), mapping={"max_backlog": 10})
+    for stream in keys.req_streams(model):
+        cclient.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+
+    def run(name: str, script_keys: list[str], args: list[Any]) -> Any:
+        calls[name] = (script_keys, args)
+        assert len({key_slot(k.encode()) for k in script_keys}) == 1, (name, script_keys)
+        script = cclient.register_script(SCRIPTS[name])
+        return script(keys=script_keys, args=args)
+
+    payload = b'{"request_id": "req-1"}'
+    status, entry_id = run("enqueue_script_source()", enqueue_keys(keys, model), enqueue_args(rid, payload, 0))
+    assert status == b"ok"
+    assert run("_PICK_SCRIPT", keys.req_streams(model), [CONSUMER_GROUP, 5000]) == 2  # the normal band
+    got = cclient.xreadgroup(CONSUMER_GROUP, "c1", {keys.req(model): ">"}, count=1)
+    assert got[0][1][0][0] == entry_id
+    assert run("_RENEW_SCRIPT", [keys.req(model)], [CONSUMER_GROUP, "c1", entry_id]) == [entry_id]
+    cclient.xgroup_createconsumer(keys.req(model), CONSUMER_GROUP, "c2")
+    assert run("_PRUNE_SCRIPT", [keys.req(model)], [CONSUMER_GROUP, 0, "c1"]) == [b"c2"]
+    owner = publisher_mod.owner_key(keys, rid)
+    assert run("_FENCE_SCRIPT", [owner], ["tok", 60]) == 1
+    event = encode_event(StartedEvent(request_id=rid, worker="c1", attempt=1, prompt_tokens=1))
+    assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "tok", event]) == 1
+    assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "other", event]) == -2  # fenced
+    assert run("_ACK_SCRIPT", [keys.req(model), keys.ids(model), keys.dlq(model)],
+               [CONSUMER_GROUP, entry_id, rid, "", 0, b""]) == 1
+    assert cclient.hlen(keys.ids(model)) == 0 and cclient.xlen(keys.req(model)) == 0
+    assert set(calls) == set(SCRIPTS)
+    # The check can fail: keys of two slots are refused.
+    with pytest.raises(RedisClusterException):
+        cclient.register_script(SCRIPTS["_FENCE_SCRIPT"])(keys=[owner, keys.limits(model)], args=["t", 1])
+
+
+# -- end to end on the cluster ---------------------------------------------------------------------------
+
+
+def cluster_fleet(cluster: RedisClusterLauncher, root: Path, models: dict[str, Path], prefix: str,
+                  **settings: Any) -> Fleet:
+    return Fleet(root, cluster.url, prefix, models, {
+        "redis_mode": "cluster", "redis_urls": cluster.urls[1:], "stats_interval_s": 0.25, "cancel_poll_ms": 50,
+        **settings})
+
+
+def specs_for(models: list[str], n_each: int, tag: str, max_tokens: int, *, seed: int = 7) -> list[RequestSpec]:
+    out = []
+    for i in range(n_each):
+        for j, m in enumerate(models):
+            out.append(RequestSpec(
+                request_id=f"{tag}-{m}-{i}", model=m, prompt_ids=tuple(3 + (k * 7 + i + j) % 400 for k in range(6)),
+                max_tokens=max_tokens, temperature=0.0 if i % 2 == 0 else 0.8, top_k=0, top_p=1.0,
+                seed=seed + i, ignore_eos=True))
+    return out
+
+
+def read_all(url: str, urls: list[str], prefix: str, specs: list[RequestSpec]) -> dict[str, Any]:
+    """Submit every spec through the cluster SDK, read each one's events concurrently; what each saw."""
+
+    async def one(producer: AsyncProducer, s: RequestSpec) -> tuple[str, Any]:
+        h = await producer.submit(s.model, **s.submit_kwargs())
+        events = [e async for e in h.events()]
+        return s.request_id, (events, h.resubmits)
+
+    async def main() -> dict[str, Any]:
+        async with AsyncProducer(url, prefix=prefix, redis_mode="cluster", redis_urls=urls) as producer:
+            return dict(await asyncio.gather(*(one(producer, s) for s in specs)))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_cluster_end_to_end_exactly_once_resume_cancel_priorities_admission(
+        cluster: RedisClusterLauncher, cclient: redis.Redis, models: dict[str, Path], tmp_path: Path) -> None:
+    prefix = "ce2e"
+    keys = Keys(prefix)
+    names = sorted(models)
+    fleet = cluster_fleet(cluster, tmp_path, models, prefix, lease_idle_ms=1500)
+    try:
+        # Admission on the cluster: unknown model, then a full queue (limits written as a worker would).
+        with Producer(cluster.url, prefix=prefix, redis_mode="cluster") as producer:
+            with pytest.raises(UnknownModelError):
+                producer.submit("nobody", prompt_ids=[5], max_tokens=4)
+            cclient.hset(keys.limits("gated"), mapping={"max_backlog": 2})
+            producer.submit("gated", prompt_ids=[5], max_tokens=4, request_id="g1")
+            producer.submit("gated", prompt_ids=[5], max_tokens=4, request_id="g2", priority=3)
+            assert producer.submit("gated", prompt_ids=[5], max_tokens=4, request_id="g1").duplicate
+            with pytest.raises(QueueFullError) as full:
+                producer.submit("gated", prompt_ids=[5], max_tokens=4, request_id="g3", priority=-1)
+            assert (full.value.details["depth"], full.value.details["limit"]) == (2, 2)
+
+        # Priorities: queued before any worker runs (limits written by hand), then served by one
+        # worker that runs one request of the model at a time: high band first, low band last.
+        for m in names:
+            cclient.hset(keys.limits(m), mapping={"max_backlog": 1000})
+        with Producer(cluster.url, prefix=prefix, redis_mode="cluster") as producer:
+            order = [("low", -1), ("normal", 0), ("high", 2)]
+            for band, prio in order:
+                for i in range(2):
+                    producer.submit("ma", prompt_ids=[7, 8, 9], max_tokens=24, priority=prio,
+                                    request_id=f"prio-{band}-{i}")
+        w1 = fleet.start("w1", model_extra={"max_running": 1})
+        w1.wait_ready(cclient)
+        started: list[tuple[int, int, str]] = []
+        for band, _ in order:
+            for i in range(2):
+                rid = f"prio-{band}-{i}"
+                wait_until(lambda rid=rid: stream_view(raw_events(cclient, keys, rid)).n_terminal == 1, WAIT_S,
+                           f"{rid} to finish")
+                first_id = cclient.xrange(keys.events(rid), count=1)[0][0].decode()
+                ms, seq = first_id.split("-")
+                started.append((int(ms), int(seq), band))
+        assert [b for _, _, b in sorted(started)] == ["high", "high", "normal", "normal", "low", "low"]
+
+        # Exactly once and equal to the engine's own output, three models at once.
+        specs = specs_for(names, 4, "once", 24)
+        seen = read_all(cluster.url, cluster.urls[1:], prefix, specs)
+        reference = reference_output(models, specs)
+        for s in specs:
+            events, resubmits = seen[s.request_id]
+            view = stream_view(events)
+            assert (view.n_terminal, view.repeated, view.gaps, resubmits) == (1, 0, 0, 0), s.request_id
+            assert isinstance(view.terminal, DoneEvent)
+            assert (view.token_ids, view.text) == reference[s.request_id], s.request_id
+
+        # Cancel a long request after its first token.
+        async def cancel_one() -> CancelledEvent:
+            async with AsyncProducer(cluster.url, prefix=prefix, redis_mode="cluster") as producer:
+                h = await producer.submit("mb", prompt_ids=[11, 12], max_tokens=1000, ignore_eos=True)
+                async for ev in h.events():
+                    if isinstance(ev, TokenEvent):
+                        await h.cancel()
+                    elif isinstance(ev, CancelledEvent):
+                        return ev
+                raise AssertionError("no cancelled event")
+        cancelled = asyncio.run(cancel_one())
+        assert 0 < cancelled.completion_tokens < 1000
+
+        # Resume: the worker is killed mid-generation; another one takes the requests over and
+        # the SDK sees every token index once, with the undisturbed run's tokens.
+        resume_specs = specs_for(["ma", "mc"], 2, "resume", 400)
+        with Producer(cluster.url, prefix=prefix, redis_mode="cluster") as producer:
+            for s in resume_specs:
+                producer.submit(s.model, **s.submit_kwargs())
+
+            def generating() -> bool:
+                return sum(len(stream_view(raw_events(cclient, keys, s.request_id)).token_ids) > 0
+                           for s in resume_specs) >= 2
+            wait_until(generating, WAIT_S, "two requests to be generating")
+            w1.kill()
+            fleet.start("w2").wait_ready(cclient)
+            reference = reference_output(models, resume_specs)
+            takeovers = 0
+            for s in resume_specs:
+                h = producer.attach(s.model, s.request_id)
+                view = stream_view(list(h.events()))
+                assert (view.n_terminal, view.repeated, view.gaps) == (1, 0, 0), s.request_id
+                assert (view.token_ids, view.text) == reference[s.request_id], s.request_id
+                takeovers += stream_view(raw_events(cclient, keys, s.request_id)).attempts - 1
+            assert takeovers >= 2
+        for m in names:
+            wait_until(lambda m=m: sum(cclient.xlen(k) for k in keys.req_streams(m)) == 0, WAIT_S,
+                       f"the request streams of {m} to empty")
+            assert cclient.hlen(keys.ids(m)) == 0
+    except BaseException:
+        print(fleet.logs())
+        raise
+    finally:
+        fleet.close()
