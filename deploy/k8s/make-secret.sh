@@ -11,11 +11,12 @@
 #   worker-url        LAYERMUX_REDIS_URL of the workers
 #   producer-url      for your producers (the least-privilege `producer` user)
 #   monitor-url       for `layermux status` / dashboards
+#   gateway-url       LAYERMUX_REDIS_URL of the OpenAI gateway (k8s/gateway.yaml)
 #   monitor-username, monitor-password   the Redis readiness probe and KEDA
 #   redis-address     host:port for KEDA, fully qualified (the operator runs in its own namespace)
 #   admin-password    operators only (redis-cli --user admin)
 # Rotating: run again, apply, then `kubectl rollout restart statefulset/layermux-redis
-# deployment/layermux-worker` (and your producers).
+# deployment/layermux-worker deployment/layermux-gateway` (and your producers).
 set -eu
 
 ns=${1:?usage: $0 NAMESPACE [REDIS_SERVICE_HOST]}
@@ -31,12 +32,13 @@ rand() {
 sha() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 b64() { printf %s "$1" | base64 | tr -d '\n'; }
 
-worker_pw=$(rand); producer_pw=$(rand); monitor_pw=$(rand); admin_pw=$(rand)
+worker_pw=$(rand); producer_pw=$(rand); monitor_pw=$(rand); admin_pw=$(rand); gateway_pw=$(rand)
 
 acl=$(sed \
     -e "s/>dev-worker-password-CHANGE-ME/#$(sha "$worker_pw")/" \
     -e "s/>dev-producer-password-CHANGE-ME/#$(sha "$producer_pw")/" \
     -e "s/>dev-monitor-password-CHANGE-ME/#$(sha "$monitor_pw")/" \
+    -e "s/>dev-gateway-password-CHANGE-ME/#$(sha "$gateway_pw")/" \
     -e "s/>dev-admin-password-CHANGE-ME/#$(sha "$admin_pw")/" \
     "$acl_template")
 case $acl in
@@ -57,6 +59,7 @@ data:
   worker-url: $(b64 "redis://worker:$worker_pw@layermux-redis:6379/0")
   producer-url: $(b64 "redis://producer:$producer_pw@layermux-redis:6379/0")
   monitor-url: $(b64 "redis://monitor:$monitor_pw@layermux-redis:6379/0")
+  gateway-url: $(b64 "redis://gateway:$gateway_pw@layermux-redis:6379/0")
   monitor-username: $(b64 monitor)
   monitor-password: $(b64 "$monitor_pw")
   redis-address: $(b64 "$host:6379")

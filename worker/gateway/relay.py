@@ -91,6 +91,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     on_first_token: Callable[[], None] | None = None
     n_completion_tokens: int = 0
+    _chunk_head: bytes | None = None
 
     # -- submit ------------------------------------------------------------------------------------
 
@@ -192,7 +193,7 @@ class Job:
                     if self.on_first_token is not None:
                         self.on_first_token()
                 if event.text:
-                    yield self._text_chunk(c.index, event.text, None)
+                    yield self.content_chunk(c.index, event.text)
             elif isinstance(event, DoneEvent):
                 c.finished = True
                 prompt_tokens[c.prompt_index] = event.usage.prompt_tokens
@@ -211,6 +212,20 @@ class Job:
             cls = ChatCompletionChunk if self.spec.kind == "chat" else CompletionChunk
             yield _sse(cls(id=self.id, created=self.created, model=self.spec.model, choices=[], usage=usage))
         yield SSE_DONE
+
+    def content_chunk(self, index: int, text: str) -> bytes:
+        """The SSE chunk of one token event's text: `_text_chunk(index, text, None)` byte for byte, without
+        building models (this is the per-token path; tests/test_gateway_schema.py checks the equality)."""
+        if self._chunk_head is None:
+            kind = b"chat.completion.chunk" if self.spec.kind == "chat" else b"text_completion"
+            self._chunk_head = (b'data: {"id":' + orjson.dumps(self.id) + b',"object":"' + kind + b'","created":'
+                                + str(self.created).encode() + b',"model":' + orjson.dumps(self.spec.model)
+                                + b',"choices":[{"index":')
+        if self.spec.kind == "chat":
+            return (self._chunk_head + str(index).encode() + b',"delta":{"content":' + orjson.dumps(text)
+                    + b'},"logprobs":null,"finish_reason":null}]}\n\n')
+        return (self._chunk_head + str(index).encode() + b',"text":' + orjson.dumps(text)
+                + b',"logprobs":null,"finish_reason":null}]}\n\n')
 
     def _text_chunk(self, index: int, text: str | None, finish: Literal["stop", "length"] | None) -> bytes:
         if self.spec.kind == "chat":

@@ -15,6 +15,8 @@ import asyncio
 import logging
 import socket
 import sys
+from collections.abc import Callable
+from typing import cast
 
 import uvicorn
 
@@ -49,8 +51,11 @@ def serve(settings: Settings) -> None:
         raise ConfigError(f"gateway.api_keys_file: cannot read {g.api_keys_file} ({e.strerror or e})") from e
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     family = socket.AF_INET6 if ":" in g.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the proto says TCP,
+    # and without it Nagle holds the first SSE chunk behind the headers until the client's delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((g.host, g.port))
     except OSError:
@@ -76,6 +81,16 @@ def serve(settings: Settings) -> None:
         await task
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(main())
     finally:
         sock.close()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (it relays streams with less CPU), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
