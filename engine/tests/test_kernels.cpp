@@ -396,8 +396,8 @@ TEST(kernel_avx2_and_avx512_give_bitwise_identical_results) {
     const int64_t n_q = 3, pos0 = 40;
     const std::vector<float> q = random_vec(rng, n_q * 6 * 64);
     std::vector<float> o2(q.size()), o5(q.size()), scratch(static_cast<size_t>(pos0 + n_q));
-    a2->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o2.data(), scratch.data(), 0, 2);
-    a5->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o5.data(), scratch.data(), 0, 2);
+    a2->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o2.data(), scratch.data(), 0, 2, 0);
+    a5->attention(q.data(), n_q, pos0, c.kp.data(), c.vp.data(), 16, 6, 2, 64, 0.125f, o5.data(), scratch.data(), 0, 2, 0);
     CHECK(same_bits(o2, o5));
 }
 
@@ -848,13 +848,13 @@ TEST(kernel_attention_matches_reference_across_blocks_with_gqa) {
         for (const KernelTable* k : tables()) {
             std::vector<float> got(q.size(), NAN);
             k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
-                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data(), 0, c.n_kv_heads);
+                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data(), 0, c.n_kv_heads, 0);
             for (size_t i = 0; i < got.size(); ++i) CHECK_NEAR(got[i], want[i], 2e-5);
             // One KV head at a time (how decode splits attention over threads): the same bits.
             std::vector<float> split(q.size(), NAN);
             for (int kv = 0; kv < c.n_kv_heads; ++kv)
                 k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
-                             c.n_kv_heads, c.head_dim, scale, split.data(), scratch.data(), kv, kv + 1);
+                             c.n_kv_heads, c.head_dim, scale, split.data(), scratch.data(), kv, kv + 1, 0);
             CHECK(same_bits(split, got));
         }
         // A single query at position 0 attends to one key: out is exactly that V row.
@@ -885,6 +885,118 @@ TEST(kernel_attention_of_a_query_does_not_depend_on_the_other_queries) {
         attention(q.data() + i * nh * hd, 1, pos0 + i, cache.kp.data(), cache.vp.data(), bt, nh, nkv, hd, 0.125f,
                   one.data() + i * nh * hd, scratch.data());
     CHECK(same_bits(all, one));
+}
+
+TEST(kernel_sliding_window_attention_matches_reference_and_a_cache_of_the_window_alone) {
+    // window w: query at position p sees keys p-w+1 .. p. Three checks: every table against
+    // the reference; the result equals full attention over a cache that holds only the
+    // window's keys (the definition, independent of the kernel's masking); keys before the
+    // window are never read (NaN there changes nothing); prefill == decode bitwise.
+    Rng rng(15);
+    struct Case {
+        int block_tokens, n_heads, n_kv_heads, head_dim;
+        int64_t pos0, n_q, window;
+    };
+    const Case cases[] = {
+        {16, 6, 2, 64, 0, 20, 8},     // prompt longer than the window, from position 0
+        {16, 6, 2, 64, 37, 3, 8},     // window starts mid-block
+        {5, 4, 1, 40, 11, 9, 7},      // MQA, ragged head_dim, small blocks
+        {16, 8, 8, 128, 63, 2, 16},   // window of exactly one block
+        {7, 6, 3, 16, 2, 3, 100},     // window longer than the sequence: full attention
+        {16, 4, 2, 256, 40, 1, 1},    // window of one key: out is that query's own V row
+    };
+    for (const Case& c : cases) {
+        const int64_t n_keys = c.pos0 + c.n_q;
+        const int n_blocks = static_cast<int>((n_keys + c.block_tokens - 1) / c.block_tokens);
+        Cache cache(rng, n_blocks, c.block_tokens, c.n_kv_heads, c.head_dim);
+        const std::vector<float> q = random_vec(rng, c.n_q * c.n_heads * c.head_dim);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+        const int64_t row = static_cast<int64_t>(c.n_kv_heads) * c.head_dim;
+        std::vector<float> want(q.size()), scratch(static_cast<size_t>(n_keys));
+        ref::attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                       c.n_kv_heads, c.head_dim, scale, want.data(), scratch.data(), c.window);
+        // The definition: for each query, a fresh cache of its window's keys only.
+        for (int64_t i = 0; i < c.n_q; ++i) {
+            const int64_t p = c.pos0 + i, k0 = std::max<int64_t>(0, p + 1 - c.window), n = p + 1 - k0;
+            std::vector<float> kw(static_cast<size_t>(n * row)), vw(kw.size());
+            for (int64_t j = 0; j < n; ++j)
+                for (int64_t e = 0; e < row; ++e) {
+                    const int64_t src = k0 + j;
+                    const size_t at = static_cast<size_t>((src % c.block_tokens) * row + e);
+                    kw[static_cast<size_t>(j * row + e)] = cache.k[static_cast<size_t>(src / c.block_tokens)][at];
+                    vw[static_cast<size_t>(j * row + e)] = cache.v[static_cast<size_t>(src / c.block_tokens)][at];
+                }
+            const float* kb[1] = {kw.data()};
+            const float* vb[1] = {vw.data()};
+            const int64_t stride = static_cast<int64_t>(c.n_heads) * c.head_dim;
+            std::vector<float> def(static_cast<size_t>(stride));
+            ref::attention(q.data() + i * stride, 1, n - 1, kb, vb, static_cast<int>(n), c.n_heads, c.n_kv_heads,
+                           c.head_dim, scale, def.data(), scratch.data());
+            for (int64_t e = 0; e < stride; ++e)
+                CHECK_NEAR(want[static_cast<size_t>(i * stride + e)], def[static_cast<size_t>(e)], 1e-6);
+        }
+        // Keys before the earliest window are poisoned: nothing may read them.
+        const int64_t first = std::max<int64_t>(0, c.pos0 + 1 - c.window);
+        for (int64_t p = 0; p < first; ++p)
+            for (int64_t e = 0; e < row; ++e) {
+                const size_t at = static_cast<size_t>((p % c.block_tokens) * row + e);
+                cache.k[static_cast<size_t>(p / c.block_tokens)][at] = NAN;
+                cache.v[static_cast<size_t>(p / c.block_tokens)][at] = NAN;
+            }
+        for (const KernelTable* k : tables()) {
+            std::vector<float> got(q.size(), NAN);
+            k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                         c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data(), 0, c.n_kv_heads, c.window);
+            for (size_t i = 0; i < got.size(); ++i) CHECK_NEAR(got[i], want[i], 2e-5);
+            // Decode, one query at a time, gives the prefill's bits.
+            const int64_t stride = static_cast<int64_t>(c.n_heads) * c.head_dim;
+            std::vector<float> one(q.size(), NAN);
+            for (int64_t i = 0; i < c.n_q; ++i)
+                k->attention(q.data() + i * stride, 1, c.pos0 + i, cache.kp.data(), cache.vp.data(), c.block_tokens,
+                             c.n_heads, c.n_kv_heads, c.head_dim, scale, one.data() + i * stride, scratch.data(), 0,
+                             c.n_kv_heads, c.window);
+            CHECK(same_bits(one, got));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gemma's element-wise ops
+
+TEST(kernel_gelu_tanh_mul_matches_reference_within_1e_6_relative) {
+    // Values checked against PyTorch's gelu(approximate="tanh") at a few points too.
+    Rng rng(16);
+    for (int64_t n : {1, 15, 16, 17, 1000}) {
+        const std::vector<float> g = random_vec(rng, n, -12.0f, 12.0f), u = random_vec(rng, n);
+        std::vector<float> want(static_cast<size_t>(n)), got(want.size());
+        ref::gelu_tanh_mul(g.data(), u.data(), want.data(), n);
+        gelu_tanh_mul(g.data(), u.data(), got.data(), n);
+        for (size_t i = 0; i < want.size(); ++i) CHECK_NEAR(got[i], want[i], 1e-6 * std::fabs(want[i]) + 1e-7);
+        std::vector<float> aliased = g;  // out may alias gate
+        gelu_tanh_mul(aliased.data(), u.data(), aliased.data(), n);
+        CHECK(same_bits(aliased, got));
+    }
+    // torch.nn.functional.gelu(torch.tensor([-3., -1., 0., 0.5, 2.]), approximate="tanh")
+    const float x[5] = {-3.0f, -1.0f, 0.0f, 0.5f, 2.0f};
+    const float one[5] = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+    const double torch_values[5] = {-0.00363743305, -0.158807993, 0.0, 0.345714003, 1.95459771};
+    float y[5];
+    gelu_tanh_mul(x, one, y, 5);
+    for (int i = 0; i < 5; ++i) CHECK_NEAR(y[i], torch_values[i], 2e-6);
+}
+
+TEST(kernel_softcap_matches_reference_and_bounds_by_cap) {
+    Rng rng(17);
+    std::vector<float> x = random_vec(rng, 257, -200.0f, 200.0f);
+    x[0] = 0.0f;
+    std::vector<float> want = x, got = x;
+    ref::softcap(want.data(), static_cast<int64_t>(want.size()), 30.0f);
+    softcap(got.data(), static_cast<int64_t>(got.size()), 30.0f);
+    for (size_t i = 0; i < x.size(); ++i) {
+        CHECK_NEAR(got[i], want[i], 4e-6 * 30.0);
+        CHECK(std::fabs(got[i]) <= 30.0f);
+    }
+    CHECK(got[0] == 0.0f);
 }
 
 // ---------------------------------------------------------------------------------------

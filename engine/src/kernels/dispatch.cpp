@@ -185,16 +185,17 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) { kerne
 void softmax(float* x, int64_t n) { kernels_active().softmax(x, n); }
 
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
-               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
+               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch,
+               int64_t window) {
     kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
-                               out, scratch, 0, n_kv_heads);
+                               out, scratch, 0, n_kv_heads, window);
 }
 
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                        float scale, float* out, float* scratch, int kv0, int kv1) {
+                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
     kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
-                               out, scratch, kv0, kv1);
+                               out, scratch, kv0, kv1, window);
 }
 
 // rope is cheap next to the matmuls around it and its precision is visible in every

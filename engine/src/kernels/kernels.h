@@ -103,6 +103,14 @@ void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_fre
 // out[i] = silu(gate[i]) * up[i]   (out may alias gate)
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 
+// out[i] = gelu_tanh(gate[i]) * up[i]   (out may alias gate); Gemma's GeGLU, with
+// gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (PyTorch's approximate="tanh").
+// Defined in kernels/activation.cpp.
+void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n);
+
+// x[i] = cap * tanh(x[i] / cap) over x[n] (Gemma's final logit soft-capping), cap > 0.
+void softcap(float* x, int64_t n, float cap);
+
 // In-place softmax over x[n].
 void softmax(float* x, int64_t n);
 
@@ -113,15 +121,18 @@ void softmax(float* x, int64_t n);
 //      key position p lives in block p / block_tokens, row p % block_tokens.
 // out: [n_q, n_heads, head_dim]. Head h reads KV head h / (n_heads / n_kv_heads).
 // scratch: at least (pos0 + n_q) floats, used for the scores of one (query, head).
+// window > 0 (sliding-window layers): query i attends to key positions
+//      max(0, pos0 + i + 1 - window) .. pos0 + i only; 0 = every key (the default).
+//      The keys before the window are never read (they may be stale or unset).
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-               float scale, float* out, float* scratch);
+               float scale, float* out, float* scratch, int64_t window = 0);
 // attention() for the query heads of KV heads [kv0, kv1) only (0 <= kv0 < kv1 <= n_kv_heads):
 // writes those heads of out, bitwise what attention() writes there. KV heads are
 // independent, so one decode token's attention can be split over threads this way.
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                        float scale, float* out, float* scratch, int kv0, int kv1);
+                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window = 0);
 
 // Which SIMD path the dispatcher chose on this CPU ("avx512", "avx2", "scalar").
 // The environment variable LMX_KERNELS=scalar|avx2 forces a lower one (read once).
@@ -132,13 +143,15 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const 
 void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
 void rope(float* x, int n_heads, int head_dim, int64_t pos, const float* inv_freq);
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n);
+void softcap(float* x, int64_t n, float cap);
 void softmax(float* x, int64_t n);
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-               float scale, float* out, float* scratch);
+               float scale, float* out, float* scratch, int64_t window = 0);
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                        float scale, float* out, float* scratch, int kv0, int kv1);
+                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window = 0);
 }  // namespace ref
 
 }  // namespace lmx

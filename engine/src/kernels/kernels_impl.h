@@ -23,10 +23,10 @@ struct KernelTable {
     void (*rmsnorm)(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
     void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
     void (*softmax)(float* x, int64_t n);
-    // attention_kv_heads (kernels.h): only the query heads of KV heads [kv0, kv1).
+    // attention_kv_heads (kernels.h): only the query heads of KV heads [kv0, kv1); window 0 = all keys.
     void (*attention)(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                       const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                      float scale, float* out, float* scratch, int kv0, int kv1);
+                      float scale, float* out, float* scratch, int kv0, int kv1, int64_t window);
     // MatmulPrecision::fast for bf16 weights; nullptr when the ISA has no bf16 dot product.
     // act_to_bf16 rounds x [n_tok, n_in] to act [n_tok, bf16_act_stride(n_in)] (zero-padded);
     // matmul_rows_bf16act is matmul_rows on those activations.

@@ -421,35 +421,37 @@ void softmax(float* x, int64_t n) {
 }
 
 void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks, const float* const* v_blocks,
-               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch) {
+               int block_tokens, int n_heads, int n_kv_heads, int head_dim, float scale, float* out, float* scratch,
+               int64_t window) {
     attention_kv_heads(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale, out,
-                       scratch, 0, n_kv_heads);
+                       scratch, 0, n_kv_heads, window);
 }
 
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                        float scale, float* out, float* scratch, int kv0, int kv1) {
-    assert(n_heads % n_kv_heads == 0 && 0 <= kv0 && kv0 < kv1 && kv1 <= n_kv_heads);
+                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
+    assert(n_heads % n_kv_heads == 0 && 0 <= kv0 && kv0 < kv1 && kv1 <= n_kv_heads && window >= 0);
     const int group = n_heads / n_kv_heads;
     const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
     for (int64_t i = 0; i < n_q; ++i) {
         const int64_t n_keys = pos0 + i + 1;
+        const int64_t k0 = window > 0 && n_keys > window ? n_keys - window : 0;  // first key in the window
         for (int h = kv0 * group; h < kv1 * group; ++h) {
             const float* qh = q + (i * n_heads + h) * head_dim;
             const int64_t kv_off = static_cast<int64_t>(h / group) * head_dim;
-            for (int64_t p = 0; p < n_keys; ++p) {
+            for (int64_t p = k0; p < n_keys; ++p) {
                 const float* k = k_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
                 double dot = 0.0;
                 for (int d = 0; d < head_dim; ++d) dot += static_cast<double>(qh[d]) * k[d];
-                scratch[p] = static_cast<float>(dot) * scale;
+                scratch[p - k0] = static_cast<float>(dot) * scale;
             }
-            softmax(scratch, n_keys);
+            softmax(scratch, n_keys - k0);
             float* oh = out + (i * n_heads + h) * head_dim;
             for (int d = 0; d < head_dim; ++d) {
                 double acc = 0.0;
-                for (int64_t p = 0; p < n_keys; ++p) {
+                for (int64_t p = k0; p < n_keys; ++p) {
                     const float* v = v_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
-                    acc += static_cast<double>(scratch[p]) * v[d];
+                    acc += static_cast<double>(scratch[p - k0]) * v[d];
                 }
                 oh[d] = static_cast<float>(acc);
             }

@@ -184,17 +184,24 @@ static void attention_group(const float* q, float* out, int n_group, RowCursor<S
 template <class S>
 static void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                       const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                      float scale, float* out, float* scratch, int kv0, int kv1) {
+                      float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
     (void)scratch;
     const int group = n_heads / n_kv_heads;
     const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
     const int n_vecs = head_dim / kLanes > 0 ? head_dim / kLanes : 1;
     const int per_pass = static_cast<int>(imin(kAttnMaxGroup, imin(kAttnStateVecs / n_vecs, group)));
     for (int64_t i = 0; i < n_q; ++i) {
-        const int64_t n_keys = pos0 + i + 1;
+        // A sliding window starts the cursors at its first key; blocks of 16 keys are then
+        // aligned at that key, which depends only on the query's position: still the same
+        // bits in prefill and decode.
+        const int64_t n_all = pos0 + i + 1;
+        const int64_t k0 = window > 0 && n_all > window ? n_all - window : 0;
+        const int64_t n_keys = n_all - k0;
         for (int kv = kv0; kv < kv1; ++kv) {
-            const RowCursor<S> keys{k_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim};
-            const RowCursor<S> values{v_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim};
+            const RowCursor<S> keys{k_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
+                                    k0 / block_tokens, k0 % block_tokens};
+            const RowCursor<S> values{v_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
+                                      k0 / block_tokens, k0 % block_tokens};
             for (int g0 = 0; g0 < group; g0 += per_pass) {
                 const int n_group = static_cast<int>(imin(per_pass, group - g0));
                 const int64_t off = (i * n_heads + static_cast<int64_t>(kv) * group + g0) * head_dim;
