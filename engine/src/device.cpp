@@ -1,4 +1,4 @@
-// device.cpp — the CPU arena: two-ended first-fit allocation over one anonymous mapping.
+// device.cpp — the CPU device: two-ended first-fit allocation over one anonymous mapping, and its backend.
 // Owner: engine core. Thread-safety: alloc/free under mu_.
 #include "device.h"
 
@@ -8,11 +8,13 @@
 #include <cstring>
 #include <iterator>
 
+#include "backend_cpu.h"
 #include "common.h"
 
 namespace lmx {
 
-CpuDevice::CpuDevice(uint64_t capacity_bytes) : capacity_(align_up(capacity_bytes, kAlign)) {
+CpuDevice::CpuDevice(uint64_t capacity_bytes, int n_threads)
+    : capacity_(align_up(capacity_bytes, kAlign)), backend_(std::make_unique<CpuBackend>(n_threads)) {
     if (capacity_ == 0) throw InvalidArgument("device budget: expected a positive number of bytes, found 0");
     void* p = mmap(nullptr, capacity_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED)
@@ -80,6 +82,12 @@ void CpuDevice::free(void* p) {
     free_[start] = size;
 }
 
-void CpuDevice::copy_in(void* dst, const void* src, uint64_t n_bytes) { std::memcpy(dst, src, n_bytes); }
+CopyFence CpuDevice::copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence) {
+    // Compute on the CPU is synchronous: whatever read the destination has finished.
+    for (size_t i = 0; i < n_regions; i++) std::memcpy(regions[i].dst, regions[i].src, regions[i].n_bytes);
+    return {};
+}
+
+Backend& CpuDevice::backend() { return *backend_; }
 
 }  // namespace lmx

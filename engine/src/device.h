@@ -1,23 +1,64 @@
-// device.h — where device bytes physically live: the Device interface and the CPU arena.
-// Owner: engine core; a CUDA device implements the same interface later.
-// Thread-safety: alloc/free are internally locked; copy_in may run on any thread.
+// device.h — a device: its memory face (arena, copy stream) and its compute face (Backend).
+// Owner: engine core; every device (CPU here, Vulkan in vulkan/) implements this interface.
+// Thread-safety: alloc/free are internally locked; copy_in may be called from several
+// threads at once (the copy thread and, for whole-model swaps, the step thread); backend()
+// is driven by the step thread only (see backend.h).
 //
 // Nothing outside ledger.cpp calls alloc/free: every device byte is booked in
 // the Ledger first (see ledger.h), so the arena can never be over-committed.
+// Device memory is named by the addresses alloc hands out. On the CPU they are real host
+// pointers; a GPU device hands out addresses in a private virtual range and translates
+// them to (buffer, offset) itself, so the ledger, residency and the KV cache never learn
+// which device they drive. Only the device itself (and its Backend) may dereference them.
+//
+// Synchronization: a device has two timelines, copy and compute, whose points are
+// CopyFence and ComputeFence values (as Vulkan timeline semaphores count). A layer's compute
+// waits only for the copy of that layer (Backend::begin_unit takes the CopyFence the copy
+// returned), and a slot is overwritten only after the compute that read it finished
+// (copy_in takes the ComputeFence the compute returned). Value 0 means "already complete":
+// a synchronous device such as the CPU returns 0 from everything and never waits.
+// The full contract, in prose, is in docs/engine.md.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 
 namespace lmx {
+
+class Backend;
+class CpuBackend;
 
 // Where an allocation should go. Long-lived, large buffers (weights, layer slots, workspaces)
 // are placed from the top of the device, short-lived small ones (KV blocks) from the bottom, so
 // KV churn does not scatter holes between weight buffers: a whole-model swap or a new slot
 // then finds one contiguous range where the bytes are free.
 enum class Placement : uint8_t { Low = 0, High = 1 };
+
+// A point on the copy timeline: complete once every copy of the copy_in call that
+// returned it is in device memory. 0: already complete. Values only grow, and a fence
+// completes only after every smaller one (fence_later picks the later of two).
+struct CopyFence {
+    uint64_t value = 0;
+};
+// A point on the compute timeline: complete once the ops submitted by the
+// Backend::end_unit call that returned it have finished. 0: already complete.
+// Values only grow, so the later of two fences is the larger (fence_later).
+struct ComputeFence {
+    uint64_t value = 0;
+};
+inline ComputeFence fence_later(ComputeFence a, ComputeFence b) { return a.value >= b.value ? a : b; }
+inline CopyFence fence_later(CopyFence a, CopyFence b) { return a.value >= b.value ? a : b; }
+
+// One host -> device copy of a batch (a unit is assembled from several tensors).
+struct CopyRegion {
+    void* dst;        // device address (from alloc)
+    const void* src;  // host memory; stays valid until the batch's CopyFence completes
+    uint64_t n_bytes;
+};
 
 class Device {
 public:
@@ -27,24 +68,35 @@ public:
     // nullptr when no contiguous range is free (fragmentation): a normal result.
     virtual void* alloc(uint64_t n_bytes, Placement where = Placement::Low) = 0;
     virtual void free(void* p) = 0;
-    // Host -> device copy (the layer streamer's only transfer).
-    virtual void copy_in(void* dst, const void* src, uint64_t n_bytes) = 0;
+
+    // The copy stream, host -> device: the layer streamer's only transfer. Copies the regions
+    // once every compute up to `after` finished (the slot's previous reader), and returns the
+    // fence that completes when they are in device memory. The CPU copies before returning.
+    virtual CopyFence copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) = 0;
+    // Blocks the calling thread until f completed (a whole-model swap, tests).
+    virtual void copy_wait(CopyFence f) = 0;
+
+    // The compute face: runs the ops of the forward pass on this device's memory.
+    virtual Backend& backend() = 0;
 };
 
 // CPU device: one anonymous mapping of capacity bytes (MAP_NORESERVE, so pages
 // cost RAM only once touched), carved by a two-ended allocator whose free ranges
 // coalesce on free: Placement::Low takes the lowest free range that fits (first
 // fit, at its start), Placement::High the highest (at its end). Allocations are
-// aligned to kAlign (64) bytes.
+// aligned to kAlign (64) bytes. Compute: the CPU backend (backend_cpu.h) with a pool
+// of n_threads threads. Copies and compute are synchronous: every fence is 0.
 class CpuDevice final : public Device {
 public:
-    explicit CpuDevice(uint64_t capacity_bytes);
+    explicit CpuDevice(uint64_t capacity_bytes, int n_threads = 1);
     ~CpuDevice() override;
     const char* name() const override { return "cpu"; }
     uint64_t capacity_bytes() const override { return capacity_; }
     void* alloc(uint64_t n_bytes, Placement where = Placement::Low) override;
     void free(void* p) override;
-    void copy_in(void* dst, const void* src, uint64_t n_bytes) override;
+    CopyFence copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) override;
+    void copy_wait(CopyFence) override {}
+    Backend& backend() override;
 
 private:
     uint8_t* base_ = nullptr;
@@ -52,6 +104,7 @@ private:
     std::mutex mu_;
     std::map<uint64_t, uint64_t> free_;  // offset -> size, non-adjacent
     std::map<uint64_t, uint64_t> used_;  // offset -> size
+    std::unique_ptr<CpuBackend> backend_;
 };
 
 }  // namespace lmx

@@ -44,8 +44,10 @@ int usable_cores() {
 
 Engine::Engine(const EngineConfig& cfg)
     : cfg_(cfg),
-      ledger_(std::make_unique<CpuDevice>(cfg.budget_bytes), cfg.cap_fraction),
-      pool_(cfg.n_threads > 0 ? cfg.n_threads : usable_cores()),
+      ledger_(std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores()),
+              cfg.cap_fraction),
+      backend_(ledger_.device().backend()),
+      pool_(backend_.host_pool()),
       residency_(ledger_, cfg.prefetch_depth, eviction_from_name(cfg.eviction)),
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
@@ -115,7 +117,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
         m->id = next_model_id_++;
     }
     const int max_rows = std::min(cfg_.max_seqs_per_step, cfg_.max_batch_tokens);
-    const uint64_t ws_bytes = workspace_bytes(spec, cfg_.max_batch_tokens, max_rows, pool_.n_threads());
+    const uint64_t ws_bytes = workspace_bytes(spec, cfg_.max_batch_tokens, max_rows, backend_.scratch_lanes());
     const uint64_t cap = ledger_.cap_bytes();
     const uint64_t reserve = static_cast<uint64_t>(static_cast<double>(cap) * cfg_.kv_reserve_fraction);
     const uint64_t headroom = ledger_.headroom_bytes();
@@ -155,7 +157,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
                            " + workspace) but the ledger has " + mib(headroom) + " free under its cap of " + mib(cap) +
                            "; raise the device budget, unload a model, or choose streamed residency / smaller weights");
     }
-    workspace_init(m->ws, m->ws_mem.ptr, spec, cfg_.max_batch_tokens, max_rows, pool_.n_threads());
+    workspace_init(m->ws, m->ws_mem.ptr, spec, cfg_.max_batch_tokens, max_rows, backend_.scratch_lanes());
     m->kv = std::make_unique<KvCache>(ledger_, spec.name, spec.n_layer, spec.kv_dim(), cfg_.kv_block_tokens);
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -416,7 +418,7 @@ void Engine::run_plan(StepPlan& plan) {
         items.push_back(ForwardItem{s->tokens.data() + s->n_computed, it.n_tokens, s->n_computed, &s->blocks, it.samples});
         n_tok += it.n_tokens;
     }
-    forward_step(*m->w, m->id, residency_, *m->kv, m->ws, items, pool_);
+    float* step_logits = forward_step(*m->w, m->id, residency_, *m->kv, m->ws, items, backend_);
     scheduler_.update(plan);
 
     // Sample every sequence that reached its end; rows are independent.
@@ -426,7 +428,7 @@ void Engine::run_plan(StepPlan& plan) {
     std::vector<int32_t> chosen(sampling.size());
     pool_.parallel_for(static_cast<int64_t>(sampling.size()), [&](int64_t r, int thread) {
         Sequence* s = sampling[static_cast<size_t>(r)]->seq;
-        float* logits = m->ws.logits + r * spec.n_vocab;
+        float* logits = step_logits + r * spec.n_vocab;
         if (s->capture_logits && s->n_generated() == 0) {
             std::lock_guard<std::mutex> lk(ev_mu_);
             captured_[s->id].assign(logits, logits + spec.n_vocab);

@@ -154,7 +154,8 @@ private:
 
     EngineConfig cfg_;
     Ledger ledger_;
-    ThreadPool pool_;
+    Backend& backend_;  // the device's compute face (forward_step runs on it)
+    ThreadPool& pool_;  // the backend's host pool: sampling
     Residency residency_;
     Scheduler scheduler_;  // step thread only
     int event_fd_ = -1;

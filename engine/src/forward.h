@@ -1,21 +1,22 @@
 // forward.h — one batched forward pass of one model over a step's tokens.
 // Owner: engine core; called by the step thread only.
-// Thread-safety: uses the workspace exclusively; kernels split work over the pool.
+// Thread-safety: uses the workspace exclusively; the ops run on the device's Backend.
 //
 // Batch-first: every item (a sequence's prompt chunk or its one decode token)
 // goes through each layer together, so a streamed layer is fetched once per step
 // for the whole batch. Each layer unit is acquired from Residency right before
 // use and released right after, which is what lets the copy thread stream the
-// next units while this one computes.
+// next units while this one computes. forward.cpp says WHAT the model computes;
+// the Backend (backend.h) says how and where; forward.cpp never calls a kernel itself.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "backend.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "residency.h"
-#include "threadpool.h"
 
 namespace lmx {
 
@@ -31,8 +32,8 @@ struct ForwardItem {
 struct Workspace {
     int max_tokens = 0;      // tokens per step
     int max_logit_rows = 0;  // items per step
-    int n_threads = 0;
-    int64_t scratch_floats = 0;  // per thread, for attention scores
+    int n_lanes = 0;                   // backend scratch lanes (Backend::scratch_lanes)
+    int64_t scratch_floats = 0;        // per lane
     float* x = nullptr;       // [max_tokens, dim]   residual stream
     float* xb = nullptr;      // [max_tokens, dim]
     float* q = nullptr;       // [max_tokens, q_dim]
@@ -43,17 +44,22 @@ struct Workspace {
     float* up = nullptr;      // [max_tokens, ffn_dim]
     float* rows = nullptr;    // [max_logit_rows, dim]  hidden states that get logits
     float* logits = nullptr;  // [max_logit_rows, n_vocab]
-    float* scratch = nullptr; // [n_threads, scratch_floats]
+    float* scratch = nullptr; // [n_lanes, scratch_floats]
 };
 
-uint64_t workspace_bytes(const ModelSpec& s, int max_tokens, int max_logit_rows, int n_threads);
+// n_lanes: the backend's scratch lanes (Backend::scratch_lanes(): the CPU's thread count,
+// 0 for a GPU), each n_ctx + 16 floats.
+uint64_t workspace_bytes(const ModelSpec& s, int max_tokens, int max_logit_rows, int n_lanes);
 // Lays out ws over mem (at least workspace_bytes(...) long).
-void workspace_init(Workspace& ws, uint8_t* mem, const ModelSpec& s, int max_tokens, int max_logit_rows, int n_threads);
+void workspace_init(Workspace& ws, uint8_t* mem, const ModelSpec& s, int max_tokens, int max_logit_rows, int n_lanes);
 
-// Runs items through the model. Preconditions: sum(n_tokens) <= ws.max_tokens,
-// count(want_logits) <= ws.max_logit_rows, block tables cover every position.
-// Logits of the items with want_logits land in ws.logits, in item order.
-void forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& kv, Workspace& ws,
-                  const std::vector<ForwardItem>& items, ThreadPool& pool);
+// Runs items through the model on backend be (the ledger's device's). Preconditions:
+// sum(n_tokens) <= ws.max_tokens, count(want_logits) <= ws.max_logit_rows, block tables
+// cover every position, ws.n_lanes >= be.scratch_lanes(). Returns the logits of the items
+// with want_logits, in item order: host memory [rows, n_vocab] (nullptr when none), valid
+// until the next step; sampling may modify it in place.
+// On an exception no unit stays pinned and the backend's step is aborted.
+float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& kv, Workspace& ws,
+                    const std::vector<ForwardItem>& items, Backend& be);
 
 }  // namespace lmx

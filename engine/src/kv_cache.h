@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "backend.h"
 #include "common.h"
 #include "ledger.h"
 
@@ -34,6 +35,13 @@ public:
     BookResult reserve(std::vector<int32_t>& table, int64_t n_tokens);
     void release(std::vector<int32_t>& table);  // frees every block; table emptied
 
+    // Where a block's rows are, for the backend's KV ops (KvGeometry in backend.h):
+    // block_start(b) + layer * layer_stride is layer's K, v_offset further its V.
+    KvGeometry geometry() const {
+        return KvGeometry{block_tokens_, kv_dim_, static_cast<int64_t>(2) * block_tokens_ * kv_dim_,
+                          static_cast<int64_t>(block_tokens_) * kv_dim_};
+    }
+    float* block_start(int32_t block) { return base(block, 0); }
     float* k(int32_t block, int layer) { return base(block, layer); }
     float* v(int32_t block, int layer) { return base(block, layer) + static_cast<int64_t>(block_tokens_) * kv_dim_; }
     int64_t n_blocks_in_use() const { return n_in_use_; }

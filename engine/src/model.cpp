@@ -161,8 +161,11 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
     }
 }
 
-void ModelWeights::assemble_unit(int u, uint8_t* dst, Device& dev) const {
-    for (const UnitPiece& p : unit(u).pieces) dev.copy_in(dst + p.dst_off, p.src, p.n_bytes);
+CopyFence ModelWeights::assemble_unit(int u, uint8_t* dst, Device& dev, ComputeFence after) const {
+    std::vector<CopyRegion> regions;
+    regions.reserve(unit(u).pieces.size());
+    for (const UnitPiece& p : unit(u).pieces) regions.push_back(CopyRegion{dst + p.dst_off, p.src, p.n_bytes});
+    return dev.copy_in(regions.data(), regions.size(), after);
 }
 
 }  // namespace lmx

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.h"
+#include "device.h"
 #include "kernels/kernels.h"
 #include "safetensors.h"
 
@@ -113,8 +114,9 @@ public:
     uint64_t max_unit_bytes() const { return max_unit_bytes_; }
     uint64_t layer_unit_bytes() const { return units_.front().n_bytes; }  // every layer unit is this size
     uint64_t total_unit_bytes() const { return total_unit_bytes_; }
-    // Copies unit u into dst (device memory of at least unit(u).n_bytes).
-    void assemble_unit(int u, uint8_t* dst, class Device& dev) const;
+    // Copies unit u into dst (device memory of at least unit(u).n_bytes) once compute up to
+    // `after` finished (dst's previous reader); the fence completes when the copy has landed.
+    CopyFence assemble_unit(int u, uint8_t* dst, Device& dev, ComputeFence after = {}) const;
 
 private:
     const uint8_t* host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols);

@@ -56,14 +56,14 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
                 undo();
                 return false;
             }
-            e.w->assemble_unit(u, b.ptr, ledger_.device());
+            e.copied = fence_later(e.copied, e.w->assemble_unit(u, b.ptr, ledger_.device()));
             e.units.push_back(b);
         }
     } else {
         const int head = e.w->n_units() - 1;
         e.head = ledger_.alloc(owner, BookKind::Weights, e.w->unit(head).n_bytes);
         if (!e.head) return false;
-        e.w->assemble_unit(head, e.head.ptr, ledger_.device());
+        e.copied = e.w->assemble_unit(head, e.head.ptr, ledger_.device());
         const int n = std::max(1, std::min(n_slots, e.w->n_units() - 1));
         for (int i = 0; i < n; i++) {
             Slot s;
@@ -140,9 +140,15 @@ void Residency::swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk) {
                         "evicted (" + std::to_string(e.w->total_unit_bytes()) + " weight bytes, " +
                         std::to_string(ledger_.headroom_bytes()) + " bytes of headroom; KV blocks may fragment it)");
     }
+    // The units land where evicted models' units (or freed KV blocks) were: the copies wait
+    // for every compute that may still read those bytes.
+    const ComputeFence after = last_read_;
     lk.unlock();
-    for (int u = 0; u < n; u++) e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device());
+    CopyFence copied;
+    for (int u = 0; u < n; u++)
+        copied = fence_later(copied, e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device(), after));
     lk.lock();
+    e.copied = copied;
     stats_.n_loads += static_cast<uint64_t>(n);
     stats_.bytes_copied += e.w->total_unit_bytes();
 }
@@ -283,9 +289,11 @@ void Residency::copy_main() {
         s.ahead = true;
         std::shared_ptr<const ModelWeights> w = e.w;
         uint8_t* dst = s.buf.ptr;
+        const ComputeFence after = s.last_read;
         lk.unlock();
-        w->assemble_unit(job.unit, dst, ledger_.device());
+        const CopyFence copied = w->assemble_unit(job.unit, dst, ledger_.device(), after);
         lk.lock();
+        s.copied = copied;
         s.loading = false;
         s.ready = true;
         s.last_use = ++clock_;
@@ -295,7 +303,7 @@ void Residency::copy_main() {
     }
 }
 
-const uint8_t* Residency::acquire(UnitRef u) {
+UnitHandle Residency::acquire(UnitRef u) {
     std::unique_lock<std::mutex> lk(mu_);
     auto it = models_.find(u.model);
     assert(it != models_.end());
@@ -306,7 +314,7 @@ const uint8_t* Residency::acquire(UnitRef u) {
         sched_.insert(sched_.begin() + static_cast<std::ptrdiff_t>(cursor_), u);
         cursor_++;
     }
-    if (e.resident) return e.units[static_cast<size_t>(u.unit)].ptr;
+    if (e.resident) return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
     if (e.swap) {
         if (e.units.empty()) {
             stats_.n_misses++;
@@ -318,9 +326,9 @@ const uint8_t* Residency::acquire(UnitRef u) {
             stats_.n_hits++;
         }
         e.in_use++;
-        return e.units[static_cast<size_t>(u.unit)].ptr;
+        return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
     }
-    if (u.unit == e.w->n_units() - 1) return e.head.ptr;
+    if (u.unit == e.w->n_units() - 1) return UnitHandle{e.head.ptr, e.copied};
     Slot* s = find_slot(e, u.unit);
     if (s != nullptr && s->ready) {
         stats_.n_hits++;
@@ -337,9 +345,11 @@ const uint8_t* Residency::acquire(UnitRef u) {
             s->unit = u.unit;
             s->ready = false;
             s->loading = true;
+            const ComputeFence after = s->last_read;
             lk.unlock();
-            e.w->assemble_unit(u.unit, s->buf.ptr, ledger_.device());
+            const CopyFence copied = e.w->assemble_unit(u.unit, s->buf.ptr, ledger_.device(), after);
             lk.lock();
+            s->copied = copied;
             s->loading = false;
             s->ready = true;
             stats_.n_loads++;
@@ -362,12 +372,13 @@ const uint8_t* Residency::acquire(UnitRef u) {
     s->ahead = false;
     s->last_use = ++clock_;
     cv_copy_.notify_all();  // the window moved: prefetch further
-    return s->buf.ptr;
+    return UnitHandle{s->buf.ptr, s->copied};
 }
 
-void Residency::release(UnitRef u) {
+void Residency::release(UnitRef u, ComputeFence done) {
     {
         std::lock_guard<std::mutex> lk(mu_);
+        last_read_ = fence_later(last_read_, done);
         auto it = models_.find(u.model);
         assert(it != models_.end());
         if (it->second.resident) return;
@@ -379,8 +390,18 @@ void Residency::release(UnitRef u) {
         Slot* s = find_slot(it->second, u.unit);
         assert(s != nullptr && s->pins > 0);
         s->pins--;
+        s->last_read = fence_later(s->last_read, done);
     }
     cv_copy_.notify_all();
+}
+
+int Residency::n_pins(int model_id) const {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = models_.find(model_id);
+    if (it == models_.end()) return 0;
+    int n = it->second.in_use;
+    for (const Slot& s : it->second.slots) n += s.pins;
+    return n;
 }
 
 ResidencyStats Residency::stats() const {

@@ -45,6 +45,13 @@ struct UnitRef {
     bool operator==(const UnitRef& o) const { return model == o.model && unit == o.unit; }
 };
 
+// A unit in device memory, pinned: its address, and the copy fence compute must wait for
+// before reading it (0 on the CPU, where copies are synchronous).
+struct UnitHandle {
+    const uint8_t* data = nullptr;
+    CopyFence ready;
+};
+
 struct ResidencyStats {
     uint64_t bytes_copied = 0;
     uint64_t n_loads = 0;      // units copied in
@@ -79,15 +86,20 @@ public:
     ModelResidency model_info(int model_id) const;
 
     void set_schedule(std::vector<UnitRef> order);
-    const uint8_t* acquire(UnitRef u);  // blocks until u is in device memory; pins it
-    void release(UnitRef u);            // unpins
+    // Blocks until u's copy is submitted (on the CPU: done) and pins it; the handle's fence
+    // says when the copy lands. Use UnitPin, which releases on every path.
+    UnitHandle acquire(UnitRef u);
+    // Unpins u. done: the compute that read it; its slot is refilled only after done.
+    void release(UnitRef u, ComputeFence done = {});
 
     ResidencyStats stats() const;
     int prefetch_depth() const { return depth_; }
     Eviction eviction() const { return eviction_; }
 
-    // Test hook: the unit each slot of a streamed model holds (-1 = empty).
+    // Test hooks: the unit each slot of a streamed model holds (-1 = empty); pins held on
+    // a model's units (acquired and not released).
     std::vector<int> slot_units(int model_id) const;
+    int n_pins(int model_id) const;
 
 private:
     struct Slot {
@@ -98,6 +110,8 @@ private:
         bool ahead = false;  // copied (or copying) for a use compute has not reached yet
         int pins = 0;
         uint64_t last_use = 0;
+        CopyFence copied;        // when the unit's copy lands
+        ComputeFence last_read;  // the last compute that read it: a refill waits for it
     };
     struct Entry {
         std::shared_ptr<const ModelWeights> w;
@@ -108,6 +122,7 @@ private:
         std::vector<DeviceBuffer> units;  // resident and swapped-in models
         DeviceBuffer head;                // streamed models: the head unit, resident
         std::vector<Slot> slots;          // streamed models: layer slots
+        CopyFence copied;                 // resident, swapped-in and head units: when their copies land
     };
     struct Job {
         int model = -1;
@@ -134,8 +149,36 @@ private:
     size_t cursor_ = 0;  // sched_[cursor_] is the next unit compute will acquire
     uint64_t clock_ = 0;
     ResidencyStats stats_;
+    ComputeFence last_read_;  // the last compute that read any unit (whole-model swaps wait for it)
     bool stop_ = false;
     std::thread copy_thread_;
+};
+
+}  // namespace lmx
+
+namespace lmx {
+
+// Pins one unit for a scope: acquires it in the constructor and releases it in the
+// destructor, so a step that throws halfway (a failed op, a swap that cannot fit) never
+// leaves a slot pinned — a pinned slot can never be refilled, and with few slots the next
+// step would wait for it forever. done() records the compute that read the unit, so the
+// slot is refilled only after it (on the CPU that compute has already finished).
+class UnitPin {
+public:
+    UnitPin(Residency& r, UnitRef u) : r_(r), u_(u), h_(r.acquire(u)) {}
+    ~UnitPin() { r_.release(u_, done_); }
+    UnitPin(const UnitPin&) = delete;
+    UnitPin& operator=(const UnitPin&) = delete;
+
+    const uint8_t* data() const { return h_.data; }
+    CopyFence ready() const { return h_.ready; }
+    void done(ComputeFence f) { done_ = f; }
+
+private:
+    Residency& r_;
+    UnitRef u_;
+    UnitHandle h_;
+    ComputeFence done_;
 };
 
 }  // namespace lmx

@@ -1,0 +1,137 @@
+// backend_cpu.cpp — the CPU backend: each op calls the dispatched kernel on the pool, now.
+// Owner: engine core. Thread-safety: see backend_cpu.h.
+#include "backend_cpu.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+
+namespace lmx {
+
+namespace {
+constexpr int kAttnChunk = 16;  // queries per attention task
+}
+
+CpuBackend::CpuBackend(int n_threads) : pool_(n_threads) {}
+
+void CpuBackend::begin_step(const StepDesc& step) {
+    step_ = step;
+    seqs_.assign(step.seqs, step.seqs + step.n_seqs);
+    step_.seqs = seqs_.data();
+    pos_.resize(static_cast<size_t>(step.n_tokens));
+    int64_t t = 0;
+    for (const StepSeq& s : seqs_)
+        for (int32_t j = 0; j < s.n_tokens; j++) pos_[static_cast<size_t>(t++)] = s.pos0 + j;
+    assert(t == step.n_tokens);
+    tasks_.clear();
+    tasks_kv_heads_ = -1;
+    kptr_.resize(seqs_.size());
+    vptr_.resize(seqs_.size());
+}
+
+void CpuBackend::end_step() { seqs_.clear(); }
+
+void CpuBackend::abort_step() noexcept { seqs_.clear(); }
+
+void CpuBackend::embed(const WeightView& table, const int32_t* tokens, float* x) {
+    for (int64_t t = 0; t < step_.n_tokens; t++) dequantize_row(table, tokens[t], x + t * table.n_in);
+}
+
+void CpuBackend::rmsnorm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* y) {
+    lmx::rmsnorm(x, weight, eps, n_rows, dim, y);
+}
+
+void CpuBackend::matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_rows) {
+    lmx::matmul_many(outs, n_outs, x, n_rows, pool_);
+}
+
+void CpuBackend::rope(float* x, int n_heads, int head_dim, const float* inv_freq) {
+    const int64_t row = static_cast<int64_t>(n_heads) * head_dim;
+    for (int64_t t = 0; t < step_.n_tokens; t++) lmx::rope(x + t * row, n_heads, head_dim, pos_[static_cast<size_t>(t)], inv_freq);
+}
+
+float* CpuBackend::kv_row(int seq, int64_t pos, int layer) {
+    const KvGeometry& g = step_.kv;
+    const StepSeq& s = seqs_[static_cast<size_t>(seq)];
+    assert(pos / g.block_tokens < s.n_blocks);
+    float* block = s.kv_blocks[pos / g.block_tokens];  // a device address: a host pointer here
+    return block + layer * g.layer_stride + (pos % g.block_tokens) * g.kv_dim;
+}
+
+void CpuBackend::kv_append(int layer, const float* k, const float* v) {
+    const int64_t kvd = step_.kv.kv_dim;
+    int64_t t = 0;
+    for (int i = 0; i < step_.n_seqs; i++) {
+        const StepSeq& s = seqs_[static_cast<size_t>(i)];
+        for (int32_t j = 0; j < s.n_tokens; j++, t++) {
+            float* kr = kv_row(i, s.pos0 + j, layer);
+            std::memcpy(kr, k + t * kvd, static_cast<size_t>(kvd) * 4);
+            std::memcpy(kr + step_.kv.v_offset, v + t * kvd, static_cast<size_t>(kvd) * 4);
+        }
+    }
+}
+
+// Tasks: (sequence, chunk of queries, KV heads); each runs the kernel on its own thread's
+// scratch lane. A step with fewer chunks than threads (one decoding sequence) splits them
+// by KV head, so no thread idles through it; KV heads are independent, so no bit changes.
+void CpuBackend::plan_attention(int n_kv_heads) {
+    tasks_.clear();
+    int64_t t = 0;
+    for (int i = 0; i < step_.n_seqs; i++) {
+        const StepSeq& s = seqs_[static_cast<size_t>(i)];
+        for (int32_t q0 = 0; q0 < s.n_tokens; q0 += kAttnChunk)
+            tasks_.push_back({i, t + q0, q0, std::min<int32_t>(kAttnChunk, s.n_tokens - q0), 0, n_kv_heads});
+        t += s.n_tokens;
+    }
+    if (tasks_.size() < static_cast<size_t>(pool_.n_threads()) && n_kv_heads > 1) {
+        std::vector<AttnTask> split;
+        for (const AttnTask& a : tasks_)
+            for (int kv = 0; kv < n_kv_heads; kv++) split.push_back({a.seq, a.t0, a.q0, a.n_q, kv, kv + 1});
+        tasks_.swap(split);
+    }
+    tasks_kv_heads_ = n_kv_heads;
+}
+
+void CpuBackend::attention(int layer, const float* q, const AttnParams& p, float* out) {
+    if (tasks_kv_heads_ != p.n_kv_heads) plan_attention(p.n_kv_heads);
+    const KvGeometry& g = step_.kv;
+    for (int i = 0; i < step_.n_seqs; i++) {
+        const StepSeq& s = seqs_[static_cast<size_t>(i)];
+        const size_t n_blocks = static_cast<size_t>((s.pos0 + s.n_tokens + g.block_tokens - 1) / g.block_tokens);
+        assert(n_blocks <= static_cast<size_t>(s.n_blocks));
+        std::vector<const float*>& kp = kptr_[static_cast<size_t>(i)];
+        std::vector<const float*>& vp = vptr_[static_cast<size_t>(i)];
+        kp.resize(n_blocks);
+        vp.resize(n_blocks);
+        for (size_t b = 0; b < n_blocks; b++) {
+            kp[b] = s.kv_blocks[b] + layer * g.layer_stride;
+            vp[b] = kp[b] + g.v_offset;
+        }
+    }
+    const int64_t qd = static_cast<int64_t>(p.n_heads) * p.head_dim;
+    assert(step_.scratch != nullptr && step_.scratch_lane_floats > 0);
+    pool_.parallel_for(static_cast<int64_t>(tasks_.size()), [&](int64_t ti, int thread) {
+        const AttnTask& a = tasks_[static_cast<size_t>(ti)];
+        const StepSeq& s = seqs_[static_cast<size_t>(a.seq)];
+        attention_kv_heads(q + a.t0 * qd, a.n_q, s.pos0 + a.q0, kptr_[static_cast<size_t>(a.seq)].data(),
+                           vptr_[static_cast<size_t>(a.seq)].data(), g.block_tokens, p.n_heads, p.n_kv_heads,
+                           p.head_dim, p.scale, out + a.t0 * qd, step_.scratch + thread * step_.scratch_lane_floats,
+                           a.kv0, a.kv1);
+    });
+}
+
+void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) { lmx::silu_mul(gate, up, out, n); }
+
+void CpuBackend::add(float* x, const float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+void CpuBackend::gather_rows(const float* x, int64_t dim, float* rows) {
+    int64_t n_rows = 0, t_end = 0;
+    for (const StepSeq& s : seqs_) {
+        t_end += s.n_tokens;
+        if (s.want_logits) std::memcpy(rows + (n_rows++) * dim, x + (t_end - 1) * dim, static_cast<size_t>(dim) * 4);
+    }
+}
+
+}  // namespace lmx

@@ -1,0 +1,65 @@
+// backend_cpu.h — the CPU backend: the SIMD kernels (kernels/) behind the Backend seam.
+// Owner: engine core. Thread-safety: as Backend (one driving thread); the kernels split
+// each op over the backend's own thread pool, which it lends as host_pool().
+//
+// Every op runs when it is called, so every fence is 0 (complete) and begin_unit /
+// end_unit only mark the bracket. What this backend adds to the bare kernels is the
+// step: token positions for rope, block addresses per layer for the KV ops, and the
+// split of attention into tasks (below).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend.h"
+#include "threadpool.h"
+
+namespace lmx {
+
+class CpuBackend final : public Backend {
+public:
+    explicit CpuBackend(int n_threads);
+
+    const char* name() const override { return "cpu"; }
+    ThreadPool& host_pool() override { return pool_; }
+    int scratch_lanes() const override { return pool_.n_threads(); }
+
+    void begin_step(const StepDesc& step) override;
+    void begin_unit(CopyFence) override {}
+    ComputeFence end_unit() override { return {}; }
+    void end_step() override;
+    void abort_step() noexcept override;
+
+    void embed(const WeightView& table, const int32_t* tokens, float* x) override;
+    void rmsnorm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* y) override;
+    void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_rows) override;
+    void rope(float* x, int n_heads, int head_dim, const float* inv_freq) override;
+    void kv_append(int layer, const float* k, const float* v) override;
+    void attention(int layer, const float* q, const AttnParams& p, float* out) override;
+    void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
+    void add(float* x, const float* y, int64_t n) override;
+    void gather_rows(const float* x, int64_t dim, float* rows) override;
+    float* read_host(float* src, int64_t) override { return src; }
+
+private:
+    // One attention task: a chunk of one sequence's queries, for KV heads [kv0, kv1).
+    struct AttnTask {
+        int seq;
+        int64_t t0;  // first token (row in the step)
+        int32_t q0;  // first query within the sequence
+        int32_t n_q;
+        int kv0, kv1;
+    };
+    void plan_attention(int n_kv_heads);
+    float* kv_row(int seq, int64_t pos, int layer);  // K row of position pos; V is kv.v_offset further
+
+    ThreadPool pool_;
+    StepDesc step_;
+    std::vector<StepSeq> seqs_;
+    std::vector<int64_t> pos_;        // [n_tokens] position of each token of the step
+    std::vector<AttnTask> tasks_;     // planned at the step's first attention call
+    int tasks_kv_heads_ = -1;         // the n_kv_heads tasks_ were planned for
+    std::vector<std::vector<const float*>> kptr_, vptr_;  // per sequence: this layer's block rows
+};
+
+}  // namespace lmx
