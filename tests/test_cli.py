@@ -8,6 +8,7 @@ suite's `redis_url` fixture.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -536,7 +537,8 @@ def test_status_watch_json_prints_one_object_per_refresh_until_interrupted(redis
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 130, stderr  # interrupted: 130, as documented
+    assert "Traceback" not in stderr
     lines = [first, *rest.splitlines()]
     assert len(lines) >= 2
     assert all(orjson.loads(line)["prefix"] == "lmx" for line in lines)
@@ -580,12 +582,66 @@ def _start_submit(redis_url: str, prefix: str, *args: str) -> subprocess.Popen[s
     )
 
 
-def _served(client: redis.Redis, prefix: str, model: str) -> None:
+def _served(client: redis.Redis, prefix: str, model: str, *, heartbeat_age_s: float | None = 0.0) -> None:
+    """The keys of a worker serving `model`: limits, and (unless heartbeat_age_s is None) its P:workers
+    entry as refreshed heartbeat_age_s ago."""
     client.sadd(f"{prefix}:models", model)
     client.hset(
         f"{prefix}:{{m:{model}}}:limits",
         mapping={"max_backlog": 10, "max_tokens": 256, "max_prompt_tokens": 512, "n_ctx": 1024, "schema_version": 1},
     )
+    if heartbeat_age_s is not None:
+        entry = {"models": {model: {}}, "ledger": {}, "updated_at": time.time() - heartbeat_age_s}
+        client.hset(f"{prefix}:workers", "w-test", orjson.dumps(entry))
+
+
+@pytest.mark.parametrize("heartbeat_age_s", [None, 60.0], ids=["no-worker-entry", "stale-worker"])
+def test_submit_without_a_live_worker_says_so_and_queues_nothing(redis_url: str,
+                                                                 heartbeat_age_s: float | None) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("nolive")
+    _served(client, prefix, "smol", heartbeat_age_s=heartbeat_age_s)
+    proc = run_cli("submit", "smol", "hi", "--redis-url", redis_url, "--prefix", prefix)
+    try:
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "no live worker serves model 'smol'" in lines[0], proc.stderr
+        assert "--wait-for-worker" in lines[0]
+        assert client.xlen(f"{prefix}:{{m:smol}}:req") == 0
+    finally:
+        client.close()
+
+
+def test_submit_wait_for_worker_queues_and_gets_the_reply_once_a_worker_comes(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("waitw")
+    _served(client, prefix, "smol", heartbeat_age_s=None)
+    proc = _start_submit(redis_url, prefix, "smol", "hi", "--wait-for-worker")
+    try:
+        _serve_one(client, prefix, "smol", [
+            {"type": "started", "worker": "w-late", "attempt": 1, "prompt_tokens": 1},
+            {"type": "done", "finish_reason": "stop", "text": "", "token_ids": [], "usage": USAGE}])
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        client.close()
+    assert proc.returncode == 0, stderr
+    assert "no live worker serves model 'smol'" in stderr and "waits in the queue" in stderr
+
+
+def test_submit_timeout_cancels_the_request_and_exits_1(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prefix = fresh_prefix("tmo")
+    _served(client, prefix, "smol")  # a live worker entry, but nobody answers
+    try:
+        proc = run_cli("submit", "smol", "hi", "--timeout", "0.5", "--redis-url", redis_url, "--prefix", prefix)
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        m = re.search(r"no complete reply within --timeout 0.5 s; cancelled request (\S+)", proc.stderr)
+        assert m is not None, proc.stderr
+        assert client.sismember(f"{prefix}:{{m:smol}}:cancel", m.group(1))
+    finally:
+        client.close()
 
 
 USAGE = {
@@ -815,3 +871,87 @@ def test_submit_to_a_running_worker_streams_the_same_greedy_tokens_as_generate(
     assert remote_result["text"] == local_result["text"]
     assert remote_result["usage"]["prompt_tokens"] == local_result["prompt_tokens"]
     assert "started on worker cli-test-worker" in remote.stderr
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def _start_worker_process(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            # the disposition a terminal gives (background shells start jobs with SIGINT ignored)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - before exec only
+        )
+
+
+def _wait_for(check: Any, what: str, log_path: Path, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s  # bounds the wait only
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; log:\n{log_path.read_text()}"
+        time.sleep(0.05)
+
+
+def test_worker_ctrl_c_drains_and_exits_130(tiny_model: Path, redis_url: str, tmp_path: Path) -> None:
+    prefix = fresh_prefix("int")
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'redis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nworker_id = "int-1"\n'
+                   f'[device]\nbudget = "256MiB"\n[[models]]\nname = "tiny"\npath = "{tiny_model}"\n')
+    log_path = tmp_path / "worker.log"
+    proc = _start_worker_process(cfg, log_path)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        _wait_for(lambda: client.hexists(f"{prefix}:workers", "int-1"), "the worker to be ready", log_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.close()
+    log = log_path.read_text()
+    assert "press Ctrl-C again to stop at once" in log
+    assert "Traceback" not in log
+
+
+def test_worker_second_ctrl_c_forces_exit_without_draining(tmp_path: Path, redis_url: str) -> None:
+    from engine.model_factory import make_model
+
+    model = make_model(tmp_path / "slow", hidden=256, n_layers=8, n_heads=8, n_kv_heads=2, intermediate=768,
+                       max_position_embeddings=8192, init_std=0.1, seed=9)
+    prefix = fresh_prefix("int2")
+    cfg = tmp_path / "w.toml"
+    cfg.write_text(f'redis_url = "{redis_url}"\nkey_prefix = "{prefix}"\nworker_id = "int-2"\n'
+                   "drain_timeout_s = 600\n"
+                   f'[device]\nbudget = "512MiB"\nn_threads = 1\n[[models]]\nname = "slow"\npath = "{model}"\n'
+                   "max_tokens_limit = 8000\n")
+    log_path = tmp_path / "worker.log"
+    proc = _start_worker_process(cfg, log_path)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        from producer_sdk import Producer
+
+        _wait_for(lambda: client.hexists(f"{prefix}:workers", "int-2"), "the worker to be ready", log_path)
+        with Producer(redis_url, prefix) as producer:
+            handle = producer.submit("slow", prompt_ids=[1, 2, 3], max_tokens=8000, ignore_eos=True, temperature=0.0)
+            _wait_for(lambda: client.xlen(f"{prefix}:{{r:{handle.request_id}}}:events") >= 2,
+                      "the request's first tokens", log_path)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: "press Ctrl-C again" in log_path.read_text(), "the first interrupt's message", log_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, log_path.read_text()
+        # Forced: the request did not get to finish (a drain would have run it to its done event).
+        kinds = [orjson.loads(f[b"data"])["type"] for _, f in
+                 client.xrange(f"{prefix}:{{r:{handle.request_id}}}:events")]
+        assert "done" not in kinds, kinds
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.close()
+    log = log_path.read_text()
+    assert "SIGINT again: stopping now without draining" in log
+    assert "Traceback" not in log

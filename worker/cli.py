@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send PROMPT as one user message (the worker applies the chat template)"
     )
     s.add_argument("--json", action="store_true", help="print the terminal event as one JSON object instead of text")
+    s.add_argument(
+        "--timeout", type=_positive_float, metavar="SECONDS",
+        help="give up after SECONDS without the whole reply: the request is cancelled, exit 1 (default: wait)")
+    s.add_argument(
+        "--wait-for-worker", action="store_true",
+        help="when no live worker serves MODEL, queue the request anyway and wait for one to start "
+             "(default: say so and exit 1 without queueing)")
     s.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="show served models, queues and each worker's device ledger")
@@ -218,10 +225,40 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int, defa
 def _add_redis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help=f"default: $LAYERMUX_REDIS_URL or {DEFAULT_REDIS_URL}")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"key prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--redis-mode", default=None, choices=("standalone", "cluster", "sentinel"),
+                   help="cluster: --redis-url (and --redis-urls) are Cluster seed nodes; sentinel: they are "
+                        "Sentinels, see --sentinel-master (default: $LAYERMUX_REDIS_MODE or standalone)")
+    p.add_argument("--redis-urls", default=None, metavar="URL,URL",
+                   help="more Cluster seed nodes or Sentinels (default: $LAYERMUX_REDIS_URLS, a JSON list)")
+    p.add_argument("--sentinel-master", default=None, metavar="NAME",
+                   help="the Sentinel master set (default: $LAYERMUX_SENTINEL_MASTER)")
 
 
 def _redis_url(args: argparse.Namespace) -> str:
     return args.redis_url or os.environ.get("LAYERMUX_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def _redis_target(args: argparse.Namespace) -> dict[str, Any]:
+    """mode / urls / sentinel_master for producer_sdk.connection (flags, else the worker's environment
+    variables); a combination that cannot work is exit 2, before Redis is touched."""
+    import orjson
+
+    from producer_sdk.connection import check_redis_target
+
+    mode = args.redis_mode or os.environ.get("LAYERMUX_REDIS_MODE") or "standalone"
+    if args.redis_urls is not None:
+        urls = [u.strip() for u in args.redis_urls.split(",") if u.strip()]
+    else:
+        try:
+            urls = [str(u) for u in orjson.loads(os.environ.get("LAYERMUX_REDIS_URLS") or "[]")]
+        except orjson.JSONDecodeError as e:
+            raise UsageError(f"LAYERMUX_REDIS_URLS: expected a JSON list of URLs ({e})") from e
+    master = args.sentinel_master or os.environ.get("LAYERMUX_SENTINEL_MASTER") or None
+    try:
+        check_redis_target(mode, [_redis_url(args), *urls], master)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return {"mode": mode, "urls": urls, "sentinel_master": master}
 
 
 # --------------------------------------------------------------------------- generate
@@ -512,8 +549,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     url = _redis_url(args)
     _check_prefix(args.prefix)
+    target = _redis_target(args)
     try:
-        return status.run(url, args.prefix, args.json, args.watch)
+        return status.run(url, args.prefix, args.json, args.watch, target=target)
     except redis.RedisError as e:
         raise CommandFailed(f"cannot read status from Redis at {_redact(url)}: {e}") from e
 
@@ -567,11 +605,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
     url = _redis_url(args)
     _check_prefix(args.prefix)
     out, err = sys.stdout, sys.stderr
+    # Validate the arguments before looking at Redis: a bad one is exit 2 whatever the server says.
+    from producer_sdk.client import build_request
+
+    try:
+        build_request(args.model, prompt=None if args.chat else args.prompt,
+                      messages=[{"role": "user", "content": args.prompt}] if args.chat else None,
+                      max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                      ignore_eos=args.ignore_eos)
+    except ProtocolError as e:
+        raise UsageError(e.message) from e
     prompt: dict[str, Any] = (
         {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
     )
     try:
-        with Producer(url, args.prefix) as producer:
+        target = _redis_target(args)
+        with Producer(url, args.prefix, redis_mode=target["mode"], redis_urls=target["urls"],
+                      sentinel_master=target["sentinel_master"]) as producer:
+            _check_live_worker(url, args.prefix, args.model, args.wait_for_worker, err, target)
             try:
                 handle = producer.submit(
                     args.model, **prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
@@ -583,6 +634,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             err.flush()
             done: DoneEvent | None = None
             try:
+                _arm_timeout(args.timeout)
                 for event in handle.events():
                     if isinstance(event, StartedEvent):
                         err.write(
@@ -598,10 +650,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                         done = event
                     elif isinstance(event, ErrorEvent | CancelledEvent):
                         raise error_for_terminal(event)
+            except _SubmitTimeout:
+                handle.cancel()
+                raise CommandFailed(f"no complete reply within --timeout {args.timeout:g} s; cancelled request "
+                                    f"{handle.request_id}") from None
             except KeyboardInterrupt:
                 handle.cancel()
                 err.write(f"\ncancel requested for {handle.request_id}\n")
                 raise
+            finally:
+                _arm_timeout(None)
     except LayermuxClientError as e:
         details = f" {orjson.dumps(e.details).decode()}" if e.details else ""
         raise CommandFailed(f"{e.code}: {e.message}{details}") from e
@@ -634,6 +692,57 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"total {usage.total_ms:.0f} ms\n"
     )
     return EXIT_OK
+
+
+class _SubmitTimeout(Exception):
+    """--timeout elapsed (raised in the main thread by SIGALRM, so it also ends a blocking read)."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _SubmitTimeout
+
+
+def _arm_timeout(seconds: float | None) -> None:
+    import signal
+
+    if seconds is None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _check_live_worker(url: str, prefix: str, model: str, wait: bool, err: TextIO,
+                       target: dict[str, Any] | None = None) -> None:
+    """Say at once when no live worker (an entry in P:workers refreshed within status.STALE_AFTER_S)
+    serves the model: exit 1 without queueing, or with --wait-for-worker a note, then queue anyway.
+    A model with no limits hash at all is left to the enqueue script (unknown_model)."""
+    import redis
+
+    from producer_sdk.keys import Keys
+    from worker.status import STALE_AFTER_S, live_workers_serving
+
+    keys = Keys(prefix)
+    if target is not None and target["mode"] != "standalone":
+        from producer_sdk.connection import make_sync_client
+
+        client = make_sync_client(url, **target)
+    else:
+        client = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    try:
+        if not client.exists(keys.limits(model)):
+            return
+        if live_workers_serving(client, prefix, model):
+            return
+    finally:
+        client.close()
+    what = (f"no live worker serves model {model!r} (none of the workers in {keys.workers()} that serve it "
+            f"reported within {STALE_AFTER_S:g} s)")
+    if not wait:
+        raise CommandFailed(f"{what}; start one (`layermux worker --config FILE`), or pass --wait-for-worker "
+                            "to queue the request until one starts")
+    err.write(f"{what}; --wait-for-worker: the request waits in the queue until a worker takes it\n")
+    err.flush()
 
 
 # --------------------------------------------------------------------------- main

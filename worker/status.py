@@ -125,6 +125,23 @@ def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[
     return {"prefix": prefix, "at": now, "models": models, "workers": workers}
 
 
+def live_workers_serving(client: redis.Redis, prefix: str, model: str, now: float | None = None) -> list[str]:
+    """Ids of the workers whose P:workers entry lists `model` and was refreshed within STALE_AFTER_S."""
+    now = time.time() if now is None else now
+    live = []
+    for worker_id, payload in cast("dict[bytes, bytes]", client.hgetall(Keys(prefix).workers())).items():
+        try:
+            entry = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("models"), dict):
+            continue
+        updated_at = entry.get("updated_at")
+        if model in entry["models"] and isinstance(updated_at, (int, float)) and now - updated_at <= STALE_AFTER_S:
+            live.append(_text(worker_id))
+    return sorted(live)
+
+
 # ---------------------------------------------------------------------------- rendering
 
 
@@ -290,13 +307,19 @@ def render(snapshot: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: TextIO = sys.stdout) -> int:
+def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: TextIO = sys.stdout,
+        target: Mapping[str, Any] | None = None) -> int:
     """Print one snapshot, or one every `watch_s` seconds until interrupted.
 
     Watching with --json prints one JSON object per line (NDJSON), so the stream can be
     piped into `jq -c`. On a terminal, each human snapshot redraws the screen.
     """
-    client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    if target is not None and target.get("mode", "standalone") != "standalone":  # Cluster / Sentinel
+        from producer_sdk.connection import make_sync_client
+
+        client = make_sync_client(redis_url, **target)
+    else:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     try:
         while True:
             snapshot = collect(client, prefix)
@@ -310,7 +333,5 @@ def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: 
             if watch_s is None:
                 return 0
             time.sleep(watch_s)
-    except KeyboardInterrupt:
-        return 0
-    finally:
+    finally:  # Ctrl-C ends --watch: KeyboardInterrupt reaches the CLI, which exits 130
         client.close()
