@@ -69,7 +69,18 @@ def test_demo_from_a_fresh_home_streams_all_three_models(tmp_path: Path) -> None
         assert float(cells[4]) > 0, cells
         assert cells[-1] == "0", cells
     assert {rows[n][1] for n in DEMO_MODELS} == {"resident", "streamed"}
-    assert "device: budget" in proc.stdout  # the worker's ledger, as published in P:workers
+    assert "device: budget" in proc.stdout  # the worker's ledger, as published in lmx:workers
+    assert "as the worker published it in lmx:workers" in proc.stdout
+    assert "P:" not in proc.stdout  # real key names, not the docs' placeholder
+    # The ledger shown is the one at its peak: requests running and KV booked, not an idle device.
+    m = re.search(r"at its fullest during the run \((\d+) requests running, ([0-9.]+ \w+) of KV", proc.stdout)
+    assert m is not None, proc.stdout
+    assert int(m.group(1)) > 0 and m.group(2) != "0 B", m.group(0)
+    table = proc.stdout[proc.stdout.index("at its fullest"):]
+    rows = [line.split() for line in table.splitlines() if line.strip().split()[:1] and
+            line.strip().split()[0] in DEMO_MODELS]
+    assert any(int(r[-2]) > 0 for r in rows), table  # RUNNING column
+    assert "streamed through" in proc.stdout and "so the device holds only part of them" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert_gone(proc.stdout)
 

@@ -72,9 +72,9 @@ def stats_fields_written_by_the_worker() -> set[str]:
             targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
             if any(isinstance(t, ast.Name) and t.id == "fields" for t in targets) and isinstance(node.value, ast.Dict):
                 names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
-        if isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Constant):
-            if isinstance(node.elts[0].value, str) and node.elts[0].value.startswith("queue_wait_"):
-                names.add(node.elts[0].value)
+        if (isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[0], ast.Constant)
+                and isinstance(node.elts[0].value, str) and node.elts[0].value.startswith("queue_wait_")):
+            names.add(node.elts[0].value)
         if isinstance(node, ast.JoinedStr) and any(
                 isinstance(v, ast.Constant) and v.value == "refused_" for v in node.values):
             names.add("refused_<code>")

@@ -17,12 +17,12 @@ Steps, each failing with a `DemoError` that says what broke (with the worker's l
    checked by loading all three exactly as the worker will. The config names each model's
    residency explicitly, so what the worker does never hangs on a near-tie.
 3. Redis (`EmbeddedRedis`) and the worker (`python -m worker.cli worker --config ...`),
-   waited for until P:models and every model's limits hash exist.
+   waited for until lmx:models and every model's limits hash exist.
 4. Producers: one process per model (multiprocessing, spawn) submits its N chat requests
    at once and forwards each token event to this process through a Queue; this process
    prints the streams as lines prefixed by model and request (coloured on a terminal).
 5. Summary (requests, tokens, tokens/s, TTFT p50 per model) and the worker's device
-   ledger as the worker published it in P:workers; then SIGTERM to the worker, Redis stop.
+   ledger at its fullest as the worker published it in lmx:workers; then SIGTERM, Redis stop.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ PRODUCER_JOIN_TIMEOUT_S: Final = 5.0
 # The whole streaming phase; generous next to the few seconds it takes on two cores.
 STREAM_TIMEOUT_S: Final = 120.0
 LOG_TAIL_LINES: Final = 30
-LEDGER_POLL_S: Final = 0.5
+LEDGER_POLL_S: Final = 0.05
+# The demo's worker refreshes its lmx:workers entry this often (default 1 s), so that the ledger
+# at its fullest (the run takes a few seconds) is seen while requests run.
+STATS_INTERVAL_S: Final = 0.05
 
 # Sampling of the demo requests: a little randomness, fixed seeds, so every run prints
 # the same streams.
@@ -73,11 +76,8 @@ TOP_P: Final = 0.95
 SEED_BASE: Final = 1000
 
 # The planned budget makes the two smaller models resident and leaves the largest this
-# fraction of its weights short of fitting: it streams. Raised by BUDGET_GROWTH until the
-# probe can load everything with KV room for every request.
+# fraction of its layers short of fitting: it streams.
 STREAMED_SHORTFALL: Final = 0.5
-BUDGET_GROWTH: Final = 1.25
-BUDGET_ATTEMPTS: Final = 8
 PROMPT_TOKENS_ESTIMATE: Final = 64  # chat-templated demo prompts stay below this
 
 PROMPTS: Final = (
@@ -182,7 +182,7 @@ def ensure_models(root: Path, console: Console) -> dict[str, Path]:
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         console.progress(
             f"    {name}: created ({spec['arch']}, {spec['n_layers']} layers, "
-            f"{status.humanize_bytes(size)}) in {time.perf_counter() - t0:.1f} s",
+            f"{status.humanize_bytes(size)} of safetensors files) in {time.perf_counter() - t0:.1f} s",
             final=True,
         )
         paths[name] = path
@@ -203,47 +203,37 @@ class DevicePlan:
 def plan_device(paths: Mapping[str, Path], kv_tokens_needed: int, n_requests: int) -> DevicePlan:
     """A budget under which the largest model streams and every request still has KV room.
 
-    First a roomy probe measures each model (weights and workspace as booked); then
-    candidate budgets are checked by loading the models exactly as the worker will (same
-    order, residencies and engine config) until one leaves KV headroom for all requests.
+    Computed from each model's footprint (engine.Engine.footprint: the bytes loading will book,
+    read from the file headers), so no model is loaded here and no budget is tried and retried.
     """
     import engine
 
     cfg = engine.EngineConfig()
-    with engine.Engine(engine.EngineConfig(budget_bytes=1 << 30)) as probe:
-        infos = {name: probe.load_model(name, str(p), residency="resident") for name, p in paths.items()}
-        kv_need = sum(probe.kv_bytes_for(name, kv_tokens_needed) * n_requests for name in paths)
-    order = sorted(paths, key=lambda n: int(infos[n]["weight_bytes"]))
+    with engine.Engine(cfg) as calc:  # nothing is booked: its budget does not matter
+        fps = {name: calc.footprint(p) for name, p in paths.items()}
+    blocks = -(-kv_tokens_needed // cfg.kv_block_tokens)
+    kv_need = sum(f.kv_block_bytes * blocks * n_requests for f in fps.values())
+    order = sorted(paths, key=lambda n: fps[n].weight_bytes)
     streamed = order[-1]
     residency = {name: ("streamed" if name == streamed else "resident") for name in order}
-
-    def footprint(name: str) -> int:
-        return int(infos[name]["weight_bytes"]) + int(infos[name]["workspace_bytes"])
-
-    booked_before = sum(footprint(n) for n in order[:-1])
-    spare_for_streamed = int(infos[streamed]["weight_bytes"] * (1.0 - STREAMED_SHORTFALL))
-    cap = (booked_before + int(infos[streamed]["workspace_bytes"]) + spare_for_streamed) / (
-        1.0 - cfg.kv_reserve_fraction
-    )
+    s = fps[streamed]
+    resident_bytes = sum(fps[n].device_bytes(fps[n].n_layer) for n in order[:-1])
+    want_slots = max(engine.MIN_SLOTS, math.ceil(s.n_layer * (1.0 - STREAMED_SHORTFALL)))
+    # Loaded last, the streamed model takes the slots that fit next to the KV reserve (kv_room).
+    fixed = resident_bytes + s.device_bytes(want_slots)
+    cap = max(fixed / (1.0 - cfg.kv_reserve_fraction), kv_need / cfg.kv_reserve_fraction)
     budget = _round_up_mib(cap / cfg.cap_fraction)
-
-    last_error = ""
-    for _ in range(BUDGET_ATTEMPTS):
-        try:
-            with engine.Engine(engine.EngineConfig(budget_bytes=budget)) as check:
-                loaded = {name: check.load_model(name, str(paths[name]), residency=residency[name]) for name in order}
-                ledger = check.ledger()
-        except engine.CapacityError as e:
-            last_error = str(e)
-        else:
-            if int(ledger["headroom_bytes"]) >= kv_need:
-                return DevicePlan(budget, residency, loaded, ledger)
-            last_error = (
-                f"{status.humanize_bytes(ledger['headroom_bytes'])} left for KV, "
-                f"{status.humanize_bytes(kv_need)} needed"
-            )
-        budget = _round_up_mib(budget * BUDGET_GROWTH)
-    raise DemoError(f"could not find a device budget for the demo models: {last_error}")
+    cap_bytes = int(budget * cfg.cap_fraction)
+    kv_room = int(cap_bytes * cfg.kv_reserve_fraction)
+    n_slots = min(s.n_layer - 1, (cap_bytes - resident_bytes - kv_room - s.device_bytes(0)) // s.layer_bytes)
+    loaded: dict[str, dict[str, Any]] = {
+        name: {"resident": name != streamed, "n_slots": 0 if name != streamed else n_slots,
+               "weight_bytes": fps[name].weight_bytes} for name in order}
+    used = resident_bytes + s.device_bytes(n_slots)
+    ledger = {"cap_bytes": cap_bytes, "headroom_bytes": cap_bytes - used}
+    if cap_bytes - used < kv_need:  # cannot happen with the arithmetic above; a bug if it does
+        raise DemoError(f"the demo budget leaves {cap_bytes - used} bytes for KV, {kv_need} needed")
+    return DevicePlan(budget, residency, loaded, ledger)
 
 
 def _round_up_mib(n_bytes: float) -> int:
@@ -265,6 +255,7 @@ def write_config(
         f"redis_url = {_toml_str(redis_url)}",
         f"key_prefix = {_toml_str(PREFIX)}",
         f"worker_id = {_toml_str(WORKER_ID)}",
+        f"stats_interval_s = {STATS_INTERVAL_S}",
         "",
         "[device]",
         f"budget = {plan.budget_bytes}  # {status.humanize_bytes(plan.budget_bytes)}",
@@ -320,7 +311,7 @@ def wait_until_ready(
     log_path: Path,
     timeout_s: float = WORKER_READY_TIMEOUT_S,
 ) -> None:
-    """Until P:models holds every model and each has its limits hash (the worker serves it)."""
+    """Until lmx:models holds every model and each has its limits hash (the worker serves it)."""
     from producer_sdk.keys import Keys
 
     keys = Keys(PREFIX)
@@ -467,9 +458,10 @@ class StreamView:
 
 
 class LedgerWatch:
-    """The worker's P:workers entry at its fullest (most bytes booked) while requests ran.
+    """The worker's lmx:workers entry at its fullest while requests ran: the most running requests,
+    then the most KV bytes booked (the weights and workspace stay the same during the run).
 
-    The worker refreshes its entry every second; reading it twice as often while the
+    The demo's worker refreshes its entry every STATS_INTERVAL_S; reading it as often while the
     streams run catches the moment the KV cache held the most requests.
     """
 
@@ -493,14 +485,22 @@ class LedgerWatch:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return
-        if isinstance(entry, dict) and self._used(entry) >= (self._used(self.peak) if self.peak else -1):
+        if isinstance(entry, dict) and (self.peak is None or self.fullness(entry) > self.fullness(self.peak)):
             self.peak = entry
 
     @staticmethod
-    def _used(entry: Mapping[str, Any]) -> int:
-        ledger = entry.get("ledger")
-        used = ledger.get("used_bytes") if isinstance(ledger, dict) else None
-        return used if isinstance(used, int) else 0
+    def fullness(entry: Mapping[str, Any]) -> tuple[int, int, int]:
+        """(running requests, KV bytes, bytes booked) of one published entry."""
+        def as_dict(value: Any) -> dict[str, Any]:
+            return value if isinstance(value, dict) else {}
+
+        ledger = as_dict(entry.get("ledger"))
+        per_model = as_dict(ledger.get("models"))
+        kv = sum(int(m.get("kv_bytes") or 0) for m in per_model.values() if isinstance(m, dict))
+        models = as_dict(entry.get("models"))
+        running = sum(int(m.get("n_running") or 0) for m in models.values() if isinstance(m, dict))
+        used = ledger.get("used_bytes")
+        return running, kv, used if isinstance(used, int) else 0
 
 
 def run_producers(
@@ -603,11 +603,18 @@ def summary_table(tally: Mapping[str, ModelTally], residency: Mapping[str, str])
 
 
 def ledger_report(watch: LedgerWatch) -> str:
+    from producer_sdk.keys import Keys
+
+    key = Keys(PREFIX).workers()
     if watch.peak is None:
-        return "(the worker published no ledger in P:workers)"
+        return f"(the worker published no ledger in {key})"
+    running, kv, _ = LedgerWatch.fullness(watch.peak)
     return (
-        "device ledger at its fullest during the run (as the worker published it in P:workers):\n"
+        f"device ledger at its fullest during the run ({running} requests running, "
+        f"{status.humanize_bytes(kv)} of KV; as the worker published it in {key}):\n"
         + status.render_ledger(WORKER_ID, watch.peak)
+        + "\n  WEIGHTS is what the device holds: all of a resident model's weights; the head and the "
+        "layer slots of a streamed one"
     )
 
 
@@ -652,8 +659,9 @@ def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, o
         console.step("planning a device budget the three models do not comfortably fit in")
         plan = plan_device(paths, PROMPT_TOKENS_ESTIMATE + max_tokens, requests_per_model)
         for name, info in plan.loaded.items():
-            how = "resident" if info.get("resident") else f"streamed through {info.get('n_slots')} layer slots"
-            console.line(f"    {name}: {status.humanize_bytes(info.get('weight_bytes'))} of weights, {how}")
+            how = "resident" if info.get("resident") else (
+                f"streamed through {info.get('n_slots')} layer slots (so the device holds only part of them)")
+            console.line(f"    {name}: {status.humanize_bytes(info.get('weight_bytes'))} of weights as loaded, {how}")
         console.line(
             f"    budget {status.humanize_bytes(plan.budget_bytes)}, cap "
             f"{status.humanize_bytes(plan.ledger.get('cap_bytes'))}, "

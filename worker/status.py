@@ -295,7 +295,7 @@ def render(snapshot: Mapping[str, Any]) -> str:
     if snapshot["models"]:
         out.append(render_models(snapshot))
     else:
-        out.append("no models served (P:models is empty: is a worker running?)")
+        out.append(f"no models served ({Keys(snapshot['prefix']).models()} is empty: is a worker running?)")
     out.append("")
     if snapshot["workers"]:
         for worker_id, entry in snapshot["workers"].items():
