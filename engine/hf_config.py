@@ -116,7 +116,11 @@ def eos_token_ids(model_dir: Path, cfg: dict[str, Any]) -> list[int]:
 
 
 def load_spec(model_dir: str | Path, name: str, weights: str = "auto", max_context: int | None = None) -> dict[str, Any]:
-    """The engine spec of a Hugging Face model folder (see engine/src/model.h ModelSpec)."""
+    """The engine spec of a Hugging Face model folder (see engine/src/model.h ModelSpec), or of a .gguf file."""
+    if str(model_dir).lower().endswith(".gguf"):
+        from engine.gguf_config import load_gguf_spec  # local: gguf_config reuses this module's Gemma rules
+
+        return load_gguf_spec(model_dir, name, weights, max_context)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFileError(f"{model_dir}: not a directory; expected a Hugging Face model folder")

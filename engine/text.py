@@ -75,6 +75,10 @@ class Tokenizer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> Tokenizer:
+        if str(model_dir).lower().endswith(".gguf"):  # a GGUF file carries its tokenizer in its metadata
+            from engine.gguf_tokenizer import tokenizer_from_gguf
+
+            return tokenizer_from_gguf(model_dir)
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():

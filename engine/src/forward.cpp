@@ -15,6 +15,10 @@ uint64_t floats(int64_t n) { return align_up(static_cast<uint64_t>(n) * 4, kAlig
 WeightView view(const uint8_t* unit, uint64_t off, DType t, int64_t n_out, int64_t n_in, MatmulPrecision p) {
     return WeightView{unit + off, t, n_out, n_in, p};
 }
+WeightView view(const uint8_t* unit, uint64_t off, const MatrixFormats& f, int64_t n_out, int64_t n_in,
+                MatmulPrecision p) {
+    return WeightView{unit + off, f.at(off), n_out, n_in, p};
+}
 const float* fvec(const uint8_t* unit, uint64_t off) { return reinterpret_cast<const float*>(unit + off); }
 
 // Begins a step on the backend and aborts it unless end() ran: an exception in any op
@@ -73,7 +77,7 @@ void workspace_init(Workspace& ws, uint8_t* mem, const ModelSpec& s, int max_tok
 float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache& kv, Workspace& ws,
                     const std::vector<ForwardItem>& items, Backend& be) {
     const ModelSpec& s = w.spec();
-    const DType wt = w.matrix_dtype();
+    MatrixFormats wt{w, 0};  // each matrix's own format (unit set per layer below)
     const MatmulPrecision prec = s.matmul_precision;
     const int64_t dim = s.dim, qd = s.q_dim(), kvd = s.kv_dim(), ffn = s.ffn_dim;
     assert(ws.n_lanes >= be.scratch_lanes());
@@ -109,6 +113,7 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
     for (int l = 0; l < s.n_layer; l++) {
         UnitPin pin(res, UnitRef{model_id, l});
         const uint8_t* u = pin.data();
+        wt.unit = l;
         be.begin_unit(pin.ready());
 
         be.rmsnorm(ws.x, fvec(u, L.attn_norm), s.rms_eps, T, dim, ws.xb);
@@ -146,6 +151,7 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
     {
         UnitPin pin(res, UnitRef{model_id, s.n_layer});
         const uint8_t* u = pin.data();
+        wt.unit = s.n_layer;
         be.begin_unit(pin.ready());
         if (n_rows > 0) {
             const HeadLayout& H = w.head_layout();

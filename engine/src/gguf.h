@@ -94,4 +94,15 @@ private:
     std::map<std::string, GgufTensor> tensors_;
 };
 
+struct ModelSpec;
+
+// True when a model's files are one GGUF file (spec.files = {"....gguf"}).
+bool is_gguf_model(const std::vector<std::string>& files);
+
+// The tensors of a GGUF model file under the Hugging Face names ModelWeights asks for
+// (gguf_model.cpp: token_embd -> model.embed_tokens, blk.N.attn_q -> model.layers.N.self_attn.q_proj,
+// ...), each in its own stored format. For arch "llama", attn_q / attn_k rows are put back in
+// Hugging Face order (llama.cpp's converter interleaves the two RoPE halves of each head).
+std::unique_ptr<SafetensorsSet> gguf_tensor_set(const ModelSpec& spec);
+
 }  // namespace lmx

@@ -3,10 +3,12 @@
 // the result is immutable.
 #include "model.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
 #include "device.h"
+#include "gguf.h"
 
 namespace lmx {
 
@@ -84,7 +86,7 @@ void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int6
 
 ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) : spec_(spec), dtype_(DType::F32), matrix_dtype_(DType::F32) {
     spec_.validate();
-    st_ = std::make_unique<SafetensorsSet>(spec_.files);
+    st_ = is_gguf_model(spec_.files) ? gguf_tensor_set(spec_) : std::make_unique<SafetensorsSet>(spec_.files);
     const int64_t dim = spec_.dim, qd = spec_.q_dim(), kvd = spec_.kv_dim(), ffn = spec_.ffn_dim, nv = spec_.n_vocab;
 
     // Config-vs-files agreement: the layer count must match exactly.
@@ -104,7 +106,9 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
     }
 
     const TensorInfo& emb = st_->require("model.embed_tokens.weight", {nv, dim});
-    embed_ = WeightView{host_tensor(emb, dtype_, nv, dim), dtype_, nv, dim};
+    const DType emb_t = spec_.weights == "auto" ? emb.dtype : dtype_;  // host table: never x16
+    embed_ = WeightView{host_tensor(emb, emb_t, nv, dim), emb_t, nv, dim};
+    unit_dtypes_.resize(static_cast<size_t>(spec_.n_layer + 1));
 
     const int total = spec_.n_layer + 1;
     units_.resize(static_cast<size_t>(total));
@@ -114,7 +118,11 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
         LayerLayout lay{};
         auto mat = [&](const char* nm, int64_t rows, int64_t cols, uint64_t& slot) {
             slot = off;
-            add_piece(us, st_->require(layer_name(l, nm), {rows, cols}), matrix_dtype_, rows, cols, off);
+            const TensorInfo& t = st_->require(layer_name(l, nm), {rows, cols});
+            add_piece(us, t, matrix_format(t), rows, cols, off);
+            off = std::max(off, align_up(slot + matrix_slot_bytes(nm, rows, cols), kAlign));  // same layout every layer
+            us.n_bytes = off;
+            unit_dtypes_[static_cast<size_t>(l)].push_back({slot, matrix_format(t)});
         };
         auto vec = [&](const char* nm, int64_t n, uint64_t& slot) {
             slot = off;
@@ -147,18 +155,37 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
         if (!spec_.tied && lm == nullptr)
             throw ModelFileError("missing tensor 'lm_head.weight' (looked in: " + st_->describe_files() +
                                  "); config.json says tie_word_embeddings=false — set it to true if the head is tied");
-        if (lm != nullptr) {
-            st_->require("lm_head.weight", {nv, dim});
-            add_piece(us, *lm, matrix_dtype_, nv, dim, off);
-        } else {
-            add_piece(us, emb, matrix_dtype_, nv, dim, off);
-        }
+        const TensorInfo& head = lm != nullptr ? st_->require("lm_head.weight", {nv, dim}) : emb;
+        unit_dtypes_.back().push_back({off, matrix_format(head)});
+        add_piece(us, head, matrix_format(head), nv, dim, off);
         if (progress) progress(total, total);
     }
     for (const UnitSource& us : units_) {
         max_unit_bytes_ = std::max(max_unit_bytes_, us.n_bytes);
         total_unit_bytes_ += us.n_bytes;
     }
+}
+
+DType ModelWeights::matrix_format(const TensorInfo& t) const {
+    // "auto" keeps each matrix as stored, except that fast precision repacks q8_0 / q4_0
+    // models (matrix_dtype_ x16) and GGUF formats never convert to another block format.
+    if (spec_.weights == "auto" && !dtype_is_x16(matrix_dtype_)) return t.dtype;
+    if (dtype_is_x16(matrix_dtype_) && dtype_is_gguf_quant(t.dtype)) return t.dtype;
+    return matrix_dtype_;
+}
+
+uint64_t ModelWeights::matrix_slot_bytes(const char* nm, int64_t rows, int64_t cols) const {
+    uint64_t most = 0;
+    for (int l = 0; l < spec_.n_layer; l++)
+        if (const TensorInfo* t = st_->find(layer_name(l, nm)))
+            most = std::max(most, static_cast<uint64_t>(row_bytes(matrix_format(*t), cols)) * static_cast<uint64_t>(rows));
+    return most;
+}
+
+DType ModelWeights::matrix_dtype(int u, uint64_t off) const {
+    for (const auto& [o, t] : unit_dtypes_[static_cast<size_t>(u)])
+        if (o == off) return t;
+    return matrix_dtype_;
 }
 
 CopyFence ModelWeights::assemble_unit(int u, uint8_t* dst, Device& dev, ComputeFence after) const {

@@ -106,6 +106,10 @@ public:
     const ModelSpec& spec() const { return spec_; }
     DType dtype() const { return dtype_; }                 // the weight format ("q8_0", ...)
     DType matrix_dtype() const { return matrix_dtype_; }   // how the units hold matrices (may be x16)
+    // The format of the matrix at byte offset `off` of unit u: with weights "auto" each matrix
+    // keeps its stored format (a GGUF Q4_K_M file mixes q4_K, q6_K, q5_0 and q8_0, even
+    // within one tensor kind across layers); a slot is sized for the largest of its layers.
+    DType matrix_dtype(int u, uint64_t off) const;
     int n_units() const { return spec_.n_layer + 1; }
     const UnitSource& unit(int u) const { return units_[static_cast<size_t>(u)]; }
     const LayerLayout& layer_layout() const { return layer_; }
@@ -121,6 +125,8 @@ public:
 private:
     const uint8_t* host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols);
     void add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off);
+    DType matrix_format(const TensorInfo& t) const;  // the format a stored matrix is held in
+    uint64_t matrix_slot_bytes(const char* nm, int64_t rows, int64_t cols) const;  // max over the layers
 
     ModelSpec spec_;
     DType dtype_;
@@ -129,11 +135,19 @@ private:
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> host_bufs_;  // converted tensors
     std::map<std::pair<std::string, DType>, const uint8_t*> converted_;  // (tensor, format) -> its copy in host_bufs_
     std::vector<UnitSource> units_;
+    std::vector<std::vector<std::pair<uint64_t, DType>>> unit_dtypes_;  // [unit]: (offset, format) of each matrix
     LayerLayout layer_{};
     HeadLayout head_{};
     WeightView embed_{};
     uint64_t max_unit_bytes_ = 0;
     uint64_t total_unit_bytes_ = 0;
+};
+
+// The matrix formats of one unit, for building WeightViews (forward.cpp).
+struct MatrixFormats {
+    const ModelWeights& w;
+    int unit;
+    DType at(uint64_t off) const { return w.matrix_dtype(unit, off); }
 };
 
 }  // namespace lmx

@@ -231,6 +231,7 @@ const TensorInfo& SafetensorsSet::require(const std::string& name, const std::ve
 }
 
 std::string SafetensorsSet::describe_files() const {
+    if (!description_.empty()) return description_;
     std::string s;
     for (const auto& f : files_) {
         if (!s.empty()) s += ", ";

@@ -37,7 +37,7 @@ private:
 struct TensorInfo {
     std::string name;
     std::string file;  // path of the file holding it
-    DType dtype;       // only F32, F16, BF16 are accepted from safetensors
+    DType dtype;       // only F32, F16, BF16 are accepted from safetensors; GGUF tables hold any file format
     std::vector<int64_t> shape;
     const uint8_t* data;  // inside the mapping; valid while the SafetensorsSet lives
     uint64_t n_bytes;
@@ -47,6 +47,11 @@ class SafetensorsSet {
 public:
     // Opens and validates every file. A tensor name present in two files is an error.
     explicit SafetensorsSet(const std::vector<std::string>& paths);
+    // A table another loader built (gguf.h's gguf_tensor_set: a GGUF file's tensors under
+    // Hugging Face names): `keep` owns the memory the tensors point into; `description` names
+    // the source in errors.
+    SafetensorsSet(std::map<std::string, TensorInfo> tensors, std::string description, std::shared_ptr<const void> keep)
+        : tensors_(std::move(tensors)), description_(std::move(description)), keep_(std::move(keep)) {}
     // nullptr when absent.
     const TensorInfo* find(const std::string& name) const;
     // Throws ModelFileError "missing tensor 'name' (looked in: files)" when absent,
@@ -59,6 +64,8 @@ public:
 private:
     std::vector<std::unique_ptr<MappedFile>> files_;
     std::map<std::string, TensorInfo> tensors_;
+    std::string description_;          // set by the table constructor
+    std::shared_ptr<const void> keep_;  // likewise
 };
 
 

@@ -107,10 +107,13 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
     const WeightView& w0 = outs[0].w;
     for (int j = 1; j < n_outs; ++j)
         if (outs[j].w.n_in != w0.n_in || outs[j].w.precision != w0.precision ||
-            (outs[j].w.dtype != w0.dtype && (dtype_is_blocked(outs[j].w.dtype) || dtype_is_blocked(w0.dtype) ||
-                                             outs[j].w.dtype == DType::BF16 || w0.dtype == DType::BF16)))
+            (outs[j].w.dtype != w0.dtype && (dtype_is_x16(outs[j].w.dtype) || dtype_is_x16(w0.dtype))))
             throw InvalidArgument("matmul_many: every output needs the same n_in and precision, and the same weight "
-                                  "format when one is q8_0 / q4_0 / bf16 (their fast paths share activations)");
+                                  "format when one is an x16 format");
+    // Outputs of different formats (a GGUF Q4_K_M layer's q5_0 q / k and q8_0 v) take the exact
+    // path together: the fast paths share one rounding of the activations per format.
+    bool mixed = false;
+    for (int j = 1; j < n_outs; ++j) mixed = mixed || outs[j].w.dtype != w0.dtype;
     for (int j = 0; j < n_outs; ++j)
         if (outs[j].w.n_in % dtype_block_elems(outs[j].w.dtype) != 0)
             throw InvalidArgument(std::string("matmul: ") + dtype_name(outs[j].w.dtype) + " weights need n_in % " +
@@ -147,7 +150,7 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
             rows_fn(outs[j], r0, r0 + rows[j] < outs[j].w.n_out ? r0 + rows[j] : outs[j].w.n_out);
         });
     };
-    const bool fast = w0.precision == MatmulPrecision::fast || matmul_precision() == MatmulPrecision::fast;
+    const bool fast = !mixed && (w0.precision == MatmulPrecision::fast || matmul_precision() == MatmulPrecision::fast);
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
     // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
     if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {
