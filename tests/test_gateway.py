@@ -577,3 +577,41 @@ def test_metrics_of_gateway_and_worker_through_prometheus_client(stack: Stack) -
     ttft = [s for s in worker["layermux:time_to_first_token_seconds"].samples
             if s.name.endswith("_count") and s.labels.get("model") == "tiny"]
     assert ttft and ttft[0].value >= 1
+
+
+def test_the_gateway_acl_user_of_deploy_is_enough(stack: Stack) -> None:
+    """deploy/redis/users.acl's `gateway` user, loaded into the test's Redis: every route works and
+    Redis logs no refused command or key (ACL LOG)."""
+    line = next(ln for ln in (REPO / "deploy/redis/users.acl").read_text().splitlines()
+                if ln.startswith("user gateway "))
+    # The deploy files assume key prefix "lmx"; this suite's is PREFIX.
+    rules = [">gw-test-password" if r.startswith(">") else r.replace("~lmx:", f"~{PREFIX}:") for r in line.split()[2:]]
+    with stack.client() as c:
+        c.execute_command("ACL", "SETUSER", "gateway", *rules)
+        c.execute_command("ACL", "LOG", "RESET")
+        host_port = stack.redis_url.split("//", 1)[1]
+        url = f"redis://gateway:gw-test-password@{host_port}"
+        gw = GatewayProc(write_config(stack.root / "gw-acl.toml", url, {}), stack.root / "gw-acl.log")
+        try:
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+            msgs = [{"role": "user", "content": PROMPT}]
+            assert client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,  # type: ignore[arg-type]
+                                                  extra_body={"priority": 1}).choices
+            assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                             extra_body={"priority": -1}).choices
+            assert list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,  # type: ignore[arg-type]
+                                                       stream=True))
+            assert {m.id for m in client.models.list().data} == {"slow", "tiny"}
+            assert httpx.get(gw.url + "/health", timeout=WAIT_S).json()["live_workers"] >= 1
+            body = {"model": "slow", "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            with httpx.Client(timeout=WAIT_S) as h, h.stream("POST", gw.url + "/v1/completions", json=body) as r:
+                request_id = r.headers["x-layermux-request-ids"]
+                next(r.iter_lines())
+            wait_until(lambda: _terminal(c, request_id) is not None, WAIT_S, "the terminal event")
+            assert isinstance(_terminal(c, request_id), CancelledEvent)
+            refused = [dict(zip(e[::2], e[1::2])) for e in c.execute_command("ACL", "LOG")]
+            # Redis 6.2 lacks CLIENT SETINFO, which redis-py sends on connect and ignores the refusal of
+            # (deploy/README.md, "ACL users"); anything else is a rule the gateway user misses.
+            assert [e for e in refused if e[b"object"] != b"client"] == [], refused
+        finally:
+            gw.stop()

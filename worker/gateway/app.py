@@ -38,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from producer_sdk import AsyncProducer
+from producer_sdk import AsyncProducer, ProtocolError
 from producer_sdk.connection import make_async_client
 from producer_sdk.keys import Keys, check_model_name
 
@@ -46,13 +46,14 @@ from ..settings import GatewaySettings, Settings
 from .errors import ApiError, error_body
 from .metrics import GatewayMetrics
 from .openai_schema import ChatCompletionRequest, CompletionRequest, parse_body
-from .relay import Job, JobSpec
+from .relay import SSE_DONE, Job, JobSpec
 
 __all__ = ["create_app", "load_api_keys"]
 
 log = logging.getLogger("layermux.gateway")
 
 _T = TypeVar("_T")
+CANCEL_RETRY_S: Final = 0.1
 
 JSON_TYPE: Final = "application/json"
 SSE_HEADERS: Final = [
@@ -277,20 +278,36 @@ async def _until_disconnect(receive: Receive) -> None:
 
 
 async def _unless_disconnected(receive: Receive, work: Awaitable[_T], job: Job, m: GatewayMetrics) -> _T | None:
-    """`work`'s result; None if the client went away first, after cancelling the job's requests."""
+    """`work`'s result; None if the client went away first, after cancelling the job's requests.
+
+    When the gateway itself stops (this task is cancelled), the requests are left running: the
+    queue finishes them, and a client that re-sends its `request_id` to another gateway gets them.
+    """
     work_task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_until_disconnect(receive))
     try:
         await asyncio.wait((work_task, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    except asyncio.CancelledError:  # the server is stopping
+        work_task.cancel()
         watch.cancel()
-        if not work_task.done():
-            work_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work_task
-            m.disconnects.labels(job.spec.model).inc()
-            await job.cancel_unfinished()
-    return None if work_task.cancelled() else work_task.result()
+        raise
+    watch.cancel()
+    if work_task.done():
+        return work_task.result()
+    m.disconnects.labels(job.spec.model).inc()
+    await job.cancel_unfinished()  # first: the work may take a while to notice its own cancellation
+    await _cancel_and_wait(work_task)
+    return None
+
+
+async def _cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and wait for it, cancelling again while it resists: Python 3.11's asyncio.timeout()
+    (entered by redis-py on every read) can swallow a cancel that lands as its own deadline fires."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=CANCEL_RETRY_S)
+    if not task.cancelled():
+        task.exception()  # retrieved: the client is gone, whatever it was
 
 
 class _SSEResponse(Response):
@@ -315,9 +332,19 @@ class _SSEResponse(Response):
     async def _pump(self, send: Send) -> bool:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         try:
-            async with contextlib.aclosing(self.job.chunks()) as chunks:
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async with contextlib.aclosing(self.job.chunks()) as chunks:
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (redis.RedisError, ProtocolError, ValueError) as e:
+                # Headers are out: the failure travels as an error chunk, then the stream ends cleanly.
+                log.warning("stream %s: relay failed: %r", self.job.id, e)
+                what = "the queue (Redis) is unavailable" if isinstance(e, redis.RedisError) else "bad reply event"
+                error = ApiError(503 if isinstance(e, redis.RedisError) else 500, f"{what}: {type(e).__name__}",
+                                 "server_error", "queue_unavailable" if isinstance(e, redis.RedisError)
+                                 else "internal_error")
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": b"data: " + orjson.dumps(error_body(error)) + b"\n\n" + SSE_DONE})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4: send() to a closed connection
             await self.job.cancel_unfinished()
