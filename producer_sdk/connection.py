@@ -32,6 +32,7 @@ after a Redis restart do not arrive in lock-step:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Final, Literal, TypeAlias, cast, get_args
 from urllib.parse import unquote, urlsplit
@@ -253,7 +254,22 @@ def make_sync_client(
 
 def is_transient(error: BaseException) -> bool:
     """True for errors a reconnect may cure; a refused password or ACL never is."""
-    return isinstance(error, TRANSIENT_ERRORS) and not isinstance(error, AuthenticationError | AuthorizationError)
+    if isinstance(error, AuthenticationError | AuthorizationError):
+        return False
+    return isinstance(error, TRANSIENT_ERRORS) or _redis_py_race(error)
+
+
+def _redis_py_race(error: BaseException) -> bool:
+    """An AttributeError raised inside redis-py itself: its asyncio Cluster client closes every
+    connection when one node fails (redis-py 5.x), so a command running concurrently on another
+    connection can find its socket or the default node already gone ('NoneType' object has no
+    attribute 'writelines' / 'name'). A retry on a fresh connection succeeds."""
+    if not isinstance(error, AttributeError) or error.__traceback__ is None:
+        return False
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def reader_backoff_s(failures: int) -> float:

@@ -37,7 +37,6 @@ from .connection import (
     READ_BLOCK_MS,
     READ_COUNT,
     READER_RECONNECT_ATTEMPTS,
-    TRANSIENT_ERRORS,
     is_transient,
     reader_backoff_s,
     stream_entries,
@@ -202,7 +201,7 @@ class AsyncHandle(_HandleBase):
                 if self._silent_too_long(bool(entries)):
                     entries = await self._check_alive()
                 return entries
-            except TRANSIENT_ERRORS as e:
+            except Exception as e:  # TRANSIENT_ERRORS, and redis-py races (connection.is_transient)
                 failures += 1
                 if failures > READER_RECONNECT_ATTEMPTS or not is_transient(e):
                     raise
@@ -305,7 +304,7 @@ class Handle(_HandleBase):
                 if self._silent_too_long(bool(entries)):
                     entries = self._check_alive()
                 return entries
-            except TRANSIENT_ERRORS as e:
+            except Exception as e:  # TRANSIENT_ERRORS, and redis-py races (connection.is_transient)
                 failures += 1
                 if failures > READER_RECONNECT_ATTEMPTS or not is_transient(e):
                     raise

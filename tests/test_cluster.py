@@ -10,11 +10,15 @@ Real processes and real servers throughout; nothing asserts on time (timeouts bo
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from faultlib import Fleet, RequestSpec, make_models, raw_events, reference_output, stream_view, wait_until
@@ -22,7 +26,7 @@ from redis.cluster import key_slot
 from redis.exceptions import RedisClusterException
 from redis_cluster import RedisClusterLauncher
 
-from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelError
+from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelError, WorkerFailureError
 from producer_sdk.connection import make_sync_client
 from producer_sdk.enqueue import enqueue_args, enqueue_keys, enqueue_script_source
 from producer_sdk.keys import CONSUMER_GROUP, Keys
@@ -252,6 +256,54 @@ def test_cluster_end_to_end_exactly_once_resume_cancel_priorities_admission(
             wait_until(lambda m=m: sum(cclient.xlen(k) for k in keys.req_streams(m)) == 0, WAIT_S,
                        f"the request streams of {m} to empty")
             assert cclient.hlen(keys.ids(m)) == 0
+    except BaseException:
+        print(fleet.logs())
+        raise
+    finally:
+        fleet.close()
+
+
+@pytest.mark.slow
+def test_an_entry_lost_in_a_failover_is_resubmitted_by_its_handle_and_an_attached_handle_raises(
+        cluster: RedisClusterLauncher, cclient: redis.Redis, models: dict[str, Path], tmp_path: Path) -> None:
+    """What a failover that lost a just-acknowledged enqueue leaves behind: no entry, no ids field,
+    no reply stream. Nothing hangs: the submit() handle enqueues the same message again (same
+    request id) and gets the undisturbed tokens; a handle from attach() has no message and raises."""
+    prefix = "lost"
+    keys = Keys(prefix)
+    spec = specs_for(["ma"], 1, "lost", 16)[0]
+    cclient.hset(keys.limits("ma"), mapping={"max_backlog": 100})  # accepted before any worker runs
+    fleet = cluster_fleet(cluster, tmp_path, models, prefix)
+    try:
+        with Producer(cluster.url, prefix=prefix, redis_mode="cluster") as producer:
+            handle = producer.submit("ma", **spec.submit_kwargs())
+            assert handle.entry_id is not None
+            cclient.xdel(keys.req("ma"), handle.entry_id)
+            cclient.hdel(keys.ids("ma"), spec.request_id)
+            with pytest.raises(WorkerFailureError) as lost:
+                producer.attach("ma", spec.request_id).result(timeout=WAIT_S)
+            assert lost.value.code == "request_lost"
+            fleet.start("w1").wait_ready(cclient)
+            result = handle.result(timeout=WAIT_S)
+            assert handle.resubmits == 1
+            assert (result.token_ids, result.text) == reference_output(models, [spec])[spec.request_id]
+            view = stream_view(raw_events(cclient, keys, spec.request_id))
+            assert (view.n_terminal, view.repeated, view.attempts) == (1, 0, 1)
+        # The command line in cluster mode (flags, and the worker's environment variables).
+        base = [sys.executable, "-m", "worker.cli"]
+        flags = ["--redis-url", cluster.url, "--redis-mode", "cluster", "--prefix", prefix]
+        out = subprocess.run([*base, "submit", "ma", "hello", "--max-tokens", "4", "--json", *flags],
+                             cwd=REPO, capture_output=True, timeout=WAIT_S, check=False)
+        assert out.returncode == 0, out.stderr.decode()
+        assert orjson.loads(out.stdout)["usage"]["completion_tokens"] <= 4
+        env = {**os.environ, "LAYERMUX_REDIS_MODE": "cluster", "LAYERMUX_REDIS_URLS": orjson.dumps(cluster.urls[1:])}
+        out = subprocess.run([*base, "status", "--json", "--redis-url", cluster.url, "--prefix", prefix], cwd=REPO,
+                             capture_output=True, timeout=WAIT_S, env=env, check=False)
+        assert out.returncode == 0, out.stderr.decode()
+        assert "ma" in orjson.loads(out.stdout)["models"]
+        bad = subprocess.run([*base, "status", "--redis-url", cluster.url, "--redis-mode", "sentinel"], cwd=REPO,
+                             capture_output=True, timeout=WAIT_S, check=False)
+        assert bad.returncode == 2 and b"sentinel_master" in bad.stderr and b"Traceback" not in bad.stderr
     except BaseException:
         print(fleet.logs())
         raise

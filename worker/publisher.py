@@ -46,7 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer_sdk.connection import TRANSIENT_ERRORS
+from producer_sdk.connection import TRANSIENT_ERRORS, is_transient
 from producer_sdk.errors import ProtocolError
 from producer_sdk.keys import CONSUMER_GROUP, Keys
 from producer_sdk.protocol import (
@@ -136,6 +136,8 @@ def is_retryable(error: BaseException) -> bool:
     """True for failures that mean Redis is (temporarily) unavailable rather than the command wrong."""
     if isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError, *TRANSIENT_ERRORS)):
         return True  # NOSCRIPT: a promoted replica has no script cache; _queue_script's callers reload
+    if is_transient(error):
+        return True  # redis-py's Cluster client racing its own reconnect (connection.is_transient)
     return isinstance(error, ResponseError) and str(error).startswith(_RETRYABLE_REPLIES)
 
 
