@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -97,3 +98,35 @@ def test_demo_reuses_cached_models_and_honours_its_options(tmp_path: Path) -> No
         assert cells[2] == "2", cells
         assert 0 < int(cells[3]) <= 2 * 4, cells
     assert_gone(second.stdout)
+
+
+def test_demo_keep_prints_the_export_line_that_reaches_its_redis(tmp_path: Path) -> None:
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_") and k != "XDG_CACHE_HOME"}
+    env["HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "demo", "--keep", "--requests-per-model", "1", "--max-tokens", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - before exec only
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if line.startswith("Press Ctrl-C"):
+                    break
+            export = next((s.split("=", 1)[1].strip() for s in seen if "export LAYERMUX_REDIS_URL=" in s), None)
+            assert export is not None, "".join(seen)
+            status = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--json"], capture_output=True,
+                                    text=True, cwd=REPO, env={**env, "LAYERMUX_REDIS_URL": export}, timeout=60,
+                                    check=False)
+            assert status.returncode == 0, status.stderr
+            assert sorted(json.loads(status.stdout)["models"]) == sorted(DEMO_MODELS)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

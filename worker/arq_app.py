@@ -27,7 +27,7 @@ URL and the `export LAYERMUX_REDIS_URL=...` line; the arq CLI, which connects be
 then uses arq's default redis://localhost:6379.
 
 Before touching Redis, `run` checks every model's files (folder, config.json, architecture,
-safetensors headers and sizes): a bad one is ModelFileError / UnsupportedModelError. Then one
+safetensors headers and sizes; a .gguf file's header): a bad one is ModelFileError / UnsupportedModelError. Then one
 PING with a short timeout: an unreachable server is RedisUnreachableError, not arq's retries.
 
 Shutdown: the first SIGTERM/SIGINT stops arq (running `generate` jobs are cancelled and run again
@@ -163,12 +163,12 @@ def check_model_files(settings: Settings) -> None:
     for m in settings.models:
         path = Path(m.path)
         if not path.exists():
-            raise ModelFileError(f"model {m.name!r}: path not found: {path} (expected a Hugging Face model folder)")
-        if not path.is_dir():
-            continue  # a single-file format: the engine's loader checks it at load
-        spec = load_spec(path, m.name, m.weights)
+            raise ModelFileError(f"model {m.name!r}: path not found: {path} (expected a Hugging Face model folder "
+                                 "or a .gguf file)")
+        spec = load_spec(path, m.name, m.weights)  # a folder's config.json, or a .gguf file's metadata
         for file in spec.get("files", []):
-            _check_safetensors(Path(file))
+            if str(file).endswith(".safetensors"):
+                _check_safetensors(Path(file))
 
 
 def check_redis(url: str) -> None:

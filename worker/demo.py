@@ -741,9 +741,10 @@ def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, o
 
 def _serve_until_interrupted(console: Console, redis_url: str, run_dir: Path, model: str) -> None:
     console.line()
-    console.line(f"--keep: the worker and Redis keep running (files in {run_dir}). Try:")
-    console.line(f"    layermux status --redis-url {redis_url}")
-    console.line(f"    layermux submit {model} 'Hello there' --redis-url {redis_url}")
+    console.line(f"--keep: the worker and Redis keep running (files in {run_dir}). In another shell:")
+    console.line(f"    export LAYERMUX_REDIS_URL={redis_url}")
+    console.line("    layermux status")
+    console.line(f"    layermux submit {model} 'Hello there'")
     console.line("Press Ctrl-C to stop them.")
     with contextlib.suppress(KeyboardInterrupt):
         while True:
