@@ -28,12 +28,14 @@ demo: install
 
 test: install-test test-cpp test-py
 
-# The C++ engine's own tests, under AddressSanitizer + UndefinedBehaviorSanitizer.
+# The C++ engine's own tests, under AddressSanitizer + UndefinedBehaviorSanitizer; the Vulkan tests
+# (test_vulkan.cpp) under the validation layer, failing on any message (they skip where no device).
 test-cpp: $(BIN)/python
 	cmake -S . -B $(ASAN_DIR) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja \
 	  -DLMX_BUILD_PYTHON=OFF -DLMX_BUILD_TESTS=ON -DLMX_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
 	cmake --build $(ASAN_DIR) -j 2
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(ASAN_DIR)/engine_tests
+	XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} LMX_VK_VALIDATION=1 LSAN_OPTIONS=suppressions=$(abspath cmake/lsan-vulkan.supp) \
+	  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $(ASAN_DIR)/engine_tests
 
 test-py:
 	$(BIN)/python -m pytest tests

@@ -1,0 +1,80 @@
+// attention.comp — causal attention over the paged KV cache (GQA), decode and prefill alike.
+// Owner: the Vulkan device. One workgroup per (token, query head). Keys are taken 64 at a
+// time (one per thread): scores into shared memory, then an online softmax (running max m,
+// running sum l, the output rescaled by exp(m_old - m_new)); every thread reads the chunk
+// in the same order, so the result of one (token, head) never depends on the batch.
+// tok[t] = {first entry of its block table in `tables`, number of keys (pos + 1)};
+// tables hold each block's start in the KV binding (floats), before the layer offset.
+#version 450
+
+layout(local_size_x = 64) in;
+layout(std430, binding = 0) readonly buffer Qs { float q[]; };
+layout(std430, binding = 1) readonly buffer Cache { float cache[]; };
+layout(std430, binding = 2) readonly buffer Toks { uvec2 tok[]; };
+layout(std430, binding = 3) readonly buffer Tables { uint tables[]; };
+layout(std430, binding = 4) writeonly buffer Os { float o[]; };
+
+layout(push_constant) uniform Push {
+    uint q_skip, cache_skip, tok_skip, tables_skip, o_skip;  // floats / entries
+    uint n_tok, n_heads, n_kv_heads, head_dim;
+    uint block_tokens;
+    uint layer_off;  // floats from a block's start to this layer's K
+    uint v_off;      // floats from K to V
+    float scale;
+} p;
+
+const uint MAX_DIMS = 4;  // head_dim <= 256
+shared float sc[64];
+
+void main() {
+    const uint t = gl_WorkGroupID.x;
+    const uint h = gl_WorkGroupID.y;
+    const uint tid = gl_LocalInvocationID.x;
+    const uvec2 info = tok[p.tok_skip / 2u + t];
+    const uint n_keys = info.y;
+    const uint kv_dim = p.n_kv_heads * p.head_dim;
+    const uint kvh = h / (p.n_heads / p.n_kv_heads);
+    const uint qo = p.q_skip + (t * p.n_heads + h) * p.head_dim;
+    float acc[MAX_DIMS];
+    for (uint j = 0; j < MAX_DIMS; j++) acc[j] = 0.0;
+    float m = -1.0 / 0.0;  // -inf
+    float l = 0.0;
+    for (uint c0 = 0; c0 < n_keys; c0 += 64u) {
+        const uint key = c0 + tid;
+        float s = -1.0 / 0.0;
+        if (key < n_keys) {
+            const uint base = p.cache_skip + tables[p.tables_skip + info.x + key / p.block_tokens] + p.layer_off +
+                              (key % p.block_tokens) * kv_dim + kvh * p.head_dim;
+            float dot = 0.0;
+            for (uint d = 0; d < p.head_dim; d++) dot += q[qo + d] * cache[base + d];
+            s = dot * p.scale;
+        }
+        sc[tid] = s;
+        barrier();
+        const uint n_here = min(64u, n_keys - c0);
+        float cm = m;
+        for (uint k = 0; k < n_here; k++) cm = max(cm, sc[k]);
+        const float alpha = exp(m - cm);  // m = -inf on the first chunk: 0
+        float sum = 0.0;
+        for (uint k = 0; k < n_here; k++) sum += exp(sc[k] - cm);
+        l = l * alpha + sum;
+        for (uint j = 0; j < MAX_DIMS; j++) {
+            const uint d = tid + 64u * j;
+            if (d >= p.head_dim) break;
+            float a = acc[j] * alpha;
+            for (uint k = 0; k < n_here; k++) {
+                const uint kk = c0 + k;
+                const uint vb = p.cache_skip + tables[p.tables_skip + info.x + kk / p.block_tokens] + p.layer_off +
+                                p.v_off + (kk % p.block_tokens) * kv_dim + kvh * p.head_dim;
+                a += exp(sc[k] - cm) * cache[vb + d];
+            }
+            acc[j] = a;
+        }
+        m = cm;
+        barrier();
+    }
+    for (uint j = 0; j < MAX_DIMS; j++) {
+        const uint d = tid + 64u * j;
+        if (d < p.head_dim) o[p.o_skip + (t * p.n_heads + h) * p.head_dim + d] = acc[j] / l;
+    }
+}

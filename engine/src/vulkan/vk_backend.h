@@ -1,0 +1,97 @@
+// vulkan/vk_backend.h — the forward pass's ops on a Vulkan device, behind the Backend seam.
+// Owner: the Vulkan device. Thread-safety: as Backend: one driving thread (the step thread).
+//
+// Recording. Ops are recorded into the compute stream's command buffer as they are called;
+// begin_unit first submits whatever was recorded outside a unit (the embedding, the head's
+// row gather), end_unit submits the unit's ops waiting on the GPU for that unit's copy fence
+// only, and returns the compute fence the unit's slot may be refilled after. read_host
+// submits a copy into a host-visible readback buffer and waits for it.
+//
+// Per-step host data (token rows of the host embedding table, RoPE cos/sin, the KV block
+// tables) lives in host-visible chunks that the GPU reads directly; a step writes them before
+// the submission that reads them and end_step waits for the step's work, so the next step
+// may overwrite them.
+//
+// KV. The blocks a step touches must lie in one device memory block and one binding window
+// (kv_cache books them with Placement::Low, so they pack at the bottom of block 0); the
+// tables hold each block's start relative to the lowest, and a layer adds its offset.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "backend.h"
+#include "threadpool.h"
+#include "vulkan/vk_device.h"
+#include "vulkan/vk_ops.h"
+
+namespace lmx::vk {
+
+class VulkanBackend final : public Backend {
+public:
+    explicit VulkanBackend(VulkanDevice& dev);
+    ~VulkanBackend() override;
+
+    const char* name() const override { return "vulkan"; }
+    ThreadPool& host_pool() override { return pool_; }
+    int scratch_lanes() const override { return 0; }
+
+    void begin_step(const StepDesc& step) override;
+    void begin_unit(CopyFence ready) override;
+    ComputeFence end_unit() override;
+    void end_step() override;
+    void abort_step() noexcept override;
+
+    void embed(const WeightView& table, const int32_t* tokens, float* x) override;
+    void rmsnorm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* y) override;
+    void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_rows) override;
+    void rope(float* x, int n_heads, int head_dim, const float* inv_freq) override;
+    void kv_append(int layer, const float* k, const float* v) override;
+    void attention(int layer, const float* q, const AttnParams& p, float* out) override;
+    void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
+    void add(float* x, const float* y, int64_t n) override;
+    void gather_rows(const float* x, int64_t dim, float* rows) override;
+    float* read_host(float* src, int64_t n) override;
+
+    // Nanoseconds end_step / read_host spent waiting on the GPU (diagnostics).
+    uint64_t wait_ns() const { return wait_ns_; }
+
+private:
+    struct Chunk {
+        HostBuffer hb;
+        uint64_t used = 0;
+    };
+    struct HostSlice {
+        uint8_t* p;
+        Binding b;
+        VkBuffer buf;
+        uint64_t offset;
+    };
+    HostSlice host_take(uint64_t n_bytes);
+    void recording();  // begins a command buffer when none is open
+    Binding act(const void* p, int64_t n_floats) const { return dev_.bind(p, static_cast<uint64_t>(n_floats) * 4); }
+    Binding kv_window(int layer) const;
+    KvGeom kv_geom(int layer, const AttnParams* p) const;
+
+    VulkanDevice& dev_;
+    Context& ctx_;
+    CmdStream& s_;
+    ThreadPool pool_;
+    StepDesc step_{};
+    std::vector<StepSeq> seqs_;
+    std::vector<int64_t> pos_;  // [n_tokens]
+    std::vector<Chunk> chunks_;
+    CopyFence ready_{};
+    bool in_unit_ = false;
+    // KV of the step
+    const uint8_t* kv_base_ = nullptr;  // lowest block start
+    uint64_t kv_span_bytes_ = 0;        // highest block start - lowest
+    Binding tok_b_{}, tables_b_{}, dst_b_{};
+    std::map<std::pair<const float*, int>, Binding> rope_tables_;  // (inv_freq, head_dim) -> cos/sin
+    HostBuffer readback_;
+    uint64_t wait_ns_ = 0;
+};
+
+}  // namespace lmx::vk

@@ -1,0 +1,196 @@
+// vulkan/vk_device.cpp — block-backed device memory, address translation, staged copies.
+// Owner: the Vulkan device. Thread-safety: see vk_device.h.
+#include "vulkan/vk_device.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cstring>
+#include <iterator>
+
+#include "vulkan/vk_backend.h"
+
+namespace lmx::vk {
+
+namespace {
+constexpr uint64_t kDevAlign = 256;  // >= minStorageBufferOffsetAlignment on every device we target
+}
+
+VulkanDevice::VulkanDevice(std::shared_ptr<Context> ctx, uint64_t budget_bytes, uint64_t block_bytes,
+                           uint64_t staging_bytes)
+    : ctx_(std::move(ctx)) {
+    const Info& in = ctx_->info();
+    capacity_ = std::min(budget_bytes, in.device_local_heap_bytes) / kDevAlign * kDevAlign;
+    if (capacity_ == 0) throw InvalidArgument("device budget: expected a positive number of bytes, found 0");
+    block_bytes_ = block_bytes != 0 ? block_bytes : std::min<uint64_t>(1ull << 30, in.max_allocation_bytes);
+    block_bytes_ = std::max<uint64_t>(kDevAlign, block_bytes_ / kDevAlign * kDevAlign);
+    void* p = mmap(nullptr, capacity_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw Error("vulkan: could not reserve " + std::to_string(capacity_) + " bytes of address space");
+    base_ = static_cast<uint8_t*>(p);
+    try {
+        for (uint64_t off = 0; off < capacity_; off += block_bytes_) {
+            const uint64_t n = std::min(block_bytes_, capacity_ - off);
+            Block b;
+            ctx_->alloc_device_block(n, &b.buf, &b.mem);
+            blocks_.push_back(b);
+            free_[off] = n;
+        }
+        ring_ = ctx_->alloc_host(std::max<uint64_t>(staging_bytes / kRingParts * kRingParts, kRingParts * kDevAlign));
+        xfer_ = std::make_unique<CmdStream>(*ctx_, true);
+        comp_ = std::make_unique<CmdStream>(*ctx_, false);
+        backend_ = std::make_unique<VulkanBackend>(*this);
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
+VulkanDevice::~VulkanDevice() { release(); }
+
+void VulkanDevice::release() noexcept {
+    backend_.reset();
+    xfer_.reset();  // each stream waits for its own submissions
+    comp_.reset();
+    if (ctx_->device() != VK_NULL_HANDLE) fns().vkDeviceWaitIdle(ctx_->device());
+    ctx_->free_host(ring_);
+    for (Block& b : blocks_) ctx_->free_device_block(b.buf, b.mem);
+    blocks_.clear();
+    if (base_ != nullptr) munmap(base_, capacity_);
+    base_ = nullptr;
+}
+
+Backend& VulkanDevice::backend() { return *backend_; }
+
+void* VulkanDevice::alloc(uint64_t n_bytes, Placement where) {
+    const uint64_t need = align_up(n_bytes == 0 ? 1 : n_bytes, kDevAlign);
+    std::lock_guard<std::mutex> lk(mu_);
+    if (where == Placement::High) {
+        for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+            if (it->second < need) continue;
+            const uint64_t start = it->first, rest = it->second - need;
+            free_.erase(std::next(it).base());
+            if (rest > 0) free_[start] = rest;
+            used_[start + rest] = need;
+            return base_ + start + rest;
+        }
+        return nullptr;
+    }
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second < need) continue;
+        const uint64_t off = it->first, rest = it->second - need;
+        free_.erase(it);
+        if (rest > 0) free_[off + need] = rest;
+        used_[off] = need;
+        return base_ + off;
+    }
+    return nullptr;
+}
+
+void VulkanDevice::free(void* p) {
+    if (p == nullptr) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t off = static_cast<uint64_t>(static_cast<uint8_t*>(p) - base_);
+    auto u = used_.find(off);
+    assert(u != used_.end() && "free of an address the device did not hand out");
+    if (u == used_.end()) return;
+    uint64_t start = off, size = u->second;
+    used_.erase(u);
+    // Coalesce with neighbours inside the same block only.
+    auto next = free_.lower_bound(start);
+    if (next != free_.end() && start + size == next->first && next->first % block_bytes_ != 0) {
+        size += next->second;
+        next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second == start && start % block_bytes_ != 0) {
+            start = prev->first;
+            size += prev->second;
+            free_.erase(prev);
+        }
+    }
+    free_[start] = size;
+}
+
+VulkanDevice::Loc VulkanDevice::locate(const void* p) const {
+    const uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - base_);
+    assert(off < capacity_);
+    const size_t b = static_cast<size_t>(off / block_bytes_);
+    const uint64_t in_block = off - b * block_bytes_;
+    const uint64_t block_size = std::min(block_bytes_, capacity_ - b * block_bytes_);
+    return Loc{blocks_[b].buf, in_block, block_size - in_block};
+}
+
+Binding VulkanDevice::bind(const void* p, uint64_t n_bytes) const {
+    const Loc l = locate(p);
+    assert(n_bytes <= l.block_left);
+    return ctx_->bind(l.buf, l.offset, n_bytes);
+}
+
+VkSemaphore VulkanDevice::xfer_timeline() const { return xfer_->timeline(); }
+
+void VulkanDevice::copy_wait(CopyFence f) {
+    if (f.value != 0) xfer_->wait(f.value);
+}
+
+// Regions are packed into the current ring part; a part is submitted (one command buffer,
+// waiting for `after` on the compute timeline) when full or at the end of the batch.
+CopyFence VulkanDevice::copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) {
+    std::lock_guard<std::mutex> lk(copy_mu_);
+    const uint64_t part = ring_.n_bytes / kRingParts;
+    uint64_t value = 0, used = 0;
+    int k = -1;
+    std::vector<VkBufferCopy> pending;
+    VkBuffer pending_dst = VK_NULL_HANDLE;
+    auto flush = [&]() {
+        if (pending.empty()) return;
+        VkCommandBuffer cb = xfer_->begin();
+        fns().vkCmdCopyBuffer(cb, ring_.buf, pending_dst, static_cast<uint32_t>(pending.size()), pending.data());
+        std::vector<std::pair<VkSemaphore, uint64_t>> waits;
+        if (after.value != 0) waits.push_back({comp_->timeline(), after.value});
+        value = xfer_->submit(waits);
+        ring_part_value_[k] = value;
+        pending.clear();
+    };
+    auto next_part = [&]() {
+        flush();
+        k = ring_next_;
+        ring_next_ = (ring_next_ + 1) % kRingParts;
+        if (ring_part_value_[k] != 0) xfer_->wait(ring_part_value_[k]);  // its last copy has read it
+        used = 0;
+    };
+    for (size_t r = 0; r < n_regions; r++) {
+        const CopyRegion& reg = regions[r];
+        const Loc loc = locate(reg.dst);
+        assert(reg.n_bytes <= loc.block_left);
+        for (uint64_t done = 0; done < reg.n_bytes;) {
+            if (k < 0 || used + 16 > part || (pending_dst != VK_NULL_HANDLE && pending_dst != loc.buf)) next_part();
+            const uint64_t n = std::min(part - used, reg.n_bytes - done);
+            std::memcpy(ring_.map + static_cast<uint64_t>(k) * part + used, static_cast<const uint8_t*>(reg.src) + done, n);
+            pending.push_back({static_cast<uint64_t>(k) * part + used, loc.offset + done, n});
+            pending_dst = loc.buf;
+            used = align_up(used + n, 16);
+            done += n;
+        }
+        bytes_copied_ += reg.n_bytes;
+    }
+    flush();
+    return CopyFence{value};
+}
+
+void VulkanDevice::copy_out(void* dst, const void* src, uint64_t n_bytes) {
+    std::lock_guard<std::mutex> lk(copy_mu_);
+    HostBuffer rb = ctx_->alloc_host(std::max<uint64_t>(n_bytes, 4));
+    const Loc loc = locate(src);
+    VkCommandBuffer cb = xfer_->begin();
+    VkBufferCopy region{loc.offset, 0, n_bytes};
+    fns().vkCmdCopyBuffer(cb, loc.buf, rb.buf, 1, &region);
+    xfer_->barrier_to_host();
+    const uint64_t v = xfer_->submit({{comp_->timeline(), comp_->last_submitted()}});
+    xfer_->wait(v);
+    std::memcpy(dst, rb.map, n_bytes);
+    ctx_->free_host(rb);
+}
+
+}  // namespace lmx::vk

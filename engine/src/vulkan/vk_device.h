@@ -1,0 +1,95 @@
+// vulkan/vk_device.h — device memory of a Vulkan GPU behind the Device interface.
+// Owner: the Vulkan device. Thread-safety: alloc/free/locate/mark_read under mu_; copy_in
+// from any thread (the staging ring has its own lock, copies are serialised through it).
+//
+// Addresses. alloc() hands out pointers into a private reserved (PROT_NONE) range of the
+// process's address space, capacity bytes long: the rest of the engine keeps treating
+// device memory as pointers (the ledger, residency, KV block tables), but any CPU access
+// to one faults at once instead of silently reading garbage. locate() translates an address
+// into (VkBuffer, offset). The range is backed by a few large device-local blocks
+// (block_bytes each, the last one shorter), each with one storage buffer over it; an
+// allocation never straddles two blocks. Kernels bind ranges no longer than
+// Info::max_binding_bytes (maxStorageBufferRange), so a block — and a weight arena — may
+// be larger than any one binding.
+//
+// Copies. copy_in stages host bytes in a pinned (host-visible) ring, split in kRingParts parts,
+// and copies them with the transfer stream (the dedicated transfer queue when there is one),
+// on the GPU after the compute fence `after` (the slot's previous reader), and returns the
+// copy fence the backend's begin_unit waits for: a layer's compute waits for its own copy only.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "device.h"
+#include "vulkan/vk_context.h"
+
+namespace lmx::vk {
+
+class VulkanBackend;
+
+class VulkanDevice final : public Device {
+public:
+    // capacity = min(budget_bytes, the device-local heap). block_bytes 0: min(1 GiB,
+    // maxMemoryAllocationSize). Allocates every block now (DeviceOutOfMemoryError if refused).
+    VulkanDevice(std::shared_ptr<Context> ctx, uint64_t budget_bytes, uint64_t block_bytes = 0,
+                 uint64_t staging_bytes = 16ull << 20);
+    ~VulkanDevice() override;
+
+    const char* name() const override { return "vulkan"; }
+    uint64_t capacity_bytes() const override { return capacity_; }
+    void* alloc(uint64_t n_bytes, Placement where = Placement::Low) override;
+    void free(void* p) override;
+    CopyFence copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) override;
+    void copy_wait(CopyFence f) override;
+    Backend& backend() override;
+
+    Context& ctx() { return *ctx_; }
+    const std::shared_ptr<Context>& ctx_ptr() const { return ctx_; }
+    struct Loc {
+        VkBuffer buf;
+        uint64_t offset;      // within buf
+        uint64_t block_left;  // bytes from offset to the end of its block
+    };
+    Loc locate(const void* p) const;  // precondition: p is inside the device's range
+    // A binding of [p, p + n_bytes) (see Context::bind).
+    Binding bind(const void* p, uint64_t n_bytes) const;
+    VkSemaphore xfer_timeline() const;
+    CmdStream& compute() { return *comp_; }  // the backend's stream (step thread only)
+    // Synchronous device -> host copy (tests, diagnostics) after every submitted copy and compute.
+    void copy_out(void* dst, const void* src, uint64_t n_bytes);
+    uint64_t block_bytes() const { return block_bytes_; }
+    int n_blocks() const { return static_cast<int>(blocks_.size()); }
+    uint64_t bytes_copied() const { return bytes_copied_; }
+
+private:
+    struct Block {
+        VkBuffer buf = VK_NULL_HANDLE;
+        VkDeviceMemory mem = VK_NULL_HANDLE;
+    };
+    void release() noexcept;
+
+    std::shared_ptr<Context> ctx_;
+    uint64_t capacity_ = 0;
+    uint64_t block_bytes_ = 0;
+    uint8_t* base_ = nullptr;  // PROT_NONE reservation: addresses only
+    std::vector<Block> blocks_;
+    mutable std::mutex mu_;
+    std::map<uint64_t, uint64_t> free_;  // offset -> size; never spans a block boundary
+    std::map<uint64_t, uint64_t> used_;  // offset -> size
+
+    std::mutex copy_mu_;  // the transfer stream and the ring
+    std::unique_ptr<CmdStream> xfer_;
+    std::unique_ptr<CmdStream> comp_;
+    HostBuffer ring_;
+    static constexpr int kRingParts = 4;
+    uint64_t ring_part_value_[kRingParts] = {};
+    int ring_next_ = 0;
+    uint64_t bytes_copied_ = 0;
+    std::unique_ptr<VulkanBackend> backend_;
+};
+
+}  // namespace lmx::vk

@@ -1,0 +1,132 @@
+// vulkan/vk_ops.cpp — push constants and grid sizes of each shader (engine/shaders/*.comp).
+// Owner: the Vulkan device. Thread-safety: see vk_ops.h.
+#include "vulkan/vk_ops.h"
+
+#include <algorithm>
+#include <cassert>
+
+namespace lmx::vk {
+
+namespace {
+
+constexpr uint32_t kGroup = 64;        // local_size_x of every shader
+constexpr uint32_t kMaxGroupsX = 65535; // maxComputeWorkGroupCount[0] guaranteed minimum
+
+uint32_t fl(const Binding& b) {
+    assert(b.skip_bytes % 4 == 0);
+    return b.skip_bytes / 4;
+}
+uint32_t u32(int64_t v) {
+    assert(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX));
+    return static_cast<uint32_t>(v);
+}
+// Workgroups for n items split over (x, y) so x stays under the guaranteed limit.
+void grid(uint64_t n_groups, uint32_t* gx, uint32_t* gy) {
+    *gx = static_cast<uint32_t>(std::min<uint64_t>(std::max<uint64_t>(n_groups, 1), kMaxGroupsX));
+    *gy = static_cast<uint32_t>((std::max<uint64_t>(n_groups, 1) + *gx - 1) / *gx);
+}
+uint32_t dtype_code(DType t) {
+    switch (t) {
+        case DType::F32: return 0;
+        case DType::F16: return 1;
+        case DType::BF16: return 2;
+        case DType::Q8_0: return 3;
+        case DType::Q4_0: return 4;
+        default: break;
+    }
+    throw UnsupportedError(std::string("vulkan matmul: weight format ") + dtype_name(t) +
+                           " is not supported (x16 layouts are a CPU fast-precision form; use matmul_precision = exact)");
+}
+
+}  // namespace
+
+void op_matmul(CmdStream& s, const VulkanDevice& dev, const void* w, DType dt, int64_t n_out, int64_t n_in,
+               const Binding& x, const Binding& y, const Binding* bias, int64_t n_tok) {
+    if (n_out == 0 || n_tok == 0) return;
+    const uint64_t rb = static_cast<uint64_t>(row_bytes(dt, n_in));
+    const uint64_t max_bind = dev.ctx_ptr()->info().max_binding_bytes;
+    const uint64_t align = std::max<uint64_t>(dev.ctx_ptr()->info().min_storage_offset_align, 4);
+    // Rows per dispatch: their bytes plus the alignment skip must fit one binding.
+    const uint64_t max_rows = (max_bind - align) / rb;
+    if (max_rows == 0)
+        throw UnsupportedError("vulkan matmul: one weight row of " + std::to_string(rb) +
+                               " bytes exceeds the storage-binding limit of " + std::to_string(max_bind));
+    const uint8_t* base = static_cast<const uint8_t*>(w);
+    for (int64_t r0 = 0; r0 < n_out; r0 += static_cast<int64_t>(max_rows)) {
+        const int64_t n_rows = std::min<int64_t>(static_cast<int64_t>(max_rows), n_out - r0);
+        const Binding wb = dev.bind(base + static_cast<uint64_t>(r0) * rb, static_cast<uint64_t>(n_rows) * rb);
+        const Binding binds[4] = {wb, x, y, bias != nullptr ? *bias : x};
+        const uint32_t push[11] = {wb.skip_bytes, fl(x), fl(y), bias != nullptr ? fl(*bias) : 0u, u32(n_in), u32(n_rows),
+                                   u32(n_tok), u32(n_out), u32(r0), bias != nullptr ? 1u : 0u, u32(static_cast<int64_t>(rb))};
+        uint32_t gx, gy;
+        grid(static_cast<uint64_t>(n_rows), &gx, &gy);
+        s.dispatch("matmul", dtype_code(dt), binds, 4, push, sizeof(push), gx, gy);
+    }
+}
+
+void op_rmsnorm(CmdStream& s, const Binding& x, const Binding& weight, const Binding& y, int64_t n_tok, int64_t dim,
+                float eps) {
+    if (n_tok == 0) return;
+    struct {
+        uint32_t x_skip, w_skip, y_skip, dim, n_tok;
+        float eps;
+    } push{fl(x), fl(weight), fl(y), u32(dim), u32(n_tok), eps};
+    const Binding binds[3] = {x, weight, y};
+    s.dispatch("rmsnorm", 0, binds, 3, &push, sizeof(push), u32(n_tok));
+}
+
+void op_rope(CmdStream& s, const Binding& x, const Binding& cs, int64_t n_tok, int n_heads, int head_dim, int64_t ld_x) {
+    if (n_tok == 0) return;
+    const uint32_t push[6] = {fl(x), fl(cs), u32(n_tok), u32(n_heads), u32(head_dim), u32(ld_x)};
+    const Binding binds[2] = {x, cs};
+    uint32_t gx, gy;
+    grid((static_cast<uint64_t>(n_tok) * n_heads * (head_dim / 2) + kGroup - 1) / kGroup, &gx, &gy);
+    s.dispatch("rope", 0, binds, 2, push, sizeof(push), gx, gy);
+}
+
+namespace {
+void eltwise(CmdStream& s, uint32_t op, const Binding& x, const Binding& z, const Binding& y, int64_t n) {
+    if (n == 0) return;
+    const uint32_t push[4] = {fl(x), fl(z), fl(y), u32(n)};
+    const Binding binds[3] = {x, z, y};
+    uint32_t gx, gy;
+    grid((static_cast<uint64_t>(n) + kGroup - 1) / kGroup, &gx, &gy);
+    s.dispatch("eltwise", op, binds, 3, push, sizeof(push), gx, gy);
+}
+}  // namespace
+
+void op_add(CmdStream& s, const Binding& x, const Binding& y, int64_t n) { eltwise(s, 0, x, x, y, n); }
+void op_silu_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n) {
+    eltwise(s, 1, gate, up, out, n);
+}
+
+void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
+                 int64_t n_tok, const KvGeom& g) {
+    if (n_tok == 0) return;
+    const int64_t kv_dim = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
+    const uint32_t push[8] = {fl(k), fl(v), fl(cache), fl(dst), u32(n_tok), u32(kv_dim), g.layer_off, g.v_off};
+    const Binding binds[4] = {k, v, cache, dst};
+    uint32_t gx, gy;
+    grid((static_cast<uint64_t>(n_tok * kv_dim) + kGroup - 1) / kGroup, &gx, &gy);
+    s.dispatch("kv_store", 0, binds, 4, push, sizeof(push), gx, gy);
+}
+
+void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Binding& tok, const Binding& tables,
+                  const Binding& out, int64_t n_tok, const KvGeom& g, float scale) {
+    if (n_tok == 0) return;
+    if (g.head_dim > 256 || g.n_heads % g.n_kv_heads != 0)
+        throw UnsupportedError("vulkan attention: expected head_dim <= 256 and n_heads % n_kv_heads == 0, found " +
+                               std::to_string(g.head_dim) + ", " + std::to_string(g.n_heads) + "/" +
+                               std::to_string(g.n_kv_heads));
+    assert(tok.skip_bytes % 8 == 0);
+    struct {
+        uint32_t q_skip, cache_skip, tok_skip, tables_skip, o_skip;
+        uint32_t n_tok, n_heads, n_kv_heads, head_dim, block_tokens, layer_off, v_off;
+        float scale;
+    } push{fl(q), fl(cache), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
+           u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale};
+    const Binding binds[5] = {q, cache, tok, tables, out};
+    s.dispatch("attention", 0, binds, 5, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
+}
+
+}  // namespace lmx::vk
