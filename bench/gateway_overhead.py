@@ -5,16 +5,18 @@ the producer SDK talking to Redis directly, against the same worker in the same 
     python bench/gateway_overhead.py [--tokens 64] [--levels 1,16,64] [--rounds 3]
 
 A private redis-server, one `layermux worker` process on a tiny random model (so the worker
-is not the bottleneck) and one gateway process. Each level runs `rounds` waves of `clients`
+is not the bottleneck) and one gateway process. Each level runs `rounds` waves (at least 32
+requests) of `clients`
 concurrent streaming requests (greedy, ignore_eos, `--tokens` tokens each) first through the
 SDK (AsyncProducer.submit + handle.events()), then through the gateway (httpx streaming POST
 /v1/completions with stream_options.include_usage). TTFT is measured by the client: submit or
 request sent -> first token event or first text chunk. "added TTFT" is the gateway's p50 minus
 the SDK's p50 at the same concurrency. The clients run in this process, so on a small machine
 they share the CPU with the worker, Redis and the gateway: read the figures as an upper bound
-of the gateway's cost. The last two columns do not depend on that sharing: the gateway process's
-own CPU time per relayed token (from /proc), and the streamed tokens/s one fully busy gateway
-core could relay at that cost.
+of the gateway's cost. The CPU columns do not depend on that sharing: the bench process's own
+CPU per token (the SDK client, or httpx parsing SSE), the gateway process's CPU per relayed
+token (from /proc), and the streamed tokens/s one fully busy gateway core could relay at that
+cost.
 """
 
 from __future__ import annotations
@@ -129,9 +131,9 @@ async def run_level(producer: AsyncProducer, http: httpx.AsyncClient, url: str, 
     for path in ("sdk", "gateway"):
         await (sdk_wave(producer, clients, tokens) if path == "sdk" else gateway_wave(http, url, clients, tokens))
         samples: list[tuple[float, int]] = []
-        cpu0 = cpu_s(gateway_pid)
+        cpu0, client_cpu0 = cpu_s(gateway_pid), time.process_time()
         t0 = time.perf_counter()
-        for _ in range(rounds):
+        for _ in range(max(rounds, 32 // clients)):  # at least 32 requests per level
             if path == "sdk":
                 samples += await sdk_wave(producer, clients, tokens)
             else:
@@ -142,7 +144,8 @@ async def run_level(producer: AsyncProducer, http: httpx.AsyncClient, url: str, 
         n_tokens = sum(n for _, n in samples)
         out[path] = {"rps": len(samples) / wall, "tps": n_tokens / wall,
                      "p50": statistics.median(ttfts), "p99": _pct(ttfts, 0.99),
-                     "cpu_us_per_token": (cpu_s(gateway_pid) - cpu0) * 1e6 / n_tokens}
+                     "cpu_us_per_token": (cpu_s(gateway_pid) - cpu0) * 1e6 / n_tokens,
+                     "client_cpu_us_per_token": (time.process_time() - client_cpu0) * 1e6 / n_tokens}
     return out
 
 
@@ -182,7 +185,7 @@ def main() -> int:
     print(f"\ngateway overhead: {args.tokens} tokens/request, {args.rounds} waves per level, tiny model "
           f"(hidden 64, 2 layers), {os.cpu_count()} CPUs, clients in the bench process\n")
     head = ("clients", "path", "req/s", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "added TTFT p50 ms",
-            "gateway CPU us/token", "tokens/s per gateway CPU")
+            "client CPU us/token", "gateway CPU us/token", "tokens/s per gateway CPU")
     rows = []
     for c in levels:
         r = results[c]
@@ -191,7 +194,7 @@ def main() -> int:
             added = f"{x['p50'] - r['sdk']['p50']:+.2f}" if path == "gateway" else ""
             cpu = x["cpu_us_per_token"]
             rows.append((str(c), path, f"{x['rps']:.1f}", f"{x['tps']:.0f}", f"{x['p50']:.2f}", f"{x['p99']:.2f}",
-                         added, f"{cpu:.1f}" if path == "gateway" else "",
+                         added, f"{x['client_cpu_us_per_token']:.1f}", f"{cpu:.1f}" if path == "gateway" else "",
                          f"{1e6 / cpu:.0f}" if path == "gateway" and cpu > 0 else ""))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
