@@ -99,3 +99,16 @@ def test_deploy_readme_says_the_arq_path_uses_orjson_not_pickle() -> None:
 
     assert WorkerSettings.job_serializer is job_serializer or WorkerSettings.job_serializer == job_serializer
     assert job_serializer({"a": 1}) == b'{"a":1}'
+
+
+def test_the_example_config_documents_every_setting() -> None:
+    """deploy/config/worker.example.toml calls itself complete: every field of the settings tree is in it
+    (set, or commented out)."""
+    from worker.settings import GatewaySettings, Settings
+
+    text = (REPO / "deploy" / "config" / "worker.example.toml").read_text(encoding="utf-8")
+    missing = [f"{cls.__name__}.{name}" for cls in (Settings, DeviceSettings, ModelSettings, GatewaySettings)
+               for name in cls.model_fields
+               if name not in ("device", "models", "gateway")
+               and not re.search(rf"^#?\s*{name}\s*=|^#\s*{name}:", text, flags=re.MULTILINE)]
+    assert not missing, f"settings missing from deploy/config/worker.example.toml: {missing}"
