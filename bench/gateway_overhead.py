@@ -8,15 +8,17 @@ A private redis-server, one `layermux worker` process on a tiny random model (so
 is not the bottleneck) and one gateway process. Each level runs `rounds` waves (at least 32
 requests) of `clients`
 concurrent streaming requests (greedy, ignore_eos, `--tokens` tokens each) first through the
-SDK (AsyncProducer.submit + handle.events()), then through the gateway (httpx streaming POST
-/v1/completions with stream_options.include_usage). TTFT is measured by the client: submit or
+SDK (AsyncProducer.submit + handle.events()), then through the gateway (a streaming POST
+/v1/completions with stream_options.include_usage, by a minimal keep-alive asyncio HTTP client,
+or httpx with --client httpx). TTFT is measured by the client: submit or
 request sent -> first token event or first text chunk. "added TTFT" is the gateway's p50 minus
-the SDK's p50 at the same concurrency. The clients run in this process, so on a small machine
-they share the CPU with the worker, Redis and the gateway: read the figures as an upper bound
-of the gateway's cost. The CPU columns do not depend on that sharing: the bench process's own
-CPU per token (the SDK client, or httpx parsing SSE), the gateway process's CPU per relayed
-token (from /proc), and the streamed tokens/s one fully busy gateway core could relay at that
-cost.
+the SDK's p50 at the same concurrency. It can come out negative: the SDK path decodes and
+validates every event in the measuring process, while through the gateway that work runs in the
+gateway process, beside a client that only splits SSE lines. All processes share the machine's
+CPUs (and, on a shared box, other people's work), so the wall-clock columns move with the load
+average printed above the table. The CPU columns do not: the bench process's own CPU per token
+(the SDK client, or the HTTP client parsing SSE), the gateway process's CPU per relayed token
+(from /proc), and the streamed tokens/s one fully busy gateway core could relay at that cost.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,26 +95,72 @@ async def sdk_wave(producer: AsyncProducer, clients: int, tokens: int) -> list[t
     return list(await asyncio.gather(*(one() for _ in range(clients))))
 
 
-async def gateway_wave(http: httpx.AsyncClient, url: str, clients: int, tokens: int) -> list[tuple[float, int]]:
-    body = {"model": "m", "prompt": PROMPT_IDS, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+_BODY = {"model": "m", "prompt": PROMPT_IDS, "temperature": 0, "ignore_eos": True, "stream": True,
+         "stream_options": {"include_usage": True}}
 
+
+def _on_event(data: bytes, t0: float, state: list[float]) -> None:
+    """One SSE payload: the first text chunk sets TTFT (state[0]), the usage chunk the token count (state[1])."""
+    if data == b"[DONE]":
+        return
+    chunk = orjson.loads(data)
+    if chunk.get("usage"):
+        state[1] = chunk["usage"]["completion_tokens"]
+    elif state[0] == 0.0 and chunk["choices"] and chunk["choices"][0]["text"]:
+        state[0] = time.perf_counter() - t0
+
+
+async def httpx_wave(http: httpx.AsyncClient, url: str, clients: int, tokens: int) -> list[tuple[float, int]]:
     async def one() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        ttft, n = 0.0, 0
-        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        t0, state = time.perf_counter(), [0.0, 0.0]
+        async with http.stream("POST", url + "/v1/completions", json={**_BODY, "max_tokens": tokens}) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = orjson.loads(line[6:])
-                if chunk.get("usage"):
-                    n = int(chunk["usage"]["completion_tokens"])
-                elif ttft == 0.0 and chunk["choices"] and chunk["choices"][0]["text"]:
-                    ttft = time.perf_counter() - t0
-        return ttft, n
+                if line.startswith("data: "):
+                    _on_event(line[6:].encode(), t0, state)
+        return state[0], int(state[1])
 
     return list(await asyncio.gather(*(one() for _ in range(clients))))
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client for the SSE stream (chunked transfer coding only), so that
+    the bench process spends little CPU per token and the figures are the gateway's, not httpx's."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def stream(self, tokens: int) -> tuple[float, int]:
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        body = orjson.dumps({**_BODY, "max_tokens": tokens})
+        t0, state = time.perf_counter(), [0.0, 0.0]
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") or b"chunked" not in head.lower():
+            raise SystemExit(f"gateway answered {head!r}")
+        pending = b""
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            pending += data[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    _on_event(event[6:], t0, state)
+        self.idle.append((reader, writer))
+        return state[0], int(state[1])
+
+    async def wave(self, clients: int, tokens: int) -> list[tuple[float, int]]:
+        return list(await asyncio.gather(*(self.stream(tokens) for _ in range(clients))))
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -125,11 +174,11 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_level(producer: AsyncProducer, http: httpx.AsyncClient, url: str, clients: int, tokens: int,
-                    rounds: int, gateway_pid: int) -> dict[str, dict[str, float]]:
+async def run_level(producer: AsyncProducer, gateway_wave: Callable[[int, int], Awaitable[list[tuple[float, int]]]],
+                    clients: int, tokens: int, rounds: int, gateway_pid: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for path in ("sdk", "gateway"):
-        await (sdk_wave(producer, clients, tokens) if path == "sdk" else gateway_wave(http, url, clients, tokens))
+        await (sdk_wave(producer, clients, tokens) if path == "sdk" else gateway_wave(clients, tokens))
         samples: list[tuple[float, int]] = []
         cpu0, client_cpu0 = cpu_s(gateway_pid), time.process_time()
         t0 = time.perf_counter()
@@ -137,7 +186,7 @@ async def run_level(producer: AsyncProducer, http: httpx.AsyncClient, url: str, 
             if path == "sdk":
                 samples += await sdk_wave(producer, clients, tokens)
             else:
-                samples += await gateway_wave(http, url, clients, tokens)
+                samples += await gateway_wave(clients, tokens)
         wall = time.perf_counter() - t0
         assert all(n == tokens for _, n in samples), "a request ended early"
         ttfts = [t * 1000 for t, _ in samples]
@@ -154,6 +203,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--levels", default="1,16,64", help="concurrent streaming clients, comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="waves of requests measured per level and path")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="HTTP client of the gateway path: a minimal asyncio one (default) or httpx")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="lmx-gw-bench-"))
@@ -172,7 +223,8 @@ def main() -> int:
             line = _wait(lambda: next((ln for ln in gw_log.read_text().splitlines() if "listening on" in ln), None),
                          "gateway start", gateway, gw_log)
             url = line.split("listening on ", 1)[1].split()[0]
-            results = asyncio.run(_measure(server.url, url, levels, args.tokens, args.rounds, gateway.pid))
+            results = asyncio.run(_measure(server.url, url, levels, args.tokens, args.rounds, gateway.pid,
+                                           args.client))
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -182,8 +234,8 @@ def main() -> int:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-    print(f"\ngateway overhead: {args.tokens} tokens/request, {args.rounds} waves per level, tiny model "
-          f"(hidden 64, 2 layers), {os.cpu_count()} CPUs, clients in the bench process\n")
+    print(f"\ngateway overhead: {args.tokens} tokens/request, tiny model (hidden 64, 2 layers), {os.cpu_count()} "
+          f"CPUs, load average {os.getloadavg()[0]:.1f}, {args.client} HTTP client in the bench process\n")
     head = ("clients", "path", "req/s", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "added TTFT p50 ms",
             "client CPU us/token", "gateway CPU us/token", "tokens/s per gateway CPU")
     rows = []
@@ -203,12 +255,22 @@ def main() -> int:
     return 0
 
 
-async def _measure(redis_url: str, url: str, levels: list[int], tokens: int, rounds: int,
-                   gateway_pid: int) -> dict[int, dict[str, dict[str, float]]]:
+async def _measure(redis_url: str, url: str, levels: list[int], tokens: int, rounds: int, gateway_pid: int,
+                   client: str) -> dict[int, dict[str, dict[str, float]]]:
     limits = httpx.Limits(max_connections=max(levels) + 8, max_keepalive_connections=max(levels) + 8)
+    raw = RawClient(url)
     async with AsyncProducer(redis_url, PREFIX) as producer, \
             httpx.AsyncClient(timeout=300.0, limits=limits) as http:
-        return {c: await run_level(producer, http, url, c, tokens, rounds, gateway_pid) for c in levels}
+
+        async def wave(clients: int, n_tokens: int) -> list[tuple[float, int]]:
+            if client == "raw":
+                return await raw.wave(clients, n_tokens)
+            return await httpx_wave(http, url, clients, n_tokens)
+
+        try:
+            return {c: await run_level(producer, wave, c, tokens, rounds, gateway_pid) for c in levels}
+        finally:
+            raw.close()
 
 
 if __name__ == "__main__":
