@@ -340,10 +340,12 @@ def test_models_health_and_unknown_fields_ignored(stack: Stack) -> None:
     assert r.json()["usage"]["completion_tokens"] <= 4
 
 
-def test_request_id_is_idempotent(stack: Stack) -> None:
+def test_request_id_is_idempotent_across_gateways(stack: Stack) -> None:
+    """Gateways keep no state: the same request_id sent to another gateway gets the same request."""
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "request_id": "idem-1"}
     a = httpx.post(stack.gw.url + "/v1/completions", json=body, timeout=WAIT_S)
-    b = httpx.post(stack.gw.url + "/v1/completions", json={**body, "seed": 99}, timeout=WAIT_S)
+    b = httpx.post(stack.gw_locked.url + "/v1/completions", json={**body, "seed": 99}, timeout=WAIT_S,
+                   headers={"authorization": f"Bearer {API_KEY}"})
     assert a.headers["x-layermux-request-ids"] == "idem-1" == b.headers["x-layermux-request-ids"]
     assert a.json()["choices"] == b.json()["choices"]
     with stack.client() as c:
