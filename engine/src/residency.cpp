@@ -1,4 +1,4 @@
-// residency.cpp — slots, the copy thread, and next-use (Belady) / LRU eviction.
+// residency.cpp — slots, the copy thread, next-use (Belady) / LRU eviction, and whole-model swapping (SwapPool).
 // Owner: engine core. Thread-safety: see residency.h; every member access holds mu_
 // except the memcpy of a job, which runs unlocked on a slot marked loading.
 #include "residency.h"
@@ -19,7 +19,7 @@ Eviction eviction_from_name(const std::string& s) {
 const char* eviction_name(Eviction e) { return e == Eviction::Belady ? "belady" : "lru"; }
 
 Residency::Residency(Ledger& ledger, int prefetch_depth, Eviction eviction)
-    : ledger_(ledger), depth_(prefetch_depth), eviction_(eviction) {
+    : ledger_(ledger), depth_(prefetch_depth), eviction_(eviction), swap_(ledger) {
     if (prefetch_depth < 0) throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(prefetch_depth));
     if (depth_ > 0) copy_thread_ = std::thread([this] { copy_main(); });
 }
@@ -81,12 +81,66 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
 }
 
 void Residency::add_swap_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner) {
-    Entry e;
-    e.w = std::move(w);
-    e.owner = owner;
-    e.swap = true;
     std::lock_guard<std::mutex> lk(mu_);
-    models_[model_id] = std::move(e);
+    swap_.add(model_id, std::move(w), owner);
+}
+
+// ---- whole-model swapping ----
+
+SwapPool::~SwapPool() {
+    for (auto& kv : models_)
+        for (DeviceBuffer& b : kv.second.units) ledger_.free(b);
+}
+
+void SwapPool::add(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner) {
+    Model m;
+    m.w = std::move(w);
+    m.owner = owner;
+    models_[model_id] = std::move(m);
+}
+
+void SwapPool::remove(int model_id) {
+    auto it = models_.find(model_id);
+    if (it == models_.end()) return;
+    assert(it->second.in_use == 0);
+    for (DeviceBuffer& b : it->second.units) ledger_.free(b);
+    models_.erase(it);
+}
+
+UnitHandle SwapPool::acquire(UnitRef u, const std::function<size_t(int)>& next_use, ComputeFence after,
+                             std::unique_lock<std::mutex>& lk, ResidencyStats& stats) {
+    Model& m = models_.at(u.model);
+    if (m.units.empty()) {
+        stats.n_misses++;
+        const auto t0 = std::chrono::steady_clock::now();
+        swap_in(u.model, m, next_use, after, lk);
+        stats.n_loads += static_cast<uint64_t>(m.w->n_units());
+        stats.bytes_copied += m.w->total_unit_bytes();
+        stats.wait_ns += static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    } else {
+        stats.n_hits++;
+    }
+    m.in_use++;
+    return UnitHandle{m.units[static_cast<size_t>(u.unit)].ptr, m.copied};
+}
+
+void SwapPool::release(UnitRef u) {
+    Model& m = models_.at(u.model);
+    assert(m.in_use > 0);
+    m.in_use--;
+}
+
+ModelResidency SwapPool::info(int model_id) const {
+    ModelResidency r;
+    auto it = models_.find(model_id);
+    if (it != models_.end()) r.n_units_loaded = static_cast<int>(it->second.units.size());
+    return r;
+}
+
+int SwapPool::n_pins(int model_id) const {
+    auto it = models_.find(model_id);
+    return it == models_.end() ? 0 : it->second.in_use;
 }
 
 // Books and copies every unit of a swapped-out model, evicting idle swap-mode
@@ -96,15 +150,16 @@ void Residency::add_swap_model(int model_id, std::shared_ptr<const ModelWeights>
 // while no hole holds a unit: units are placed largest first (for the reference
 // models, the head), and when one still finds no hole, the partial booking is undone,
 // one more model is evicted and placement starts over.
-// Precondition: the model is swapped out (e.units empty); caller holds lk.
-void Residency::swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk) {
+// Precondition: the model is swapped out (m.units empty); caller holds lk.
+void SwapPool::swap_in(int model, Model& m, const std::function<size_t(int)>& next_use, ComputeFence after,
+                       std::unique_lock<std::mutex>& lk) {
     auto evict_one = [&] {
-        Entry* victim = nullptr;
+        Model* victim = nullptr;
         size_t victim_next = 0;
         for (auto& kv : models_) {
-            Entry& o = kv.second;
-            if (kv.first == model || !o.swap || o.in_use != 0 || o.units.empty()) continue;
-            const size_t nu = next_use(kv.first, 0, cursor_);
+            Model& o = kv.second;
+            if (kv.first == model || o.in_use != 0 || o.units.empty()) continue;
+            const size_t nu = next_use(kv.first);
             if (victim == nullptr || nu > victim_next) {
                 victim = &o;
                 victim_next = nu;
@@ -115,46 +170,47 @@ void Residency::swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk) {
         victim->units.clear();
         return true;
     };
-    const int n = e.w->n_units();
+    const int n = m.w->n_units();
     std::vector<int> order(static_cast<size_t>(n));
     for (int u = 0; u < n; u++) order[static_cast<size_t>(u)] = u;
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return e.w->unit(a).n_bytes > e.w->unit(b).n_bytes; });
-    while (ledger_.headroom_bytes() < e.w->total_unit_bytes() && evict_one()) {
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return m.w->unit(a).n_bytes > m.w->unit(b).n_bytes; });
+    while (ledger_.headroom_bytes() < m.w->total_unit_bytes() && evict_one()) {
     }
     for (;;) {
-        e.units.assign(static_cast<size_t>(n), DeviceBuffer{});
+        m.units.assign(static_cast<size_t>(n), DeviceBuffer{});
         bool placed = true;
         for (int u : order) {
-            DeviceBuffer& b = e.units[static_cast<size_t>(u)];
-            b = ledger_.alloc(e.owner, BookKind::Weights, e.w->unit(u).n_bytes);
+            DeviceBuffer& b = m.units[static_cast<size_t>(u)];
+            b = ledger_.alloc(m.owner, BookKind::Weights, m.w->unit(u).n_bytes);
             if (!b) {
                 placed = false;
                 break;
             }
         }
         if (placed) break;
-        for (DeviceBuffer& b : e.units) ledger_.free(b);
-        e.units.clear();
+        for (DeviceBuffer& b : m.units) ledger_.free(b);
+        m.units.clear();
         if (!evict_one())
-            throw Error("whole-model swap: '" + e.owner + "' does not fit the device budget with every other model " +
-                        "evicted (" + std::to_string(e.w->total_unit_bytes()) + " weight bytes, " +
+            throw Error("whole-model swap: '" + m.owner + "' does not fit the device budget with every other model " +
+                        "evicted (" + std::to_string(m.w->total_unit_bytes()) + " weight bytes, " +
                         std::to_string(ledger_.headroom_bytes()) + " bytes of headroom; KV blocks may fragment it)");
     }
-    // The units land where evicted models' units (or freed KV blocks) were: the copies wait
-    // for every compute that may still read those bytes.
-    const ComputeFence after = last_read_;
     lk.unlock();
     CopyFence copied;
     for (int u = 0; u < n; u++)
-        copied = fence_later(copied, e.w->assemble_unit(u, e.units[static_cast<size_t>(u)].ptr, ledger_.device(), after));
+        copied = fence_later(copied, m.w->assemble_unit(u, m.units[static_cast<size_t>(u)].ptr, ledger_.device(), after));
     lk.lock();
-    e.copied = copied;
-    stats_.n_loads += static_cast<uint64_t>(n);
-    stats_.bytes_copied += e.w->total_unit_bytes();
+    m.copied = copied;
 }
+
+// ---- resident and streamed models ----
 
 void Residency::remove_model(int model_id) {
     std::unique_lock<std::mutex> lk(mu_);
+    if (swap_.has(model_id)) {
+        swap_.remove(model_id);
+        return;
+    }
     auto it = models_.find(model_id);
     if (it == models_.end()) return;
     // Wait out an in-flight copy into one of its slots.
@@ -176,13 +232,12 @@ void Residency::remove_model(int model_id) {
 
 ModelResidency Residency::model_info(int model_id) const {
     std::lock_guard<std::mutex> lk(mu_);
+    if (swap_.has(model_id)) return swap_.info(model_id);
     ModelResidency r;
     auto it = models_.find(model_id);
     if (it == models_.end()) return r;
     r.resident = it->second.resident;
-    if (it->second.swap) {
-        r.n_units_loaded = static_cast<int>(it->second.units.size());
-    } else if (r.resident) {
+    if (r.resident) {
         r.n_units_loaded = static_cast<int>(it->second.units.size());
     } else {
         r.n_slots = static_cast<int>(it->second.slots.size());
@@ -259,7 +314,7 @@ bool Residency::pick_job(Job& job) {
     for (size_t i = cursor_; i < sched_.size() && n_ahead < depth; i++) {
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
-        if (it == models_.end() || it->second.resident || it->second.swap) continue;
+        if (it == models_.end() || it->second.resident) continue;  // swap-mode models are not in models_
         if (u.unit == it->second.w->n_units() - 1) continue;  // the head is resident
         if (const Slot* s = find_slot(it->second, u.unit)) {
             n_ahead += s->ahead ? 1 : 0;
@@ -305,29 +360,21 @@ void Residency::copy_main() {
 
 UnitHandle Residency::acquire(UnitRef u) {
     std::unique_lock<std::mutex> lk(mu_);
-    auto it = models_.find(u.model);
-    assert(it != models_.end());
-    Entry& e = it->second;
     if (cursor_ < sched_.size() && sched_[cursor_] == u) {
         cursor_++;
     } else {  // off-schedule: append so the policy sees it as the next use
         sched_.insert(sched_.begin() + static_cast<std::ptrdiff_t>(cursor_), u);
         cursor_++;
     }
-    if (e.resident) return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
-    if (e.swap) {
-        if (e.units.empty()) {
-            stats_.n_misses++;
-            const auto t0 = std::chrono::steady_clock::now();
-            swap_in(u.model, e, lk);
-            stats_.wait_ns += static_cast<uint64_t>(
-                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
-        } else {
-            stats_.n_hits++;
-        }
-        e.in_use++;
-        return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
+    if (swap_.has(u.model)) {
+        // The swapped-in units land where evicted models' units (or freed KV blocks) were:
+        // the copies wait for every compute that may still read those bytes.
+        return swap_.acquire(u, [&](int model) { return next_use(model, 0, cursor_); }, last_read_, lk, stats_);
     }
+    auto it = models_.find(u.model);
+    assert(it != models_.end());
+    Entry& e = it->second;
+    if (e.resident) return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
     if (u.unit == e.w->n_units() - 1) return UnitHandle{e.head.ptr, e.copied};
     Slot* s = find_slot(e, u.unit);
     if (s != nullptr && s->ready) {
@@ -379,13 +426,13 @@ void Residency::release(UnitRef u, ComputeFence done) {
     {
         std::lock_guard<std::mutex> lk(mu_);
         last_read_ = fence_later(last_read_, done);
+        if (swap_.has(u.model)) {
+            swap_.release(u);
+            return;
+        }
         auto it = models_.find(u.model);
         assert(it != models_.end());
         if (it->second.resident) return;
-        if (it->second.swap) {
-            it->second.in_use--;
-            return;
-        }
         if (u.unit == it->second.w->n_units() - 1) return;  // the resident head
         Slot* s = find_slot(it->second, u.unit);
         assert(s != nullptr && s->pins > 0);
@@ -397,9 +444,10 @@ void Residency::release(UnitRef u, ComputeFence done) {
 
 int Residency::n_pins(int model_id) const {
     std::lock_guard<std::mutex> lk(mu_);
+    if (swap_.has(model_id)) return swap_.n_pins(model_id);
     auto it = models_.find(model_id);
     if (it == models_.end()) return 0;
-    int n = it->second.in_use;
+    int n = 0;
     for (const Slot& s : it->second.slots) n += s.pins;
     return n;
 }

@@ -18,11 +18,15 @@
 // cache, LRU evicts exactly the unit needed next and misses every time, while MIN
 // keeps a stable subset resident and misses only on the rest. LRU stays available
 // for comparison. Units needed before the one being loaded are never evicted.
+//
+// Whole-model swapping (SwapPool below) is the third mode, kept apart from the two above:
+// it is the baseline layermux is measured against, not a policy it runs.
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -67,6 +71,49 @@ struct ModelResidency {
     uint64_t slot_bytes = 0;
 };
 
+// Whole-model swapping, what Ollama does and the baseline layermux is measured against: a
+// swap-mode model is either wholly in device memory or not at all. Nothing is booked at load;
+// the first acquire of a swapped-out model books and copies ALL its units synchronously (a
+// swap is a stall), evicting other idle swap-mode models whole, the one the schedule needs
+// last first. It has no slots, no prefetch and no copy thread: Residency hands it the units
+// of swap-mode models and the streaming path never sees them.
+// Thread-safety: none of its own; Residency calls it under its lock (swap_in drops the lock
+// for the copies, which is safe because only the step thread acquires and releases).
+class SwapPool {
+public:
+    explicit SwapPool(Ledger& ledger) : ledger_(ledger) {}
+    ~SwapPool();
+    SwapPool(const SwapPool&) = delete;
+    SwapPool& operator=(const SwapPool&) = delete;
+
+    void add(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner);
+    bool has(int model_id) const { return models_.count(model_id) != 0; }
+    void remove(int model_id);  // precondition: no unit of it is acquired
+
+    // Swaps the model in when it is out (lk is released while copying), then pins it.
+    // next_use(model): schedule position of the model's next use (victims: largest first).
+    // after: every compute that may still read the bytes the units are copied over.
+    UnitHandle acquire(UnitRef u, const std::function<size_t(int)>& next_use, ComputeFence after,
+                       std::unique_lock<std::mutex>& lk, ResidencyStats& stats);
+    void release(UnitRef u);
+    ModelResidency info(int model_id) const;
+    int n_pins(int model_id) const;
+
+private:
+    struct Model {
+        std::shared_ptr<const ModelWeights> w;
+        std::string owner;
+        int in_use = 0;                   // units acquired and not released
+        std::vector<DeviceBuffer> units;  // all units while swapped in, empty while out
+        CopyFence copied;                 // when the swap-in's copies land
+    };
+    void swap_in(int model, Model& m, const std::function<size_t(int)>& next_use, ComputeFence after,
+                 std::unique_lock<std::mutex>& lk);
+
+    Ledger& ledger_;
+    std::map<int, Model> models_;
+};
+
 class Residency {
 public:
     Residency(Ledger& ledger, int prefetch_depth, Eviction eviction);
@@ -78,9 +125,7 @@ public:
     // Returns false with nothing booked when the ledger cannot hold it.
     bool add_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner, bool resident,
                    int n_slots);
-    // Whole-model swapping, the baseline layermux is measured against (what Ollama
-    // does): nothing is booked at load; the first acquire of a swapped-out model
-    // books and copies ALL its units, evicting other swap-mode models whole.
+    // Whole-model swapping (SwapPool): nothing is booked at load.
     void add_swap_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner);
     void remove_model(int model_id);  // precondition: no unit of it is acquired
     ModelResidency model_info(int model_id) const;
@@ -117,12 +162,10 @@ private:
         std::shared_ptr<const ModelWeights> w;
         std::string owner;
         bool resident = false;
-        bool swap = false;  // whole-model swapping; units non-empty while swapped in
-        int in_use = 0;     // swap models: units acquired and not released
-        std::vector<DeviceBuffer> units;  // resident and swapped-in models
+        std::vector<DeviceBuffer> units;  // resident models
         DeviceBuffer head;                // streamed models: the head unit, resident
         std::vector<Slot> slots;          // streamed models: layer slots
-        CopyFence copied;                 // resident, swapped-in and head units: when their copies land
+        CopyFence copied;                 // resident and head units: when their copies land
     };
     struct Job {
         int model = -1;
@@ -135,7 +178,6 @@ private:
     bool pick_job(Job& job);
     int pick_victim(Entry& e, int model, size_t target_pos) const;
     size_t next_use(int model, int unit, size_t from) const;
-    void swap_in(int model, Entry& e, std::unique_lock<std::mutex>& lk);
     void copy_main();
 
     Ledger& ledger_;
@@ -144,7 +186,8 @@ private:
     mutable std::mutex mu_;
     std::condition_variable cv_copy_;   // wakes the copy thread
     std::condition_variable cv_ready_;  // wakes acquire()
-    std::map<int, Entry> models_;
+    std::map<int, Entry> models_;  // resident and streamed models
+    SwapPool swap_;                // swap-mode models
     std::vector<UnitRef> sched_;
     size_t cursor_ = 0;  // sched_[cursor_] is the next unit compute will acquire
     uint64_t clock_ = 0;

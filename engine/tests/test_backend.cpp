@@ -329,7 +329,7 @@ TEST(backend_unit_waits_for_its_copy_and_a_slot_refill_waits_for_its_last_reader
         }
     }
     CHECK(n_units == 3 * 6);   // 5 layers and the head, 3 steps
-    CHECK(n_refills >= 3 * 5 - 2);  // 5 layers through 2 slots: most loads refill a slot
+    CHECK(n_refills >= 6);  // 5 layers through 2 slots: slots are refilled every step (Belady keeps a few hits)
     for (Seq& q : seqs) rig.kv->release(q.blocks);
 }
 
