@@ -340,6 +340,19 @@ def test_models_health_and_unknown_fields_ignored(stack: Stack) -> None:
     assert r.json()["usage"]["completion_tokens"] <= 4
 
 
+def test_without_max_tokens_a_long_prompt_gets_the_room_left_in_the_context(stack: Stack) -> None:
+    # 4000 of the 4096 positions: the default max_tokens (512) does not fit; the room left (96) does.
+    ids = [(i * 7919) % 400 + 3 for i in range(4000)]
+    r = httpx.post(stack.gw.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "ignore_eos": True},
+                   timeout=WAIT_S)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": 4000, "completion_tokens": 96, "total_tokens": 4096}
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    asked = httpx.post(stack.gw.url + "/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 512},
+                       timeout=WAIT_S)
+    _error(asked, 400, "context_length_exceeded", "prompt")  # an explicit max_tokens is never shortened
+
+
 def test_request_id_is_idempotent_across_gateways(stack: Stack) -> None:
     """Gateways keep no state: the same request_id sent to another gateway gets the same request."""
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "request_id": "idem-1"}

@@ -180,8 +180,20 @@ class _Gateway:
         except ValueError:
             raise ApiError(404, f"the model {req.model!r} does not exist (layermux model names are "
                            "[A-Za-z0-9._-]{1,64})", code="model_not_found", param="model") from None
-        if max_tokens is None:
-            max_tokens = await self._default_max_tokens(req.model)
+        if max_tokens is not None:
+            return await self._run(request, kind, req, prompts, max_tokens, arrived)
+        try:
+            return await self._run(request, kind, req, prompts, await self._default_max_tokens(req.model), arrived)
+        except ApiError as e:
+            # No max_tokens given and the default does not fit beside the prompt: use what is left of
+            # the context, as vLLM does (not with a request_id, which names the refused request).
+            fit = _room_left(e) if req.request_id is None else None
+            if fit is None:
+                raise
+            return await self._run(request, kind, req, prompts, fit, arrived)
+
+    async def _run(self, request: Request, kind: Any, req: ChatCompletionRequest | CompletionRequest,
+                   prompts: list[dict[str, Any]], max_tokens: int, arrived: float) -> Response:
         spec = JobSpec(kind=kind, model=req.model, prompts=prompts, n=req.n or 1, sampling=req.sampling(max_tokens),
                        seed=req.seed, request_id=req.request_id, include_usage=req.include_usage,
                        retry_after_s=self.g.retry_after_s)
@@ -262,6 +274,14 @@ class _Gateway:
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _room_left(e: ApiError) -> int | None:
+    """The context left beside the prompt of a `context_length_exceeded` refusal, if any."""
+    prompt, limit = e.details.get("prompt_tokens"), e.details.get("limit_tokens")
+    if e.code != "context_length_exceeded" or not isinstance(prompt, int) or not isinstance(limit, int):
+        return None
+    return limit - prompt if limit - prompt >= 1 else None
 
 
 async def _true_after(aw: Awaitable[None]) -> bool:

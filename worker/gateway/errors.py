@@ -43,6 +43,7 @@ class ApiError(Exception):
     code: str | None = None
     param: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # the refusal's numbers; not sent as fields
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -79,4 +80,4 @@ def api_error_for(e: LayermuxClientError, *, prompt_param: str = "messages", ret
     if numbers and status != 500:
         message += " (" + ", ".join(f"{k}={v}" for k, v in numbers.items()) + ")"
     headers = dict(_NO_RETRY) if status in (400, 404, 409, 504) else {}
-    return ApiError(status, message, kind, code or e.code, param, headers)
+    return ApiError(status, message, kind, code or e.code, param, headers, dict(e.details))
