@@ -5,7 +5,7 @@ the producer SDK talking to Redis directly, against the same worker in the same 
     python bench/gateway_overhead.py [--tokens 64] [--levels 1,16,64] [--rounds 3]
 
 A private redis-server, one `layermux worker` process on a tiny random model (so the worker
-is not the bottleneck) and one gateway process. Each level runs `rounds` waves (at least 32
+is not the bottleneck) and one gateway process. Each level runs `rounds` waves (at least 128
 requests) of `clients`
 concurrent streaming requests (greedy, ignore_eos, `--tokens` tokens each) first through the
 SDK (AsyncProducer.submit + handle.events()), then through the gateway (a streaming POST
@@ -182,7 +182,7 @@ async def run_level(producer: AsyncProducer, gateway_wave: Callable[[int, int], 
         samples: list[tuple[float, int]] = []
         cpu0, client_cpu0 = cpu_s(gateway_pid), time.process_time()
         t0 = time.perf_counter()
-        for _ in range(max(rounds, 32 // clients)):  # at least 32 requests per level
+        for _ in range(max(rounds, 128 // clients)):  # at least 128 requests per level (CPU clock ticks are 10 ms)
             if path == "sdk":
                 samples += await sdk_wave(producer, clients, tokens)
             else:
