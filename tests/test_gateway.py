@@ -11,12 +11,14 @@ stream. Nothing asserts on time; waits have upper bounds only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from producer_sdk.protocol import (
     DoneEvent,
     ErrorEvent,
     StartedEvent,
+    TokenEvent,
     decode_request,
     encode_event,
 )
@@ -447,6 +450,54 @@ def test_error_table_queue_full_and_worker_failure(stack: Stack) -> None:
         err = _error(loop_result[0], 500, "worker_failure")
         assert "the test says so" in err["message"]
         c.delete(KEYS.limits("ghost"))
+
+
+def test_an_error_after_tokens_were_streamed_is_an_error_chunk_then_done(stack: Stack) -> None:
+    """Headers are out once tokens flow; a worker failure then is one `data: {"error": ...}` chunk and
+    `[DONE]`, which the openai client raises as an APIError. The test plays the worker of "ghost2"."""
+
+    def play_worker(n_requests: int) -> None:
+        with stack.client() as w:
+            w.hset(KEYS.limits("ghost2"), mapping={"max_backlog": 10, "max_tokens": 64})
+            for band in ("high", "normal", "low"):
+                with contextlib.suppress(redis.ResponseError):  # BUSYGROUP
+                    w.xgroup_create(KEYS.req("ghost2", band), CONSUMER_GROUP, id="0", mkstream=True)
+            ready.set()
+            deadline = time.monotonic() + WAIT_S
+            served = 0
+            while served < n_requests:
+                assert time.monotonic() < deadline, "the ghost2 requests never arrived"
+                for _, fields in stream_entries(w.xreadgroup(CONSUMER_GROUP, "test", {KEYS.req("ghost2"): ">"},
+                                                             count=1, block=200)):
+                    rid = decode_request(fields[b"data"]).request_id
+                    for event in (StartedEvent(request_id=rid, worker="test", attempt=1, prompt_tokens=3),
+                                  TokenEvent(request_id=rid, index=0, token_ids=[5, 6], text="Hi"),
+                                  ErrorEvent(request_id=rid, code="worker_failure", message="engine error: boom")):
+                        w.xadd(KEYS.events(rid), {"data": encode_event(event)})
+                    served += 1
+
+    ready = threading.Event()
+    worker = threading.Thread(target=play_worker, args=(2,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(WAIT_S)
+        client = openai.OpenAI(base_url=stack.gw.url + "/v1", api_key="unused", max_retries=0)
+        seen = []
+        with pytest.raises(openai.APIError, match="boom"):
+            for chunk in client.chat.completions.create(model="ghost2", messages=[{"role": "user", "content": "x"}],
+                                                        max_tokens=8, stream=True):
+                seen.append(chunk.choices[0].delta.content if chunk.choices else None)
+        assert "Hi" in seen
+        with httpx.stream("POST", stack.gw.url + "/v1/completions", timeout=WAIT_S,
+                          json={"model": "ghost2", "prompt": "x", "max_tokens": 8, "stream": True}) as r:
+            assert r.status_code == 200
+            events = sse_events(r.iter_lines())
+        assert events[0]["choices"][0]["text"] == "Hi"
+        assert events[-2]["error"]["code"] == "worker_failure" and events[-1] == "[DONE]"
+    finally:
+        worker.join(WAIT_S)
+        with stack.client() as c:
+            c.delete(KEYS.limits("ghost2"))
 
 
 def test_error_table_malformed_bodies_name_the_field(stack: Stack) -> None:
