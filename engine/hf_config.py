@@ -2,7 +2,10 @@
 
 Owner: engine loaders. Pure functions; thread-safe.
 Supported: LlamaForCausalLM (Llama 2/3/3.2, SmolLM2), MistralForCausalLM without a
-sliding window, Qwen2ForCausalLM (q/k/v biases). Every error names the file and
+sliding window, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (QK-norm), and
+Gemma3ForCausalLM (text: sandwich norms, QK-norm, GeGLU, scaled embedding, Gemma's
+(1 + w) norms, interleaved sliding-window layers with their own RoPE base, query scale
+from query_pre_attn_scalar, final logit soft-capping). Every error names the file and
 the field, what was expected and what was found.
 """
 
@@ -17,7 +20,8 @@ import orjson
 
 from engine.errors import ModelFileError, UnsupportedModelError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3"}
 WEIGHT_FORMATS = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")
 
 
@@ -53,9 +57,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None, p
     rope_type = "default" if scaling is None else str(scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type == "default":
         return [float(x) for x in inv_freq]
+    if rope_type == "linear":  # transformers: inv_freq / factor (Gemma 3's global layers)
+        assert scaling is not None
+        factor = scaling.get("factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+            raise ModelFileError(f"{path}: field 'rope_scaling.factor': expected a positive number, found {factor!r}")
+        return [float(x) for x in (inv_freq / np.float32(factor)).astype(np.float32)]
     if rope_type != "llama3":
         raise UnsupportedModelError(
-            f"{path}: field 'rope_scaling.rope_type': expected 'default' or 'llama3', found '{rope_type}'"
+            f"{path}: field 'rope_scaling.rope_type': expected 'default', 'linear' or 'llama3', found '{rope_type}'"
         )
     assert scaling is not None
     try:
@@ -115,6 +125,71 @@ def eos_token_ids(model_dir: Path, cfg: dict[str, Any]) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _gemma3_fields(cfg: dict[str, Any], path: Path, n_layer: int, head_dim: int, dim: int) -> dict[str, Any]:
+    """The spec fields only Gemma 3 sets: norms, activation, scales, windows, the two RoPEs.
+
+    The interleave comes from 'layer_types' when present, else from the older integer
+    'sliding_window_pattern' (every pattern-th layer global, default 6), as transformers reads it.
+    RoPE: 'rope_parameters' per layer type (transformers 5) or the Hub's flat spelling
+    (rope_theta + rope_scaling for global layers, rope_local_base_freq for sliding ones).
+    """
+    act = cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh"))
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise UnsupportedModelError(f"{path}: field 'hidden_activation': expected 'gelu_pytorch_tanh', found {act!r}")
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise UnsupportedModelError(f"{path}: field 'attn_logit_softcapping': attention soft-capping is not supported, "
+                                    f"found {cfg.get('attn_logit_softcapping')!r}; expected null")
+    if cfg.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{path}: field 'use_bidirectional_attention': expected false (causal), found true")
+    window = _field(cfg, path, "sliding_window", int, 4096)
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+        if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+            raise ModelFileError(f"{path}: field 'sliding_window_pattern': expected a positive integer, found {pattern!r}")
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+    if (not isinstance(layer_types, list) or len(layer_types) != n_layer
+            or any(t not in ("sliding_attention", "full_attention") for t in layer_types)):
+        raise ModelFileError(f"{path}: field 'layer_types': expected {n_layer} entries of 'sliding_attention' or "
+                             f"'full_attention', found {layer_types!r}")
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        full = dict(rope["full_attention"])
+        local = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else {}
+        theta = float(full.get("rope_theta", 1_000_000.0))
+        local_theta = float(local.get("rope_theta", 10_000.0))
+        scaling: dict[str, Any] | None = full if full.get("rope_type", "default") != "default" else None
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(f"{path}: field 'rope_parameters.sliding_attention.rope_type': expected "
+                                        f"'default', found {local.get('rope_type')!r}")
+    else:
+        theta = _field(cfg, path, "rope_theta", float, 1_000_000.0)
+        local_theta = _field(cfg, path, "rope_local_base_freq", float, 10_000.0)
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ModelFileError(f"{path}: field 'rope_scaling': expected an object or null, found {scaling!r}")
+    softcap = cfg.get("final_logit_softcapping")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or softcap <= 0):
+        raise ModelFileError(f"{path}: field 'final_logit_softcapping': expected a positive number or null, "
+                             f"found {softcap!r}")
+    scalar = _field(cfg, path, "query_pre_attn_scalar", float, 256.0)
+    if scalar <= 0:
+        raise ModelFileError(f"{path}: field 'query_pre_attn_scalar': expected a positive number, found {scalar}")
+    return {
+        "qk_norm": True,
+        "post_norms": True,
+        "ffn_act": "gelu_tanh",
+        "norm_weight_offset": 1.0,
+        # transformers keeps sqrt(hidden) as a float32 tensor (in the weights' dtype: float32 here)
+        "embed_scale": float(np.float32(math.sqrt(dim))),
+        "attn_scale": float(scalar ** -0.5),
+        "final_logit_softcap": float(softcap) if softcap is not None else 0.0,
+        "layer_window": [window if t == "sliding_attention" else 0 for t in layer_types],
+        "rope_inv_freq": rope_inv_freq(head_dim, theta, scaling, path),
+        "rope_inv_freq_local": rope_inv_freq(head_dim, local_theta, None, path),
+    }
+
+
 def load_spec(model_dir: str | Path, name: str, weights: str = "auto", max_context: int | None = None) -> dict[str, Any]:
     """The engine spec of a Hugging Face model folder (see engine/src/model.h ModelSpec), or of a .gguf file."""
     if str(model_dir).lower().endswith(".gguf"):
@@ -138,11 +213,13 @@ def load_spec(model_dir: str | Path, name: str, weights: str = "auto", max_conte
     dim = _field(cfg, path, "hidden_size", int)
     n_heads = _field(cfg, path, "num_attention_heads", int)
     n_kv = _field(cfg, path, "num_key_value_heads", int, n_heads)
-    head_dim = _field(cfg, path, "head_dim", int, dim // n_heads)
+    # Qwen3's config class defaults head_dim to 128, whatever hidden / heads is.
+    head_dim = _field(cfg, path, "head_dim", int, 128 if arch == "qwen3" else dim // n_heads)
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and arch != "gemma3":
         raise UnsupportedModelError(f"{path}: field 'hidden_act': expected 'silu', found {act!r}")
-    if cfg.get("sliding_window") is not None and (arch_name == "MistralForCausalLM" or cfg.get("use_sliding_window")):
+    if arch != "gemma3" and cfg.get("sliding_window") is not None and (
+            arch_name == "MistralForCausalLM" or cfg.get("use_sliding_window")):
         raise UnsupportedModelError(f"{path}: field 'sliding_window': sliding-window attention is not supported, found "
                                     f"{cfg.get('sliding_window')!r}")
     if arch == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
@@ -157,10 +234,19 @@ def load_spec(model_dir: str | Path, name: str, weights: str = "auto", max_conte
     n_ctx = _field(cfg, path, "max_position_embeddings", int, 2048)
     if max_context is not None:
         n_ctx = min(n_ctx, max_context)
-    return {
+    n_layer = _field(cfg, path, "num_hidden_layers", int)
+    qkv_bias = arch == "qwen2" or (arch in ("qwen3", "gemma3") and bool(cfg.get("attention_bias", False)))
+    if qkv_bias and arch == "gemma3":
+        raise UnsupportedModelError(f"{path}: field 'attention_bias': expected false for Gemma 3, found true")
+    extra: dict[str, Any] = {}
+    if arch == "qwen3":
+        extra = {"qk_norm": True}
+    elif arch == "gemma3":
+        extra = _gemma3_fields(cfg, path, n_layer, head_dim, dim)
+    spec: dict[str, Any] = {
         "name": name,
         "arch": arch,
-        "n_layer": _field(cfg, path, "num_hidden_layers", int),
+        "n_layer": n_layer,
         "dim": dim,
         "n_heads": n_heads,
         "n_kv_heads": n_kv,
@@ -169,10 +255,13 @@ def load_spec(model_dir: str | Path, name: str, weights: str = "auto", max_conte
         "n_vocab": _field(cfg, path, "vocab_size", int),
         "n_ctx": n_ctx,
         "rms_eps": _field(cfg, path, "rms_norm_eps", float, 1e-6),
-        "tied": bool(cfg.get("tie_word_embeddings", False)),
-        "qkv_bias": arch == "qwen2",
+        # Gemma 3's config class defaults to a tied head; the others to an untied one.
+        "tied": bool(cfg.get("tie_word_embeddings", arch == "gemma3")),
+        "qkv_bias": qkv_bias,
         "rope_inv_freq": rope_inv_freq(head_dim, theta, scaling, path),
         "eos_ids": eos_token_ids(model_dir, cfg),
         "files": _safetensors_files(model_dir),
         "weights": weights,
     }
+    spec.update(extra)
+    return spec

@@ -5,7 +5,8 @@ Owner: tests and benchmarks (helper; the engine never imports it). Thread-safety
 read-only string once built, so concurrent calls on different folders are safe.
 
 A folder holds what ``transformers`` writes for ``LlamaForCausalLM`` /
-``Qwen2ForCausalLM`` as found on the Hub (config.json in the Hub's legacy spelling:
+``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Gemma3ForCausalLM`` (text) as found on
+the Hub (config.json in the Hub's legacy spelling:
 ``rope_theta`` + ``rope_scaling`` and ``torch_dtype``), a real byte-level BPE
 tokenizer trained on a built-in corpus (480 ids, specials 0..2; the pipeline around
 it is the arch's own, as transformers 5 insists), a ChatML chat template, and weights in
@@ -149,6 +150,8 @@ emoji: 🙂 🚀 🦀 ✨ 👍 — and a dash – and ellipsis …
 """
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
 # Qwen2's pre-tokenizer split (its tokenizer.json; transformers 5 also imposes it on
 # every qwen2 folder through Qwen2Tokenizer, whatever tokenizer.json says).
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -168,8 +171,8 @@ def build_tokenizer_json(arch: str = "llama") -> str:
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"arch: expected 'llama' or 'qwen2', found {arch!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, found {arch!r}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -184,7 +187,7 @@ def build_tokenizer_json(arch: str = "llama") -> str:
     tok.train_from_iterator(corpus, trainer)
     for i, s in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(s) == i, f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}"
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen3"):  # Qwen3 keeps Qwen2's tokenizer pipeline
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -325,7 +328,8 @@ class TensorSpec:
     """One weight: its HF name, shape and how it is initialised.
 
     kind: "normal" ~ N(0, init_std); "norm" ~ 1 + 0.1 N(0, 1) (so a mistaken
-    norm shows); "bias" ~ N(0, init_std).
+    norm shows); "offset_norm" ~ 0.1 N(0, 1) (Gemma stores w of x * (1 + w));
+    "bias" ~ N(0, init_std).
     """
 
     name: str
@@ -335,25 +339,35 @@ class TensorSpec:
 
 def model_tensor_specs(
     *, arch: str, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, intermediate: int, vocab: int,
-    tie_embeddings: bool,
+    tie_embeddings: bool, head_dim: int | None = None,
 ) -> list[TensorSpec]:
-    """The tensors of a LlamaForCausalLM / Qwen2ForCausalLM in file order."""
-    head_dim = hidden // n_heads
+    """The tensors of a Llama / Qwen2 / Qwen3 / Gemma3 ForCausalLM in file order.
+
+    head_dim defaults to hidden / n_heads (Qwen3 and Gemma3 often set it apart)."""
+    head_dim = hidden // n_heads if head_dim is None else head_dim
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    norm = "offset_norm" if arch == "gemma3" else "norm"
     specs = [TensorSpec("model.embed_tokens.weight", (vocab, hidden), "normal")]
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        specs.append(TensorSpec(p + "input_layernorm.weight", (hidden,), "norm"))
+        specs.append(TensorSpec(p + "input_layernorm.weight", (hidden,), norm))
         for proj, rows in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
             specs.append(TensorSpec(p + f"self_attn.{proj}.weight", (rows, hidden), "normal"))
             if arch == "qwen2":
                 specs.append(TensorSpec(p + f"self_attn.{proj}.bias", (rows,), "bias"))
+        if arch in ("qwen3", "gemma3"):
+            specs.append(TensorSpec(p + "self_attn.q_norm.weight", (head_dim,), norm))
+            specs.append(TensorSpec(p + "self_attn.k_norm.weight", (head_dim,), norm))
         specs.append(TensorSpec(p + "self_attn.o_proj.weight", (hidden, q_dim), "normal"))
-        specs.append(TensorSpec(p + "post_attention_layernorm.weight", (hidden,), "norm"))
+        specs.append(TensorSpec(p + "post_attention_layernorm.weight", (hidden,), norm))
+        if arch == "gemma3":
+            specs.append(TensorSpec(p + "pre_feedforward_layernorm.weight", (hidden,), norm))
         specs.append(TensorSpec(p + "mlp.gate_proj.weight", (intermediate, hidden), "normal"))
         specs.append(TensorSpec(p + "mlp.up_proj.weight", (intermediate, hidden), "normal"))
         specs.append(TensorSpec(p + "mlp.down_proj.weight", (hidden, intermediate), "normal"))
-    specs.append(TensorSpec("model.norm.weight", (hidden,), "norm"))
+        if arch == "gemma3":
+            specs.append(TensorSpec(p + "post_feedforward_layernorm.weight", (hidden,), norm))
+    specs.append(TensorSpec("model.norm.weight", (hidden,), norm))
     if not tie_embeddings:
         specs.append(TensorSpec("lm_head.weight", (vocab, hidden), "normal"))
     return specs
@@ -373,6 +387,8 @@ def _tensor_chunks(spec: TensorSpec, *, seed: int, init_std: float, st_dtype: st
         x = rng.standard_normal(min(_CHUNK_ELEMS, n - start), dtype=np.float32)
         if spec.kind == "norm":
             x = np.float32(1.0) + np.float32(0.1) * x
+        elif spec.kind == "offset_norm":
+            x = np.float32(0.1) * x
         else:
             x *= np.float32(init_std)
         if st_dtype == "F32":
@@ -408,9 +424,16 @@ ProgressFn = Callable[[int, int, str], None]
 def hf_config_dict(
     *, arch: str, hidden: int, n_layers: int, n_heads: int, n_kv_heads: int, intermediate: int, vocab: int,
     tie_embeddings: bool, rope_theta: float, rope_scaling: Mapping[str, Any] | None, max_position_embeddings: int,
-    rms_norm_eps: float, dtype: str, init_std: float,
+    rms_norm_eps: float, dtype: str, init_std: float, head_dim: int | None = None,
+    sliding_window: int | None = None, sliding_window_pattern: int = 6, rope_local_base_freq: float = 10000.0,
+    query_pre_attn_scalar: float | None = None, final_logit_softcapping: float | None = None,
 ) -> dict[str, Any]:
-    """config.json as the Hub writes it for LlamaForCausalLM / Qwen2ForCausalLM."""
+    """config.json as the Hub writes it for Llama / Qwen2 / Qwen3 / Gemma3 (text) ForCausalLM.
+
+    Gemma3 only: sliding_window (default 4096, transformers' default) on every layer but
+    each sliding_window_pattern-th, written out as layer_types (as gemma-3-270m's config);
+    rope_local_base_freq for those layers; query_pre_attn_scalar (default head_dim)."""
+    head_dim = hidden // n_heads if head_dim is None else head_dim
     common: dict[str, Any] = {
         "attention_dropout": 0.0,
         "bos_token_id": BOS_ID,
@@ -433,8 +456,24 @@ def hf_config_dict(
     }
     if arch == "llama":  # as Llama-3.2-1B's config.json: head_dim present, eos a list
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
-                "eos_token_id": [EOS_ID, BOS_ID], "head_dim": hidden // n_heads, "mlp_bias": False,
+                "eos_token_id": [EOS_ID, BOS_ID], "head_dim": head_dim, "mlp_bias": False,
                 "pretraining_tp": 1, **common}
+    if arch == "qwen3":  # as Qwen3-0.6B's config.json: head_dim set apart, no biases, sliding window off
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "eos_token_id": EOS_ID, "head_dim": head_dim, "max_window_layers": n_layers,
+                "sliding_window": None, "use_sliding_window": False, **common}
+    if arch == "gemma3":  # as gemma-3-270m's config.json (text-only Gemma3ForCausalLM)
+        window = 4096 if sliding_window is None else sliding_window
+        gemma = {k: v for k, v in common.items() if k not in ("hidden_act",)}
+        return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+                "attn_logit_softcapping": None, "eos_token_id": EOS_ID, "pad_token_id": BOS_ID,
+                "final_logit_softcapping": final_logit_softcapping, "head_dim": head_dim,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "layer_types": ["sliding_attention" if (i + 1) % sliding_window_pattern else "full_attention"
+                                for i in range(n_layers)],
+                "query_pre_attn_scalar": head_dim if query_pre_attn_scalar is None else query_pre_attn_scalar,
+                "rope_local_base_freq": rope_local_base_freq, "sliding_window": window,
+                "use_bidirectional_attention": False, **gemma}
     # as Qwen2-0.5B's config.json: no head_dim (derived), eos an int, sliding window off
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "eos_token_id": EOS_ID,
             "max_window_layers": n_layers, "sliding_window": max_position_embeddings, "use_sliding_window": False,
@@ -455,8 +494,10 @@ def _tokenizer_config_json(arch: str, max_position_embeddings: int) -> dict[str,
         "eos_token": EOS_TOKEN,
         "model_max_length": max_position_embeddings,
         "pad_token": BOS_TOKEN,
-        # as on the Hub: SmolLM2 says GPT2Tokenizer, Qwen2 says Qwen2Tokenizer
-        "tokenizer_class": "GPT2Tokenizer" if arch == "llama" else "Qwen2Tokenizer",
+        # as on the Hub: SmolLM2 says GPT2Tokenizer, Qwen2 / Qwen3 Qwen2Tokenizer; Gemma's own class
+        # would impose its SentencePiece pipeline on this byte-level BPE, so gemma3 folders name
+        # the generic fast tokenizer (tokenizer.json as written)
+        "tokenizer_class": {"llama": "GPT2Tokenizer", "gemma3": "PreTrainedTokenizerFast"}.get(arch, "Qwen2Tokenizer"),
         "unk_token": None,
     }
 
@@ -481,6 +522,12 @@ def make_model(
     shards: int = 1,
     init_std: float = 0.02,
     progress: ProgressFn | None = None,
+    head_dim: int | None = None,
+    sliding_window: int | None = None,
+    sliding_window_pattern: int = 6,
+    rope_local_base_freq: float = 10000.0,
+    query_pre_attn_scalar: float | None = None,
+    final_logit_softcapping: float | None = None,
 ) -> Path:
     """Write a random-weight HF model folder into out_dir (created if needed); returns it.
 
@@ -490,18 +537,23 @@ def make_model(
     shards > 1 writes model-0000i-of-0000N.safetensors plus
     model.safetensors.index.json. progress(done, total, name) is called after
     each tensor. Raises ValueError on inconsistent arguments.
+
+    head_dim (default hidden / n_heads) may be set apart from hidden (qwen3, gemma3). The
+    gemma3-only arguments (window, pattern, local RoPE base, query scalar, final soft-cap)
+    are described at hf_config_dict.
     """
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"arch: expected 'llama' or 'qwen2', found {arch!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, found {arch!r}")
     if dtype not in _STORAGE:
         raise ValueError(f"dtype: expected one of {sorted(_STORAGE)}, found {dtype!r}")
     if min(hidden, n_layers, n_heads, n_kv_heads, intermediate, shards) < 1:
         raise ValueError("hidden, n_layers, n_heads, n_kv_heads, intermediate and shards must be >= 1")
-    if hidden % n_heads or n_heads % n_kv_heads:
+    if (head_dim is None and hidden % n_heads) or n_heads % n_kv_heads:
         raise ValueError(f"need hidden % n_heads == 0 and n_heads % n_kv_heads == 0 "
                          f"(hidden={hidden}, n_heads={n_heads}, n_kv_heads={n_kv_heads})")
-    if (hidden // n_heads) % 2:
-        raise ValueError(f"head_dim = hidden / n_heads = {hidden // n_heads} must be even for RoPE")
+    hd = hidden // n_heads if head_dim is None else head_dim
+    if hd < 2 or hd % 2:
+        raise ValueError(f"head_dim = {hd} must be even for RoPE")
     n_tok = tokenizer_size()
     vocab = n_tok if vocab is None else vocab
     if vocab < n_tok:
@@ -513,7 +565,9 @@ def make_model(
         arch=arch, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         intermediate=intermediate, vocab=vocab, tie_embeddings=tie_embeddings, rope_theta=rope_theta,
         rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings, rms_norm_eps=rms_norm_eps,
-        dtype=dtype, init_std=init_std)
+        dtype=dtype, init_std=init_std, head_dim=head_dim, sliding_window=sliding_window,
+        sliding_window_pattern=sliding_window_pattern, rope_local_base_freq=rope_local_base_freq,
+        query_pre_attn_scalar=query_pre_attn_scalar, final_logit_softcapping=final_logit_softcapping)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, BOS_ID], "transformers_version": "4.45.0"})
@@ -525,7 +579,8 @@ def make_model(
 
     st_dtype = _STORAGE[dtype]
     specs = model_tensor_specs(arch=arch, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                               intermediate=intermediate, vocab=vocab, tie_embeddings=tie_embeddings)
+                               intermediate=intermediate, vocab=vocab, tie_embeddings=tie_embeddings,
+                               head_dim=head_dim)
     sizes = [_n_bytes(st_dtype, s.shape) for s in specs]
     groups = _split_shards(specs, sizes, shards)
     names = (["model.safetensors"] if shards == 1

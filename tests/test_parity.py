@@ -3,8 +3,12 @@
 Truth is HF transformers (torch, CPU, float32, eager attention) on small random
 models built by engine.model_factory: Llama untied with llama3 RoPE scaling and
 GQA 4:1, SmolLM2-like tied with GQA 1:1 (plain multi-head), Qwen2 with q/k/v
-biases and GQA 3:1. Relative error is max|engine - hf| / max|hf| over the
-last-position logits.
+biases and GQA 3:1, Qwen3 with QK-norm and head_dim apart from hidden / heads,
+Gemma3 (sandwich norms, QK-norm, GeGLU, scaled embedding, (1 + w) norms, query
+scalar, final soft-cap, 4 layers sliding-sliding-full-sliding with an 8-token
+window, so every prompt of 9+ tokens and every decode past position 8 leaves the
+window; tests/test_archs.py has more on windows). Relative error is
+max|engine - hf| / max|hf| over the last-position logits.
 
 f32 (and f16/bf16 *files* loaded as stored, whose values HF upcasts exactly):
     relative error <= 1e-4, and greedy tokens identical for 32 steps.
@@ -64,6 +68,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        "tie_embeddings": True, "rope_theta": 100000.0, "seed": 1},
     "qwen2_bias_gqa3": {"arch": "qwen2", "hidden": 96, "n_heads": 6, "n_kv_heads": 2, "intermediate": 160,
                         "tie_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "seed": 5},
+    "qwen3_qknorm_hd32_gqa2": {"arch": "qwen3", "hidden": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                               "intermediate": 160, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "seed": 1},
+    # untied: with a tied head and this init the scaled embedding makes greedy repeat its input token
+    "gemma3_window8_softcap": {"arch": "gemma3", "hidden": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                               "intermediate": 192, "n_layers": 4, "sliding_window": 8, "sliding_window_pattern": 3,
+                               "rope_theta": 1e6, "query_pre_attn_scalar": 48, "final_logit_softcapping": 10.0,
+                               "rms_norm_eps": 1e-6, "seed": 1},
 }
 INIT_STD = 0.2  # logits spread ~2: decisive greedy choices
 MIN_MARGIN = 2e-3
@@ -385,7 +396,7 @@ def test_batched_sequences_get_the_same_tokens_as_alone(eng: Engine, load: Loade
             assert reseeded != alone[BATCH_PROMPT_LENS.index(33)]
 
 
-@pytest.mark.parametrize("variant", ["llama_untied_rope3_gqa4", "qwen2_bias_gqa3"])
+@pytest.mark.parametrize("variant", ["llama_untied_rope3_gqa4", "qwen2_bias_gqa3", "gemma3_window8_softcap"])
 def test_chunked_prefill_gives_the_same_tokens_and_logits(eng: Engine, load: Loaded, model_dirs: dict[str, Path],
                                                           variant: str) -> None:
     path = model_dirs[variant]

@@ -71,6 +71,7 @@ struct AttnParams {
     int n_kv_heads = 0;  // query head h reads KV head h / (n_heads / n_kv_heads)
     int head_dim = 0;
     float scale = 1.0f;  // applied to q.k before the softmax
+    int64_t window = 0;  // > 0: a query at position p sees keys p - window + 1 .. p only (sliding-window layer)
 };
 
 class Backend {
@@ -118,12 +119,27 @@ public:
     virtual void silu_mul(const float* gate, const float* up, float* out, int64_t n) = 0;
     // x[i] += y[i]
     virtual void add(float* x, const float* y, int64_t n) = 0;
+    // Gemma 3's ops. A backend without them still builds and refuses such a model when it runs.
+    // out[i] = gelu_tanh(gate[i]) * up[i]   (out may alias gate; kernels.h gelu_tanh_mul)
+    virtual void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
+        unsupported("gelu_tanh_mul");
+    }
+    // x[i] = cap * tanh(x[i] / cap)   (final logit soft-capping)
+    virtual void softcap(float* x, int64_t n, float cap) { unsupported("softcap"); }
+    // x[i] *= s   (the scaled embedding)
+    virtual void scale(float* x, float s, int64_t n) { unsupported("scale"); }
     // rows[r, :] = x[last token of the r-th sequence with want_logits, :]; rows [n_logit_rows, dim].
     virtual void gather_rows(const float* x, int64_t dim, float* rows) = 0;
     // A host pointer to n floats equal to src's, after every op of the step so far finished.
     // The caller may write to it (sampling works in place); valid until the next begin_step.
     // The CPU returns src itself.
     virtual float* read_host(float* src, int64_t n) = 0;
+
+protected:
+    [[noreturn]] void unsupported(const char* op) const {
+        throw UnsupportedError(std::string("the ") + name() + " backend has no " + op +
+                               " op (Gemma 3 needs it); load this model on the CPU device");
+    }
 };
 
 }  // namespace lmx

@@ -116,11 +116,21 @@ void CpuBackend::attention(int layer, const float* q, const AttnParams& p, float
         attention_kv_heads(q + a.t0 * qd, a.n_q, s.pos0 + a.q0, kptr_[static_cast<size_t>(a.seq)].data(),
                            vptr_[static_cast<size_t>(a.seq)].data(), g.block_tokens, p.n_heads, p.n_kv_heads,
                            p.head_dim, p.scale, out + a.t0 * qd, step_.scratch + thread * step_.scratch_lane_floats,
-                           a.kv0, a.kv1);
+                           a.kv0, a.kv1, p.window);
     });
 }
 
 void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) { lmx::silu_mul(gate, up, out, n); }
+
+void CpuBackend::gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
+    lmx::gelu_tanh_mul(gate, up, out, n);
+}
+
+void CpuBackend::softcap(float* x, int64_t n, float cap) { lmx::softcap(x, n, cap); }
+
+void CpuBackend::scale(float* x, float s, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
 
 void CpuBackend::add(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];

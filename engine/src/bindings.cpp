@@ -42,6 +42,19 @@ ModelSpec spec_from_dict(const py::dict& d) {
     s.eos_ids = d["eos_ids"].cast<std::vector<int32_t>>();
     s.files = d["files"].cast<std::vector<std::string>>();
     s.weights = d["weights"].cast<std::string>();
+    // Gemma 3 / Qwen 3 fields (model.h); optional, absent = Llama behaviour.
+    auto opt = [&](const char* key, auto& field) {
+        if (d.contains(key)) field = d[key].cast<std::remove_reference_t<decltype(field)>>();
+    };
+    opt("qk_norm", s.qk_norm);
+    opt("post_norms", s.post_norms);
+    opt("ffn_act", s.ffn_act);
+    opt("norm_weight_offset", s.norm_weight_offset);
+    opt("embed_scale", s.embed_scale);
+    opt("attn_scale", s.attn_scale);
+    opt("final_logit_softcap", s.final_logit_softcap);
+    opt("layer_window", s.layer_window);
+    opt("rope_inv_freq_local", s.rope_inv_freq_local);
     return s;
 }
 

@@ -1,4 +1,4 @@
-// forward.cpp — the Llama / Qwen2 decoder stack, batch-first, over paged KV, on a Backend.
+// forward.cpp — the Llama / Qwen2 / Qwen3 / Gemma3 decoder stack, batch-first, over paged KV, on a Backend.
 // Owner: engine core. Thread-safety: step thread only (see forward.h).
 #include "forward.h"
 
@@ -104,10 +104,12 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
     desc.kv = kv.geometry();
     desc.scratch = ws.scratch;
     desc.scratch_lane_floats = ws.scratch_floats;
-    const AttnParams attn{s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim))};
+    AttnParams attn{s.n_heads, s.n_kv_heads, s.head_dim,
+                    s.attn_scale > 0.0f ? s.attn_scale : 1.0f / std::sqrt(static_cast<float>(s.head_dim))};
 
     StepScope step(be, desc);
     be.embed(w.embed(), tokens.data(), ws.x);  // host table into the residual stream
+    if (s.embed_scale != 1.0f) be.scale(ws.x, s.embed_scale, T * dim);  // Gemma: times sqrt(dim)
 
     const LayerLayout& L = w.layer_layout();
     for (int l = 0; l < s.n_layer; l++) {
@@ -123,13 +125,20 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
                                       {view(u, L.wv, wt, kvd, dim, prec), ws.v, s.qkv_bias ? fvec(u, L.bv) : nullptr}};
             be.matmul_many(qkv, 3, ws.xb, T);
         }
-        be.rope(ws.q, s.n_heads, s.head_dim, s.rope_inv_freq.data());
-        be.rope(ws.k, s.n_kv_heads, s.head_dim, s.rope_inv_freq.data());
+        if (s.qk_norm) {  // Qwen3 / Gemma3: each head of q and k normalised on its own, before RoPE
+            be.rmsnorm(ws.q, fvec(u, L.q_norm), s.rms_eps, T * s.n_heads, s.head_dim, ws.q);
+            be.rmsnorm(ws.k, fvec(u, L.k_norm), s.rms_eps, T * s.n_kv_heads, s.head_dim, ws.k);
+        }
+        const float* inv_freq = s.rope_for(l).data();  // Gemma3's sliding layers have their own base
+        be.rope(ws.q, s.n_heads, s.head_dim, inv_freq);
+        be.rope(ws.k, s.n_kv_heads, s.head_dim, inv_freq);
         be.kv_append(l, ws.k, ws.v);
+        attn.window = s.window(l);
         be.attention(l, ws.q, attn, ws.att);
 
         const MatmulOut o{view(u, L.wo, wt, dim, qd, prec), ws.xb, nullptr};
         be.matmul_many(&o, 1, ws.att, T);
+        if (s.post_norms) be.rmsnorm(ws.xb, fvec(u, L.post_attn_norm), s.rms_eps, T, dim, ws.xb);
         be.add(ws.x, ws.xb, T * dim);
 
         be.rmsnorm(ws.x, fvec(u, L.ffn_norm), s.rms_eps, T, dim, ws.xb);
@@ -138,9 +147,13 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
                                           {view(u, L.w_up, wt, ffn, dim, prec), ws.up, nullptr}};
             be.matmul_many(gate_up, 2, ws.xb, T);
         }
-        be.silu_mul(ws.gate, ws.up, ws.gate, T * ffn);
+        if (s.ffn_act == "gelu_tanh")
+            be.gelu_tanh_mul(ws.gate, ws.up, ws.gate, T * ffn);
+        else
+            be.silu_mul(ws.gate, ws.up, ws.gate, T * ffn);
         const MatmulOut down{view(u, L.w_down, wt, dim, ffn, prec), ws.xb, nullptr};
         be.matmul_many(&down, 1, ws.gate, T);
+        if (s.post_norms) be.rmsnorm(ws.xb, fvec(u, L.post_ffn_norm), s.rms_eps, T, dim, ws.xb);
         be.add(ws.x, ws.xb, T * dim);
 
         pin.done(be.end_unit());
@@ -158,6 +171,7 @@ float* forward_step(const ModelWeights& w, int model_id, Residency& res, KvCache
             be.rmsnorm(ws.rows, fvec(u, H.norm), s.rms_eps, n_rows, dim, ws.rows);
             const MatmulOut head{view(u, H.lm_head, wt, s.n_vocab, dim, prec), ws.logits, nullptr};
             be.matmul_many(&head, 1, ws.rows, n_rows);
+            if (s.final_logit_softcap > 0.0f) be.softcap(ws.logits, n_rows * s.n_vocab, s.final_logit_softcap);
         }
         pin.done(be.end_unit());
     }

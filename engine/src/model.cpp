@@ -31,8 +31,22 @@ void ModelSpec::validate() const {
         throw InvalidArgument("model spec rope_inv_freq: expected head_dim/2 = " + std::to_string(head_dim / 2) +
                               " values, found " + std::to_string(rope_inv_freq.size()));
     if (files.empty()) throw InvalidArgument("model spec files: expected at least one .safetensors file, found none");
-    if (arch != "llama" && arch != "qwen2")
-        throw UnsupportedError("model spec arch: expected 'llama' or 'qwen2', found '" + arch + "'");
+    if (arch != "llama" && arch != "qwen2" && arch != "qwen3" && arch != "gemma3")
+        throw UnsupportedError("model spec arch: expected 'llama', 'qwen2', 'qwen3' or 'gemma3', found '" + arch + "'");
+    if (ffn_act != "silu" && ffn_act != "gelu_tanh")
+        throw UnsupportedError("model spec ffn_act: expected 'silu' or 'gelu_tanh', found '" + ffn_act + "'");
+    if (!layer_window.empty() && layer_window.size() != static_cast<size_t>(n_layer))
+        throw InvalidArgument("model spec layer_window: expected n_layer = " + std::to_string(n_layer) +
+                              " values (or none), found " + std::to_string(layer_window.size()));
+    for (int32_t w : layer_window)
+        if (w < 0) throw InvalidArgument("model spec layer_window: expected >= 0 (0 = full attention), found " + std::to_string(w));
+    if (!rope_inv_freq_local.empty() && rope_inv_freq_local.size() != rope_inv_freq.size())
+        throw InvalidArgument("model spec rope_inv_freq_local: expected head_dim/2 = " + std::to_string(head_dim / 2) +
+                              " values (or none), found " + std::to_string(rope_inv_freq_local.size()));
+    if (!(embed_scale > 0.0f) || !(attn_scale >= 0.0f) || !(final_logit_softcap >= 0.0f))
+        throw InvalidArgument("model spec: expected embed_scale > 0, attn_scale >= 0 and final_logit_softcap >= 0, found " +
+                              std::to_string(embed_scale) + ", " + std::to_string(attn_scale) + ", " +
+                              std::to_string(final_logit_softcap));
 }
 
 namespace {
@@ -74,6 +88,25 @@ const uint8_t* ModelWeights::host_tensor(const TensorInfo& t, DType to, int64_t 
     host_bufs_.push_back(std::move(p));
     converted_[{t.name, to}] = host_bufs_.back().get();
     return host_bufs_.back().get();
+}
+
+// A norm vector as f32 with spec.norm_weight_offset added (Gemma's 1 + w, in f32 as HF
+// computes it); a plain f32 tensor without an offset is used in place.
+void ModelWeights::add_norm_piece(UnitSource& us, const TensorInfo& t, int64_t n, uint64_t& off) {
+    if (spec_.norm_weight_offset == 0.0f) {
+        add_piece(us, t, DType::F32, 1, n, off);
+        return;
+    }
+    const uint64_t n_bytes = static_cast<uint64_t>(n) * 4;
+    void* p = std::aligned_alloc(kAlign, align_up(n_bytes, kAlign));
+    if (p == nullptr) throw Error("out of host memory converting tensor '" + t.name + "'");
+    host_bufs_.emplace_back(static_cast<uint8_t*>(p), free_aligned);
+    float* w = static_cast<float*>(p);
+    convert_rows(t.data, t.dtype, w, DType::F32, 1, n);
+    for (int64_t i = 0; i < n; i++) w[i] += spec_.norm_weight_offset;
+    us.pieces.push_back({static_cast<const uint8_t*>(p), n_bytes, off});
+    off = align_up(off + n_bytes, kAlign);
+    us.n_bytes = off;
 }
 
 void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off) {
@@ -128,7 +161,14 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
             slot = off;
             add_piece(us, st_->require(layer_name(l, nm), {n}), DType::F32, 1, n, off);
         };
-        vec("input_layernorm.weight", dim, lay.attn_norm);
+        auto norm = [&](const char* nm, int64_t n, uint64_t& slot) {
+            slot = off;
+            add_norm_piece(us, st_->require(layer_name(l, nm), {n}), n, off);
+        };
+        // With post norms (Gemma 3) HF's post_attention_layernorm is the attention output's
+        // norm and pre_feedforward_layernorm the FFN input's; without, the former is the FFN input's.
+        const bool sandwich = spec_.post_norms;
+        norm("input_layernorm.weight", dim, lay.attn_norm);
         mat("self_attn.q_proj.weight", qd, dim, lay.wq);
         mat("self_attn.k_proj.weight", kvd, dim, lay.wk);
         mat("self_attn.v_proj.weight", kvd, dim, lay.wv);
@@ -137,11 +177,17 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
             vec("self_attn.k_proj.bias", kvd, lay.bk);
             vec("self_attn.v_proj.bias", kvd, lay.bv);
         }
+        if (spec_.qk_norm) {
+            norm("self_attn.q_norm.weight", spec_.head_dim, lay.q_norm);
+            norm("self_attn.k_norm.weight", spec_.head_dim, lay.k_norm);
+        }
         mat("self_attn.o_proj.weight", dim, qd, lay.wo);
-        vec("post_attention_layernorm.weight", dim, lay.ffn_norm);
+        if (sandwich) norm("post_attention_layernorm.weight", dim, lay.post_attn_norm);
+        norm(sandwich ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight", dim, lay.ffn_norm);
         mat("mlp.gate_proj.weight", ffn, dim, lay.w_gate);
         mat("mlp.up_proj.weight", ffn, dim, lay.w_up);
         mat("mlp.down_proj.weight", dim, ffn, lay.w_down);
+        if (sandwich) norm("post_feedforward_layernorm.weight", dim, lay.post_ffn_norm);
         layer_ = lay;  // identical for every layer by construction
         if (progress) progress(l + 1, total);
     }
@@ -149,7 +195,7 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
         UnitSource& us = units_.back();
         uint64_t off = 0;
         head_.norm = off;
-        add_piece(us, st_->require("model.norm.weight", {dim}), DType::F32, 1, dim, off);
+        add_norm_piece(us, st_->require("model.norm.weight", {dim}), dim, off);
         head_.lm_head = off;
         const TensorInfo* lm = spec_.tied ? nullptr : st_->find("lm_head.weight");
         if (!spec_.tied && lm == nullptr)

@@ -125,6 +125,7 @@ public:
 private:
     const uint8_t* host_tensor(const TensorInfo& t, DType to, int64_t rows, int64_t cols);
     void add_piece(UnitSource& us, const TensorInfo& t, DType to, int64_t rows, int64_t cols, uint64_t& off);
+    void add_norm_piece(UnitSource& us, const TensorInfo& t, int64_t n, uint64_t& off);
     DType matrix_format(const TensorInfo& t) const;  // the format a stored matrix is held in
     uint64_t matrix_slot_bytes(const char* nm, int64_t rows, int64_t cols) const;  // max over the layers
 
