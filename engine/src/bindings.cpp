@@ -133,6 +133,26 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("kernels_isa", &kernels_isa, "SIMD path chosen for this CPU");
     m.def(
+        "dequantize",
+        [](const std::string& format, py::bytes data, int64_t n) {
+            // One row of n values stored in `format` (dtype_name spelling: "q4_1", "q6_k", ...)
+            // as the engine reads it: the tests compare it with the gguf package's dequantize.
+            DType t = DType::F32;
+            bool found = false;
+            for (int i = 0; i <= static_cast<int>(DType::Q6_K); ++i)
+                if (format == dtype_name(static_cast<DType>(i))) t = static_cast<DType>(i), found = true;
+            const std::string buf = data;
+            if (!found || dtype_is_x16(t) || n <= 0 || n % dtype_block_elems(t) != 0 ||
+                static_cast<int64_t>(buf.size()) != row_bytes(t, n))
+                throw InvalidArgument("dequantize: expected a row format name and n values in whole blocks of its "
+                                      "bytes, found '" + format + "', n=" + std::to_string(n) + ", " +
+                                      std::to_string(buf.size()) + " bytes");
+            py::array_t<float> out(static_cast<py::ssize_t>(n));
+            dequantize_row(WeightView{buf.data(), t, 1, n}, 0, out.mutable_data());
+            return out;
+        },
+        py::arg("format"), py::arg("data"), py::arg("n"), "One row of a weight format dequantised to float32");
+    m.def(
         "read_bandwidth_gbs",
         [](size_t n_bytes, int n_threads, int repeats) {
             py::gil_scoped_release nogil;
