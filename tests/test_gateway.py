@@ -526,6 +526,18 @@ def test_error_table_malformed_bodies_name_the_field(stack: Stack) -> None:
 # -- disconnects and dying gateways ----------------------------------------------------------------------------
 
 
+def test_a_client_gone_while_sending_its_body_costs_nothing(stack: Stack) -> None:
+    host, port = stack.gw.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny\"")
+    assert httpx.get(stack.gw.url + "/health", timeout=WAIT_S).status_code == 200
+    counted = 'layermux_gateway_requests_total{route="completions",status="499"}'
+    wait_until(lambda: counted in httpx.get(stack.gw.url + "/metrics", timeout=WAIT_S).text, WAIT_S,
+               "the gateway to count the abandoned request")
+    assert "Traceback" not in stack.gw.log()
+
+
 def _terminal(c: redis.Redis, request_id: str) -> Any:
     terminals = [e for e in raw_events(c, KEYS, request_id) if isinstance(e, DoneEvent | ErrorEvent | CancelledEvent)]
     assert len(terminals) <= 1

@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -111,6 +111,8 @@ class _Gateway:
                 response = await handler(request)
             except ApiError as e:
                 response = _error(e)
+            except ClientDisconnect:  # gone while sending its body: nothing was queued, nobody to answer
+                response = Response(status_code=499)
             except redis.RedisError as e:
                 log.warning("%s: Redis unavailable: %s", name, e)
                 response = _error(ApiError(503, f"the queue (Redis) is unavailable: {type(e).__name__}",
