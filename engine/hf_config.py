@@ -155,7 +155,8 @@ def _gemma3_fields(cfg: dict[str, Any], path: Path, n_layer: int, head_dim: int,
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
         full = dict(rope["full_attention"])
-        local = rope.get("sliding_attention") if isinstance(rope.get("sliding_attention"), dict) else {}
+        local_rope = rope.get("sliding_attention")
+        local: dict[str, Any] = local_rope if isinstance(local_rope, dict) else {}
         theta = float(full.get("rope_theta", 1_000_000.0))
         local_theta = float(local.get("rope_theta", 10_000.0))
         scaling: dict[str, Any] | None = full if full.get("rope_type", "default") != "default" else None
