@@ -329,7 +329,9 @@ def test_stop_string_across_a_token_boundary_is_cut_and_not_returned(stack: Stac
 def test_models_health_and_unknown_fields_ignored(stack: Stack) -> None:
     models = httpx.get(stack.gw.url + "/v1/models", timeout=WAIT_S).json()
     assert models["object"] == "list" and sorted(m["id"] for m in models["data"]) == ["slow", "tiny"]
-    assert httpx.get(stack.gw.url + "/v1/models/tiny", timeout=WAIT_S).json()["id"] == "tiny"
+    tiny = httpx.get(stack.gw.url + "/v1/models/tiny", timeout=WAIT_S).json()
+    assert (tiny["id"], tiny["object"], tiny["max_model_len"]) == ("tiny", "model", 4096)
+    _error(httpx.get(stack.gw.url + "/v1/models/nope", timeout=WAIT_S), 404, "model_not_found", "model")
     health = httpx.get(stack.gw.url + "/health", timeout=WAIT_S)
     assert health.status_code == 200
     assert health.json()["models"] == {"slow": {"live_workers": 1}, "tiny": {"live_workers": 1}}

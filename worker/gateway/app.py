@@ -225,27 +225,37 @@ class _Gateway:
 
     # -- models, health, metrics ----------------------------------------------------------------------
 
-    async def served_models(self) -> list[str]:
+    async def served_models(self) -> dict[str, int | None]:
+        """Model name -> context length (n_ctx) of every model whose limits hash exists (a worker serves it)."""
         names = sorted(n.decode() if isinstance(n, bytes) else str(n)
                        for n in await self.redis.smembers(self.keys.models()))  # type: ignore[misc]
         async with self.redis.pipeline(transaction=False) as pipe:
             for n in names:
                 pipe.exists(self.keys.limits(n))
-            present = await pipe.execute()
-        return [n for n, p in zip(names, present) if p]
+                pipe.hget(self.keys.limits(n), "n_ctx")
+            replies = await pipe.execute()
+        out: dict[str, int | None] = {}
+        for i, n in enumerate(names):
+            present, n_ctx = replies[2 * i], replies[2 * i + 1]
+            if present:
+                out[n] = int(n_ctx) if n_ctx is not None and n_ctx.isdigit() else None
+        return out
 
-    def _model_object(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.started, "owned_by": "layermux"}
+    def _model_object(self, name: str, n_ctx: int | None) -> dict[str, Any]:
+        # max_model_len: vLLM's field for the context length, which some clients read.
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "layermux", "max_model_len": n_ctx}
 
     async def list_models(self, request: Request) -> Response:
-        return _json({"object": "list", "data": [self._model_object(n) for n in await self.served_models()]})
+        served = await self.served_models()
+        return _json({"object": "list", "data": [self._model_object(n, c) for n, c in served.items()]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if name not in await self.served_models():
+        served = await self.served_models()
+        if name not in served:
             raise ApiError(404, f"the model {name!r} does not exist (no worker serves it)", code="model_not_found",
                            param="model")
-        return _json(self._model_object(name))
+        return _json(self._model_object(name, served[name]))
 
     async def health(self, request: Request) -> Response:
         """200 with the live workers per model while Redis answers; 503 when it does not.
