@@ -269,7 +269,13 @@ class _Worker(Worker):
 
     def handle_sig(self, signum: signal.Signals) -> None:
         if signum not in (signal.SIGINT, signal.SIGTERM):
-            super().handle_sig(signum)  # close() of a worker without signal handling
+            # close() of a model's arq worker (no signal handling of its own): stop it without arq's
+            # "shutdown on SIGUSR1" line; the process's main arq worker already logged the real signal.
+            for t in self.tasks.values():
+                if not t.done():
+                    t.cancel()
+            if self.main_task is not None:
+                self.main_task.cancel()
             return
         if self.stop_signal is not None:
             sys.stderr.write(f"layermux worker: {signal.Signals(signum).name} again: stopping now without "
