@@ -37,6 +37,14 @@ std::unique_ptr<Device> make_vulkan_device(int index, uint64_t budget_bytes) {
 #endif
 }
 
+uint64_t vulkan_validation_messages() {
+#if LMX_HAVE_VULKAN
+    return vk::validation_message_count();
+#else
+    return 0;
+#endif
+}
+
 std::string vulkan_device_summary(Device& dev) {
 #if LMX_HAVE_VULKAN
     auto* v = dynamic_cast<vk::VulkanDevice*>(&dev);

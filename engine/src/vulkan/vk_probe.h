@@ -21,6 +21,8 @@ std::vector<std::string> vulkan_devices(std::string* why);
 // per LMX_VK_VALIDATION. Throws Error naming what was found when it cannot ("device kind vulkan:
 // expected a Vulkan device, found none: <why>").
 std::unique_ptr<Device> make_vulkan_device(int index, uint64_t budget_bytes);
+// Validation-layer messages seen in this process (0 without Vulkan); tests fail on any.
+uint64_t vulkan_validation_messages();
 // One line for `layermux status`: name, driver, heap, transfer queue (empty for other devices).
 std::string vulkan_device_summary(Device& dev);
 
