@@ -69,6 +69,7 @@ SCRIPTS: dict[str, str] = {
     "_PRUNE_SCRIPT": consumer_mod._PRUNE_SCRIPT,
     "_RENEW_SCRIPT": consumer_mod._RENEW_SCRIPT,
     "_APPEND_SCRIPT": publisher_mod._APPEND_SCRIPT,
+    "_APPEND_MANY_SCRIPT": publisher_mod._APPEND_MANY_SCRIPT,
     "_FENCE_SCRIPT": publisher_mod._FENCE_SCRIPT,
     "_ACK_SCRIPT": publisher_mod._ACK_SCRIPT,
 }
@@ -118,6 +119,8 @@ def test_every_lua_script_runs_on_a_cluster_with_its_keys_in_one_slot(cclient: r
     event = encode_event(StartedEvent(request_id=rid, worker="c1", attempt=1, prompt_tokens=1))
     assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "tok", event]) == 1
     assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "other", event]) == -2  # fenced
+    token = encode_event(TokenEvent(request_id=rid, index=0, token_ids=[5, 6], text="ab"))
+    assert run("_APPEND_MANY_SCRIPT", [keys.events(rid), owner], [60, "tok", 1, token]) == [1]
     assert run("_ACK_SCRIPT", [keys.req(model), keys.ids(model), keys.dlq(model)],
                [CONSUMER_GROUP, entry_id, rid, "", 0, b""]) == 1
     assert cclient.hlen(keys.ids(model)) == 0 and cclient.xlen(keys.req(model)) == 0

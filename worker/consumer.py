@@ -9,7 +9,8 @@ Thread-safety: event-loop only. `run`, `renew_leases` and `watch_cancels` are th
 Life of an entry here: read (or claimed) -> too many deliveries? dead letter -> decode ->
 reply stream already terminal? ack -> deadline passed? -> cancelled already? -> tokenize ->
 request check (admission.check_request) -> take the request's fence, read the resume point
-(publisher.py) -> engine. Every path that does not start the request
+(publisher.py; skipped for an entry's first delivery with nothing published: its first append
+takes the fence) -> engine. Every path that does not start the request
 publishes exactly one terminal event (when the request id is known) and then acks the entry;
 a started request acks when its terminal event is written (publisher.py). An entry is never
 acked otherwise, so a worker that dies leaves it pending for another to claim.
@@ -52,7 +53,7 @@ from . import admission
 from .admission import Denial
 from .engine_driver import EngineDriver, InvalidPrompt, Outcome, Run
 from .metrics import Metrics
-from .publisher import AckEntry, DeadLetter, Publisher, read_reply_state
+from .publisher import AckEntry, DeadLetter, Publisher, ReplyState, read_reply_state
 from .settings import ModelSettings, Settings
 
 __all__ = ["ModelConsumer", "StreamSink"]
@@ -131,6 +132,7 @@ class _Entry:
     data: bytes | None  # None: the entry was deleted from the stream while pending
     deliveries: int
     band: str = "normal"
+    fresh: bool = False  # read with XREADGROUP '>': its first delivery to any consumer
 
     @property
     def ref(self) -> tuple[str, str]:
@@ -299,7 +301,7 @@ class ModelConsumer:
         else:
             reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
                                                 count=1, block=self.settings.read_block_ms)
-        got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)])
+        got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)], fresh=True)
                for stream, entries in reply or [] for entry_id, fields in entries]
         if not got:
             return None
@@ -423,7 +425,13 @@ class ModelConsumer:
             return
         if self.driver.run_for(msg.request_id) is not None:
             return  # already running here (an entry re-delivered to its live owner)
-        state = await read_reply_state(self.redis, self.keys, msg.request_id)  # one round trip when fresh
+        # One round trip for a fresh request: has anything been published (then read where it stands),
+        # and was a cancel asked before the request was read?
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(self.keys.events(msg.request_id), count=1)
+            pipe.sismember(self.keys.cancel(self.name), msg.request_id)
+            head, cancel_asked = await pipe.execute()
+        state = await read_reply_state(self.redis, self.keys, msg.request_id) if head else ReplyState()
         if state.terminal:
             self.publisher.ack(ack)
             return
@@ -434,7 +442,7 @@ class ModelConsumer:
                 {"deadline_at": msg.deadline_at, "queued_ms": round((now - msg.submitted_at) * 1000.0, 3),
                  "late_ms": round((now - msg.deadline_at) * 1000.0, 3)}))
             return
-        if await self.redis.sismember(self.keys.cancel(self.name), msg.request_id):  # type: ignore[misc]
+        if cancel_asked:
             counters.cancelled += 1
             self.cancel_handled.add(msg.request_id)
             self.publisher.publish(CancelledEvent(request_id=msg.request_id, completion_tokens=0), ack=ack)
@@ -449,9 +457,17 @@ class ModelConsumer:
         if denial is not None:
             self._refuse(msg.request_id, ack, denial)
             return
+        fence = f"{self.consumer_name}#{secrets.token_hex(8)}"
+        if entry.fresh and not head:
+            # The entry's first delivery and nothing published: no other run can hold the request, so
+            # the run's first append takes the fence (_APPEND_SCRIPT sets the owner key when it is free)
+            # and the two round trips below are skipped. A run that does hold it (a resubmitted lost
+            # entry whose old run is still going) refuses that append: this run stops, its entry's lease
+            # lapses, and the next delivery takes the slow path.
+            self._start(msg, prompt_ids, entry, fence, 1, 0, 0)
+            return
         # Take the request's fence, then read where to resume: a previous owner still running
         # somewhere can no longer append, so this read is final (publisher.py, "fencing").
-        fence = f"{self.consumer_name}#{secrets.token_hex(8)}"
         await self.publisher.take_fence(msg.request_id, fence)
         state = await read_reply_state(self.redis, self.keys, msg.request_id)
         if state.terminal:

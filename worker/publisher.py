@@ -4,7 +4,8 @@ Changed by: the worker's protocol side only; the scripts below are part of the w
 Thread-safety: event-loop only; `publish`/`ack` never block and may be called from any callback.
 
 Order and durability. Events are queued per request in memory and written by one task, in
-order, one pipeline per round. Token events that queue up while a round is in flight are
+order, one pipeline per round (one `_APPEND_MANY_SCRIPT` call for all requests of the round, per
+hash slot under Redis Cluster). Token events that queue up while a round is in flight are
 coalesced into one event (index of the first, ids and text concatenated), so the stream stays
 short under load and a slow Redis costs fewer, larger writes. A request's entry is acked only
 after a round that wrote its terminal event succeeded (two steps: reply keys and model keys
@@ -38,10 +39,11 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -72,39 +74,65 @@ _RETRYABLE_REPLIES: Final = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN",
 # Reply-stream entries read per round trip when scanning a stream on (re)start.
 _SCAN_COUNT: Final = 256
 
-_APPEND_SCRIPT: Final = """
--- KEYS[1] reply stream, KEYS[2] owner key; ARGV[1] ttl seconds; ARGV[2] fence token or '';
--- ARGV[3..] encoded events, in order. Returns the number of events written, 0 for a replayed
--- round, -1 if a terminal event already ended the stream, -2 if another run holds the fence.
-if ARGV[2] ~= '' then
-  local owner = redis.call('GET', KEYS[2])
-  if owner and owner ~= ARGV[2] then return -2 end
-end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last > 0 then
-  local fields = last[1][2]
-  local data = nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 'data' then data = fields[i + 1] end
+# One request's events of one round (the rules of the module docstring); shared by both scripts below.
+_APPEND_FN: Final = """
+-- ev: reply stream key, owner: owner key, ttl: seconds, fence: token or '', ARGV[first..last]: events.
+-- Returns the number of events written, 0 for a replayed round, -1 if a terminal event already
+-- ended the stream, -2 if another run holds the fence.
+local function append(ev, owner_key, ttl, fence, first, last)
+  if fence ~= '' then
+    local owner = redis.call('GET', owner_key)
+    if owner and owner ~= fence then return -2 end
   end
-  if data ~= nil then
-    if data == ARGV[#ARGV] then return 0 end
-    local ok, ev = pcall(cjson.decode, data)
-    if ok and type(ev) == 'table' and (ev['type'] == 'done' or ev['type'] == 'error'
-                                       or ev['type'] == 'cancelled') then
-      return -1
+  local tail = redis.call('XREVRANGE', ev, '+', '-', 'COUNT', 1)
+  if #tail > 0 then
+    local fields = tail[1][2]
+    local data = nil
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then data = fields[i + 1] end
+    end
+    if data ~= nil then
+      if data == ARGV[last] then return 0 end
+      local ok, e = pcall(cjson.decode, data)
+      if ok and type(e) == 'table' and (e['type'] == 'done' or e['type'] == 'error'
+                                        or e['type'] == 'cancelled') then
+        return -1
+      end
     end
   end
+  for i = first, last do
+    redis.call('XADD', ev, '*', 'data', ARGV[i])
+  end
+  redis.call('EXPIRE', ev, ttl)
+  if fence ~= '' then
+    redis.call('SET', owner_key, fence, 'EX', ttl)
+  end
+  return last - first + 1
 end
-for i = 3, #ARGV do
-  redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[1])
-end
-return #ARGV - 2
 """
+
+_APPEND_SCRIPT: Final = _APPEND_FN + """
+-- KEYS[1] reply stream, KEYS[2] owner key; ARGV[1] ttl seconds; ARGV[2] fence token or '';
+-- ARGV[3..] encoded events, in order. Returns what append() returns.
+return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], 3, #ARGV)
+"""
+
+_APPEND_MANY_SCRIPT: Final = _APPEND_FN + """
+-- Several requests in one call (one round trip and one script run per write round instead of one
+-- per request; all keys in one slot under Redis Cluster). KEYS[2i-1], KEYS[2i]: reply stream and
+-- owner key of request i; ARGV[1] ttl seconds, then per request: fence token or '', the number n of
+-- its events, its n events. Returns one append() result per request, in order.
+local out = {}
+local a = 2
+for i = 1, #KEYS / 2 do
+  local fence, n = ARGV[a], tonumber(ARGV[a + 1])
+  out[i] = append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[1], fence, a + 2, a + 1 + n)
+  a = a + 2 + n
+end
+return out
+"""
+# Requests per _APPEND_MANY_SCRIPT call: bounds the time one call holds the server.
+_APPEND_GROUP: Final = 128
 
 _FENCE_SCRIPT: Final = """
 -- KEYS[1] owner key; ARGV[1] fence token, ARGV[2] ttl seconds. The previous owner's appends fail from now on.
@@ -226,6 +254,9 @@ class Publisher:
         # under its own token, never under the token of the run that took the request over.
         self._fences: dict[str, str] = {}
         self._append = client.register_script(_APPEND_SCRIPT)
+        self._append_many = client.register_script(_APPEND_MANY_SCRIPT)
+        # Cluster: a script's keys must share one slot, so only requests of one slot share a call.
+        self._group_by_slot = isinstance(client, aioredis.RedisCluster)
         self._ack = client.register_script(_ACK_SCRIPT)
         self._fence = client.register_script(_FENCE_SCRIPT)
         self.stats = PublisherStats()
@@ -343,13 +374,21 @@ class Publisher:
         attempt = 0
         while True:
             try:
+                groups = self._groups(rounds)
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for r in rounds:
-                        _queue_script(pipe, self._append,
-                                      [self._keys.events(r.request_id), owner_key(self._keys, r.request_id)],
-                                      [self._ttl_s, r.fence, *r.payloads])
-                    results = await pipe.execute(raise_on_error=False)
-                await self._load_if_missing(results)
+                    for group in groups:
+                        keys: list[str] = []
+                        args: list[str | bytes | int] = [self._ttl_s]
+                        for r in group:
+                            keys += [self._keys.events(r.request_id), owner_key(self._keys, r.request_id)]
+                            args += [r.fence, len(r.payloads), *r.payloads]
+                        _queue_script(pipe, self._append_many, keys, args)
+                    replies = await pipe.execute(raise_on_error=False)
+                await self._load_if_missing(replies)
+                results: list[Any] = []
+                for group, reply in zip(groups, replies):
+                    results += [reply] * len(group) if isinstance(reply, Exception) else list(reply)
+                rounds = [r for group in groups for r in group]
             except Exception as e:  # classified just below
                 if not is_retryable(e):
                     raise
@@ -387,6 +426,14 @@ class Publisher:
                         len(rounds), retry[0][1], delay)
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _groups(self, rounds: list[_Round]) -> list[list[_Round]]:
+        """Rounds in _APPEND_MANY_SCRIPT calls: by hash slot under Cluster, else together; at most _APPEND_GROUP."""
+        by_slot: dict[int, list[_Round]] = {}
+        for r in rounds:
+            slot = key_slot(self._keys.events(r.request_id).encode()) if self._group_by_slot else 0
+            by_slot.setdefault(slot, []).append(r)
+        return [g[i:i + _APPEND_GROUP] for g in by_slot.values() for i in range(0, len(g), _APPEND_GROUP)]
 
     async def _write_acks(self, acks: list[AckEntry]) -> None:
         attempt = 0
@@ -431,7 +478,7 @@ class Publisher:
     async def _load_if_missing(self, results: list[object]) -> None:
         """SCRIPT LOAD the pipelined scripts when a server answered NOSCRIPT (every master of a Cluster)."""
         if any(isinstance(res, NoScriptError) for res in results):
-            for script in (self._append, self._ack):
+            for script in (self._append_many, self._ack):
                 await self._redis.script_load(script.script)
 
     def _fenced(self, r: _Round, result: int) -> None:
