@@ -31,7 +31,19 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = S::zero();
     for (int64_t b = 0; b < n_in / be; ++b) {
-        for (int r = 0; r < R; ++r) dequantize_blocks(w.dtype, wrow + r * w_stride + b * bb, 1, buf[r]);
+        if (w.dtype == DType::Q4_1) {
+            // Vector dequantisation, bitwise the scalar one: (nib - 8) * d and 8 * d are exact
+            // (an 11-bit d times a 4-bit integer), so their sum is exactly nib * d; then + m
+            // rounds once, as d * q + m does in quants.cpp.
+            for (int r = 0; r < R; ++r) {
+                const uint8_t* blk = wrow + r * w_stride + b * bb;
+                const V d = S::bcast_f16(blk), m = S::bcast_f16(blk + 2), d8 = S::mul(d, S::set1(8.0f));
+                for (int h = 0; h < 2; ++h)
+                    S::store(buf[r] + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
+            }
+        } else {
+            for (int r = 0; r < R; ++r) dequantize_blocks(w.dtype, wrow + r * w_stride + b * bb, 1, buf[r]);
+        }
         for (int64_t s = 0; s < be / kLanes; ++s) {
             V xv[T];
             for (int t = 0; t < T; ++t) xv[t] = S::load(x + t * n_in + b * be + s * kLanes);
