@@ -16,9 +16,10 @@ a started request acks when its terminal event is written (publisher.py). An ent
 acked otherwise, so a worker that dies leaves it pending for another to claim.
 
 Priority. A model's requests wait in three streams, one per band (high > 0, normal = 0,
-low < 0; producer_sdk.keys.PRIORITY_BANDS). Before each read, `_PICK_SCRIPT` looks at the
+low < 0; producer_sdk.keys.PRIORITY_BANDS). Each read is `_PICK_SCRIPT`, which looks at the
 oldest undelivered entry of every band and picks the band with the highest score
-`rank + age / priority_aging_s` (rank 2, 1, 0). So waiting priority_aging_s is worth one band:
+`rank + age / priority_aging_s` (rank 2, 1, 0), and reads that band's entry in the same call
+(when every band is empty, a blocking XREADGROUP on all three follows). So waiting priority_aging_s is worth one band:
 a request is never passed over by a request of a higher band that arrived more than
 (band difference) x priority_aging_s after it, and a low-priority request always finishes.
 Within a band, order is FIFO. Recovery (own pending, XAUTOCLAIM) visits the bands in order.
@@ -64,9 +65,12 @@ log = logging.getLogger("layermux.worker.consumer")
 _RECOVER_COUNT: Final = 16
 
 _PICK_SCRIPT: Final = """
--- KEYS[1..n] the model's request streams, highest band first; ARGV[1] group, ARGV[2] aging ms.
--- Returns the 1-based index of the band whose oldest undelivered entry scores highest
--- (score = (n - index) + age_ms / aging_ms), or 0 when no band has an undelivered entry.
+-- KEYS[1..n] the model's request streams, highest band first; ARGV[1] group, ARGV[2] aging ms,
+-- ARGV[3] (optional) consumer name.
+-- Picks the band whose oldest undelivered entry scores highest (score = (n - index) + age_ms /
+-- aging_ms). Without ARGV[3] returns its 1-based index, or 0 when no band has an undelivered
+-- entry. With ARGV[3] it also reads that entry for the consumer (XREADGROUP COUNT 1, saving the
+-- worker a round trip per request) and returns {index, entry id, fields}, or 0.
 -- Entry ids are Redis server milliseconds, so ages are read against the server's clock.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -90,7 +94,10 @@ for i = 1, #KEYS do
     end
   end
 end
-return best
+if best == 0 or ARGV[3] == nil then return best end
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[best], '>')
+if not got or #got[1][2] == 0 then return 0 end
+return {best, got[1][2][1][1], got[1][2][1][2]}
 """
 
 _PRUNE_SCRIPT: Final = """
@@ -294,13 +301,13 @@ class ModelConsumer:
         """The next undelivered entry of the band `_PICK_SCRIPT` chooses; when every band is empty,
         a blocking read on all of them (entries that arrive together beyond the first wait in _early)."""
         streams = list(self.streams.values())
-        index = int(await self._pick(keys=streams, args=[CONSUMER_GROUP, self._aging_ms]))
-        if index > 0:
-            reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, {streams[index - 1]: ">"},
-                                                count=1)
-        else:
-            reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
-                                                count=1, block=self.settings.read_block_ms)
+        picked = await self._pick(keys=streams, args=[CONSUMER_GROUP, self._aging_ms, self.consumer_name])
+        if isinstance(picked, list):  # [band index, entry id, [field, value, ...]]: read by the script
+            index, entry_id, flat = picked
+            fields = dict(zip(flat[::2], flat[1::2]))
+            return _Entry(_text(entry_id), _payload(fields), 1, self._band_of[streams[int(index) - 1]], fresh=True)
+        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
+                                            count=1, block=self.settings.read_block_ms)
         got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)], fresh=True)
                for stream, entries in reply or [] for entry_id, fields in entries]
         if not got:
