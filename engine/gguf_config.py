@@ -83,7 +83,7 @@ def read_gguf_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     size = path.stat().st_size
     with path.open("rb") as f:
         r = _Reader(f, path, size)
-        if r.take(4, "the magic") != b"GGUF" if size >= 4 else True:
+        if size < 4 or r.take(4, "the magic") != b"GGUF":
             raise ModelFileError(f"{path}: bad magic: expected the bytes 'GGUF' at offset 0; not a GGUF file")
         version = r.scalar("<I", "the version")
         if version not in (2, 3):
@@ -117,7 +117,7 @@ def _get(meta: dict[str, Any], path: Path, key: str, kind: type, default: Any = 
         value = float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, kind) or (kind is int and value <= 0):
+    if not isinstance(value, kind) or (isinstance(value, int) and kind is int and value <= 0):
         raise ModelFileError(f"{path}: metadata '{key}': expected a positive {kind.__name__}, found {value!r}")
     return value
 

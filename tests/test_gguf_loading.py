@@ -19,8 +19,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from engine.core import Engine, EngineConfig  # noqa: E402
-from engine.model_factory import make_model, read_tensors  # noqa: E402
+from engine.core import Engine, EngineConfig
+from engine.model_factory import make_model, read_tensors
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [1, 5, 9, 17, 33, 2, 7, 100, 3]

@@ -12,7 +12,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from engine import _core  # noqa: E402
+from engine import _core
 
 # engine name -> (gguf type, byte offsets of the f16 fields that must be finite)
 FORMATS = {
@@ -31,7 +31,7 @@ FORMATS = {
 
 def _random_blocks(rng: np.random.Generator, qtype: gguf.GGMLQuantizationType, f16_at: tuple[int, ...],
                    n_blocks: int) -> np.ndarray:
-    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     for off in f16_at:
         scales = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)

@@ -17,9 +17,9 @@ from tests.real_models import gemma3_270m_q4_k_m, smollm2_q4_1
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from tokenizers import pre_tokenizers  # noqa: E402
+from tokenizers import pre_tokenizers
 
-from engine.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from engine.gguf_tokenizer import tokenizer_from_gguf
 
 TEXTS = [
     "Hello, world!",

@@ -10,8 +10,6 @@ matching tokens). The models come from PyPI packages (the `models` extra); absen
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
