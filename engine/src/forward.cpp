@@ -12,9 +12,6 @@ constexpr int kScratchSlackFloats = 16;  // a lane holds n_ctx scores and this s
 
 uint64_t floats(int64_t n) { return align_up(static_cast<uint64_t>(n) * 4, kAlign); }
 
-WeightView view(const uint8_t* unit, uint64_t off, DType t, int64_t n_out, int64_t n_in, MatmulPrecision p) {
-    return WeightView{unit + off, t, n_out, n_in, p};
-}
 WeightView view(const uint8_t* unit, uint64_t off, const MatrixFormats& f, int64_t n_out, int64_t n_in,
                 MatmulPrecision p) {
     return WeightView{unit + off, f.at(off), n_out, n_in, p};

@@ -1,6 +1,7 @@
 // threadpool.h — a fixed pool of worker threads for data-parallel kernels.
-// Owner: kernels. Thread-safety: parallel_for may be called from ONE thread at a
-// time (the engine's step thread); the pool's workers never call back into it.
+// Owner: kernels; the engine's pool belongs to the CPU backend (backend_cpu.h), which lends
+// it to the step thread for sampling. Thread-safety: parallel_for may be called from ONE
+// thread at a time (the engine's step thread); the pool's workers never call back into it.
 #pragma once
 
 #include <atomic>

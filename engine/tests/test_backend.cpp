@@ -1,7 +1,8 @@
 // test_backend.cpp — the forward pass through the Backend seam: against a naive reference,
 // streamed == resident bit for bit, the copy/compute fence contract, and no pinned slot
 // after a failed step.
-// Owner: engine tests. The checks take a Device, so a new device (vulkan/) can run them too.
+// Owner: engine tests. check_forward_against_naive takes any Device (backend_checks.h), so a
+// new device (vulkan/) runs the same whole-forward check.
 #include <stdlib.h>
 
 #include <climits>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "backend_checks.h"
 #include "check.h"
 #include "forward.h"
 #include "kernels/kernels.h"
@@ -158,9 +160,7 @@ std::vector<Seq> three_seqs() {
     return seqs;
 }
 
-// Prefill chunks of different lengths across 4-token KV blocks, then decode steps with a
-// late joiner: every logits row against the naive model of that sequence's prefix.
-void check_forward_against_naive(std::unique_ptr<Device> dev, bool resident) {
+void check_forward_against_naive_on(std::unique_ptr<Device> dev, bool resident, double tol) {
     const std::string dir = tmpdir();
     auto w = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(dir, 3), nullptr);
     Rig rig(w, std::move(dev), resident, 2, 1);
@@ -177,7 +177,7 @@ void check_forward_against_naive(std::unique_ptr<Device> dev, bool resident) {
             if (run[i] == 0) continue;
             const std::vector<int32_t> prefix(seqs[i].tokens.begin(), seqs[i].tokens.begin() + seqs[i].n_computed);
             const double e = max_rel_err(got.data() + row * 64, naive_logits(*w, prefix));
-            CHECK(e < 1e-5);
+            CHECK(e < tol);
             row++;
         }
     }
@@ -186,9 +186,15 @@ void check_forward_against_naive(std::unique_ptr<Device> dev, bool resident) {
 
 }  // namespace
 
+namespace lmx_test {
+void check_forward_against_naive(const std::function<std::unique_ptr<Device>()>& make_device, double tol) {
+    check_forward_against_naive_on(make_device(), true, tol);
+    check_forward_against_naive_on(make_device(), false, tol);
+}
+}  // namespace lmx_test
+
 TEST(backend_forward_matches_the_naive_model_resident_and_streamed) {
-    check_forward_against_naive(std::make_unique<CpuDevice>(16 << 20, 2), true);
-    check_forward_against_naive(std::make_unique<CpuDevice>(16 << 20, 2), false);
+    lmx_test::check_forward_against_naive([] { return std::make_unique<CpuDevice>(16 << 20, 2); }, 1e-5);
 }
 
 TEST(backend_streamed_forward_equals_resident_bit_for_bit) {
