@@ -183,8 +183,8 @@ def worker_main(config: str, rate: float) -> int:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, url: str, model: Path, max_running: int) -> Path:
-    path.write_text(f'redis_url = "{url}"\nworker_id = "bench"\n[device]\nbudget = "256MiB"\nn_threads = 2\n'
+def write_config(path: Path, url: str, model: Path, max_running: int, threads: int = 2) -> Path:
+    path.write_text(f'redis_url = "{url}"\nworker_id = "bench"\n[device]\nbudget = "256MiB"\nn_threads = {threads}\n'
                     f'[[models]]\nname = "m"\npath = "{model}"\nmax_tokens_limit = 4096\n'
                     f"max_running = {max_running}\nmax_backlog = 100000\n")
     return path
@@ -210,9 +210,9 @@ def pct(values: list[float], q: float) -> float:
 # -- latency ---------------------------------------------------------------------------------------------
 
 
-def latency(model: Path, tokens: int, n: int) -> dict[str, Any]:
+def latency(model: Path, tokens: int, n: int, threads: int) -> dict[str, Any]:
     direct_ms, direct_ttft = [], []
-    with Engine(EngineConfig(budget_bytes=256 << 20, n_threads=2)) as eng:
+    with Engine(EngineConfig(budget_bytes=256 << 20, n_threads=threads)) as eng:
         eng.load_model("m", model)
         for i in range(n + 1):  # the first one warms up
             t0 = time.perf_counter()
@@ -235,7 +235,7 @@ def latency(model: Path, tokens: int, n: int) -> dict[str, Any]:
 
     pipe_ms, pipe_ttft, start_ms = [], [], []
     with tempfile.TemporaryDirectory(prefix="lmx-overhead-") as tmp, EmbeddedRedis() as server:
-        cfg = write_config(Path(tmp) / "worker.toml", server.url, model, 32)
+        cfg = write_config(Path(tmp) / "worker.toml", server.url, model, 32, threads)
         proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--config", str(cfg)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -265,9 +265,9 @@ def latency(model: Path, tokens: int, n: int) -> dict[str, Any]:
             "start_ms": start_ms}
 
 
-def print_latency(r: dict[str, Any], model: str, tokens: int, n: int) -> None:
+def print_latency(r: dict[str, Any], model: str, tokens: int, n: int, threads: int) -> None:
     med = statistics.median
-    print(f"latency: model {model}, {tokens} greedy tokens, {n} sequential requests, 2 threads")
+    print(f"latency: model {model}, {tokens} greedy tokens, {n} sequential requests, engine threads {threads}")
     print(f"{'path':<28}{'ms/token':>10}{'TTFT p50':>10}{'TTFT p90':>10}")
     print(f"{'engine (direct)':<28}{med(r['direct_ms']):>10.3f}{med(r['direct_ttft']):>10.2f}"
           f"{pct(r['direct_ttft'], 0.9):>10.2f}")
@@ -384,6 +384,7 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=400, help="throughput: requests at once (default 400)")
     ap.add_argument("--rate", type=float, default=250.0, help="throughput: tokens/s per request (default 250)")
     ap.add_argument("--stream-tokens", type=int, default=500, help="throughput: tokens per request (default 500)")
+    ap.add_argument("--threads", type=int, default=2, help="latency: engine threads, direct and in the worker (default 2)")
     ap.add_argument("--quick", action="store_true", help="fewer requests")
     ap.add_argument("--profile", metavar="FILE", help="throughput: run the worker under cProfile, stats to FILE")
     args = ap.parse_args()
@@ -392,7 +393,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="lmx-overhead-model-"))
     model = make_model(tmp / args.model, **DEMO_MODELS[args.model])
     if args.what in ("latency", "both"):
-        print_latency(latency(model, args.tokens, args.requests), args.model, args.tokens, args.requests)
+        print_latency(latency(model, args.tokens, args.requests, args.threads), args.model, args.tokens,
+                      args.requests, args.threads)
     if args.what in ("throughput", "both"):
         print_throughput(throughput(model, args.concurrent, args.rate, args.stream_tokens, args.profile))
     return 0
