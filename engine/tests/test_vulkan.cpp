@@ -76,9 +76,14 @@ Gpu* gpu() {
     static Gpu& g = *new Gpu;  // never destroyed: the driver's own statics may be gone at exit
     if (!tried) {
         tried = true;
-        const auto devs = vulkan_devices(&g_skip);
-        if (!devs.empty()) {
+        // The context first, no throwaway listing instance: an instance's destruction unloads the
+        // ICDs the loader probed, and LeakSanitizer cannot attribute their leaks once unloaded.
+        try {
             g.ctx = std::make_shared<Context>(Options::from_env(0));
+        } catch (const Error& e) {
+            g_skip = e.what();
+        }
+        if (g.ctx) {
             g.dev = std::make_unique<VulkanDevice>(g.ctx, 64ull << 20, 0, 1ull << 20);
             g.comp = &g.dev->compute();
             std::fprintf(stderr, "  vulkan: %s; validation %s\n", g.ctx->info().name.c_str(),
