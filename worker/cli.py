@@ -5,9 +5,11 @@ Owns: argument parsing, exit codes and the two small commands that have no other
 Not thread-safe; one command per process. Heavy imports (engine, SDK) happen inside
 the command that needs them, so `layermux status` works on a box with no engine build.
 
-Exit codes: 0 success; 1 the command ran and failed (engine, Redis, a typed SDK error);
-2 bad usage or bad input (argparse errors, missing model dir, malformed token ids,
-a request the engine refuses); 130 interrupted by Ctrl-C.
+Exit codes: 0 success; 1 the command ran and failed (engine, Redis unreachable, models that do
+not fit the budget, a typed SDK error, `submit --timeout`, no live worker for `submit`); 2 bad
+usage or bad input (argparse errors, config file, missing or broken model files, malformed token
+ids, a request the protocol or the engine refuses); 130 interrupted by Ctrl-C (`worker` drains
+first and exits 130; a second Ctrl-C stops it at once; after SIGTERM it drains and exits 0).
 """
 
 from __future__ import annotations
@@ -517,6 +519,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise UsageError(f"config file not found: {args.config}")
     import signal
 
+    import redis
+
     from engine.errors import CapacityError, LayermuxError, ModelFileError, UnsupportedModelError
     from worker.arq_app import RedisUnreachableError, run
     from worker.settings import ConfigError, load_settings
@@ -531,6 +535,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                             "fewer or smaller models") from e
     except (LayermuxError, RedisUnreachableError) as e:
         raise CommandFailed(str(e)) from e
+    except redis.RedisError as e:  # Redis went away while the worker was starting
+        raise CommandFailed(f"Redis failed while the worker started: {e}") from e
     return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
 
@@ -741,8 +747,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _SubmitTimeout(Exception):
-    """--timeout elapsed (raised in the main thread by SIGALRM, so it also ends a blocking read)."""
+class _SubmitTimeout(BaseException):
+    """--timeout elapsed (raised in the main thread by SIGALRM, so it also ends a blocking read). A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` in a client library eats it."""
 
 
 def _on_alarm(signum: int, frame: object) -> None:
