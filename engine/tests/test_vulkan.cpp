@@ -25,6 +25,7 @@
 #include "vulkan/vk_probe.h"
 
 #if LMX_HAVE_VULKAN
+#include "backend_checks.h"
 #include "ledger.h"
 #include "vulkan/vk_context.h"
 #include "vulkan/vk_device.h"
@@ -497,6 +498,18 @@ TEST(vulkan_streamed_slots_wait_only_for_their_own_copy_and_reader) {
         ref::matmul(WeightView{ws[static_cast<size_t>(l)].data(), DType::Q8_0, n, n + 16}, x.data(), 1, want.data(), nullptr);
         for (int64_t o = 0; o < n; o++) CHECK_NEAR(got[static_cast<size_t>(l * n + o)], want[static_cast<size_t>(o)], 1e-4);
     }
+    check_no_validation_messages(before);
+}
+
+// The whole forward pass (test_backend.cpp's tiny model, resident and streamed through 2 slots
+// with the copy thread) on the Vulkan backend, against the naive scalar model: f32 throughout,
+// so only accumulation order differs (the shaders' fixed trees vs double): 1e-5 relative.
+TEST(vulkan_forward_matches_the_naive_model_resident_and_streamed) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    lmx_test::check_forward_against_naive([&] { return std::make_unique<VulkanDevice>(g->ctx, 16 << 20, 0, 1 << 20); },
+                                          1e-5);
     check_no_validation_messages(before);
 }
 
