@@ -18,7 +18,7 @@ from typing import Any
 
 from common import N_THREADS, REPO, process_cpu_s, prompt_ids
 
-from engine import Engine, EngineConfig, SamplingParams
+from engine import Engine, EngineConfig, EventKind, MatmulPrecision, ModelLoadOptions, ResidencyMode, SamplingParams
 
 BUDGET_BYTES = 8 << 30  # device budget: MAP_NORESERVE, so only touched pages cost RAM
 
@@ -26,9 +26,11 @@ class LayermuxRunner:
     def __init__(self, model_dir: Path, weights: str, n_threads: int = N_THREADS, precision: str = "exact") -> None:
         self.precision = precision
         self.eng = Engine(EngineConfig(budget_bytes=BUDGET_BYTES, n_threads=n_threads, max_seqs_per_step=64,
-                                       max_batch_tokens=512, matmul_precision=precision))
+                                       max_batch_tokens=512,
+                                       matmul_precision=MatmulPrecision.__members__[precision]))
         t0 = time.perf_counter()
-        self.info = self.eng.load_model("m", str(model_dir), weights=weights, residency="resident")
+        self.info = self.eng.load_model("m", str(model_dir), weights,
+                                        ModelLoadOptions(residency=ResidencyMode.resident))
         self.load_s = time.perf_counter() - t0
         self._seed = 100  # every request gets fresh prompt ids: no prefix can be reused
 
@@ -54,9 +56,9 @@ class LayermuxRunner:
             for ev in self.eng.wait_events(5.0):
                 if ev.req_id != rid:
                     continue
-                if ev.kind == "token":
+                if ev.kind == EventKind.token:
                     n_tok += 1
-                elif ev.kind == "error":
+                elif ev.kind == EventKind.error:
                     raise RuntimeError(f"layermux error: {ev.message}")
                 else:
                     return ev, n_tok
@@ -94,14 +96,14 @@ class LayermuxRunner:
             for ev in evs:
                 if ev.req_id not in pending:
                     continue
-                if ev.kind == "token":
+                if ev.kind == EventKind.token:
                     if ev.req_id not in started:
                         started.add(ev.req_id)
                         if len(started) == n_seqs:
                             t_ready = now
                     elif t_ready and now > t_ready:
                         n_after += 1
-                elif ev.kind == "error":
+                elif ev.kind == EventKind.error:
                     raise RuntimeError(f"layermux error: {ev.message}")
                 else:
                     pending.discard(ev.req_id)

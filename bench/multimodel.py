@@ -45,9 +45,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import CapacityError, Engine, EngineConfig, SamplingParams
+from engine import (
+    MIN_SLOTS,
+    CapacityError,
+    Engine,
+    EngineConfig,
+    EventKind,
+    Eviction,
+    ModelFootprint,
+    ModelLoadOptions,
+    ResidencyMode,
+    SamplingParams,
+    plan_slots,
+)
 from engine.model_factory import REFERENCE_SHAPES, make_model
-from engine.residency_plan import MIN_SLOTS, Footprint, plan_residency
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -94,7 +105,7 @@ def ensure_models(root: Path, quick: bool, dtype: str) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class Sizes:
-    """Device bytes of one model, measured by loading it."""
+    """Device bytes of one model (its engine footprint, read from the file headers)."""
 
     n_layer: int
     weight_bytes: int  # all units: layers + head
@@ -107,13 +118,12 @@ class Sizes:
 def measure_sizes(dirs: dict[str, Path], max_context: int, n_tokens: int, threads: int,
                   max_batch_tokens: int) -> dict[str, Sizes]:
     out = {}
-    with Engine(EngineConfig(budget_bytes=64 << 30, n_threads=threads, max_batch_tokens=max_batch_tokens)) as probe:
+    with Engine(EngineConfig(n_threads=threads, max_batch_tokens=max_batch_tokens)) as calc:
         for n, d in dirs.items():
-            m = probe.load_model(n, d, residency="streamed", stream_slots=1, max_context=max_context)
-            layer = (m["weight_bytes"] - m["device_weight_bytes"]) // (m["n_layer"] - 1)
-            out[n] = Sizes(n_layer=m["n_layer"], weight_bytes=m["weight_bytes"], layer_bytes=layer,
-                           head_bytes=m["device_weight_bytes"] - layer, ws_bytes=m["workspace_bytes"],
-                           kv_bytes=probe.kv_bytes_for(n, n_tokens))
+            f = calc.footprint(d, max_context=max_context)
+            blocks = -(-n_tokens // f.kv_block_tokens)
+            out[n] = Sizes(n_layer=f.n_layer, weight_bytes=f.weight_bytes, layer_bytes=f.layer_bytes,
+                           head_bytes=f.head_bytes, ws_bytes=f.workspace_bytes, kv_bytes=blocks * f.kv_block_bytes)
     return out
 
 
@@ -132,13 +142,13 @@ class Split:
 
 
 def split_budget(budget: int, sizes: dict[str, Sizes], max_conc: int) -> Split | None:
-    """The per-model slot counts for a budget (engine.residency_plan, as the worker plans them); None
+    """The per-model slot counts for a budget (engine.plan_slots, as the worker plans them); None
     when the minimums do not fit."""
     cap = int(budget * CAP_FRACTION)
     kv_room = sum(max_conc * s.kv_bytes for s in sizes.values())
-    footprints = {n: Footprint(n_layer=s.n_layer, layer_bytes=s.layer_bytes, head_bytes=s.head_bytes,
-                               workspace_bytes=s.ws_bytes) for n, s in sizes.items()}
-    slots = plan_residency(footprints, cap, kv_room, MIN_SLOTS)
+    footprints = {n: ModelFootprint(n_layer=s.n_layer, layer_bytes=s.layer_bytes, head_bytes=s.head_bytes,
+                                    workspace_bytes=s.ws_bytes) for n, s in sizes.items()}
+    slots = plan_slots(footprints, cap, kv_room, MIN_SLOTS)
     if slots is None:
         return None
     used = kv_room + sum(f.device_bytes(slots[n]) for n, f in footprints.items())
@@ -187,18 +197,18 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
             strategy: dict[str, Any], conc: int, max_tokens: int, prompt_len: int, threads: int,
             max_batch_tokens: int) -> dict[str, Any]:
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
-                       eviction=strategy["eviction"], max_batch_tokens=max_batch_tokens)
+                       eviction=Eviction.__members__[strategy["eviction"]], max_batch_tokens=max_batch_tokens)
     max_context = prompt_len + max_tokens + 16
     with Engine(cfg) as eng:
         for name, d in dirs.items():
             if strategy["residency"] == "swap":
-                kw: dict[str, Any] = {"residency": "swap"}
+                opt = ModelLoadOptions(residency=ResidencyMode.swap)
             elif slots[name] >= sizes[name].n_layer:
-                kw = {"residency": "resident"}
+                opt = ModelLoadOptions(residency=ResidencyMode.resident)
             else:
-                kw = {"residency": "streamed", "stream_slots": slots[name]}
+                opt = ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=slots[name])
             try:
-                eng.load_model(name, d, max_context=max_context, **kw)
+                eng.load_model(name, d, options=opt, max_context=max_context)
             except CapacityError as e:
                 return {"error": f"{name}: {str(e).split(';')[0]}"}
         # Warm-up, untimed (see the module docstring): one short request per model.
@@ -207,7 +217,7 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
             eng.submit(-1 - i, name, [10, 11, 12, 13], warm)
         n_open = len(dirs)
         while n_open:
-            n_open -= sum(ev.kind != "token" for ev in eng.wait_events(10.0))
+            n_open -= sum(ev.kind != EventKind.token for ev in eng.wait_events(10.0))
         st0 = eng.stats()
         t_first: dict[int, float] = {}
         batches: list[list[tuple[int, str, list[int]]]] = []
@@ -229,17 +239,21 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
             open_ids = {r for r, _, _ in batch}
             while open_ids:
                 for ev in eng.wait_events(10.0):
-                    if ev.kind == "token":
+                    if ev.kind == EventKind.token:
                         n_tokens += 1
                         t_first.setdefault(ev.req_id, time.perf_counter())
-                    elif ev.kind == "error":
+                    elif ev.kind == EventKind.error:
                         raise RuntimeError(ev.message)
                     else:
                         open_ids.discard(ev.req_id)
         wall = time.perf_counter() - t0
         st1 = eng.stats()
-    st = {k: st1[k] - st0[k] for k in ("bytes_copied", "copy_wait_ms", "step_ms_total", "n_hits", "n_misses",
-                                       "n_preemptions", "n_steps")}
+    st = {"bytes_copied": st1.residency.bytes_copied - st0.residency.bytes_copied,
+          "copy_wait_ms": st1.residency.copy_wait_ms - st0.residency.copy_wait_ms,
+          "step_ms_total": st1.step_ms_total - st0.step_ms_total,
+          "n_hits": st1.residency.n_hits - st0.residency.n_hits,
+          "n_misses": st1.residency.n_misses - st0.residency.n_misses,
+          "n_preemptions": st1.n_preemptions - st0.n_preemptions, "n_steps": st1.n_steps - st0.n_steps}
     ttft = [1000 * (t - t0) for t in t_first.values()]
     n_acq = st["n_hits"] + st["n_misses"]
     return {

@@ -1,8 +1,12 @@
-"""The Python facade of the C++ engine: configuration, requests, events.
+"""The Python facade of the C++ engine: the Engine, and the engine's types re-exported.
 
-Owner: engine facade. An Engine may be used from several threads: the C++ side
-is thread-safe, and this wrapper's only state (the id counter and the events
-held back by generate()) is guarded by a lock. Long calls release the GIL.
+Owner: engine facade. Every type that crosses into C++ is the compiled module's own
+(engine._core, typed by engine/_core.pyi): EngineConfig, SamplingParams, ModelLoadOptions,
+the enums, EngineEvent, ModelInfo, ModelFootprint, LedgerSnapshot, EngineStats, EngineHealth.
+Their defaults are written once, in the C++ headers; nothing here re-declares them.
+Thread-safety: an Engine may be used from several threads: the C++ side is thread-safe, and
+this wrapper's only state (the id counter and the events held back by generate()) is guarded
+by a lock. Long calls release the GIL.
 """
 
 from __future__ import annotations
@@ -10,120 +14,77 @@ from __future__ import annotations
 import itertools
 import select
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Self
 
 import numpy as np
+import numpy.typing as npt
 
 from engine import _core
+from engine._core import (
+    MIN_SLOTS,
+    EngineConfig,
+    EngineEvent,
+    EngineHealth,
+    EngineStats,
+    ErrorCode,
+    EventKind,
+    Eviction,
+    FinishReason,
+    LedgerSnapshot,
+    MatmulPrecision,
+    ModelFootprint,
+    ModelInfo,
+    ModelLoadOptions,
+    ModelPlacement,
+    OwnerUsage,
+    ResidencyMode,
+    ResidencyStats,
+    SamplingParams,
+    kernels_isa,
+    plan_slots,
+)
+from engine.errors import RequestFailedError
 from engine.hf_config import load_spec
 
+__all__ = [
+    "MIN_SLOTS",
+    "Engine",
+    "EngineConfig",
+    "EngineEvent",
+    "EngineHealth",
+    "EngineStats",
+    "ErrorCode",
+    "EventKind",
+    "Eviction",
+    "FinishReason",
+    "LedgerSnapshot",
+    "MatmulPrecision",
+    "ModelFootprint",
+    "ModelInfo",
+    "ModelLoadOptions",
+    "ModelPlacement",
+    "OwnerUsage",
+    "ResidencyMode",
+    "ResidencyStats",
+    "SamplingParams",
+    "kernels_isa",
+    "plan_slots",
+]
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Device budget and engine knobs. budget_bytes is the whole device; the ledger's cap is cap_fraction of it."""
-
-    budget_bytes: int = 1 << 30
-    cap_fraction: float = 0.9
-    n_threads: int = 0  # 0: all cores
-    prefetch_depth: int = 2  # units the copy thread may run ahead of compute; 0 = no overlap
-    eviction: str = "belady"  # or "lru"
-    kv_block_tokens: int = 16
-    max_batch_tokens: int = 512
-    max_seqs_per_step: int = 64
-    kv_reserve_fraction: float = 0.25
-    # "exact": bitwise the same tokens on every CPU; "fast": bf16 weights use the CPU's bf16
-    # dot product (AVX512_BF16) with activations rounded to bf16, and q8_0 / q4_0 models are
-    # loaded repacked for int8 dot products (activations rounded to int8 per block of 32, as
-    # llama.cpp does) — faster decode and prefill, not bitwise.
-    matmul_precision: str = "exact"
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
-    max_tokens: int = 16
-    stop_token_ids: list[int] | None = None  # None: the model's EOS ids
-    ignore_eos: bool = False
-
-    def kwargs(self) -> dict[str, Any]:
-        stops = [] if self.stop_token_ids is None else list(self.stop_token_ids)
-        return {
-            "ignore_eos": self.ignore_eos or self.stop_token_ids is not None,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "seed": self.seed,
-            "max_tokens": self.max_tokens,
-            "stop_token_ids": stops,
-        }
-
-
-class EngineEvent(NamedTuple):
-    req_id: int
-    kind: str  # "token" | "done" | "error"
-    token_id: int
-    index: int  # generation index of token_id
-    finish_reason: str  # done: "stop" | "length" | "cancelled"
-    message: str  # error text
-    prompt_tokens: int
-    prefill_ms: float
-    decode_ms: float
-    n_preempted: int
-
-
-_KINDS = ("token", "done", "error")
-
-
-def _event(t: tuple[Any, ...]) -> EngineEvent:
-    req_id, kind, token, index, detail, prompt_tokens, prefill_ms, decode_ms, n_preempted = t
-    k = _KINDS[kind]
-    return EngineEvent(
-        req_id, k, token, index, detail if k == "done" else "", detail if k == "error" else "",
-        prompt_tokens, prefill_ms, decode_ms, n_preempted,
-    )
-
-
-@dataclass
-class _Held:
-    events: list[EngineEvent] = field(default_factory=list)
+ModelRef = tuple[str, str | Path, str]  # (name, model folder, weights: "auto" | "f16" | ...)
 
 
 class Engine:
     """A running engine: one device budget, any number of loaded models, one step thread."""
 
-    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
-        cfg = config or EngineConfig()
-        if overrides:
-            cfg = EngineConfig(**{**cfg.__dict__, **overrides})
-        self.config = cfg
-        self._core = _core.Engine(
-            budget_bytes=cfg.budget_bytes,
-            cap_fraction=cfg.cap_fraction,
-            n_threads=cfg.n_threads,
-            prefetch_depth=cfg.prefetch_depth,
-            eviction=cfg.eviction,
-            kv_block_tokens=cfg.kv_block_tokens,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_seqs_per_step=cfg.max_seqs_per_step,
-            kv_reserve_fraction=cfg.kv_reserve_fraction,
-            matmul_precision=cfg.matmul_precision,
-        )
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config if config is not None else EngineConfig()
+        self._core = _core.Engine(self.config)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._held = _Held()
+        self._held: list[EngineEvent] = []
         self._closed = False
 
     # ---- models ----
@@ -132,103 +93,120 @@ class Engine:
         name: str,
         path: str | Path,
         weights: str = "auto",
-        sched_weight: float = 1.0,
-        max_running: int = 64,
-        residency: str = "auto",
-        stream_slots: int = 0,
+        options: ModelLoadOptions | None = None,
+        *,
         max_context: int | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> dict[str, Any]:
+    ) -> ModelInfo:
         """Loads a Hugging Face model folder. Blocking (GIL released): in asyncio use asyncio.to_thread."""
         spec = load_spec(path, name, weights, max_context)
-        return dict(
-            self._core.load_model(
-                spec, residency=residency, sched_weight=sched_weight, max_running=max_running,
-                stream_slots=stream_slots, progress=progress,
-            )
-        )
+        return self._core.load_model(spec, options if options is not None else ModelLoadOptions(), progress)
 
     def unload_model(self, name: str) -> None:
         self._core.unload_model(name)
 
-    def models(self) -> dict[str, dict[str, Any]]:
-        return {m["name"]: dict(m) for m in self._core.models()}
+    def footprint(self, path: str | Path, weights: str = "auto", *, max_context: int | None = None) -> ModelFootprint:
+        """What the model would cost on this engine (head, each layer, workspace, KV per token and
+        block), read from its headers: nothing is loaded or booked."""
+        return self._core.footprint(load_spec(path, "footprint", weights, max_context))
+
+    def plan_residency(self, models: Sequence[ModelRef], *,
+                       max_context: int | None = None) -> list[ModelPlacement] | None:
+        """One equal-share placement of several models (engine/src/footprint.h) against the ledger's
+        headroom now; None when even their minimums do not fit."""
+        return self._core.plan_residency([load_spec(p, n, w, max_context) for n, p, w in models])
+
+    def models(self) -> dict[str, ModelInfo]:
+        return {m.name: m for m in self._core.models()}
 
     # ---- requests ----
     def new_request_id(self) -> int:
         with self._lock:
             return next(self._ids)
 
-    def submit(self, req_id: int, model: str, prompt_ids: list[int], params: SamplingParams | None = None,
+    def submit(self, req_id: int, model: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                capture_logits: bool = False) -> None:
-        p = params or SamplingParams()
-        self._core.submit(req_id, model, list(prompt_ids), capture_logits=capture_logits, **p.kwargs())
+        self._core.submit(req_id, model, list(prompt_ids), params if params is not None else SamplingParams(),
+                          capture_logits)
 
     def cancel(self, req_id: int) -> None:
         self._core.cancel(req_id)
 
     def fileno(self) -> int:
         """An eventfd that is readable while events are pending (for loop.add_reader / select)."""
-        return int(self._core.event_fd())
+        return self._core.event_fd()
 
     def drain_events(self) -> list[EngineEvent]:
         with self._lock:
-            held, self._held.events = self._held.events, []
-        return held + [_event(t) for t in self._core.drain_events()]
+            held, self._held = self._held, []
+        return held + self._core.drain_events()
 
     def wait_events(self, timeout_s: float | None = None) -> list[EngineEvent]:
         """Blocks until at least one event is pending (or the timeout passes)."""
         with self._lock:
-            if self._held.events:
-                held, self._held.events = self._held.events, []
+            if self._held:
+                held, self._held = self._held, []
                 return held
         select.select([self.fileno()], [], [], timeout_s)
         return self.drain_events()
 
-    def generate(self, model: str, prompt_ids: list[int], params: SamplingParams | None = None) -> list[int]:
-        """Runs one request to completion and returns its generated ids (events of others are kept)."""
-        return self._run(model, prompt_ids, params or SamplingParams(), capture_logits=False)[0]
+    def generate(self, model: str, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> list[int]:
+        """Runs one request to completion and returns its generated ids (events of others are kept).
+        Raises RequestFailedError (with the engine's ErrorCode) when the request fails."""
+        return self._run(model, prompt_ids, params if params is not None else SamplingParams(), False)[0]
 
-    def debug_logits(self, model: str, prompt_ids: list[int]) -> np.ndarray:
+    def debug_logits(self, model: str, prompt_ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Last-position logits [n_vocab] (float32) of the prompt — for parity tests."""
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        return self._run(model, prompt_ids, params, capture_logits=True)[1]
+        return self._run(model, prompt_ids, params, True)[1]
 
-    def _run(self, model: str, prompt_ids: list[int], params: SamplingParams,
-             capture_logits: bool) -> tuple[list[int], np.ndarray]:
+    def _run(self, model: str, prompt_ids: Sequence[int], params: SamplingParams,
+             capture_logits: bool) -> tuple[list[int], npt.NDArray[np.float32]]:
         rid = self.new_request_id()
         self.submit(rid, model, prompt_ids, params, capture_logits)
         tokens: list[int] = []
         while True:
-            others = []
-            for ev in self.wait_events(1.0):
-                if ev.req_id != rid:
-                    others.append(ev)
-                elif ev.kind == "token":
-                    tokens.append(ev.token_id)
-                elif ev.kind == "error":
-                    raise _core.LayermuxError(ev.message)
-                else:
+            others: list[EngineEvent] = []
+            try:
+                for ev in self.wait_events(1.0):
+                    if ev.req_id != rid:
+                        others.append(ev)
+                    elif ev.kind == EventKind.token:
+                        tokens.append(ev.token_id)
+                    elif ev.kind == EventKind.error:
+                        raise RequestFailedError(ev.error_code, ev.message)
+                    else:
+                        logits = self._core.take_logits(rid) if capture_logits else np.zeros(0, np.float32)
+                        return tokens, logits
+            finally:
+                if others:  # other requests' events, for the next drain
                     with self._lock:
-                        self._held.events[:0] = others
-                    logits = np.asarray(self._core.take_logits(rid)) if capture_logits else np.zeros(0, np.float32)
-                    return tokens, logits
-            if others:
-                with self._lock:
-                    self._held.events[:0] = others
+                        self._held[:0] = others
 
     # ---- introspection ----
-    def ledger(self) -> dict[str, Any]:
-        return dict(self._core.ledger())
+    def ledger(self) -> LedgerSnapshot:
+        return self._core.ledger()
+
+    def device_summary(self) -> str:
+        """The device: its kind, and for a GPU its name, driver, device-local heap and transfer queue."""
+        return str(self._core.device_summary())
 
     def kv_bytes_for(self, model: str, n_tokens: int) -> int:
-        return int(self._core.kv_bytes_for(model, n_tokens))
+        return self._core.kv_bytes_for(model, n_tokens)
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self._core.stats())
+    def stats(self) -> EngineStats:
+        return self._core.stats()
 
-    def info(self) -> dict[str, Any]:
-        return dict(self._core.config())
+    def health(self) -> EngineHealth:
+        return self._core.health()
+
+    def n_threads(self) -> int:
+        """Compute threads in use (config.n_threads resolved: 0 = one per usable core)."""
+        return self._core.n_threads()
+
+    def debug_stall(self, on: bool) -> None:
+        """Test hook: blocks (True) or releases (False) the step thread at the top of its loop."""
+        self._core.debug_stall(on)
 
     # ---- lifetime ----
     def close(self) -> None:
@@ -236,7 +214,7 @@ class Engine:
             self._closed = True
             self._core.shutdown()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -120,6 +120,11 @@ class Keys:
         """Hash worker_id -> status document."""
         return f"{self.prefix}:workers"
 
+    def heartbeat(self, worker_id: str) -> str:
+        """String with a TTL, refreshed by the worker only while its engine thread makes progress (or
+        is idle): gone means the worker or its engine is stuck (`layermux status --alive`)."""
+        return f"{self.prefix}:heartbeat:{worker_id}"
+
     def models(self) -> str:
         """Set of the names of served models."""
         return f"{self.prefix}:models"

@@ -50,8 +50,8 @@ def budget_for(models: dict[str, Path], names: list[str], kv_sequences: int,
         fixed = kv = 0
         for name in names:
             eng.load_model(name, models[name])
-            booked = eng.ledger()["models"][name]
-            fixed += booked["weights_bytes"] + booked["workspace_bytes"]
+            booked = eng.ledger().models[name]
+            fixed += booked.weights_bytes + booked.workspace_bytes
             kv = max(kv, eng.kv_bytes_for(name, tokens))
         return int((fixed + kv_sequences * kv) / CAP_FRACTION) + 1
     finally:

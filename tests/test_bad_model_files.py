@@ -275,7 +275,7 @@ def test_bad_folder_is_refused_with_a_precise_error_and_costs_nothing(
     bad = tmp_path / case
     shutil.copytree(good_dirs[spec.sharded], bad)
     spec.break_(bad)
-    used_before = eng.ledger()["used_bytes"]
+    used_before = eng.ledger().used_bytes
     models_before = set(eng.models())
 
     with pytest.raises(spec.error) as info:
@@ -284,14 +284,14 @@ def test_bad_folder_is_refused_with_a_precise_error_and_costs_nothing(
         assert not isinstance(info.value, UnsupportedModelError), "a broken file is not an unsupported feature"
     check_message(str(info.value), spec.says)
 
-    assert eng.ledger()["used_bytes"] == used_before, "a failed load left bytes booked in the ledger"
+    assert eng.ledger().used_bytes == used_before, "a failed load left bytes booked in the ledger"
     assert set(eng.models()) == models_before, "a failed load left a model registered"
     assert eng.generate("base", PROMPT, PARAMS) == base_tokens, "a failed load disturbed a loaded model"
     # The name is free again, and the same engine loads a good folder under it.
     eng.load_model("bad", good_dirs[spec.sharded])
     assert eng.generate("bad", PROMPT, PARAMS) == base_tokens
     eng.unload_model("bad")
-    assert eng.ledger()["used_bytes"] == used_before
+    assert eng.ledger().used_bytes == used_before
 
 
 def test_breaking_helpers_really_break_the_files(good_dirs: dict[bool, Path], tmp_path: Path) -> None:

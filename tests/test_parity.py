@@ -7,8 +7,7 @@ biases and GQA 3:1, Qwen3 with QK-norm and head_dim apart from hidden / heads,
 Gemma3 (sandwich norms, QK-norm, GeGLU, scaled embedding, (1 + w) norms, query
 scalar, final soft-cap, 4 layers sliding-sliding-full-sliding with an 8-token
 window, so every prompt of 9+ tokens and every decode past position 8 leaves the
-window; tests/test_archs.py has more on windows). Relative error is
-max|engine - hf| / max|hf| over the last-position logits.
+window). Relative error is max|engine - hf| / max|hf| over the last-position logits.
 
 f32 (and f16/bf16 *files* loaded as stored, whose values HF upcasts exactly):
     relative error <= 1e-4, and greedy tokens identical for 32 steps.
@@ -54,7 +53,7 @@ import hf_reference as ref
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, EngineEvent, SamplingParams
+from engine import Engine, EngineConfig, EngineEvent, EventKind, FinishReason, MatmulPrecision, SamplingParams
 from engine.model_factory import make_model, tokenizer_size
 
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -143,15 +142,15 @@ def run_together(eng: Engine, requests: list[tuple[str, list[int], SamplingParam
             if ev.req_id not in tokens:
                 continue  # not ours
             assert ev.req_id not in done, f"request {ev.req_id}: event after done: {ev}"
-            assert ev.kind != "error", f"request {ev.req_id} failed: {ev.message}"
-            if ev.kind == "token":
+            assert ev.kind != EventKind.error, f"request {ev.req_id} failed: {ev.message}"
+            if ev.kind == EventKind.token:
                 assert ev.index == len(tokens[ev.req_id]), f"request {ev.req_id}: index {ev.index} out of order"
                 tokens[ev.req_id].append(ev.token_id)
             else:
-                assert ev.kind == "done", ev
+                assert ev.kind == EventKind.done, ev
                 done[ev.req_id] = ev
     for rid, (_, prompt, params) in zip(ids, requests):
-        assert done[rid].finish_reason == "length", done[rid]
+        assert done[rid].finish_reason == FinishReason.length, done[rid]
         assert done[rid].prompt_tokens == len(prompt), done[rid]
         assert len(tokens[rid]) == params.max_tokens
     return [tokens[rid] for rid in ids]
@@ -195,7 +194,7 @@ class Loaded:
         if key not in self.names:
             name = f"m{len(self.names)}"
             info = self.eng.load_model(name, path, weights=weights)
-            assert info["n_vocab"] == tokenizer_size()
+            assert info.n_vocab == tokenizer_size()
             self.names[key] = name
         return self.names[key]
 
@@ -326,7 +325,7 @@ def test_low_precision_weights_stay_within_stated_tolerance_of_f32(
 @pytest.fixture
 def fast_eng() -> Iterator[Engine]:
     """An engine in matmul precision "fast", for one test."""
-    with Engine(EngineConfig(budget_bytes=256 << 20, kv_block_tokens=16, matmul_precision="fast")) as e:
+    with Engine(EngineConfig(budget_bytes=256 << 20, kv_block_tokens=16, matmul_precision=MatmulPrecision.fast)) as e:
         yield e
 
 
@@ -334,11 +333,11 @@ def test_matmul_precision_belongs_to_the_engine_not_the_process(model_dirs: dict
     """An exact engine's logits stay bitwise the same while a fast engine lives and runs
     next to it (before, the last engine constructed set the precision for the process)."""
     ids = prompt_ids(12)
-    with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision="exact")) as exact:
+    with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision=MatmulPrecision.exact)) as exact:
         for fmt in FAST_FORMATS:
             exact.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
         before = {fmt: exact.debug_logits(fmt, ids) for fmt in FAST_FORMATS}
-        with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision="fast")) as fast:
+        with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision=MatmulPrecision.fast)) as fast:
             for fmt in FAST_FORMATS:
                 fast.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
                 fast_logits = fast.debug_logits(fmt, ids)
@@ -356,7 +355,7 @@ def test_fast_precision_stays_within_activation_rounding_of_the_converted_model(
     """Against HF on the same rounded weights, only the activations' rounding is left."""
     info = fast_eng.load_model("m", model_dirs[variant], weights=fmt)
     # q8_0 / q4_0 load repacked for int8 dots (every test shape has whole 16-row groups)
-    assert info["matrix_format"] == (f"{fmt}x16" if fmt in ("q8_0", "q4_0") else fmt), info
+    assert info.matrix_format == (f"{fmt}x16" if fmt in ("q8_0", "q4_0") else fmt), info
     ref_dir = converted_dirs[f"{variant}/{fmt}"]
     errors = [check_logits(fast_eng, "m", ref_dir, prompt_ids(n), FAST_TOL[fmt]) for n in LOGIT_PROMPT_LENS]
     agreements = []

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--matmul-precision", choices=("exact", "fast"), default="exact",
         help="exact: the same tokens on every CPU (default); fast: bf16 dot products where the CPU has them, "
              "int8 dot products for q8_0 / q4_0")
+    g.add_argument("--device", choices=("cpu", "vulkan"), default="cpu",
+                   help="cpu (default) or vulkan: a GPU through Vulkan compute (docs/vulkan.md)")
+    g.add_argument("--device-index", type=_non_negative_int, default=0, help="which Vulkan device (default 0)")
     g.add_argument(
         "--json", action="store_true", help="print one JSON object with the result and timings instead of text"
     )
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_redis_args(st)
     st.add_argument("--json", action="store_true", help="print one JSON object")
     st.add_argument("--watch", type=_positive_float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    st.add_argument("--alive", metavar="WORKER_ID",
+                    help="exit 0 when WORKER_ID's engine heartbeat is fresh (or Redis is unreachable), 1 when it "
+                         "expired: the Kubernetes liveness probe")
     st.set_defaults(func=cmd_status)
 
     r = sub.add_parser(
@@ -352,8 +358,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = list(args.prompt_ids)
 
-    eng = engine.Engine(engine.EngineConfig(budget_bytes=args.budget, n_threads=args.threads,
-                                            matmul_precision=engine.MatmulPrecision.__members__[args.matmul_precision]))
+    try:
+        eng = engine.Engine(engine.EngineConfig(
+            budget_bytes=args.budget, n_threads=args.threads,
+            matmul_precision=engine.MatmulPrecision.__members__[args.matmul_precision],
+            device_kind=args.device, device_index=args.device_index))
+    except LayermuxError as e:  # e.g. --device vulkan on a machine without one: the message names what was found
+        raise CommandFailed(str(e)) from e
     try:
         t0 = time.perf_counter()
         progress = _LoadProgress(f"loading {model_dir}", err)
@@ -567,10 +578,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     url = _redis_url(args)
     _check_prefix(args.prefix)
     target = _redis_target(args)
+    if args.alive is not None:
+        return _check_alive(url, args.prefix, args.alive)
     try:
         return status.run(url, args.prefix, args.json, args.watch, target=target)
     except redis.RedisError as e:
         raise CommandFailed(f"cannot read status from Redis at {_redact(url)}: {e}") from e
+
+
+def _check_alive(url: str, prefix: str, worker_id: str) -> int:
+    """The liveness probe: a worker whose heartbeat expired is stuck (its engine thread or event loop).
+    Redis being unreachable says nothing about this worker, and restarting it would not help: alive."""
+    import redis
+
+    from worker import status
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        alive = status.heartbeats(client, prefix, [worker_id])[worker_id]
+    except redis.RedisError as e:
+        sys.stderr.write(f"cannot reach Redis at {_redact(url)} ({e}); not counted against {worker_id}\n")
+        return EXIT_OK
+    finally:
+        client.close()
+    if not alive:
+        sys.stderr.write(f"worker {worker_id}: no heartbeat (its engine made no progress within heartbeat_ttl_s, "
+                         "or it is not running)\n")
+        return 1
+    return EXIT_OK
 
 
 def cmd_redis(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Owns: the worker's Engine — loading models off the event loop, tokenizing requests, submitting
 them, and turning the engine's token events into text (incremental detokenizer, stop strings)
 delivered to each request's sink. Also the capacity signal the consumers wait on.
-Changed by: the worker; the engine's facade (engine/__init__.py, docs/engine_api) is the contract.
+Changed by: the worker; the engine's facade (engine/core.py, typed by engine/_core.pyi) is the contract.
 Thread-safety: event-loop only. Blocking engine calls (load_model, tokenizing) go through
 asyncio.to_thread; engine events wake the loop through eng.fileno() (loop.add_reader), never a poll.
 
@@ -12,6 +12,10 @@ bytes the detokenizer still holds waits). When a stop string appears, the engine
 is cancelled, the text is cut before the stop string, and the request finishes with
 finish_reason "stop_string" (token_ids keep the token that completed it, as vLLM does). The
 token events of a request therefore always concatenate to exactly its final text and ids.
+
+Codes. The engine ends a request with a typed FinishReason or ErrorCode; `ENGINE_ERROR_CODES`
+below is the one table from engine codes to the wire protocol's (producer_sdk/protocol.py), so a
+request whose KV can never fit reaches its producer as `kv_exceeds_budget` (RejectedError).
 
 Resume (a request taken over from a worker that died): sampling is deterministic per (seed,
 token index), so the run regenerates the same tokens and publishes only those at index >=
@@ -28,13 +32,31 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
+from engine import (
+    Engine,
+    EngineConfig,
+    EngineEvent,
+    ErrorCode,
+    EventKind,
+    Eviction,
+    FinishReason,
+    LedgerSnapshot,
+    MatmulPrecision,
+    ModelFootprint,
+    ModelInfo,
+    ModelLoadOptions,
+    ResidencyMode,
+    SamplingParams,
+)
 from producer_sdk.protocol import ChatMessage, RequestMessage, SamplingParamsModel
+from producer_sdk.protocol import ErrorCode as WireCode
 
 from . import admission
 from .admission import Denial, DeviceView, ModelLoad
 from .settings import ModelSettings, Settings
 
-__all__ = ["CapacitySignal", "EngineDriver", "InvalidPrompt", "Outcome", "Run", "RunSink"]
+__all__ = ["ENGINE_ERROR_CODES", "CapacitySignal", "EngineDriver", "InvalidPrompt", "Outcome", "Run", "RunSink",
+           "footprint_json", "ledger_json"]
 
 log = logging.getLogger("layermux.worker.engine")
 
@@ -42,6 +64,14 @@ log = logging.getLogger("layermux.worker.engine")
 _TOKENIZE_INLINE_CHARS: Final = 2048
 
 CancelReason = Literal["cancelled", "deadline", "stop_string", "abandon", "failed"]
+
+# The engine's error codes as the protocol's: the one place they are translated.
+ENGINE_ERROR_CODES: Final[Mapping[ErrorCode, WireCode]] = {
+    ErrorCode.kv_exceeds_budget: WireCode.KV_EXCEEDS_BUDGET,  # can never fit this device: a denial, not a failure
+    ErrorCode.model_unloaded: WireCode.WORKER_FAILURE,
+    ErrorCode.engine_failure: WireCode.WORKER_FAILURE,
+    ErrorCode.shutdown: WireCode.WORKER_FAILURE,
+}
 
 
 class InvalidPrompt(ValueError):
@@ -116,17 +146,41 @@ class Run:
     context: dict[str, Any] = field(default_factory=dict)  # the sink's own bookkeeping
 
 
-EngineFactory = Callable[[Settings], Any]
+EngineFactory = Callable[[Settings], Engine]
 
 
-def _default_engine_factory(settings: Settings) -> Any:
-    from engine import Engine, EngineConfig
-
+def engine_config(settings: Settings) -> EngineConfig:
     d = settings.device
-    return Engine(EngineConfig(
-        budget_bytes=d.budget, cap_fraction=d.cap_fraction, n_threads=d.n_threads,
-        prefetch_depth=d.prefetch_depth, eviction=d.eviction, kv_block_tokens=d.kv_block_tokens,
-        max_batch_tokens=d.max_batch_tokens, matmul_precision=d.matmul_precision))
+    return EngineConfig(
+        budget_bytes=int(d.budget), cap_fraction=d.cap_fraction, n_threads=d.n_threads,
+        prefetch_depth=d.prefetch_depth, eviction=Eviction.__members__[d.eviction],
+        kv_block_tokens=d.kv_block_tokens, max_batch_tokens=d.max_batch_tokens,
+        matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index)
+
+
+def _default_engine_factory(settings: Settings) -> Engine:
+    return Engine(engine_config(settings))
+
+
+def footprint_json(f: ModelFootprint) -> dict[str, Any]:
+    """A model's footprint as the status document shows it (what each residency choice costs)."""
+    return {"n_layer": f.n_layer, "weights": f.weights, "matrix_format": f.matrix_format,
+            "head_bytes": f.head_bytes, "layer_bytes": f.layer_bytes, "workspace_bytes": f.workspace_bytes,
+            "resident_bytes": f.device_bytes(f.n_layer), "kv_bytes_per_token": f.kv_bytes_per_token,
+            "kv_block_bytes": f.kv_block_bytes, "kv_block_tokens": f.kv_block_tokens}
+
+
+def ledger_json(snap: LedgerSnapshot) -> dict[str, Any]:
+    """The ledger as the status document and the metrics read it (JSON-ready)."""
+    return {
+        "budget_bytes": snap.budget_bytes, "cap_bytes": snap.cap_bytes, "used_bytes": snap.used_bytes,
+        "headroom_bytes": snap.headroom_bytes, "peak_bytes": snap.peak_bytes, "n_denied": snap.n_denied,
+        "kv_capacity_bytes": snap.kv_capacity_bytes,
+        "models": {name: {"weights_bytes": o.weights_bytes, "kv_bytes": o.kv_bytes,
+                          "workspace_bytes": o.workspace_bytes, "kv_capacity_blocks": o.kv_capacity_blocks,
+                          "kv_capacity_tokens": o.kv_capacity_tokens}
+                   for name, o in snap.models.items()},
+    }
 
 
 def _default_tokenizer_factory(path: str) -> Any:
@@ -141,12 +195,6 @@ def _default_detokenizer_factory(tokenizer: Any, prompt_ids: list[int]) -> Any:
     return IncrementalDetokenizer(tokenizer, prompt_ids)
 
 
-def _default_sampling_params(**kwargs: Any) -> Any:
-    from engine import SamplingParams
-
-    return SamplingParams(**kwargs)
-
-
 class EngineDriver:
     """Owns the Engine and every Run in it. Create, `await start()`, use, `await close()`."""
 
@@ -157,19 +205,17 @@ class EngineDriver:
         engine_factory: EngineFactory = _default_engine_factory,
         tokenizer_factory: Callable[[str], Any] = _default_tokenizer_factory,
         detokenizer_factory: Callable[[Any, list[int]], Any] = _default_detokenizer_factory,
-        sampling_params: Callable[..., Any] = _default_sampling_params,
         on_tokens_generated: Callable[[str, int], None] | None = None,
         on_finished: Callable[[str, Outcome], None] | None = None,
     ) -> None:
         self.settings = settings
         self.capacity = CapacitySignal()
-        self.eng: Any = None
-        self.info: dict[str, dict[str, Any]] = {}  # model -> load_model info
+        self.eng: Engine | None = None
+        self.info: dict[str, ModelInfo] = {}  # model -> as loaded
         self.tokenizers: dict[str, Any] = {}
         self._engine_factory = engine_factory
         self._tokenizer_factory = tokenizer_factory
         self._detokenizer_factory = detokenizer_factory
-        self._sampling_params = sampling_params
         self._on_tokens_generated = on_tokens_generated
         self._on_finished = on_finished  # (model, outcome) of every run that finishes, for metrics
         self._runs: dict[int, Run] = {}  # eng_id -> run (until the engine's final event)
@@ -185,63 +231,56 @@ class EngineDriver:
     async def start(self) -> None:
         """Create the engine and load every configured model (each load on a thread)."""
         self._loop = asyncio.get_running_loop()
-        self.eng = await asyncio.to_thread(self._engine_factory, self.settings)
+        self.eng = eng = await asyncio.to_thread(self._engine_factory, self.settings)
         try:
-            plan = await asyncio.to_thread(self._plan_residency)
+            plan = await asyncio.to_thread(self._plan_residency, eng)
             for m in self.settings.models:
                 await self.load(m, placement=plan.get(m.name))
-            self._fd = self.eng.fileno()
+            self._fd = eng.fileno()
             self._loop.add_reader(self._fd, self._on_readable)
         except BaseException:
             await self.close()
             raise
 
-    def _plan_residency(self) -> dict[str, tuple[str, int]]:
-        """Layer slots per model when every model is `residency = "auto"` and there are several:
-        the equal-share plan of engine/residency_plan.py, so that a model loaded early cannot take
-        the room a later one needs. {} (each load decides alone) otherwise, or when even the
-        minimums do not fit (the load that fails then says so with its numbers)."""
-        from engine.residency_plan import MIN_SLOTS, measure_footprints, plan_residency
-
+    def _plan_residency(self, eng: Engine) -> dict[str, tuple[ResidencyMode, int]]:
+        """Placements when every model is `residency = "auto"` and there are several: one engine call
+        plans them all (engine/src/footprint.h), so that a model loaded early cannot take the room a
+        later one needs. {} (each load decides alone) otherwise, or when even the minimums do not fit
+        (the load that fails then says so with its numbers)."""
         models = self.settings.models
-        if len(models) < 2 or any(m.residency != "auto" for m in models) or self.eng is None:
+        if len(models) < 2 or any(m.residency != "auto" for m in models):
             return {}
-        cfg = self.eng.info()
-        footprints = measure_footprints(
-            [(m.name, m.path, m.weights) for m in models], n_threads=int(cfg["n_threads"]),
-            max_batch_tokens=int(cfg["max_batch_tokens"]), max_seqs_per_step=int(cfg["max_seqs_per_step"]),
-            matmul_precision=str(cfg["matmul_precision"]))
-        cap = int(self.eng.ledger()["cap_bytes"])
-        kv_room = int(cap * float(cfg["kv_reserve_fraction"]))
-        plan = plan_residency(footprints, cap, kv_room)
+        plan = eng.plan_residency([(m.name, m.path, m.weights) for m in models])
         if plan is None:
-            log.warning("residency plan: the models' minimums (head + %d slots + workspace each) and %d bytes "
-                        "kept for KV do not fit the cap of %d bytes; loading one by one", MIN_SLOTS, kv_room, cap)
+            log.warning("residency plan: the models' minimums (head + 2 slots + workspace each) and the room kept "
+                        "for KV do not fit the cap of %d bytes; loading one by one", eng.ledger().cap_bytes)
             return {}
-        placements: dict[str, tuple[str, int]] = {}
-        for name, slots in plan.items():
-            f = footprints[name]
-            placements[name] = ("resident", 0) if slots >= f.n_layer else ("streamed", slots)
-            log.info("residency plan: %s %s (%d of %d layers on device, %d bytes with its workspace)", name,
-                     placements[name][0], min(slots, f.n_layer), f.n_layer, f.device_bytes(slots))
-        return placements
+        for p in plan:
+            log.info("residency plan: %s %s (%s layer slots, %d bytes with its workspace)", p.name, p.residency.name,
+                     p.n_slots or "all", p.device_bytes)
+        return {p.name: (p.residency, p.n_slots) for p in plan}
 
-    async def load(self, m: ModelSettings, placement: tuple[str, int] | None = None) -> dict[str, Any]:
+    async def load(self, m: ModelSettings, placement: tuple[ResidencyMode, int] | None = None) -> ModelInfo:
         """Load one model: as a residency plan placed it (residency, stream slots), else as its
         settings say."""
+        eng = self._engine()
         t0 = time.monotonic()
-        residency, stream_slots = placement if placement is not None else (m.residency, 0)
-        info = await asyncio.to_thread(
-            self.eng.load_model, m.name, m.path, weights=m.weights, sched_weight=m.sched_weight,
-            max_running=m.max_running, residency=residency, stream_slots=stream_slots)
+        residency, stream_slots = placement if placement is not None else (ResidencyMode.__members__[m.residency], 0)
+        options = ModelLoadOptions(residency=residency, sched_weight=m.sched_weight, max_running=m.max_running,
+                                   stream_slots=stream_slots)
+        info = await asyncio.to_thread(eng.load_model, m.name, m.path, m.weights, options)
         self.tokenizers[m.name] = await asyncio.to_thread(self._tokenizer_factory, m.path)
-        self.info[m.name] = dict(info)
+        self.info[m.name] = info
         self._n_running.setdefault(m.name, 0)
-        log.info("model %s loaded from %s in %.1f s: n_ctx %s, weights %s (held as %s), %s", m.name, m.path,
-                 time.monotonic() - t0, info.get("n_ctx"), info.get("weights"), info.get("matrix_format"),
-                 "resident" if info.get("resident") else f"streamed through {info.get('n_slots')} layer slots")
+        log.info("model %s loaded from %s in %.1f s: n_ctx %d, weights %s (held as %s), %s", m.name, m.path,
+                 time.monotonic() - t0, info.n_ctx, info.weights, info.matrix_format,
+                 "resident" if info.resident else f"streamed through {info.n_slots} layer slots")
         self.capacity.notify()
-        return self.info[m.name]
+        return info
+
+    def _engine(self) -> Engine:
+        assert self.eng is not None, "the driver is not started"
+        return self.eng
 
     async def close(self) -> None:
         """Stop event delivery and close the engine. Runs still in it are dropped without a terminal."""
@@ -270,29 +309,30 @@ class EngineDriver:
         return self._by_request.get(request_id)
 
     def ledger(self) -> dict[str, Any]:
-        return dict(self.eng.ledger())
+        """The ledger now, JSON-ready (the status document's shape; see ledger_json)."""
+        return ledger_json(self._engine().ledger())
 
     def kv_bytes_for(self, model: str, n_tokens: int) -> int:
-        return int(self.eng.kv_bytes_for(model, n_tokens))
+        return self._engine().kv_bytes_for(model, n_tokens)
 
     def min_reservation_bytes(self, model: str) -> int:
         n = admission.min_reservation_tokens(self.settings.device.kv_block_tokens)
-        return self.kv_bytes_for(model, min(n, int(self.info[model]["n_ctx"])))
+        return self.kv_bytes_for(model, min(n, self.info[model].n_ctx))
 
     def device_view(self, waiting: Mapping[str, int] | None = None) -> DeviceView:
         """The read gate's inputs, from the ledger now and the last known Redis backlog."""
-        ledger = self.ledger()
-        booked = ledger.get("models") or {}
+        ledger = self._engine().ledger()
         loads = {}
         for m in self.settings.models:
             if m.name not in self.info:
                 continue
+            booked = ledger.models.get(m.name)
             loads[m.name] = ModelLoad(
                 running=self.running_count(m.name), max_running=m.max_running,
-                kv_bytes=int((booked.get(m.name) or {}).get("kv_bytes", 0)),
+                kv_bytes=booked.kv_bytes if booked is not None else 0,
                 min_reservation_bytes=self.min_reservation_bytes(m.name), sched_weight=m.sched_weight,
                 waiting=int((waiting or {}).get(m.name, 0)))
-        return DeviceView(headroom_bytes=int(ledger["headroom_bytes"]), models=loads)
+        return DeviceView(headroom_bytes=ledger.headroom_bytes, models=loads)
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -304,7 +344,7 @@ class EngineDriver:
                              prompt_ids: list[int] | None) -> list[int]:
         tok = self.tokenizers[model]
         if prompt_ids is not None:
-            n_vocab = int(self.info[model]["n_vocab"])
+            n_vocab = self.info[model].n_vocab
             bad = next((t for t in prompt_ids if not 0 <= t < n_vocab), None)
             if bad is not None:
                 raise InvalidPrompt(f"prompt_ids: token id {bad} is outside the vocabulary [0, {n_vocab})")
@@ -333,20 +373,17 @@ class EngineDriver:
 
     def check(self, model: str, prompt_tokens: int, max_tokens: int) -> Denial | None:
         """The request check of admission.py with this device's numbers."""
-        n_ctx = int(self.info[model]["n_ctx"])
+        n_ctx = self.info[model].n_ctx
         limit = self.settings.model(model).max_tokens_limit
         need = admission.kv_tokens_needed(prompt_tokens, max_tokens, n_ctx)
         if prompt_tokens + max_tokens <= n_ctx and max_tokens <= limit:
             needed_kv = self.kv_bytes_for(model, prompt_tokens + max_tokens)
         else:
             needed_kv = self.kv_bytes_for(model, need)  # denied before the KV check anyway
-        ledger = self.ledger()
-        cap = int(ledger["cap_bytes"])
-        fixed = sum(int(b.get("weights_bytes", 0)) + int(b.get("workspace_bytes", 0))
-                    for b in (ledger.get("models") or {}).values())
+        ledger = self._engine().ledger()
         return admission.check_request(
             prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx, max_tokens_limit=limit,
-            needed_kv_bytes=needed_kv, cap_bytes=cap, kv_capacity_bytes=cap - fixed)
+            needed_kv_bytes=needed_kv, cap_bytes=ledger.cap_bytes, kv_capacity_bytes=ledger.kv_capacity_bytes)
 
     def begin(
         self,
@@ -369,12 +406,12 @@ class EngineDriver:
         eng_id = next(self._ids)
         tok = self.tokenizers[model]
         stop = tuple(params.stop)
-        sp = self._sampling_params(
+        sp = SamplingParams(
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, seed=params.seed, max_tokens=params.max_tokens,
             ignore_eos=params.ignore_eos)
-        self.eng.submit(eng_id, model, prompt_ids, sp)
+        self._engine().submit(eng_id, model, prompt_ids, sp)
         run = Run(
             request_id=request_id, eng_id=eng_id, model=model, prompt_ids=prompt_ids, params=params, sink=sink,
             submitted_at=submitted_at, deadline_at=deadline_at, started_at=time.time(),
@@ -396,7 +433,7 @@ class EngineDriver:
             return False
         if run.cancel_reason is None:
             run.cancel_reason = reason
-        self.eng.cancel(run.eng_id)
+        self._engine().cancel(run.eng_id)
         return True
 
     def abandon(self, request_id: str) -> None:
@@ -421,14 +458,14 @@ class EngineDriver:
     # -- engine events ----------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        for ev in self.eng.drain_events():
+        for ev in self._engine().drain_events():
             run = self._runs.get(ev.req_id)
             if run is None:
                 continue
             try:
-                if ev.kind == "token":
-                    self._on_token(run, int(ev.token_id))
-                elif ev.kind == "done":
+                if ev.kind == EventKind.token:
+                    self._on_token(run, ev.token_id)
+                elif ev.kind == EventKind.done:
                     self._on_done(run, ev)
                 else:
                     self._on_engine_error(run, ev)
@@ -437,7 +474,7 @@ class EngineDriver:
                 if not run.finished:
                     self._finish(run, self._outcome(run, "error", code="worker_failure",
                                                     message="the worker failed handling this request"))
-                if ev.kind != "token":
+                if ev.kind != EventKind.token:
                     self._retire(run)
 
     def _on_token(self, run: Run, token_id: int) -> None:
@@ -457,23 +494,23 @@ class EngineDriver:
             if hit is not None:
                 run.text = run.text[:hit]
                 run.cancel_reason = "stop_string"
-                self.eng.cancel(run.eng_id)
+                self._engine().cancel(run.eng_id)
                 self._flush(run, final=True)
                 self._finish(run, self._outcome(run, "done", finish_reason="stop_string"))
                 return
         self._flush(run, final=False)
 
-    def _on_done(self, run: Run, ev: Any) -> None:
+    def _on_done(self, run: Run, ev: EngineEvent) -> None:
         if not run.finished:
-            reason = str(ev.finish_reason)
-            timing = {"prefill_ms": float(ev.prefill_ms), "decode_ms": float(ev.decode_ms)}
-            if reason == "cancelled" and run.cancel_reason == "deadline":
+            reason = ev.finish_reason.name
+            timing = {"prefill_ms": ev.prefill_ms, "decode_ms": ev.decode_ms}
+            if ev.finish_reason == FinishReason.cancelled and run.cancel_reason == "deadline":
                 self._finish(run, self._outcome(
                     run, "error", code="deadline_exceeded",
                     message="the request's deadline passed while it was running",
                     details={"deadline_at": run.deadline_at, "completion_tokens": len(run.token_ids)},
                     timing=timing))
-            elif reason == "cancelled":
+            elif ev.finish_reason == FinishReason.cancelled:
                 self._finish(run, self._outcome(run, "cancelled", timing=timing))
             else:
                 # Bytes the detokenizer held back for a character that never completed.
@@ -486,11 +523,16 @@ class EngineDriver:
                 self._finish(run, self._outcome(run, "done", finish_reason=reason, timing=timing))
         self._retire(run)
 
-    def _on_engine_error(self, run: Run, ev: Any) -> None:
+    def _on_engine_error(self, run: Run, ev: EngineEvent) -> None:
         if not run.finished:
-            log.error("request %s: engine error: %s", run.request_id, ev.message)
-            self._finish(run, self._outcome(run, "error", code="worker_failure",
-                                            message=f"engine error: {ev.message}"))
+            code = ENGINE_ERROR_CODES.get(ev.error_code, WireCode.WORKER_FAILURE)
+            if code == WireCode.WORKER_FAILURE:
+                log.error("request %s: engine error %s: %s", run.request_id, ev.error_code.name, ev.message)
+            details: dict[str, Any] = {"engine_code": ev.error_code.name}
+            if ev.error_code == ErrorCode.kv_exceeds_budget:
+                details["needed_tokens"] = len(run.prompt_ids) + run.params.max_tokens
+                details["available_bytes"] = self._engine().ledger().kv_capacity_bytes
+            self._finish(run, self._outcome(run, "error", code=code.value, message=ev.message, details=details))
         self._retire(run)
 
     def _flush(self, run: Run, *, final: bool) -> None:

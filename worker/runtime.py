@@ -34,7 +34,15 @@ from producer_sdk.keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys
 from producer_sdk.protocol import MAX_SEED, PROTOCOL_VERSION, ChatMessage, SamplingParamsModel
 
 from .consumer import ModelConsumer
-from .engine_driver import EngineDriver, EngineFactory, InvalidPrompt, Outcome, Run, _default_engine_factory
+from .engine_driver import (
+    EngineDriver,
+    EngineFactory,
+    InvalidPrompt,
+    Outcome,
+    Run,
+    _default_engine_factory,
+    footprint_json,
+)
 from .metrics import Gauges, Metrics, serve_metrics
 from .publisher import AckEntry, Publisher, backoff_s
 from .settings import ConfigError, Settings
@@ -130,6 +138,7 @@ class Runtime:
         self._draining = False
         self._drained = asyncio.Event()
         self.started_at = time.time()
+        self._heartbeat_loops: int | None = None  # the engine's n_loops at the last heartbeat check
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -158,6 +167,7 @@ class Runtime:
                 self._supervise(f"leases:{name}", c.renew_leases)
                 self._supervise(f"cancels:{name}", c.watch_cancels)
             self._supervise("stats", self._report_stats)
+            self._supervise("heartbeat", self._heartbeat)
             if s.metrics_port is not None:
                 self._metrics_server = await serve_metrics(self.metrics, s.metrics_host, s.metrics_port)
                 log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.metrics_port)
@@ -241,6 +251,7 @@ class Runtime:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await self.redis.hdel(self.keys.workers(), self.settings.worker_id)  # type: ignore[misc]
+                await self.redis.delete(self.keys.heartbeat(self.settings.worker_id))
         await self.driver.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -280,12 +291,34 @@ class Runtime:
         assert self.redis is not None
         async with self.redis.pipeline(transaction=False) as pipe:
             for m in self.settings.models:
-                n_ctx = int(self.driver.info[m.name]["n_ctx"])
+                n_ctx = self.driver.info[m.name].n_ctx
                 pipe.hset(self.keys.limits(m.name), mapping={
                     "max_backlog": m.max_backlog, "max_tokens": m.max_tokens_limit,
                     "max_prompt_tokens": max(1, n_ctx - 1), "n_ctx": n_ctx, "schema_version": PROTOCOL_VERSION})
                 pipe.sadd(self.keys.models(), m.name)
             await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.heartbeat_once()
+            await asyncio.sleep(self.settings.heartbeat_ttl_s / 4)
+
+    async def heartbeat_once(self) -> bool:
+        """Refresh the heartbeat key if the engine thread went round its loop since the last call, or
+        has nothing to do. A busy engine that stands still (or an event loop that stops calling
+        this) lets the key expire after heartbeat_ttl_s: that is what the liveness probe sees."""
+        assert self.redis is not None
+        eng = self.driver.eng
+        if eng is None:
+            return False
+        health = eng.health()
+        alive = not health.busy or health.n_loops != self._heartbeat_loops
+        self._heartbeat_loops = health.n_loops
+        if alive:
+            doc = {"n_loops": health.n_loops, "busy": health.busy, "at": time.time()}
+            await self.redis.set(self.keys.heartbeat(self.settings.worker_id), orjson.dumps(doc),
+                                 px=max(1, int(self.settings.heartbeat_ttl_s * 1000)))
+        return alive
 
     async def _report_stats(self) -> None:
         loop = asyncio.get_running_loop()
@@ -346,13 +379,15 @@ class Runtime:
                     if v is not None:
                         fields[key] = round(v, 3)
                 pipe.hset(self.keys.stats(name), mapping=fields)
-                mi = info.get(name, {})
+                mi = info.get(name)
                 models_doc[name] = {
                     "running": self.driver.running_count(name), "n_running": self.driver.running_count(name),
-                    "n_requests": mi.get("n_requests"), "waiting": self.waiting[name],
+                    "n_requests": mi.n_requests if mi else None, "waiting": self.waiting[name],
                     "backlog": self.backlog[name], "sched_weight": m.sched_weight, "max_running": m.max_running,
-                    "resident": mi.get("resident"), "weights": mi.get("weights"),
-                    "matrix_format": mi.get("matrix_format"), "n_ctx": mi.get("n_ctx"),
+                    "resident": mi.resident if mi else None, "weights": mi.weights if mi else None,
+                    "matrix_format": mi.matrix_format if mi else None, "n_ctx": mi.n_ctx if mi else None,
+                    "n_slots": mi.n_slots if mi else None,
+                    "footprint": footprint_json(mi.footprint) if mi else None,
                     "gate": self.consumers[name].gate_verdict.value,
                 }
             doc = {

@@ -32,12 +32,13 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeAlias, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engine import EngineConfig, ModelLoadOptions
 from producer_sdk.connection import RedisMode, check_redis_target
 from producer_sdk.keys import MODEL_NAME_PATTERN, PREFIX_PATTERN
 
@@ -98,18 +99,29 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DeviceSettings(_Section):
-    """The one device this worker owns (EngineConfig)."""
+# The engine's defaults (engine/src/engine.h), the only place they are written.
+_ENGINE: Final = EngineConfig()
+_LOAD: Final = ModelLoadOptions()
+EvictionName: TypeAlias = Literal["belady", "lru"]
+PrecisionName: TypeAlias = Literal["exact", "fast"]
+ResidencyName: TypeAlias = Literal["auto", "resident", "streamed"]
 
-    budget: ByteSize = Field(default=2 * 2**30, description="device memory the engine may book")
-    cap_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
-    n_threads: int = Field(default=0, ge=0, description="0 = one per core")
-    prefetch_depth: int = Field(default=2, ge=1)
-    eviction: Literal["belady", "lru"] = "belady"
-    kv_block_tokens: int = Field(default=16, ge=1)
-    max_batch_tokens: int = Field(default=512, ge=1)
-    matmul_precision: Literal["exact", "fast"] = Field(
-        default="exact",
+
+class DeviceSettings(_Section):
+    """The one device this worker owns (EngineConfig; the defaults are the engine's)."""
+
+    budget: ByteSize = Field(default=_ENGINE.budget_bytes, description="device memory the engine may book")
+    cap_fraction: float = Field(default=_ENGINE.cap_fraction, gt=0.0, le=1.0)
+    n_threads: int = Field(default=_ENGINE.n_threads, ge=0, description="0 = one per core")
+    prefetch_depth: int = Field(default=_ENGINE.prefetch_depth, ge=0, description="0 = load layers on demand")
+    eviction: EvictionName = Field(default=cast(EvictionName, _ENGINE.eviction.name))
+    kv_block_tokens: int = Field(default=_ENGINE.kv_block_tokens, ge=1)
+    max_batch_tokens: int = Field(default=_ENGINE.max_batch_tokens, ge=1)
+    kind: Literal["cpu", "vulkan"] = Field(
+        default="cpu", description="cpu: the RAM arena and SIMD kernels; vulkan: a GPU through Vulkan (docs/vulkan.md)")
+    index: int = Field(default=_ENGINE.device_index, ge=0, description="which Vulkan device, when several")
+    matmul_precision: PrecisionName = Field(
+        default=cast(PrecisionName, _ENGINE.matmul_precision.name),
         description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "
                     "q8_0 / q4_0 models repacked for int8 dot products (activations rounded to int8 per block)")
 
@@ -120,11 +132,11 @@ class ModelSettings(_Section):
     name: Annotated[str, Field(pattern=f"^{MODEL_NAME_PATTERN}$")]
     path: str = Field(min_length=1)
     weights: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0"] = "auto"
-    sched_weight: float = Field(default=1.0, gt=0.0)
-    max_running: int = Field(default=32, ge=1)
+    sched_weight: float = Field(default=_LOAD.sched_weight, gt=0.0)
+    max_running: int = Field(default=_LOAD.max_running, ge=1)
     max_backlog: int = Field(default=1000, ge=1)
     max_tokens_limit: int = Field(default=4096, ge=1)
-    residency: Literal["auto", "resident", "streamed"] = "auto"
+    residency: ResidencyName = Field(default=cast(ResidencyName, _LOAD.residency.name))
 
 
 class GatewaySettings(_Section):
@@ -184,6 +196,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     stats_interval_s: float = Field(default=1.0, gt=0.0)
+    heartbeat_ttl_s: float = Field(
+        default=30.0, gt=0.0,
+        description="the heartbeat key lives this long; refreshed (every ttl/4) only while the engine thread "
+                    "makes progress or has nothing to do, so a stuck engine lets it expire")
     cancel_poll_ms: int = Field(default=200, ge=10)
     read_block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; bounds shutdown latency")
     consumer_expiry_s: float = Field(

@@ -109,6 +109,7 @@ def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[
         }
     workers: dict[str, Any] = {}
     registered = cast("dict[bytes, bytes]", client.hgetall(keys.workers()))
+    beats = heartbeats(client, prefix, [_text(w) for w in sorted(registered)])
     for worker_id, payload in sorted(registered.items()):
         try:
             entry = orjson.loads(payload)
@@ -121,8 +122,18 @@ def collect(client: redis.Redis, prefix: str, now: float | None = None) -> dict[
         if isinstance(updated_at, (int, float)):
             entry["age_s"] = round(max(0.0, now - updated_at), 3)
             entry["stale"] = now - updated_at > STALE_AFTER_S
+        entry["heartbeat"] = beats[_text(worker_id)]
         workers[_text(worker_id)] = entry
     return {"prefix": prefix, "at": now, "models": models, "workers": workers}
+
+
+def heartbeats(client: redis.Redis, prefix: str, worker_ids: Sequence[str]) -> dict[str, bool]:
+    """Whether each worker's heartbeat key exists: the worker refreshes it only while its engine
+    thread makes progress or is idle (worker/runtime.py), so False means stuck or gone."""
+    pipe = client.pipeline(transaction=False)
+    for worker_id in worker_ids:
+        pipe.exists(Keys(prefix).heartbeat(worker_id))
+    return {w: bool(n) for w, n in zip(worker_ids, pipe.execute())}
 
 
 def live_workers_serving(client: redis.Redis, prefix: str, model: str, now: float | None = None) -> list[str]:
@@ -227,6 +238,8 @@ def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
     head = f"worker {worker_id}"
     if isinstance(age, (int, float)):
         head += f"  (updated {age:.1f} s ago{', STALE' if entry.get('stale') else ''})"
+    if entry.get("heartbeat") is False:
+        head += "  NO HEARTBEAT: the engine thread made no progress within heartbeat_ttl_s"
     budget = _pick(ledger, "budget_bytes")
     cap = _pick(ledger, "cap_bytes")
     used = _pick(ledger, "used_bytes")

@@ -1,6 +1,11 @@
-// bindings.cpp — the Python module engine._core: the Engine, its events and the exception tree.
+// bindings.cpp — the Python module engine._core: the engine's types, the Engine, and the exception tree.
 // Owner: engine core. Every call that can take long (load_model, unload_model,
-// shutdown) releases the GIL; the rest are short and lock-bounded.
+// plan_residency, footprint, shutdown) releases the GIL; the rest are short and lock-bounded.
+//
+// Every struct and enum that crosses is bound as a real type (engine/_core.pyi is generated
+// from this module by pybind11-stubgen and checked by tests/test_engine_api.py). A config
+// type's keyword defaults are read off a default-constructed C++ struct: each default is
+// written once, in the header that declares the field. Enum values are lowercase in Python.
 //
 // Exception tree (C++ type -> Python class, all in engine._core, re-exported by engine.errors):
 //   LayermuxError            lmx::Error
@@ -12,16 +17,21 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <pybind11/typing.h>
 
 #include "engine.h"
 #include "kernels/kernels.h"
 #include "membw.h"
 #include "threadpool.h"
+#include "vulkan/vk_probe.h"
 
 namespace py = pybind11;
 using namespace lmx;
 
 namespace {
+
+// A model spec as engine/hf_config.py builds it (model.h's ModelSpec fields by name).
+using SpecDict = py::typing::Dict<py::str, py::object>;
 
 ModelSpec spec_from_dict(const py::dict& d) {
     ModelSpec s;
@@ -58,44 +68,14 @@ ModelSpec spec_from_dict(const py::dict& d) {
     return s;
 }
 
-py::dict info_to_dict(const ModelInfo& i) {
-    py::dict d;
-    d["name"] = i.name;
-    d["n_layer"] = i.n_layer;
-    d["n_vocab"] = i.n_vocab;
-    d["n_ctx"] = i.n_ctx;
-    d["weights"] = i.weights;
-    d["matrix_format"] = i.matrix_format;
-    d["resident"] = i.resident;
-    d["n_slots"] = i.n_slots;
-    d["n_units_loaded"] = i.n_units_loaded;
-    d["weight_bytes"] = i.weight_bytes;
-    d["device_weight_bytes"] = i.device_weight_bytes;
-    d["workspace_bytes"] = i.workspace_bytes;
-    d["kv_bytes_per_token"] = i.kv_bytes_per_token;
-    d["kv_block_bytes"] = i.kv_block_bytes;
-    d["sched_weight"] = i.sched_weight;
-    d["max_running"] = i.max_running;
-    d["n_requests"] = i.n_requests;
-    d["eos_token_ids"] = i.eos_ids;
-    return d;
-}
-
-SamplingParams params_from(float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
-                           float presence_penalty, float frequency_penalty, uint64_t seed, int max_tokens,
-                           std::vector<int32_t> stop_token_ids) {
-    SamplingParams p;
-    p.temperature = temperature;
-    p.top_k = top_k;
-    p.top_p = top_p;
-    p.min_p = min_p;
-    p.repetition_penalty = repetition_penalty;
-    p.presence_penalty = presence_penalty;
-    p.frequency_penalty = frequency_penalty;
-    p.seed = seed;
-    p.max_tokens = max_tokens;
-    p.stop_token_ids = std::move(stop_token_ids);
-    return p;
+std::string repr_fields(const char* type, const py::object& self, std::initializer_list<const char*> fields) {
+    std::string out = std::string(type) + "(";
+    bool first = true;
+    for (const char* f : fields) {
+        out += (first ? "" : ", ") + std::string(f) + "=" + py::repr(self.attr(f)).cast<std::string>();
+        first = false;
+    }
+    return out + ")";
 }
 
 }  // namespace
@@ -131,6 +111,262 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
+    // ---- enums ----
+    py::enum_<Eviction>(m, "Eviction", "Which streamed layer a slot gives up: next use farthest (belady) or least recent (lru)")
+        .value("belady", Eviction::Belady)
+        .value("lru", Eviction::LRU);
+    py::enum_<MatmulPrecision>(m, "MatmulPrecision",
+                               "exact: bitwise the same tokens on every CPU; fast: bf16 / int8 dot products where the "
+                               "CPU has them (not bitwise)")
+        .value("exact", MatmulPrecision::exact)
+        .value("fast", MatmulPrecision::fast);
+    py::enum_<ResidencyMode>(m, "ResidencyMode",
+                             "auto: resident when it fits next to the KV reserve, else streamed; swap: whole-model "
+                             "swapping (the benchmark baseline)")
+        .value("auto", ResidencyMode::Auto)
+        .value("resident", ResidencyMode::Resident)
+        .value("streamed", ResidencyMode::Streamed)
+        .value("swap", ResidencyMode::Swap);
+    py::enum_<EventKind>(m, "EventKind").value("token", EventKind::Token).value("done", EventKind::Done).value("error", EventKind::Error);
+    py::enum_<FinishReason>(m, "FinishReason", "Why a request ended (done events); none on the others")
+        .value("none", FinishReason::None)
+        .value("stop", FinishReason::Stop)
+        .value("length", FinishReason::Length)
+        .value("cancelled", FinishReason::Cancelled);
+    py::enum_<ErrorCode>(m, "ErrorCode", "Why a request failed (error events); none on the others")
+        .value("none", ErrorCode::None)
+        .value("kv_exceeds_budget", ErrorCode::KvExceedsBudget)
+        .value("model_unloaded", ErrorCode::ModelUnloaded)
+        .value("engine_failure", ErrorCode::EngineFailure)
+        .value("shutdown", ErrorCode::Shutdown);
+
+    // ---- configuration (read-write, keyword constructors with the C++ defaults) ----
+    const EngineConfig dc;
+    m.def("vulkan_validation_messages", &vulkan_validation_messages,
+          "Vulkan validation-layer messages seen by this process (LMX_VK_VALIDATION=1); tests fail on any");
+    py::class_<EngineConfig>(m, "EngineConfig", "Device budget and engine knobs (engine.h)")
+        .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth, Eviction eviction,
+                         int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step, double kv_reserve_fraction,
+                         MatmulPrecision matmul_precision, std::string device_kind, int device_index) {
+                 return EngineConfig{budget_bytes,    cap_fraction,      n_threads,           prefetch_depth, eviction,
+                                     kv_block_tokens, max_batch_tokens, max_seqs_per_step, kv_reserve_fraction,
+                                     matmul_precision, std::move(device_kind), device_index};
+             }),
+             py::kw_only(), py::arg("budget_bytes") = dc.budget_bytes, py::arg("cap_fraction") = dc.cap_fraction,
+             py::arg("n_threads") = dc.n_threads, py::arg("prefetch_depth") = dc.prefetch_depth,
+             py::arg("eviction") = dc.eviction, py::arg("kv_block_tokens") = dc.kv_block_tokens,
+             py::arg("max_batch_tokens") = dc.max_batch_tokens, py::arg("max_seqs_per_step") = dc.max_seqs_per_step,
+             py::arg("kv_reserve_fraction") = dc.kv_reserve_fraction, py::arg("matmul_precision") = dc.matmul_precision,
+             py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index)
+        .def_readwrite("budget_bytes", &EngineConfig::budget_bytes)
+        .def_readwrite("cap_fraction", &EngineConfig::cap_fraction)
+        .def_readwrite("n_threads", &EngineConfig::n_threads)
+        .def_readwrite("prefetch_depth", &EngineConfig::prefetch_depth)
+        .def_readwrite("eviction", &EngineConfig::eviction)
+        .def_readwrite("kv_block_tokens", &EngineConfig::kv_block_tokens)
+        .def_readwrite("max_batch_tokens", &EngineConfig::max_batch_tokens)
+        .def_readwrite("max_seqs_per_step", &EngineConfig::max_seqs_per_step)
+        .def_readwrite("kv_reserve_fraction", &EngineConfig::kv_reserve_fraction)
+        .def_readwrite("matmul_precision", &EngineConfig::matmul_precision)
+        .def_readwrite("device_kind", &EngineConfig::device_kind)
+        .def_readwrite("device_index", &EngineConfig::device_index)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("EngineConfig", self,
+                               {"budget_bytes", "cap_fraction", "n_threads", "prefetch_depth", "eviction", "kv_block_tokens",
+                                "max_batch_tokens", "max_seqs_per_step", "kv_reserve_fraction", "matmul_precision",
+                                "device_kind", "device_index"});
+        });
+
+    const SamplingParams dp;
+    py::class_<SamplingParams>(m, "SamplingParams", "One request's sampling (sampler.h); temperature 0 = greedy")
+        .def(py::init([](float temperature, int32_t top_k, float top_p, float min_p, float repetition_penalty,
+                         float presence_penalty, float frequency_penalty, uint64_t seed, int32_t max_tokens,
+                         std::vector<int32_t> stop_token_ids, bool ignore_eos) {
+                 return SamplingParams{temperature,       top_k, top_p,      min_p,
+                                       repetition_penalty, presence_penalty, frequency_penalty,
+                                       seed,              max_tokens, std::move(stop_token_ids), ignore_eos};
+             }),
+             py::kw_only(), py::arg("temperature") = dp.temperature, py::arg("top_k") = dp.top_k,
+             py::arg("top_p") = dp.top_p, py::arg("min_p") = dp.min_p,
+             py::arg("repetition_penalty") = dp.repetition_penalty, py::arg("presence_penalty") = dp.presence_penalty,
+             py::arg("frequency_penalty") = dp.frequency_penalty, py::arg("seed") = dp.seed,
+             py::arg("max_tokens") = dp.max_tokens, py::arg("stop_token_ids") = dp.stop_token_ids,
+             py::arg("ignore_eos") = dp.ignore_eos)
+        .def_readwrite("temperature", &SamplingParams::temperature)
+        .def_readwrite("top_k", &SamplingParams::top_k)
+        .def_readwrite("top_p", &SamplingParams::top_p)
+        .def_readwrite("min_p", &SamplingParams::min_p)
+        .def_readwrite("repetition_penalty", &SamplingParams::repetition_penalty)
+        .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
+        .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
+        .def_readwrite("seed", &SamplingParams::seed)
+        .def_readwrite("max_tokens", &SamplingParams::max_tokens)
+        .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
+        .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("SamplingParams", self,
+                               {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                "frequency_penalty", "seed", "max_tokens", "stop_token_ids", "ignore_eos"});
+        });
+
+    const ModelLoadOptions dl;
+    py::class_<ModelLoadOptions>(m, "ModelLoadOptions", "How one model is loaded (engine.h)")
+        .def(py::init([](ResidencyMode residency, double sched_weight, int max_running, int stream_slots) {
+                 return ModelLoadOptions{residency, sched_weight, max_running, stream_slots};
+             }),
+             py::kw_only(), py::arg("residency") = dl.residency, py::arg("sched_weight") = dl.sched_weight,
+             py::arg("max_running") = dl.max_running, py::arg("stream_slots") = dl.stream_slots)
+        .def_readwrite("residency", &ModelLoadOptions::residency)
+        .def_readwrite("sched_weight", &ModelLoadOptions::sched_weight)
+        .def_readwrite("max_running", &ModelLoadOptions::max_running)
+        .def_readwrite("stream_slots", &ModelLoadOptions::stream_slots)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("ModelLoadOptions", self, {"residency", "sched_weight", "max_running", "stream_slots"});
+        });
+
+    // ---- results (read-only) ----
+    const ModelFootprint df;
+    py::class_<ModelFootprint>(m, "ModelFootprint", "A model's device bytes per residency choice (footprint.h)")
+        .def(py::init([](int n_layer, uint64_t head_bytes, uint64_t layer_bytes, uint64_t workspace_bytes,
+                         uint64_t kv_bytes_per_token, uint64_t kv_block_bytes, int kv_block_tokens) {
+                 ModelFootprint f;
+                 f.n_layer = n_layer;
+                 f.head_bytes = head_bytes;
+                 f.layer_bytes = layer_bytes;
+                 f.workspace_bytes = workspace_bytes;
+                 f.kv_bytes_per_token = kv_bytes_per_token;
+                 f.kv_block_bytes = kv_block_bytes;
+                 f.kv_block_tokens = kv_block_tokens;
+                 return f;
+             }),
+             "A footprint given by its numbers (what-if planning, tests); engines compute real ones",
+             py::kw_only(), py::arg("n_layer"), py::arg("head_bytes"), py::arg("layer_bytes"),
+             py::arg("workspace_bytes") = df.workspace_bytes, py::arg("kv_bytes_per_token") = df.kv_bytes_per_token,
+             py::arg("kv_block_bytes") = df.kv_block_bytes, py::arg("kv_block_tokens") = df.kv_block_tokens)
+        .def_readonly("n_layer", &ModelFootprint::n_layer)
+        .def_property_readonly("weights", [](const ModelFootprint& f) { return std::string(dtype_name(f.weights)); })
+        .def_property_readonly("matrix_format", [](const ModelFootprint& f) { return std::string(dtype_name(f.matrix_format)); })
+        .def_readonly("head_bytes", &ModelFootprint::head_bytes)
+        .def_readonly("layer_bytes", &ModelFootprint::layer_bytes)
+        .def_readonly("workspace_bytes", &ModelFootprint::workspace_bytes)
+        .def_readonly("kv_bytes_per_token", &ModelFootprint::kv_bytes_per_token)
+        .def_readonly("kv_block_bytes", &ModelFootprint::kv_block_bytes)
+        .def_readonly("kv_block_tokens", &ModelFootprint::kv_block_tokens)
+        .def_property_readonly("weight_bytes", &ModelFootprint::weight_bytes)
+        .def("device_bytes", &ModelFootprint::device_bytes, py::arg("n_slots"),
+             "Weights with n_slots layer slots (>= n_layer: resident), plus the workspace")
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("ModelFootprint", self,
+                               {"n_layer", "weights", "matrix_format", "head_bytes", "layer_bytes", "workspace_bytes",
+                                "kv_bytes_per_token", "kv_block_bytes", "kv_block_tokens"});
+        });
+
+    py::class_<ModelPlacement>(m, "ModelPlacement", "One model's place in a residency plan")
+        .def_readonly("name", &ModelPlacement::name)
+        .def_readonly("residency", &ModelPlacement::residency)
+        .def_readonly("n_slots", &ModelPlacement::n_slots)
+        .def_readonly("device_bytes", &ModelPlacement::device_bytes)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("ModelPlacement", self, {"name", "residency", "n_slots", "device_bytes"});
+        });
+
+    py::class_<ModelInfo>(m, "ModelInfo", "A loaded model (engine.h)")
+        .def_readonly("name", &ModelInfo::name)
+        .def_readonly("n_layer", &ModelInfo::n_layer)
+        .def_readonly("n_vocab", &ModelInfo::n_vocab)
+        .def_readonly("n_ctx", &ModelInfo::n_ctx)
+        .def_property_readonly("weights", [](const ModelInfo& i) { return std::string(dtype_name(i.weights)); })
+        .def_property_readonly("matrix_format", [](const ModelInfo& i) { return std::string(dtype_name(i.matrix_format)); })
+        .def_readonly("resident", &ModelInfo::resident)
+        .def_readonly("n_slots", &ModelInfo::n_slots)
+        .def_readonly("n_units_loaded", &ModelInfo::n_units_loaded)
+        .def_readonly("weight_bytes", &ModelInfo::weight_bytes)
+        .def_readonly("device_weight_bytes", &ModelInfo::device_weight_bytes)
+        .def_readonly("workspace_bytes", &ModelInfo::workspace_bytes)
+        .def_readonly("footprint", &ModelInfo::footprint)
+        .def_readonly("sched_weight", &ModelInfo::sched_weight)
+        .def_readonly("max_running", &ModelInfo::max_running)
+        .def_readonly("n_requests", &ModelInfo::n_requests)
+        .def_readonly("eos_token_ids", &ModelInfo::eos_ids)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("ModelInfo", self,
+                               {"name", "n_layer", "n_vocab", "n_ctx", "weights", "matrix_format", "resident", "n_slots",
+                                "weight_bytes", "device_weight_bytes", "workspace_bytes"});
+        });
+
+    py::class_<EngineEvent>(m, "EngineEvent", "One token, or the one terminal event (done / error) of a request")
+        .def_readonly("req_id", &EngineEvent::req_id)
+        .def_readonly("kind", &EngineEvent::kind)
+        .def_readonly("token_id", &EngineEvent::token)
+        .def_readonly("index", &EngineEvent::index, "generation index of token_id")
+        .def_readonly("finish_reason", &EngineEvent::finish_reason)
+        .def_readonly("error_code", &EngineEvent::error_code)
+        .def_readonly("message", &EngineEvent::message)
+        .def_readonly("prompt_tokens", &EngineEvent::prompt_tokens)
+        .def_readonly("prefill_ms", &EngineEvent::prefill_ms)
+        .def_readonly("decode_ms", &EngineEvent::decode_ms)
+        .def_readonly("n_preempted", &EngineEvent::n_preempted)
+        .def("__repr__", [](const py::object& self) {
+            return repr_fields("EngineEvent", self,
+                               {"req_id", "kind", "token_id", "index", "finish_reason", "error_code", "message"});
+        });
+
+    py::class_<OwnerUsage>(m, "OwnerUsage", "One model's bookings, and the KV it could ever hold")
+        .def_readonly("weights_bytes", &OwnerUsage::weights_bytes)
+        .def_readonly("kv_bytes", &OwnerUsage::kv_bytes)
+        .def_readonly("workspace_bytes", &OwnerUsage::workspace_bytes)
+        .def_readonly("kv_capacity_blocks", &OwnerUsage::kv_capacity_blocks)
+        .def_readonly("kv_capacity_tokens", &OwnerUsage::kv_capacity_tokens)
+        .def_property_readonly("total_bytes", &OwnerUsage::total);
+    py::class_<LedgerSnapshot>(m, "LedgerSnapshot", "The ledger's figures at one moment (ledger.h)")
+        .def_readonly("budget_bytes", &LedgerSnapshot::budget_bytes)
+        .def_readonly("cap_bytes", &LedgerSnapshot::cap_bytes)
+        .def_readonly("used_bytes", &LedgerSnapshot::used_bytes)
+        .def_readonly("peak_bytes", &LedgerSnapshot::peak_bytes)
+        .def_readonly("n_denied", &LedgerSnapshot::n_denied)
+        .def_readonly("kv_capacity_bytes", &LedgerSnapshot::kv_capacity_bytes)
+        .def_property_readonly("headroom_bytes", &LedgerSnapshot::headroom_bytes)
+        .def_readonly("models", &LedgerSnapshot::owners);
+
+    py::class_<ResidencyStats>(m, "ResidencyStats")
+        .def_readonly("bytes_copied", &ResidencyStats::bytes_copied)
+        .def_readonly("n_loads", &ResidencyStats::n_loads)
+        .def_readonly("n_hits", &ResidencyStats::n_hits)
+        .def_readonly("n_misses", &ResidencyStats::n_misses)
+        .def_property_readonly("copy_wait_ms", [](const ResidencyStats& r) { return static_cast<double>(r.wait_ns) / 1e6; });
+    py::class_<EngineStats>(m, "EngineStats")
+        .def_readonly("n_steps", &EngineStats::n_steps)
+        .def_readonly("n_tokens_computed", &EngineStats::n_tokens_computed)
+        .def_readonly("n_tokens_generated", &EngineStats::n_tokens_generated)
+        .def_readonly("n_preemptions", &EngineStats::n_preemptions)
+        .def_readonly("step_ms_total", &EngineStats::step_ms_total)
+        .def_readonly("residency", &EngineStats::residency);
+    py::class_<EngineHealth>(m, "EngineHealth", "Liveness of the step thread (engine.h)")
+        .def_readonly("n_loops", &EngineHealth::n_loops)
+        .def_readonly("busy", &EngineHealth::busy)
+        .def_readonly("since_loop_s", &EngineHealth::since_loop_s);
+
+    m.attr("MIN_SLOTS") = kMinSlots;
+    m.def(
+        "plan_slots",
+        [](const std::map<std::string, ModelFootprint>& models, uint64_t cap_bytes, uint64_t kv_room_bytes,
+           int min_slots) -> std::optional<std::map<std::string, int>> {
+            if (min_slots < 1) throw InvalidArgument("min_slots: expected >= 1, found " + std::to_string(min_slots));
+            std::vector<ModelFootprint> fps;
+            std::vector<std::string> names;
+            for (const auto& kv : models) {
+                names.push_back(kv.first);
+                fps.push_back(kv.second);
+            }
+            const auto slots = plan_slots(fps, names, cap_bytes, kv_room_bytes, min_slots);
+            if (!slots) return std::nullopt;
+            std::map<std::string, int> out;
+            for (size_t i = 0; i < names.size(); i++) out[names[i]] = (*slots)[i];
+            return out;
+        },
+        py::arg("models"), py::arg("cap_bytes"), py::arg("kv_room_bytes"), py::arg("min_slots") = kMinSlots,
+        "The equal-share plan (footprint.h): layer slots per model (n_layer = resident), or None when the "
+        "minimums plus kv_room_bytes do not fit cap_bytes");
     m.def("kernels_isa", &kernels_isa, "SIMD path chosen for this CPU");
     m.def(
         "dequantize",
@@ -163,137 +399,52 @@ PYBIND11_MODULE(_core, m) {
         "Best streaming-read GB/s over n_threads (0 = one per core), laid out as the device arena is");
 
     py::class_<Engine>(m, "Engine")
-        .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth,
-                         const std::string& eviction, int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step,
-                         double kv_reserve_fraction, const std::string& matmul_precision) {
-                 EngineConfig c;
-                 c.budget_bytes = budget_bytes;
-                 c.cap_fraction = cap_fraction;
-                 c.n_threads = n_threads;
-                 c.prefetch_depth = prefetch_depth;
-                 c.eviction = eviction;
-                 c.kv_block_tokens = kv_block_tokens;
-                 c.max_batch_tokens = max_batch_tokens;
-                 c.max_seqs_per_step = max_seqs_per_step;
-                 c.kv_reserve_fraction = kv_reserve_fraction;
-                 c.matmul_precision = matmul_precision;
-                 return std::make_unique<Engine>(c);
-             }),
-             py::arg("budget_bytes"), py::arg("cap_fraction") = 0.9, py::arg("n_threads") = 0,
-             py::arg("prefetch_depth") = 2, py::arg("eviction") = "belady", py::arg("kv_block_tokens") = 16,
-             py::arg("max_batch_tokens") = 512, py::arg("max_seqs_per_step") = 64, py::arg("kv_reserve_fraction") = 0.25,
-             py::arg("matmul_precision") = "exact")
+        .def(py::init<const EngineConfig&>(), py::arg("config"))
         .def(
             "load_model",
-            [](Engine& e, const py::dict& spec, const std::string& residency, double sched_weight, int max_running,
-               int stream_slots, std::function<void(int, int)> progress) {
+            [](Engine& e, const SpecDict& spec, const ModelLoadOptions& opt,
+               const std::optional<std::function<void(int, int)>>& progress) {
                 ModelSpec s = spec_from_dict(spec);
-                ModelLoadOptions o;
-                o.residency = residency;
-                o.sched_weight = sched_weight;
-                o.max_running = max_running;
-                o.stream_slots = stream_slots;
-                ModelInfo info;
-                {
-                    py::gil_scoped_release nogil;
-                    info = e.load_model(s, o, progress);
-                }
-                return info_to_dict(info);
+                py::gil_scoped_release nogil;
+                return e.load_model(s, opt, progress ? *progress : LoadProgress{});
             },
-            py::arg("spec"), py::arg("residency") = "auto", py::arg("sched_weight") = 1.0, py::arg("max_running") = 64,
-            py::arg("stream_slots") = 0, py::arg("progress") = nullptr)
-        .def("unload_model", &Engine::unload_model, py::call_guard<py::gil_scoped_release>())
+            py::arg("spec"), py::arg("options"), py::arg("progress") = py::none())
+        .def("unload_model", &Engine::unload_model, py::arg("name"), py::call_guard<py::gil_scoped_release>())
         .def(
-            "submit",
-            [](Engine& e, int64_t req_id, const std::string& model, std::vector<int32_t> prompt, float temperature,
-               int top_k, float top_p, float min_p, float repetition_penalty, float presence_penalty,
-               float frequency_penalty, uint64_t seed, int max_tokens, std::vector<int32_t> stop_token_ids,
-               bool capture_logits, bool ignore_eos) {
-                e.submit(req_id, model, std::move(prompt),
-                         params_from(temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
-                                     frequency_penalty, seed, max_tokens, std::move(stop_token_ids)),
-                         capture_logits, ignore_eos);
+            "footprint",
+            [](const Engine& e, const SpecDict& spec) {
+                ModelSpec s = spec_from_dict(spec);
+                py::gil_scoped_release nogil;
+                return e.footprint(s);
             },
-            py::arg("req_id"), py::arg("model"), py::arg("prompt"), py::arg("temperature") = 1.0f, py::arg("top_k") = 0,
-            py::arg("top_p") = 1.0f, py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
-            py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f, py::arg("seed") = 0,
-            py::arg("max_tokens") = 16, py::arg("stop_token_ids") = std::vector<int32_t>{},
-            py::arg("capture_logits") = false, py::arg("ignore_eos") = false)
-        .def("cancel", &Engine::cancel)
+            py::arg("spec"), "What the model would cost here, from its file headers alone (nothing is loaded)")
+        .def(
+            "plan_residency",
+            [](const Engine& e, const std::vector<SpecDict>& specs) {
+                std::vector<ModelSpec> ss;
+                for (const SpecDict& d : specs) ss.push_back(spec_from_dict(d));
+                py::gil_scoped_release nogil;
+                return e.plan_residency(ss);
+            },
+            py::arg("specs"), "One equal-share plan for the models, against the headroom now; None when their minimums do not fit")
+        .def("submit", &Engine::submit, py::arg("req_id"), py::arg("model"), py::arg("prompt"), py::arg("params"),
+             py::arg("capture_logits") = false)
+        .def("cancel", &Engine::cancel, py::arg("req_id"))
         .def("event_fd", &Engine::event_fd)
-        .def("drain_events",
-             [](Engine& e) {
-                 std::vector<EngineEvent> evs = e.drain_events();
-                 py::list out;
-                 for (const EngineEvent& ev : evs)
-                     out.append(py::make_tuple(ev.req_id, static_cast<int>(ev.kind), ev.token, ev.index, ev.detail,
-                                               ev.prompt_tokens, ev.prefill_ms, ev.decode_ms, ev.n_preempted));
-                 return out;
-             })
+        .def("drain_events", &Engine::drain_events)
         .def("take_logits",
              [](Engine& e, int64_t req_id) {
                  std::vector<float> v = e.take_logits(req_id);
                  return py::array_t<float>(static_cast<py::ssize_t>(v.size()), v.data());
-             })
-        .def("ledger",
-             [](const Engine& e) {
-                 LedgerSnapshot s = e.ledger();
-                 py::dict d, owners;
-                 d["budget_bytes"] = s.budget_bytes;
-                 d["cap_bytes"] = s.cap_bytes;
-                 d["used_bytes"] = s.used_bytes;
-                 d["headroom_bytes"] = s.headroom_bytes();
-                 d["peak_bytes"] = s.peak_bytes;
-                 d["n_denied"] = s.n_denied;
-                 for (const auto& kv : s.owners) {
-                     py::dict o;
-                     o["weights_bytes"] = kv.second.weights_bytes;
-                     o["kv_bytes"] = kv.second.kv_bytes;
-                     o["workspace_bytes"] = kv.second.workspace_bytes;
-                     owners[py::str(kv.first)] = o;
-                 }
-                 d["models"] = owners;
-                 return d;
-             })
-        .def("models",
-             [](const Engine& e) {
-                 py::list out;
-                 for (const ModelInfo& i : e.models()) out.append(info_to_dict(i));
-                 return out;
-             })
-        .def("kv_bytes_for", &Engine::kv_bytes_for)
-        .def("stats",
-             [](const Engine& e) {
-                 EngineStats s = e.stats();
-                 py::dict d;
-                 d["n_steps"] = s.n_steps;
-                 d["n_tokens_computed"] = s.n_tokens_computed;
-                 d["n_tokens_generated"] = s.n_tokens_generated;
-                 d["n_preemptions"] = s.n_preemptions;
-                 d["step_ms_total"] = s.step_ms_total;
-                 d["bytes_copied"] = s.residency.bytes_copied;
-                 d["n_loads"] = s.residency.n_loads;
-                 d["n_hits"] = s.residency.n_hits;
-                 d["n_misses"] = s.residency.n_misses;
-                 d["copy_wait_ms"] = static_cast<double>(s.residency.wait_ns) / 1e6;
-                 return d;
-             })
-        .def("config",
-             [](const Engine& e) {
-                 const EngineConfig& c = e.config();
-                 py::dict d;
-                 d["budget_bytes"] = c.budget_bytes;
-                 d["cap_fraction"] = c.cap_fraction;
-                 d["n_threads"] = e.n_threads();
-                 d["prefetch_depth"] = c.prefetch_depth;
-                 d["eviction"] = c.eviction;
-                 d["kv_block_tokens"] = c.kv_block_tokens;
-                 d["max_batch_tokens"] = c.max_batch_tokens;
-                 d["max_seqs_per_step"] = c.max_seqs_per_step;
-                 d["kv_reserve_fraction"] = c.kv_reserve_fraction;
-                 d["matmul_precision"] = c.matmul_precision;
-                 d["isa"] = kernels_isa();
-                 return d;
-             })
+             }, py::arg("req_id"))
+        .def("ledger", &Engine::ledger)
+        .def("device_summary", &Engine::device_summary, "the device's kind; for a GPU its name, driver, heap")
+        .def("models", &Engine::models)
+        .def("kv_bytes_for", &Engine::kv_bytes_for, py::arg("model"), py::arg("n_tokens"))
+        .def("stats", &Engine::stats)
+        .def("health", &Engine::health)
+        .def("debug_stall", &Engine::debug_stall, py::arg("on"), "Test hook: block (True) or release the step thread")
+        .def("config", &Engine::config, py::return_value_policy::copy)
+        .def("n_threads", &Engine::n_threads)
         .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
 }

@@ -3,6 +3,7 @@
 // the step thread never holds mu_ while computing.
 #include "engine.h"
 #include "kernels/kernels.h"
+#include "vulkan/vk_probe.h"
 
 #include <sched.h>
 #include <sys/eventfd.h>
@@ -18,6 +19,37 @@
 #include <cstring>
 
 namespace lmx {
+
+const char* residency_mode_name(ResidencyMode m) {
+    switch (m) {
+        case ResidencyMode::Auto: return "auto";
+        case ResidencyMode::Resident: return "resident";
+        case ResidencyMode::Streamed: return "streamed";
+        case ResidencyMode::Swap: break;
+    }
+    return "swap";
+}
+
+const char* finish_reason_name(FinishReason r) {
+    switch (r) {
+        case FinishReason::None: return "none";
+        case FinishReason::Stop: return "stop";
+        case FinishReason::Length: return "length";
+        case FinishReason::Cancelled: break;
+    }
+    return "cancelled";
+}
+
+const char* error_code_name(ErrorCode c) {
+    switch (c) {
+        case ErrorCode::None: return "none";
+        case ErrorCode::KvExceedsBudget: return "kv_exceeds_budget";
+        case ErrorCode::ModelUnloaded: return "model_unloaded";
+        case ErrorCode::EngineFailure: return "engine_failure";
+        case ErrorCode::Shutdown: break;
+    }
+    return "shutdown";
+}
 
 namespace {
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -42,21 +74,36 @@ int usable_cores() {
 }
 }  // namespace
 
+// The device EngineConfig names (engine.h: device_kind, device_index).
+static std::unique_ptr<Device> make_device(const EngineConfig& cfg) {
+    if (cfg.device_kind == "cpu")
+        return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores());
+    if (cfg.device_kind == "vulkan") {
+        if (cfg.matmul_precision != MatmulPrecision::exact)
+            throw InvalidArgument("matmul_precision: the vulkan device runs exact only, found fast (a CPU option)");
+        return make_vulkan_device(cfg.device_index, cfg.budget_bytes);
+    }
+    throw InvalidArgument("device kind: expected \"cpu\" or \"vulkan\", found \"" + cfg.device_kind + "\"");
+}
+
 Engine::Engine(const EngineConfig& cfg)
     : cfg_(cfg),
-      ledger_(std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores()),
-              cfg.cap_fraction),
+      ledger_(make_device(cfg), cfg.cap_fraction),
       backend_(ledger_.device().backend()),
       pool_(backend_.host_pool()),
-      residency_(ledger_, cfg.prefetch_depth, eviction_from_name(cfg.eviction)),
+      residency_(ledger_, cfg.prefetch_depth, cfg.eviction),
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
-    if (cfg.matmul_precision != "exact" && cfg.matmul_precision != "fast")  // applied per model at load
-        throw InvalidArgument("matmul_precision: expected 'exact' or 'fast', found '" + cfg.matmul_precision + "'");
+    if (cfg.prefetch_depth < 0)
+        throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(cfg.prefetch_depth));
+    if (!(cfg.kv_reserve_fraction >= 0.0 && cfg.kv_reserve_fraction < 1.0))
+        throw InvalidArgument("kv_reserve_fraction: expected a value in [0, 1), found " +
+                              std::to_string(cfg.kv_reserve_fraction));
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (event_fd_ < 0) throw Error(std::string("eventfd: ") + std::strerror(errno));
     scratch_.resize(static_cast<size_t>(pool_.n_threads()));
+    last_loop_ticks_ = std::chrono::steady_clock::now().time_since_epoch().count();
     step_thread_ = std::thread([this] { step_main(); });
 }
 
@@ -84,8 +131,6 @@ void Engine::shutdown() {
 // ---- loading (caller's thread) ----
 
 ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt, const LoadProgress& progress) {
-    if (opt.residency != "auto" && opt.residency != "resident" && opt.residency != "streamed" && opt.residency != "swap")
-        throw InvalidArgument("residency: expected auto, resident, streamed or swap, found '" + opt.residency + "'");
     if (!(opt.sched_weight > 0)) throw InvalidArgument("sched_weight: expected > 0, found " + std::to_string(opt.sched_weight));
     if (opt.max_running < 1) throw InvalidArgument("max_running: expected >= 1, found " + std::to_string(opt.max_running));
     {
@@ -106,7 +151,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
 
     // This engine's matmul precision; under fast, q8_0 / q4_0 matrices load repacked (x16).
     ModelSpec load_spec = spec;
-    load_spec.matmul_precision = cfg_.matmul_precision == "fast" ? MatmulPrecision::fast : MatmulPrecision::exact;
+    load_spec.matmul_precision = cfg_.matmul_precision;
     auto w = std::make_shared<const ModelWeights>(load_spec, progress);
     auto m = std::make_shared<ModelRt>();
     m->name = spec.name;
@@ -116,34 +161,23 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
         std::lock_guard<std::mutex> lk(mu_);
         m->id = next_model_id_++;
     }
-    const int max_rows = std::min(cfg_.max_seqs_per_step, cfg_.max_batch_tokens);
-    const uint64_t ws_bytes = workspace_bytes(spec, cfg_.max_batch_tokens, max_rows, backend_.scratch_lanes());
-    const uint64_t cap = ledger_.cap_bytes();
-    const uint64_t reserve = static_cast<uint64_t>(static_cast<double>(cap) * cfg_.kv_reserve_fraction);
-    const uint64_t headroom = ledger_.headroom_bytes();
-    const uint64_t spare = headroom > ws_bytes + reserve ? headroom - ws_bytes - reserve : 0;
-
-    // Auto residency: resident when the weights fit next to the KV reserve.
-    // Otherwise the head stays resident and layers stream through slots: at
-    // least 2 (double buffering), and at most half of the spare bytes, so models
-    // loaded later still find room (Belady turns extra slots into hits).
+    // Auto residency: the one-model plan (footprint.h) against the headroom now.
+    m->footprint = model_footprint(load_spec, cfg_, backend_.scratch_lanes());
+    const ModelFootprint& fp = m->footprint;
     const int n_layer = spec.n_layer;
-    bool resident = opt.residency == "resident" || (opt.residency == "auto" && w->total_unit_bytes() <= spare);
+    const uint64_t cap = ledger_.cap_bytes();
+    const uint64_t headroom = ledger_.headroom_bytes();
+    const uint64_t ws_bytes = fp.workspace_bytes;
+    const uint64_t kv_room = static_cast<uint64_t>(static_cast<double>(cap) * cfg_.kv_reserve_fraction);
+    const auto plan = plan_slots({fp}, {spec.name}, headroom, kv_room);
+    const int given = plan ? plan->front() : kMinSlots;  // minimums short: the booking below says so
+    bool resident = opt.residency == ResidencyMode::Resident || (opt.residency == ResidencyMode::Auto && given >= n_layer);
     int n_slots = 0;
-    if (!resident) {
-        const uint64_t head = w->unit(n_layer).n_bytes;
-        const uint64_t layer = std::max<uint64_t>(w->layer_unit_bytes(), 1);
-        const int min_slots = 2;
-        const uint64_t fair = spare > head ? (spare - head) / 2 / layer : 0;
-        n_slots = opt.stream_slots > 0 ? opt.stream_slots
-                                       : std::max<int>(min_slots, static_cast<int>(std::min<uint64_t>(
-                                                                      fair, static_cast<uint64_t>(n_layer - 1))));
-        n_slots = std::max(1, std::min(n_slots, n_layer));
-    }
-    const uint64_t weight_need = resident ? w->total_unit_bytes()
-                                          : w->unit(n_layer).n_bytes + static_cast<uint64_t>(n_slots) * w->layer_unit_bytes();
+    if (!resident) n_slots = opt.stream_slots > 0 ? opt.stream_slots : std::min(given, n_layer - 1);
+    if (!resident) n_slots = std::max(1, std::min(n_slots, n_layer));
+    const uint64_t weight_need = resident ? fp.weight_bytes() : fp.head_bytes + static_cast<uint64_t>(n_slots) * fp.layer_bytes;
     m->ws_mem = ledger_.alloc(spec.name, BookKind::Workspace, ws_bytes);
-    if (m->ws_mem && opt.residency == "swap") {
+    if (m->ws_mem && opt.residency == ResidencyMode::Swap) {
         if (w->total_unit_bytes() > headroom - std::min(headroom, ws_bytes)) {
             ledger_.free(m->ws_mem);
             throw NoSpaceError("cannot load model '" + spec.name + "' for whole-model swapping: its weights need " +
@@ -157,6 +191,7 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
                            " + workspace) but the ledger has " + mib(headroom) + " free under its cap of " + mib(cap) +
                            "; raise the device budget, unload a model, or choose streamed residency / smaller weights");
     }
+    const int max_rows = std::min(cfg_.max_seqs_per_step, cfg_.max_batch_tokens);
     workspace_init(m->ws, m->ws_mem.ptr, spec, cfg_.max_batch_tokens, max_rows, backend_.scratch_lanes());
     m->kv = std::make_unique<KvCache>(ledger_, spec.name, spec.n_layer, spec.kv_dim(), cfg_.kv_block_tokens);
     {
@@ -189,7 +224,7 @@ void Engine::unload_model(const std::string& name) {
 // ---- requests ----
 
 void Engine::submit(int64_t req_id, const std::string& model, std::vector<int32_t> prompt, SamplingParams params,
-                    bool capture_logits, bool ignore_eos) {
+                    bool capture_logits) {
     std::shared_ptr<ModelRt> m;
     {
         std::lock_guard<std::mutex> lk(mu_);
@@ -209,7 +244,10 @@ void Engine::submit(int64_t req_id, const std::string& model, std::vector<int32_
         throw InvalidArgument("prompt: " + std::to_string(prompt.size()) + " tokens leave no room in the context of " +
                               std::to_string(s.n_ctx) + " tokens");
     sampling_params_validate(params, s.n_vocab);
-    if (params.stop_token_ids.empty() && !ignore_eos) params.stop_token_ids = s.eos_ids;
+    if (!params.ignore_eos)
+        for (int32_t id : s.eos_ids)
+            if (std::find(params.stop_token_ids.begin(), params.stop_token_ids.end(), id) == params.stop_token_ids.end())
+                params.stop_token_ids.push_back(id);
 
     auto seq = std::make_unique<Sequence>();
     seq->id = req_id;
@@ -277,8 +315,8 @@ ModelInfo Engine::info_locked(const ModelRt& m) const {
     i.n_layer = s.n_layer;
     i.n_vocab = s.n_vocab;
     i.n_ctx = s.n_ctx;
-    i.weights = dtype_name(m.w->dtype());
-    i.matrix_format = dtype_name(m.w->matrix_dtype());
+    i.weights = m.w->dtype();
+    i.matrix_format = m.w->matrix_dtype();
     const ModelResidency r = residency_.model_info(m.id);
     i.resident = r.resident;
     i.n_slots = r.n_slots;
@@ -287,8 +325,7 @@ ModelInfo Engine::info_locked(const ModelRt& m) const {
     i.device_weight_bytes = r.resident ? m.w->total_unit_bytes()
                                        : m.w->unit(s.n_layer).n_bytes + static_cast<uint64_t>(r.n_slots) * r.slot_bytes;
     i.workspace_bytes = m.ws_mem.n_bytes;
-    i.kv_block_bytes = m.kv ? m.kv->block_bytes() : 0;
-    i.kv_bytes_per_token = static_cast<uint64_t>(s.n_layer) * 2 * static_cast<uint64_t>(s.kv_dim()) * 4;
+    i.footprint = m.footprint;
     i.sched_weight = m.opt.sched_weight;
     i.max_running = m.opt.max_running;
     i.eos_ids = s.eos_ids;
@@ -302,6 +339,78 @@ std::vector<ModelInfo> Engine::models() const {
     std::vector<ModelInfo> out;
     for (const auto& kv : models_) out.push_back(info_locked(*kv.second));
     return out;
+}
+
+ModelFootprint Engine::footprint(const ModelSpec& spec) const {
+    return model_footprint(spec, cfg_, backend_.scratch_lanes());
+}
+
+std::optional<std::vector<ModelPlacement>> Engine::plan_residency(const std::vector<ModelSpec>& specs) const {
+    std::vector<ModelFootprint> fps;
+    std::vector<std::string> names;
+    for (const ModelSpec& spec : specs) {
+        fps.push_back(footprint(spec));
+        names.push_back(spec.name);
+    }
+    const uint64_t kv_room = static_cast<uint64_t>(static_cast<double>(ledger_.cap_bytes()) * cfg_.kv_reserve_fraction);
+    const auto slots = plan_slots(fps, names, ledger_.headroom_bytes(), kv_room);
+    if (!slots) return std::nullopt;
+    std::vector<ModelPlacement> out;
+    for (size_t i = 0; i < specs.size(); i++) {
+        ModelPlacement p;
+        p.name = names[i];
+        const int n = (*slots)[i];
+        p.residency = n >= fps[i].n_layer ? ResidencyMode::Resident : ResidencyMode::Streamed;
+        p.n_slots = p.residency == ResidencyMode::Resident ? 0 : n;
+        p.device_bytes = fps[i].device_bytes(n);
+        out.push_back(std::move(p));
+    }
+    return out;
+}
+
+std::string Engine::device_summary() const {
+    Device& d = const_cast<Ledger&>(ledger_).device();
+    const std::string gpu = vulkan_device_summary(d);
+    return std::string(d.name()) + (gpu.empty() ? "" : ": " + gpu);
+}
+
+LedgerSnapshot Engine::ledger() const {
+    LedgerSnapshot snap = ledger_.snapshot();
+    std::lock_guard<std::mutex> lk(mu_);
+    for (const auto& kv : models_) {
+        const ModelFootprint& f = kv.second->footprint;
+        const uint64_t blocks = f.kv_block_bytes > 0 ? snap.kv_capacity_bytes / f.kv_block_bytes : 0;
+        OwnerUsage& o = snap.owners[kv.first];
+        o.kv_capacity_blocks = blocks;
+        o.kv_capacity_tokens = blocks * static_cast<uint64_t>(f.kv_block_tokens);
+    }
+    return snap;
+}
+
+EngineHealth Engine::health() const {
+    EngineHealth h;
+    h.n_loops = n_loops_.load();
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        h.busy = !live_ids_.empty() || !inbox_.empty();
+    }
+    const std::chrono::steady_clock::duration since(std::chrono::steady_clock::now().time_since_epoch().count() -
+                                                     last_loop_ticks_.load());
+    h.since_loop_s = std::chrono::duration<double>(since).count();
+    return h;
+}
+
+void Engine::debug_stall(bool on) {
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        stalled_ = on;
+    }
+    cv_.notify_all();
+}
+
+void Engine::note_loop() {
+    last_loop_ticks_ = std::chrono::steady_clock::now().time_since_epoch().count();
+    n_loops_++;
 }
 
 uint64_t Engine::kv_bytes_for(const std::string& model, int64_t n_tokens) const {
@@ -320,11 +429,15 @@ EngineStats Engine::stats() const {
 
 // ---- the step thread ----
 
-void Engine::finish(Sequence* s, EventKind kind, const std::string& detail) {
+void Engine::finish(Sequence* s, EventKind kind, FinishReason reason, ErrorCode code, const std::string& message) {
+    assert((kind == EventKind::Done) == (reason != FinishReason::None));
+    assert((kind == EventKind::Error) == (code != ErrorCode::None));
     EngineEvent ev;
     ev.req_id = s->id;
     ev.kind = kind;
-    ev.detail = detail;
+    ev.finish_reason = reason;
+    ev.error_code = code;
+    ev.message = message;
     ev.prompt_tokens = s->n_prompt;
     ev.n_preempted = s->n_preempted;
     if (s->n_generated() > 0) {
@@ -354,7 +467,8 @@ void Engine::apply(Command& c) {
         case Command::RemoveModel: {
             for (Sequence* s : scheduler_.remove_model(c.model)) {
                 s->state = SeqState::Finished;
-                finish(s, EventKind::Error, "model unloaded while the request was queued or running");
+                finish(s, EventKind::Error, FinishReason::None, ErrorCode::ModelUnloaded,
+                       "model unloaded while the request was queued or running");
             }
             std::shared_ptr<ModelRt> m;
             {
@@ -380,7 +494,7 @@ void Engine::apply(Command& c) {
         }
         case Command::Cancel: {
             auto it = seqs_.find(c.req_id);
-            if (it != seqs_.end()) finish(it->second.get(), EventKind::Done, "cancelled");
+            if (it != seqs_.end()) finish(it->second.get(), EventKind::Done, FinishReason::Cancelled);
             break;
         }
     }
@@ -433,8 +547,8 @@ void Engine::run_plan(StepPlan& plan) {
             std::lock_guard<std::mutex> lk(ev_mu_);
             captured_[s->id].assign(logits, logits + spec.n_vocab);
         }
-        const std::vector<int32_t> prompt(s->tokens.begin(), s->tokens.begin() + s->n_prompt);
-        const std::vector<int32_t> gen(s->tokens.begin() + s->n_prompt, s->tokens.end());
+        const TokenSpan prompt{s->tokens.data(), static_cast<size_t>(s->n_prompt)};
+        const TokenSpan gen{s->tokens.data() + s->n_prompt, static_cast<size_t>(s->n_generated())};
         chosen[static_cast<size_t>(r)] = sample(logits, spec.n_vocab, s->params, prompt, gen,
                                                 static_cast<uint64_t>(s->n_generated()), scratch_[static_cast<size_t>(thread)]);
     });
@@ -452,9 +566,9 @@ void Engine::run_plan(StepPlan& plan) {
         emit(std::move(ev));
         const auto& stops = s->params.stop_token_ids;
         if (std::find(stops.begin(), stops.end(), tok) != stops.end()) {
-            finish(s, EventKind::Done, "stop");
+            finish(s, EventKind::Done, FinishReason::Stop);
         } else if (s->n_generated() >= s->params.max_tokens || s->n_tokens() >= spec.n_ctx) {
-            finish(s, EventKind::Done, "length");
+            finish(s, EventKind::Done, FinishReason::Length);
         }
     }
     std::lock_guard<std::mutex> lk(stats_mu_);
@@ -478,8 +592,8 @@ void Engine::fail_plan(StepPlan& plan, const std::string& what) {
     for (const PlanItem& it : plan.items) {
         if (live.count(it.seq) == 0) continue;
         live.erase(it.seq);
-        finish(it.seq, EventKind::Error,
-               "engine_failure: a step of model '" + name + "' failed and the request was stopped: " + what);
+        finish(it.seq, EventKind::Error, FinishReason::None, ErrorCode::EngineFailure,
+               "a step of model '" + name + "' failed and the request was stopped: " + what);
     }
 }
 
@@ -488,16 +602,25 @@ void Engine::step_main() {
         std::deque<Command> cmds;
         {
             std::unique_lock<std::mutex> lk(mu_);
-            cv_.wait(lk, [&] { return stop_ || !inbox_.empty() || scheduler_.has_work(); });
+            note_loop();
+            cv_.wait(lk, [&] { return stop_ || (!stalled_ && (!inbox_.empty() || scheduler_.has_work())); });
             if (stop_) break;
             cmds.swap(inbox_);
         }
         for (Command& c : cmds) apply(c);
         StepPlan plan = scheduler_.schedule();
-        for (Sequence* s : plan.rejected)
-            finish(s, EventKind::Error,
-                   "kv_exceeds_budget: the request needs more KV blocks than the device can hold even alone (" +
-                       std::to_string(s->n_tokens()) + " tokens)");
+        for (Sequence* s : plan.rejected) {
+            uint64_t block_bytes = 0;
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                if (auto it = by_id_.find(s->model); it != by_id_.end()) block_bytes = it->second->footprint.kv_block_bytes;
+            }
+            finish(s, EventKind::Error, FinishReason::None, ErrorCode::KvExceedsBudget,
+                   "the request needs KV for more than " + std::to_string(s->n_tokens()) + " tokens (blocks of " +
+                       std::to_string(block_bytes) + " bytes) but this device can give KV at most " +
+                       std::to_string(ledger_.snapshot().kv_capacity_bytes) +
+                       " bytes, even with every other request paused");
+        }
         if (plan.empty()) {
             // Work exists but must wait (for KV freed by another model's progress).
             std::unique_lock<std::mutex> lk(mu_);
@@ -516,7 +639,8 @@ void Engine::step_main() {
     // Shutdown: every live request ends with an event.
     std::vector<Sequence*> left;
     for (auto& kv : seqs_) left.push_back(kv.second.get());
-    for (Sequence* s : left) finish(s, EventKind::Error, "engine shut down before the request finished");
+    for (Sequence* s : left)
+        finish(s, EventKind::Error, FinishReason::None, ErrorCode::Shutdown, "engine shut down before the request finished");
 }
 
 }  // namespace lmx

@@ -13,11 +13,13 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
 #include <vector>
 
+#include "footprint.h"
 #include "forward.h"
 #include "kv_cache.h"
 #include "ledger.h"
@@ -35,56 +37,80 @@ struct NoSpaceError : Error {
     using Error::Error;
 };
 
+// Every default below is THE default: Python reads it from the bound type (engine._core),
+// the worker's settings take theirs from here. Enum values are CamelCase in C++ and
+// lowercase in Python ("belady", "exact", "kv_exceeds_budget"), as in config files.
 struct EngineConfig {
-    uint64_t budget_bytes = 1ull << 30;
+    uint64_t budget_bytes = 2ull << 30;  // the whole device; the ledger books at most cap_fraction of it
     double cap_fraction = 0.9;
-    int n_threads = 0;  // 0: all cores
-    int prefetch_depth = 2;
-    std::string eviction = "belady";
+    int n_threads = 0;       // 0: one per usable core
+    int prefetch_depth = 2;  // layer copies the copy thread may run ahead of compute (0: load on demand)
+    Eviction eviction = Eviction::Belady;
     int kv_block_tokens = 16;
     int max_batch_tokens = 512;
     int max_seqs_per_step = 64;
-    double kv_reserve_fraction = 0.25;  // of the cap, kept free for KV when deciding residency
-    // "exact" (bitwise the same on every ISA) or "fast" (denser dot products where the CPU has
-    // them; see kernels.h). Process-wide: the last engine constructed decides.
-    std::string matmul_precision = "exact";
+    double kv_reserve_fraction = 0.25;  // of the cap, kept free for KV when planning residency
+    // exact: bitwise the same tokens on every ISA; fast: denser dot products where the CPU has
+    // them (kernels.h). Carried by each model's weight views: per engine, never process-wide.
+    MatmulPrecision matmul_precision = MatmulPrecision::exact;
+    // The device: "cpu" (the RAM arena and the SIMD kernels) or "vulkan" (GPU device_index;
+    // engine/src/vulkan, docs/vulkan.md). Vulkan where none exists is an Error naming what was found.
+    std::string device_kind = "cpu";
+    int device_index = 0;
 };
 
+enum class ResidencyMode : uint8_t { Auto = 0, Resident = 1, Streamed = 2, Swap = 3 };
+const char* residency_mode_name(ResidencyMode m);
+
 struct ModelLoadOptions {
-    std::string residency = "auto";  // auto | resident | streamed | swap (whole-model swapping baseline)
+    ResidencyMode residency = ResidencyMode::Auto;  // Swap: whole-model swapping, the benchmark baseline
     double sched_weight = 1.0;
-    int max_running = 64;
-    int stream_slots = 0;  // 0: as many as fit next to the KV reserve (>= prefetch_depth + 1)
+    int max_running = 32;  // concurrent sequences of this model
+    int stream_slots = 0;  // Streamed: layer slots; 0 = as the single-model plan gives (>= 2)
 };
 
 struct ModelInfo {
     std::string name;
     int id = -1;
     int n_layer = 0, n_vocab = 0, n_ctx = 0;
-    std::string weights;
-    std::string matrix_format;  // how the device holds the matrices: weights, or its x16 form under fast precision
+    DType weights = DType::F32;
+    DType matrix_format = DType::F32;  // how the device holds the matrices: weights, or their x16 form under fast
     bool resident = false;
     int n_slots = 0;
     int n_units_loaded = 0;
-    uint64_t weight_bytes = 0;      // all units
-    uint64_t device_weight_bytes = 0;  // booked for weights (resident units or slots)
+    uint64_t weight_bytes = 0;         // all units
+    uint64_t device_weight_bytes = 0;  // booked for weights (resident units or head + slots)
     uint64_t workspace_bytes = 0;
-    uint64_t kv_bytes_per_token = 0;
-    uint64_t kv_block_bytes = 0;
+    ModelFootprint footprint;          // what each residency choice costs (footprint.h)
     double sched_weight = 1.0;
     int max_running = 0;
     int n_requests = 0;  // submitted and not finished (queued or running)
     std::vector<int32_t> eos_ids;
 };
 
-enum class EventKind : int32_t { Token = 0, Done = 1, Error = 2 };
+enum class EventKind : uint8_t { Token = 0, Done = 1, Error = 2 };
+// Why a request ended (Done events); None on Token and Error events.
+enum class FinishReason : uint8_t { None = 0, Stop = 1, Length = 2, Cancelled = 3 };
+// Why a request failed (Error events); None on Token and Done events. The worker maps
+// these to the wire protocol's codes in one table (worker/engine_driver.py).
+enum class ErrorCode : uint8_t {
+    None = 0,
+    KvExceedsBudget = 1,  // its KV can never fit the device, even with every other request paused
+    ModelUnloaded = 2,    // its model was unloaded while it was queued or running
+    EngineFailure = 3,    // a step failed (e.g. a whole-model swap found no room); other requests go on
+    Shutdown = 4,         // the engine shut down before it finished
+};
+const char* finish_reason_name(FinishReason r);
+const char* error_code_name(ErrorCode c);
 
 struct EngineEvent {
     int64_t req_id = 0;
     EventKind kind = EventKind::Token;
     int32_t token = -1;
-    int32_t index = -1;       // generation index of token
-    std::string detail;       // finish_reason ("stop" | "length" | "cancelled") or error message
+    int32_t index = -1;  // generation index of token
+    FinishReason finish_reason = FinishReason::None;
+    ErrorCode error_code = ErrorCode::None;
+    std::string message;  // Error: what happened, with the numbers
     int32_t prompt_tokens = 0;
     double prefill_ms = 0, decode_ms = 0;
     int32_t n_preempted = 0;
@@ -99,6 +125,23 @@ struct EngineStats {
     ResidencyStats residency;
 };
 
+// Liveness of the step thread. n_loops grows every time the thread goes round its loop (after
+// a step, or a wait for KV, or before sleeping with nothing to do); busy says whether requests
+// or commands are waiting on it. A thread that stays busy while n_loops stands still is stuck.
+struct EngineHealth {
+    uint64_t n_loops = 0;
+    bool busy = false;
+    double since_loop_s = 0;  // seconds since n_loops last grew
+};
+
+// How one model is placed by a residency plan.
+struct ModelPlacement {
+    std::string name;
+    ResidencyMode residency = ResidencyMode::Resident;  // Resident or Streamed
+    int n_slots = 0;                                    // Streamed: layer slots
+    uint64_t device_bytes = 0;                          // weights on device + workspace
+};
+
 class Engine {
 public:
     explicit Engine(const EngineConfig& cfg);
@@ -106,26 +149,44 @@ public:
     Engine(const Engine&) = delete;
     Engine& operator=(const Engine&) = delete;
 
+    // Loads spec's files and books its bytes (workspace, then resident units or head + slots).
+    // Auto residency: the plan of this one model against the ledger's headroom now.
     ModelInfo load_model(const ModelSpec& spec, const ModelLoadOptions& opt, const LoadProgress& progress);
     void unload_model(const std::string& name);  // fails the model's requests, frees its bytes
 
+    // What spec would cost on this engine (its config and thread count), from the file
+    // headers alone: nothing is loaded or booked. Equal to what load_model books.
+    ModelFootprint footprint(const ModelSpec& spec) const;
+    // One plan for several models loaded together (footprint.h, plan_residency) against the
+    // ledger's headroom now, keeping kv_reserve_fraction of the cap for KV. nullopt when even
+    // every model's minimum does not fit.
+    std::optional<std::vector<ModelPlacement>> plan_residency(const std::vector<ModelSpec>& specs) const;
+
     // Throws InvalidArgument (unknown model, empty or too long prompt, bad params, duplicate id).
-    // ignore_eos: no stop ids beyond params.stop_token_ids (otherwise the model's EOS ids are added when it is empty).
+    // Stop ids: params.stop_token_ids, plus the model's EOS ids unless params.ignore_eos.
     void submit(int64_t req_id, const std::string& model, std::vector<int32_t> prompt, SamplingParams params,
-                bool capture_logits, bool ignore_eos = false);
+                bool capture_logits = false);
     void cancel(int64_t req_id);  // no-op when unknown or finished
 
     int event_fd() const { return event_fd_; }
     std::vector<EngineEvent> drain_events();
     std::vector<float> take_logits(int64_t req_id);  // of a capture_logits request, first sampled position
 
-    LedgerSnapshot ledger() const { return ledger_.snapshot(); }
+    // The ledger's figures plus, per model, the KV it could ever hold (tokens and blocks).
+    LedgerSnapshot ledger() const;
+    // One line naming the device (kind; for a GPU: name, driver, heap, transfer queue).
+    std::string device_summary() const;
     std::vector<ModelInfo> models() const;
     uint64_t kv_bytes_for(const std::string& model, int64_t n_tokens) const;
     EngineStats stats() const;
+    EngineHealth health() const;
     const EngineConfig& config() const { return cfg_; }
     int n_threads() const { return pool_.n_threads(); }
     void shutdown();
+
+    // Test hook: while stalled, the step thread blocks at the top of its loop (requests queue,
+    // health().n_loops stops growing). Lets tests see a stuck engine for real.
+    void debug_stall(bool on);
 
 private:
     struct ModelRt {
@@ -136,6 +197,7 @@ private:
         DeviceBuffer ws_mem;
         Workspace ws;
         ModelLoadOptions opt;
+        ModelFootprint footprint;
     };
     struct Command {
         enum Kind { Submit, Cancel, AddModel, RemoveModel } kind;
@@ -147,8 +209,10 @@ private:
     void step_main();
     void apply(Command& c);
     void run_plan(StepPlan& plan);
-    void fail_plan(StepPlan& plan, const std::string& what);  // ends the plan's live sequences with an error
-    void finish(Sequence* s, EventKind kind, const std::string& detail);
+    void fail_plan(StepPlan& plan, const std::string& what);
+    void note_loop();  // health: one more pass of the step loop  // ends the plan's live sequences with an error
+    void finish(Sequence* s, EventKind kind, FinishReason reason, ErrorCode code = ErrorCode::None,
+                const std::string& message = {});
     void emit(EngineEvent ev);
     ModelInfo info_locked(const ModelRt& m) const;
 
@@ -183,6 +247,11 @@ private:
     std::mutex unload_mu_;
     std::condition_variable unload_cv_;
     std::vector<int> removed_;  // model ids whose removal the step thread finished
+
+    // health (written by the step thread, read by anyone)
+    std::atomic<uint64_t> n_loops_{0};
+    std::atomic<int64_t> last_loop_ticks_{0};  // steady_clock ticks
+    bool stalled_ = false;                  // debug_stall; guarded by mu_
 
     std::thread step_thread_;
 };

@@ -90,6 +90,9 @@ LedgerSnapshot Ledger::snapshot() const {
     s.peak_bytes = peak_;
     s.n_denied = n_denied_;
     s.owners = owners_;
+    uint64_t fixed = 0;
+    for (const auto& kv : owners_) fixed += kv.second.weights_bytes + kv.second.workspace_bytes;
+    s.kv_capacity_bytes = cap_ > fixed ? cap_ - fixed : 0;
     return s;
 }
 

@@ -26,6 +26,10 @@ struct OwnerUsage {
     uint64_t weights_bytes = 0;
     uint64_t kv_bytes = 0;
     uint64_t workspace_bytes = 0;
+    // KV this model could ever hold: kv_capacity_bytes in its whole blocks (filled by the
+    // engine, which knows block sizes; 0 in a bare ledger's snapshot).
+    uint64_t kv_capacity_blocks = 0;
+    uint64_t kv_capacity_tokens = 0;
     uint64_t total() const { return weights_bytes + kv_bytes + workspace_bytes; }
 };
 
@@ -35,6 +39,8 @@ struct LedgerSnapshot {
     uint64_t used_bytes = 0;
     uint64_t peak_bytes = 0;
     uint64_t n_denied = 0;  // bookings refused because of the cap
+    // What KV can ever get: the cap less every booking that is not KV (weights, workspaces).
+    uint64_t kv_capacity_bytes = 0;
     std::map<std::string, OwnerUsage> owners;
     uint64_t headroom_bytes() const { return cap_bytes - used_bytes; }
 };

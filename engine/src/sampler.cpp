@@ -68,7 +68,7 @@ int bit_width(uint32_t v) {
 
 // Penalties index logits by token id, so a bad id would be an out-of-bounds write.
 // The engine validates prompts on admission; this is the last line of defence.
-void check_ids(const std::vector<int32_t>& ids, int32_t n_vocab, const char* what) {
+void check_ids(TokenSpan ids, int32_t n_vocab, const char* what) {
     for (int32_t t : ids) {
         if (t < 0 || t >= n_vocab) {
             throw InvalidArgument(std::string("sample: ") + what + " token id " + std::to_string(t) +
@@ -85,8 +85,8 @@ void check_ids(const std::vector<int32_t>& ids, int32_t n_vocab, const char* wha
 // counts is the caller's scratch and holds garbage. Rather than clearing all n_vocab
 // slots on every token, each pass first zeroes exactly the slots of the ids it is
 // about to read, so the cost is O(history), not O(vocab), and no garbage is ever read.
-void apply_penalties(float* logits, int32_t n_vocab, const SamplingParams& p, const std::vector<int32_t>& prompt,
-                     const std::vector<int32_t>& generated, std::vector<int32_t>& counts) {
+void apply_penalties(float* logits, int32_t n_vocab, const SamplingParams& p, TokenSpan prompt, TokenSpan generated,
+                     std::vector<int32_t>& counts) {
     const bool repetition = p.repetition_penalty != 1.0f;
     const bool presence_frequency = p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
     if (!repetition && !presence_frequency) return;
@@ -316,8 +316,8 @@ double sampler_uniform(uint64_t seed, uint64_t step) {
 //
 // +inf logits (after penalties) share all the mass equally: they are the limit of
 // logits growing without bound, and softmax of that limit is uniform over them.
-int32_t sample(float* logits, int32_t n_vocab, const SamplingParams& p, const std::vector<int32_t>& prompt,
-               const std::vector<int32_t>& generated, uint64_t step, SamplerScratch& scratch) {
+int32_t sample(float* logits, int32_t n_vocab, const SamplingParams& p, TokenSpan prompt, TokenSpan generated,
+               uint64_t step, SamplerScratch& scratch) {
     assert(logits != nullptr && n_vocab >= 1);
     assert(p.temperature >= 0.0f && p.top_k >= 0 && p.top_p > 0.0f && p.top_p <= 1.0f);
     assert(p.min_p >= 0.0f && p.min_p <= 1.0f && p.repetition_penalty > 0.0f);

@@ -100,17 +100,12 @@ bool Scheduler::try_plan(int model, ModelQueue& q, StepPlan& plan) {
         return static_cast<int32_t>(std::min<int64_t>(left, budget));
     };
     // Reserve KV for s to cover n more positions, preempting the newest running
-    // sequences of this model (never one already planned before s) if needed.
+    // sequence of this model while that is not s itself (the newest is never one
+    // planned before s: running is in arrival order and s is planned in that order).
     auto reserve = [&](Sequence* s, int32_t n) {
         while (q.kv->reserve(s->blocks, s->n_computed + n) != BookResult::Ok) {
-            Sequence* victim = nullptr;
-            for (auto it = q.running.rbegin(); it != q.running.rend(); ++it) {
-                if (*it == s) break;
-                victim = *it;
-                break;
-            }
-            if (victim == nullptr || victim == s) return false;
-            preempt(q, victim, plan);
+            if (q.running.empty() || q.running.back() == s) return false;
+            preempt(q, q.running.back(), plan);
         }
         return true;
     };
@@ -123,6 +118,11 @@ bool Scheduler::try_plan(int model, ModelQueue& q, StepPlan& plan) {
         if (budget == 0 || static_cast<int>(plan.items.size()) >= max_seqs_per_step_) break;
         const int32_t n = chunk_of(s);
         if (!reserve(s, n)) {
+            // All the KV anyone holds is s's own and it still cannot grow: it never will.
+            if (kv_blocks_held() == static_cast<int64_t>(s->blocks.size())) {
+                reject(q, s, plan);
+                continue;
+            }
             preempt(q, s, plan);
             continue;
         }
@@ -144,6 +144,20 @@ bool Scheduler::try_plan(int model, ModelQueue& q, StepPlan& plan) {
     return !plan.items.empty();
 }
 
+int64_t Scheduler::kv_blocks_held() const {
+    int64_t held = 0;
+    for (const auto& kv : models_) held += kv.second.kv->n_blocks_in_use();
+    return held;
+}
+
+void Scheduler::reject(ModelQueue& q, Sequence* s, StepPlan& plan) {
+    q.kv->release(s->blocks);
+    q.running.erase(std::remove(q.running.begin(), q.running.end(), s), q.running.end());
+    q.waiting.erase(std::remove(q.waiting.begin(), q.waiting.end(), s), q.waiting.end());
+    s->state = SeqState::Finished;
+    plan.rejected.push_back(s);
+}
+
 StepPlan Scheduler::schedule() {
     // Wake-ups join at the lowest pass among the already active models.
     double min_pass = std::numeric_limits<double>::infinity();
@@ -159,29 +173,27 @@ StepPlan Scheduler::schedule() {
         if (busy) cands.push_back({q.pass, kv.first});
     }
     std::sort(cands.begin(), cands.end());
+    StepPlan none;  // what failed attempts rejected or preempted travels with the plan returned
     for (const auto& c : cands) {
         StepPlan plan;
         ModelQueue& q = models_[c.second];
-        if (try_plan(c.second, q, plan)) {
+        const bool ok = try_plan(c.second, q, plan);
+        none.rejected.insert(none.rejected.end(), plan.rejected.begin(), plan.rejected.end());
+        none.preempted.insert(none.preempted.end(), plan.preempted.begin(), plan.preempted.end());
+        if (ok) {
             q.pass += 1.0 / q.weight;
+            plan.rejected = std::move(none.rejected);
+            plan.preempted = std::move(none.preempted);
             return plan;
         }
         // Nothing fit for this model; the preempted (if any) wait. Try the next.
     }
     // Work exists but no model could take a step. If no KV is held anywhere, the
     // head of the first queue cannot fit even alone: it will never run.
-    StepPlan none;
     if (cands.empty()) return none;
-    int64_t held = 0;
-    for (auto& kv : models_) held += kv.second.kv->n_blocks_in_use();
-    if (held == 0) {
+    if (kv_blocks_held() == 0) {
         ModelQueue& q = models_[cands.front().second];
-        if (!q.waiting.empty()) {
-            Sequence* s = q.waiting.front();
-            q.waiting.pop_front();
-            s->state = SeqState::Finished;
-            none.rejected.push_back(s);
-        }
+        if (!q.waiting.empty()) reject(q, q.waiting.front(), none);
     }
     return none;
 }

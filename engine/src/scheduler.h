@@ -60,7 +60,7 @@ struct StepPlan {
     int model = -1;  // -1: nothing to run
     std::vector<PlanItem> items;
     std::vector<Sequence*> preempted;  // released their KV this step
-    std::vector<Sequence*> rejected;   // can never fit: the engine fails them
+    std::vector<Sequence*> rejected;   // can never fit even alone: the engine fails them (kv_exceeds_budget)
     bool empty() const { return items.empty(); }
 };
 
@@ -100,6 +100,8 @@ private:
     bool try_plan(int model, ModelQueue& q, StepPlan& plan);
     void preempt(ModelQueue& q, Sequence* s, StepPlan& plan);
     void insert_waiting(ModelQueue& q, Sequence* s);
+    void reject(ModelQueue& q, Sequence* s, StepPlan& plan);  // s can never fit: it leaves, Finished
+    int64_t kv_blocks_held() const;                           // by every model
 
     int max_batch_tokens_;
     int max_seqs_per_step_;

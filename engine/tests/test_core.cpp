@@ -196,6 +196,28 @@ TEST(scheduler_rejects_a_sequence_that_cannot_fit_even_alone) {
     CHECK(!s.has_work());
 }
 
+TEST(scheduler_rejects_a_running_sequence_that_outgrows_the_device_alone) {
+    // Room for 2 blocks of 4 tokens: x fits as a prompt, then grows past what the device holds.
+    auto L = make_ledger(2 * 512, 1.0);
+    KvCache kv(*L, "a", 1, 16, 4);
+    Scheduler s(64, 8);
+    s.add_model(0, 1.0, 8, &kv, 1000);
+    auto x = make_seq(1, 0, 7, 100);
+    s.add(x.get());
+    StepPlan p = s.schedule();  // 7 tokens: 2 blocks
+    CHECK(p.items.size() == 1 && kv.n_blocks_in_use() == 2);
+    s.update(p);
+    x->tokens.push_back(5);
+    p = s.schedule();  // position 8 fits the 2nd block
+    CHECK(p.items.size() == 1 && p.items[0].n_tokens == 1);
+    s.update(p);
+    x->tokens.push_back(6);
+    p = s.schedule();  // position 9 needs a 3rd block; x alone holds every block: rejected, not preempted
+    CHECK(p.empty() && p.preempted.empty());
+    CHECK(p.rejected.size() == 1 && p.rejected[0] == x.get() && x->state == SeqState::Finished);
+    CHECK(kv.n_blocks_in_use() == 0 && !s.has_work());
+}
+
 namespace {
 // Acquires units in order with release, as forward_step does.
 void scan(Residency& r, int model, int n_units) {
@@ -322,7 +344,7 @@ TEST(engine_streamed_and_resident_generate_the_same_tokens) {
     const std::string dir = tmpdir();
     ModelSpec spec = lmx_test::write_tiny_model(dir, 3);
     std::vector<std::vector<int32_t>> outs;
-    for (const char* residency : {"resident", "streamed"}) {
+    for (ResidencyMode residency : {ResidencyMode::Resident, ResidencyMode::Streamed}) {
         EngineConfig c;
         c.budget_bytes = 16 << 20;
         c.n_threads = 2;
@@ -335,7 +357,8 @@ TEST(engine_streamed_and_resident_generate_the_same_tokens) {
         p.temperature = 0.7f;
         p.seed = 42;
         p.max_tokens = 12;
-        e.submit(1, "tiny", {1, 2, 3, 4, 5}, p, false, true);
+        p.ignore_eos = true;
+        e.submit(1, "tiny", {1, 2, 3, 4, 5}, p);
         std::vector<int32_t> toks;
         bool done = false;
         for (int i = 0; i < 2000 && !done; i++) {
