@@ -1,0 +1,353 @@
+"""The engine on the Vulkan device computes what Hugging Face transformers computes.
+
+Runs on any Vulkan 1.2 device; here that is Mesa's lavapipe (a conformant Vulkan device on the
+CPU), so these tests say nothing about speed. Every engine of this module runs under
+VK_LAYER_KHRONOS_validation with synchronization validation (LMX_VK_VALIDATION=1, set before the
+first engine), and every test fails on any validation message. The module skips, with one line
+saying why, where the engine was built without Vulkan or the machine has no Vulkan device.
+
+Bounds (the CPU engine's, tests/test_parity.py):
+  * f32: greedy tokens identical to HF for 32 steps, last-position logits within 1e-4 relative;
+  * f16 / q8_0 / q4_0 conversion at load: logits against HF on the same weights rounded the
+    engine's way within 1e-4 (f16) / 1e-3 (q8_0, q4_0) relative, and the Vulkan engine's greedy
+    tokens equal to the CPU engine's on the same weights for 32 steps;
+  * 8 sequences submitted together give, bit for bit, the tokens each gives alone;
+  * a model streamed through 2 layer slots (<= 30 % of its weights on the device) gives the
+    tokens of the resident model, and its layers were copied more than once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hf_reference as ref
+import numpy as np
+import pytest
+import redis
+
+os.environ.setdefault("LMX_VK_VALIDATION", "1")
+os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+
+from engine import (
+    Engine,
+    EngineConfig,
+    ModelLoadOptions,
+    ResidencyMode,
+    SamplingParams,
+    _core,
+)
+from engine.errors import LayermuxError
+from engine.model_factory import make_model, tokenizer_size
+from engine.text import Tokenizer
+from producer_sdk.client import AsyncProducer
+from producer_sdk.keys import Keys
+
+ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64}
+# The random architectures of tests/test_parity.py that the Vulkan backend runs (Gemma 3's
+# GeGLU / soft-cap / sliding window are CPU-only for now).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "llama_untied_rope3_gqa4": {"arch": "llama", "hidden": 128, "n_heads": 8, "n_kv_heads": 2, "intermediate": 256,
+                                "rope_scaling": ROPE3, "seed": 1},
+    "smol_tied_gqa1": {"arch": "llama", "hidden": 64, "n_heads": 4, "n_kv_heads": 4, "intermediate": 128,
+                       "tie_embeddings": True, "rope_theta": 100000.0, "seed": 1},
+    "qwen2_bias_gqa3": {"arch": "qwen2", "hidden": 96, "n_heads": 6, "n_kv_heads": 2, "intermediate": 160,
+                        "tie_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "seed": 5},
+}
+INIT_STD = 0.2
+MIN_MARGIN = 2e-3
+N_GREEDY = 32
+F32_TOL = 1e-4
+CONVERSION_TOL = {"f16": 1e-4, "q8_0": 1e-3, "q4_0": 1e-3}
+BUDGET = 96 << 20
+
+
+def _probe() -> str | None:
+    """None when a Vulkan engine can be made here, else the one-line reason."""
+    try:
+        with Engine(EngineConfig(budget_bytes=16 << 20, device_kind="vulkan")):
+            return None
+    except LayermuxError as e:
+        return str(e)
+
+
+_WHY = _probe()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"no Vulkan device: {_WHY}")
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(1000 + n).integers(3, tokenizer_size(), n)]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def validation_messages() -> int:
+    """Messages of the validation layer so far in this process (the engine's debug messenger counts them)."""
+    count: Callable[[], int] = vars(_core)["vulkan_validation_messages"]  # the generated stub may lag
+    return count()
+
+
+@pytest.fixture(autouse=True)
+def no_validation_messages() -> Iterator[None]:
+    before = validation_messages()
+    yield
+    assert validation_messages() == before, "Vulkan validation messages (printed on stderr)"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vulkan")
+    return {name: make_model(root / name, init_std=INIT_STD, **kw) for name, kw in VARIANTS.items()}
+
+
+@pytest.fixture(scope="module")
+def vk() -> Iterator[Engine]:
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def cpu() -> Iterator[Engine]:
+    with Engine(EngineConfig(budget_bytes=BUDGET)) as e:
+        yield e
+
+
+def test_device_summary_names_the_vulkan_device(vk: Engine) -> None:
+    summary = vk.device_summary()
+    assert summary.startswith("vulkan: ") and "heap" in summary and "queue" in summary, summary
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_f32_greedy_tokens_equal_transformers_for_32_steps(vk: Engine, model_dirs: dict[str, Path],
+                                                           variant: str) -> None:
+    path = model_dirs[variant]
+    vk.load_model(variant, path)
+    try:
+        for n in (7, 40):
+            prompt = prompt_ids(n)
+            run = ref.hf_greedy(path, prompt, N_GREEDY)
+            assert run.margins.min() >= MIN_MARGIN, "test setup: the reference has a near tie"
+            assert vk.generate(variant, prompt, greedy(N_GREEDY)) == run.tokens, f"{variant}, prompt of {n}"
+            err = ref.rel_error(vk.debug_logits(variant, prompt), run.logits[0])
+            assert err <= F32_TOL, f"{variant}: relative error {err:.3g}"
+    finally:
+        vk.unload_model(variant)
+
+
+@pytest.mark.parametrize("fmt", list(CONVERSION_TOL))
+def test_converted_weights_match_the_reference_rounding_and_the_cpu_engine(
+        vk: Engine, cpu: Engine, model_dirs: dict[str, Path], tmp_path: Path, fmt: str) -> None:
+    variant = "llama_untied_rope3_gqa4"
+    ref_dir = ref.write_converted_model(model_dirs[variant], tmp_path / fmt, fmt)
+    name = f"{variant}-{fmt}"
+    vk.load_model(name, model_dirs[variant], weights=fmt)
+    cpu.load_model(name, model_dirs[variant], weights=fmt)
+    try:
+        for n in (1, 40):
+            err = ref.rel_error(vk.debug_logits(name, prompt_ids(n)), ref.hf_logits(ref_dir, prompt_ids(n)))
+            assert err <= CONVERSION_TOL[fmt], f"{fmt}, prompt of {n}: relative error {err:.3g}"
+        prompt = prompt_ids(7)
+        assert vk.generate(name, prompt, greedy(N_GREEDY)) == cpu.generate(name, prompt, greedy(N_GREEDY))
+    finally:
+        vk.unload_model(name)
+        cpu.unload_model(name)
+
+
+def _run_together(eng: Engine, model: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    ids = [eng.new_request_id() for _ in prompts]
+    for rid, p in zip(ids, prompts):
+        eng.submit(rid, model, p, greedy(n))
+    out: dict[int, list[int]] = {rid: [] for rid in ids}
+    finished: set[int] = set()
+    while len(finished) < len(ids):
+        for ev in eng.wait_events(5.0):
+            if ev.req_id not in out:
+                continue
+            assert ev.kind.name != "error", ev
+            if ev.kind.name == "token":
+                out[ev.req_id].append(ev.token_id)
+            else:
+                finished.add(ev.req_id)
+    return [out[rid] for rid in ids]
+
+
+def test_batched_sequences_equal_each_alone(vk: Engine, model_dirs: dict[str, Path]) -> None:
+    variant = "qwen2_bias_gqa3"
+    vk.load_model("batch", model_dirs[variant])
+    try:
+        prompts = [prompt_ids(n) for n in (1, 5, 15, 16, 17, 31, 33, 70)]  # around the 16-token KV blocks
+        together = _run_together(vk, "batch", prompts, 12)
+        alone = [vk.generate("batch", p, greedy(12)) for p in prompts]
+        assert together == alone
+    finally:
+        vk.unload_model("batch")
+
+
+def test_streamed_at_30_percent_of_the_weights_equals_resident(tmp_path: Path) -> None:
+    kw = dict(VARIANTS["llama_untied_rope3_gqa4"], n_layers=10)  # 2 slots of 10 layers + the head: ~25 %
+    path = make_model(tmp_path / "deep", init_std=INIT_STD, **kw)
+    prompts = [prompt_ids(n) for n in (7, 40)]
+    runs: dict[str, list[list[int]]] = {}
+    for mode in ("resident", "streamed"):
+        opts = ModelLoadOptions(residency=ResidencyMode.resident) if mode == "resident" else \
+            ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2)
+        with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+            info = e.load_model("m", path, options=opts)
+            runs[mode] = _run_together(e, "m", prompts, 16)
+            if mode == "streamed":
+                assert not info.resident and info.n_slots == 2
+                assert info.device_weight_bytes <= 0.3 * info.weight_bytes + 1, info
+                assert e.stats().residency.bytes_copied > info.weight_bytes  # streamed, more than once
+    assert runs["streamed"] == runs["resident"]
+
+
+def test_three_streamed_models_interleaved_equal_the_cpu_engine(tmp_path: Path) -> None:
+    """Three 6-layer models, each streamed through 2 slots, requests of all three in flight at once:
+    every step refills slots, and the steps alternate models."""
+    opts = ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2)
+    model_dirs = {name: make_model(tmp_path / name, init_std=INIT_STD, **dict(kw, n_layers=6))
+                  for name, kw in VARIANTS.items()}
+    prompts = [prompt_ids(n) for n in (3, 21)]
+    results: dict[str, list[list[int]]] = {}
+    for kind in ("cpu", "vulkan"):
+        with Engine(EngineConfig(budget_bytes=BUDGET, device_kind=kind)) as e:
+            for name, path in model_dirs.items():
+                e.load_model(name, path, options=opts)
+            ids = []
+            for name in model_dirs:
+                for p in prompts:
+                    rid = e.new_request_id()
+                    e.submit(rid, name, p, greedy(10))
+                    ids.append(rid)
+            out: dict[int, list[int]] = {rid: [] for rid in ids}
+            finished: set[int] = set()
+            while len(finished) < len(ids):
+                for ev in e.wait_events(5.0):
+                    assert ev.kind.name != "error", ev
+                    if ev.kind.name == "token":
+                        out[ev.req_id].append(ev.token_id)
+                    elif ev.req_id in out:
+                        finished.add(ev.req_id)
+            results[kind] = [out[rid] for rid in ids]
+            weights = sum(m.weight_bytes for m in e.models().values())
+            assert e.stats().residency.bytes_copied > 2 * weights  # layers really cycled through the slots
+    assert results["vulkan"] == results["cpu"]
+
+
+def _sampled_workload(path: Path, budget_bytes: int) -> tuple[list[list[int]], int]:
+    """4 seeded sampled sequences of up to 60 tokens; returns their tokens and the preemption count."""
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40, 9])]
+    with Engine(EngineConfig(budget_bytes=budget_bytes, device_kind="vulkan")) as e:
+        e.load_model("m", path, options=ModelLoadOptions(residency=ResidencyMode.resident))
+        ids = [e.new_request_id() for _ in prompts]
+        for i, (rid, p) in enumerate(zip(ids, prompts)):
+            e.submit(rid, "m", p, SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=20,
+                                                 ignore_eos=True))
+        out: dict[int, list[int]] = {rid: [] for rid in ids}
+        finished: set[int] = set()
+        while len(finished) < len(ids):
+            for ev in e.wait_events(5.0):
+                assert ev.kind.name != "error", ev
+                if ev.kind.name == "token":
+                    out[ev.req_id].append(ev.token_id)
+                elif ev.req_id in out:
+                    finished.add(ev.req_id)
+        return [out[rid] for rid in ids], e.stats().n_preemptions
+
+
+def test_kv_pressure_preempts_by_recompute_with_the_same_tokens(model_dirs: dict[str, Path]) -> None:
+    path = model_dirs["qwen2_bias_gqa3"]
+    roomy, n_roomy = _sampled_workload(path, BUDGET)
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as probe:
+        info = probe.load_model("m", path, options=ModelLoadOptions(residency=ResidencyMode.resident))
+        fixed = probe.ledger().used_bytes
+        block = probe.kv_bytes_for("m", 1)
+    budget = int((fixed + 6 * block) / 0.9) + 1  # 6 KV blocks; the 4 sequences need 10+
+    tight, n_tight = _sampled_workload(path, budget)
+    assert n_roomy == 0 and n_tight > 0, (n_roomy, n_tight, info)
+    assert tight == roomy
+
+
+def test_asking_for_a_missing_vulkan_device_names_what_was_found() -> None:
+    with pytest.raises(LayermuxError, match=r"index 9: expected a Vulkan device there, found 0: "):
+        Engine(EngineConfig(budget_bytes=16 << 20, device_kind="vulkan", device_index=9))
+
+
+def _generate_cli(model: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker.cli", "generate", str(model), "--prompt-ids", "5,17,99,300",
+                           "--max-tokens", "8", "--budget", "64MiB", "--json", *extra],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_generate_on_the_vulkan_device_equals_the_cpu(model_dirs: dict[str, Path]) -> None:
+    path = model_dirs["smol_tied_gqa1"]
+    on_cpu = _generate_cli(path)
+    on_vk = _generate_cli(path, "--device", "vulkan")
+    assert on_cpu.returncode == 0 and on_vk.returncode == 0, on_vk.stderr
+    assert json.loads(on_vk.stdout)["token_ids"] == json.loads(on_cpu.stdout)["token_ids"]
+    assert "[vulkan validation" not in on_vk.stderr  # the child runs under the layer too (LMX_VK_VALIDATION)
+    missing = _generate_cli(path, "--device", "vulkan", "--device-index", "9")
+    assert missing.returncode == 1
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and "found 0: " in lines[0] and "Traceback" not in missing.stderr, missing.stderr
+
+
+def test_three_models_through_a_worker_and_redis_on_vulkan_equal_direct_generation(
+        model_dirs: dict[str, Path], redis_url: str, tmp_path: Path) -> None:
+    """A real worker process ([device] kind = "vulkan") serving the three models, fed through Redis
+    by the SDK: greedy results equal Engine.generate on the Vulkan device in this process."""
+    lines = [f'redis_url = "{redis_url}"', 'key_prefix = "vk"', 'worker_id = "vk1"', "[device]", 'kind = "vulkan"',
+             f'budget = "{BUDGET >> 20}MiB"']
+    for name, path in model_dirs.items():
+        lines += ["[[models]]", f'name = "{name}"', f'path = "{path}"']
+    config = tmp_path / "worker.toml"
+    config.write_text("\n".join(lines) + "\n")
+    prompts = ["Hello world", "The quick brown fox jumps"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_")}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", f"import worker.arq_app as a; a.run({str(config)!r})"],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            client = redis.Redis.from_url(redis_url)
+            deadline = time.monotonic() + 300
+            while not client.hexists(Keys("vk").workers(), "vk1"):  # registered: it serves its models
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            client.close()
+
+            async def submit_all() -> list[list[int]]:
+                async with AsyncProducer(redis_url, prefix="vk") as producer:
+                    handles = [await producer.submit(name, prompt=p, max_tokens=16, temperature=0.0)
+                               for name in model_dirs for p in prompts]
+                    return [list((await asyncio.wait_for(h.result(), 300)).token_ids) for h in handles]
+
+            served = asyncio.run(submit_all())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    assert "[vulkan validation" not in log.read_text()
+    want = []
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+        for name, path in model_dirs.items():
+            e.load_model(name, path)
+            tok = Tokenizer.from_model_dir(path)
+            want += [e.generate(name, tok.encode(p), SamplingParams(temperature=0.0, max_tokens=16)) for p in prompts]
+    assert served == want
+
