@@ -334,6 +334,15 @@ def test_three_models_through_a_worker_and_redis_on_vulkan_equal_direct_generati
                     return [list((await asyncio.wait_for(h.result(), 300)).token_ids) for h in handles]
 
             served = asyncio.run(submit_all())
+            # `layermux status` names the device the worker books (its status document's ledger).
+            deadline = time.monotonic() + 60
+            while True:
+                st = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--redis-url", redis_url,
+                                     "--prefix", "vk"], capture_output=True, text=True, timeout=60, check=False)
+                if "device vulkan: " in st.stdout:
+                    break
+                assert time.monotonic() < deadline, st.stdout + st.stderr
+                time.sleep(0.2)
         finally:
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 120

@@ -25,6 +25,7 @@ token index), so the run regenerates the same tokens and publishes only those at
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -207,6 +208,7 @@ class EngineDriver:
         detokenizer_factory: Callable[[Any, list[int]], Any] = _default_detokenizer_factory,
         on_tokens_generated: Callable[[str, int], None] | None = None,
         on_finished: Callable[[str, Outcome], None] | None = None,
+        load_progress: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.capacity = CapacitySignal()
@@ -218,6 +220,7 @@ class EngineDriver:
         self._detokenizer_factory = detokenizer_factory
         self._on_tokens_generated = on_tokens_generated
         self._on_finished = on_finished  # (model, outcome) of every run that finishes, for metrics
+        self._load_progress = load_progress  # (model, layers done, layers) while a model loads (load thread)
         self._runs: dict[int, Run] = {}  # eng_id -> run (until the engine's final event)
         self._by_request: dict[str, Run] = {}  # request_id -> run (same lifetime)
         self._n_running: dict[str, int] = {m.name: 0 for m in settings.models}
@@ -268,7 +271,8 @@ class EngineDriver:
         residency, stream_slots = placement if placement is not None else (ResidencyMode.__members__[m.residency], 0)
         options = ModelLoadOptions(residency=residency, sched_weight=m.sched_weight, max_running=m.max_running,
                                    stream_slots=stream_slots)
-        info = await asyncio.to_thread(eng.load_model, m.name, m.path, m.weights, options)
+        progress = None if self._load_progress is None else functools.partial(self._load_progress, m.name)
+        info = await asyncio.to_thread(eng.load_model, m.name, m.path, m.weights, options, progress=progress)
         self.tokenizers[m.name] = await asyncio.to_thread(self._tokenizer_factory, m.path)
         self.info[m.name] = info
         self._n_running.setdefault(m.name, 0)
@@ -309,8 +313,10 @@ class EngineDriver:
         return self._by_request.get(request_id)
 
     def ledger(self) -> dict[str, Any]:
-        """The ledger now, JSON-ready (the status document's shape; see ledger_json)."""
-        return ledger_json(self._engine().ledger())
+        """The ledger now, JSON-ready (the status document's shape; see ledger_json), and the device it
+        books ("cpu", or a GPU's name, driver, heap and transfer queue: Engine.device_summary)."""
+        eng = self._engine()
+        return {**ledger_json(eng.ledger()), "device": eng.device_summary()}
 
     def kv_bytes_for(self, model: str, n_tokens: int) -> int:
         return self._engine().kv_bytes_for(model, n_tokens)

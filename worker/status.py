@@ -254,6 +254,7 @@ def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
     ]
     settings = []
     for label, keys in (
+        ("device", ("device",)),
         ("eviction", ("eviction", "eviction_policy")),
         ("prefetch depth", ("prefetch_depth",)),
         ("isa", ("isa",)),
