@@ -42,9 +42,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -59,9 +61,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer_sdk.errors import LayermuxClientError, UnknownModelError
 from producer_sdk.keys import Keys
+from producer_sdk.protocol import MAX_SEED
 from producer_sdk.reply import error_for_code
 
-from .runtime import GenerationError, Runtime
+from . import request_path
+from .admission import Denial
+from .runtime import Runtime
 from .settings import ConfigError, Settings, load_settings
 
 __all__ = ["GenerationError", "RedisUnreachableError", "WorkerSettings", "check_model_files", "check_redis",
@@ -226,6 +231,23 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await runtime.drain()
 
 
+class GenerationError(Exception):
+    """A `generate` job that did not produce a result: a protocol error code, a message, numbers.
+
+    Stored by job_serializer as {"error", "message", "code", "details"}; every constructor argument
+    is in `args`.
+    """
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(code, message, details or {})
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
 async def generate(
     ctx: dict[str, Any],
     model: str,
@@ -234,7 +256,8 @@ async def generate(
     prompt_ids: list[int] | None = None,
     **params: Any,
 ) -> dict[str, Any]:
-    """arq job: generate and return {text, token_ids, finish_reason, usage}; raises GenerationError.
+    """arq job: generate and return {text, token_ids, finish_reason, usage}; raises GenerationError
+    with the codes and numbers an error event of the stream path carries (request_path.py).
 
     params are the sampling parameters of the wire protocol (max_tokens, temperature, top_p,
     top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop, ignore_eos).
@@ -242,8 +265,31 @@ async def generate(
     runtime = ctx.get(CTX_RUNTIME)
     if not isinstance(runtime, Runtime):
         raise GenerationError("worker_failure", "the layermux runtime is not running in this arq worker")
-    return await runtime.generate(model, prompt=prompt, messages=messages, prompt_ids=prompt_ids,
-                                  params=params, request_id=f"arq:{ctx.get('job_id', '')}")
+    if runtime.draining:
+        raise GenerationError("worker_failure", "the worker is shutting down")
+    params.setdefault("seed", secrets.randbelow(MAX_SEED + 1))
+    msg = request_path.validate({
+        "request_id": f"arq:{ctx.get('job_id') or secrets.token_hex(8)}", "model": model, "prompt": prompt,
+        "messages": messages, "prompt_ids": prompt_ids, "params": params, "submitted_at": time.time()})
+    prepared = msg if isinstance(msg, Denial) else await request_path.prepare(runtime.driver, msg)
+    if isinstance(prepared, Denial):
+        if model in runtime.driver.info:
+            runtime.metrics[model].refused[prepared.code] += 1
+        raise GenerationError(prepared.code, prepared.message, dict(prepared.details))
+    counters = runtime.metrics[model]
+    counters.admitted += 1
+    outcome = await request_path.complete(runtime.driver, prepared)
+    if isinstance(outcome, Denial):
+        counters.errors += 1
+        raise GenerationError(outcome.code, outcome.message, dict(outcome.details))
+    if outcome.kind == "done":
+        counters.done += 1
+        return {"text": outcome.text, "token_ids": outcome.token_ids, "finish_reason": outcome.finish_reason,
+                "usage": outcome.usage}
+    counters.errors += 1
+    if outcome.kind == "cancelled":
+        raise GenerationError("cancelled", "the job was cancelled", {"completion_tokens": len(outcome.token_ids)})
+    raise GenerationError(outcome.code, outcome.message, outcome.details)
 
 
 # Called at a forced exit (a second signal while draining): e.g. stop the embedded redis-server.

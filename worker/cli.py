@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import selectors
 import sys
 import time
 from collections.abc import Sequence
@@ -136,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_positive_float, default=1.0, help="default 1.0 = off")
     g.add_argument("--min-p", type=_non_negative_float, default=0.0, help="default 0.0 = off")
     g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the completion before TEXT (repeat for several; the text stops before it)")
     g.add_argument(
         "--weights",
         choices=("auto", "f32", "f16", "bf16", "q8_0", "q4_0"),
@@ -309,6 +312,8 @@ class _LoadProgress:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """The worker's request path (worker/request_path.py) on an in-process engine, with stdout as its
+    sink: the same checks, stop strings, penalties, seeds and chat template as a queued request."""
     model_dir = Path(args.model_dir)
     if not model_dir.exists():
         raise UsageError(f"model directory not found: {model_dir}")
@@ -316,21 +321,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"not a directory: {model_dir} (expected a Hugging Face model folder or a .gguf file)")
     if args.chat and args.prompt is None:
         raise UsageError("--chat needs --prompt (a chat message is text, not token ids)")
-
-    _check_generate_request(args, _model_name(model_dir))
-
-    import engine
-    from engine.errors import (
-        ChatTemplateError,
-        InvalidRequestError,
-        LayermuxError,
-        ModelFileError,
-        UnsupportedModelError,
-    )
-    from engine.text import IncrementalDetokenizer, Tokenizer
-
-    out, err = sys.stdout, sys.stderr
     name = _model_name(model_dir)
+    request = _generate_request(args, name)
+
+    from engine.errors import LayermuxError, ModelFileError
+    from engine.text import Tokenizer
+
     try:
         tok = Tokenizer.from_model_dir(str(model_dir))
     except ModelFileError as e:  # names the file that is broken (tokenizer.json, config.json, ...)
@@ -341,93 +337,106 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.prompt is not None:
             raise UsageError(f"cannot load the tokenizer of {model_dir}: {e}") from e
         tok = None
+    if args.chat and tok is not None:
+        from engine.errors import ChatTemplateError
 
-    if args.prompt is not None:
-        assert tok is not None
-        if args.chat:
-            try:
-                rendered = tok.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                   add_generation_prompt=True)
-            except ChatTemplateError as e:
-                raise UsageError(str(e)) from e
-            prompt_ids = tok.encode(rendered, add_special_tokens=False)
-        else:
-            prompt_ids = tok.encode(args.prompt, add_special_tokens=True)
-        if not prompt_ids:
-            raise UsageError("the prompt tokenizes to zero tokens")
-    else:
-        prompt_ids = list(args.prompt_ids)
+        try:  # fail before a load that may take minutes (the request path renders it again)
+            tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        except ChatTemplateError as e:
+            raise UsageError(str(e)) from e
+    import asyncio
 
+    return asyncio.run(_generate(args, model_dir, name, request, tok))
+
+
+def _generate_request(args: argparse.Namespace, name: str) -> Any:
+    """The RequestMessage `submit` would send (the wire protocol's ranges, UTF-8 text), so that
+    `generate` refuses the same input with the same one-line message. Greedy runs need no seed:
+    it defaults to 0 so that two runs of the same command print the same text."""
+    from producer_sdk.client import build_request
+    from producer_sdk.errors import ProtocolError
+
+    chat = args.chat and args.prompt is not None
     try:
-        eng = engine.Engine(engine.EngineConfig(
-            budget_bytes=args.budget, n_threads=args.threads,
-            matmul_precision=engine.MatmulPrecision.__members__[args.matmul_precision],
-            device_kind=args.device, device_index=args.device_index))
-    except LayermuxError as e:  # e.g. --device vulkan on a machine without one: the message names what was found
-        raise CommandFailed(str(e)) from e
+        return build_request(
+            name, prompt=None if chat else args.prompt,
+            messages=[{"role": "user", "content": args.prompt}] if chat else None,
+            prompt_ids=args.prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            seed=0 if args.seed is None else args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+    except ProtocolError as e:
+        hint = "; pass the prompt as UTF-8 text" if "surrogate" in e.message else ""
+        raise UsageError(e.message + hint) from e
+
+
+class _NoText:
+    """The detokenizer of a model folder without a tokenizer (--prompt-ids): ids only, no text."""
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+async def _generate(args: argparse.Namespace, model_dir: Path, name: str, request: Any, tok: Any) -> int:
+    import engine
+    from engine.errors import LayermuxError, ModelFileError, UnsupportedModelError
+    from engine.text import IncrementalDetokenizer
+    from worker import request_path
+    from worker.admission import Denial
+    from worker.engine_driver import EngineDriver
+    from worker.settings import DeviceSettings, ModelSettings, Settings
+
+    out, err = sys.stdout, sys.stderr
+    # max_tokens_limit is the worker's policy knob; here the context window is the only limit.
+    model = ModelSettings(name=name, path=str(model_dir), weights=args.weights,
+                          max_tokens_limit=request.params.max_tokens)
+    device = DeviceSettings(budget=args.budget, n_threads=args.threads, matmul_precision=args.matmul_precision,
+                            kind=args.device, index=args.device_index)
+    settings = Settings.model_construct(device=device, models=[model])  # no LAYERMUX_* environment here
+    progress = _LoadProgress(f"loading {model_dir}", err)
+    driver = EngineDriver(
+        settings, tokenizer_factory=lambda path: tok,
+        detokenizer_factory=lambda t, ids: _NoText() if t is None else IncrementalDetokenizer(t, ids),
+        load_progress=lambda model, done, total: progress.update(done, total))
+
+    def write(run: Any, index: int, token_ids: list[int], text: str) -> None:
+        if not args.json:
+            out.write(text if tok is not None else "".join(f"{t} " for t in token_ids))
+            out.flush()
+
     try:
         t0 = time.perf_counter()
-        progress = _LoadProgress(f"loading {model_dir}", err)
         try:
-            info = eng.load_model(name, str(model_dir), weights=args.weights, progress=progress.update)
+            await driver.start()
         except (ModelFileError, UnsupportedModelError) as e:
             raise UsageError(str(e)) from e
         load_s = time.perf_counter() - t0
+        info = driver.info[name]
         resident = "resident" if info.resident else f"streamed, {info.n_slots} slots"
-        progress.finish(
-            f"loaded {name}: {info.n_layer} layers, {info.weights} weights "
-            f"({_human(info.weight_bytes)}, {resident}) in {load_s:.2f} s"
-        )
-
-        params = engine.SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed if args.seed is not None else 0,
-            max_tokens=args.max_tokens,
-            ignore_eos=args.ignore_eos,
-        )
-        try:
-            eng.submit(1, name, prompt_ids, params)
-        except InvalidRequestError as e:
-            raise UsageError(str(e)) from e
-        detok = IncrementalDetokenizer(tok, prompt_ids) if tok is not None else None
-        try:
-            done, token_ids = _stream_events(eng, detok, None if args.json else out)
-        except KeyboardInterrupt:
-            eng.cancel(1)
-            raise
-        if done.kind == engine.EventKind.error:
-            raise CommandFailed(f"engine error ({done.error_code.name}): {done.message}")
-        if detok is not None:
-            tail = detok.flush()  # bytes held back at the end, e.g. half a UTF-8 character
-            if not args.json:
-                out.write(tail)
-        if not args.json:
-            out.write("\n")
-            out.flush()
-
-        result = _generate_result(
-            name,
-            info,
-            prompt_ids,
-            token_ids,
-            detok.text if detok is not None else "",
-            done,
-            load_s,
-            engine.kernels_isa(),
-        )
+        progress.finish(f"loaded {name}: {info.n_layer} layers, {info.weights} weights "
+                        f"({_human(info.weight_bytes)}, {resident}) in {load_s:.2f} s")
+        prepared = await request_path.prepare(driver, request)
+        outcome = prepared if isinstance(prepared, Denial) else await request_path.complete(driver, prepared, write)
+        if isinstance(outcome, Denial):
+            message = outcome.message if outcome.code == "invalid_request" else f"{outcome.code}: {outcome.message}"
+            raise (CommandFailed if outcome.code == "kv_exceeds_budget" else UsageError)(message)
+        if outcome.kind != "done":
+            raise CommandFailed(f"{outcome.code or outcome.kind}: {outcome.message}")
+        result = _generate_result(name, info, outcome, load_s, engine.kernels_isa())
         if args.json:
             import orjson
 
             out.write(orjson.dumps(result).decode() + "\n")
         else:
+            out.write("\n")
             t = result["timings"]
             err.write(
                 f"{result['prompt_tokens']} prompt tokens in {t['prefill_ms']:.1f} ms "
-                f"({t['prefill_tokens_per_s']:.1f} tok/s), {len(token_ids)} generated in "
+                f"({t['prefill_tokens_per_s']:.1f} tok/s), {len(outcome.token_ids)} generated in "
                 f"{t['decode_ms']:.1f} ms ({t['decode_tokens_per_s']:.1f} tok/s), "
                 f"finish: {result['finish_reason']}\n"
             )
@@ -436,77 +445,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except LayermuxError as e:
         raise CommandFailed(str(e)) from e
     finally:
-        eng.close()
-
-
-def _check_generate_request(args: argparse.Namespace, name: str) -> None:
-    """The checks `submit` makes (the wire protocol's ranges, UTF-8 text), so that `generate` refuses
-    the same input with the same one-line message instead of a crash deeper down."""
-    from producer_sdk.client import build_request
-    from producer_sdk.errors import ProtocolError
-
-    chat = args.chat and args.prompt is not None
-    try:
-        build_request(
-            name, prompt=None if chat else args.prompt,
-            messages=[{"role": "user", "content": args.prompt}] if chat else None,
-            prompt_ids=args.prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-            ignore_eos=args.ignore_eos,
-        )  # fmt: skip
-    except ProtocolError as e:
-        hint = "; pass the prompt as UTF-8 text" if "surrogate" in e.message else ""
-        raise UsageError(e.message + hint) from e
-
-
-def _stream_events(eng: Any, detok: Any, out: TextIO | None) -> tuple[Any, list[int]]:
-    """Wait on the engine's eventfd; write text as it arrives; return (terminal event, ids)."""
-    from engine import EventKind
-
-    token_ids: list[int] = []
-    with selectors.DefaultSelector() as sel:
-        sel.register(eng.fileno(), selectors.EVENT_READ)
-        while True:
-            sel.select(timeout=1.0)
-            for ev in eng.drain_events():
-                if ev.kind == EventKind.token:
-                    token_ids.append(ev.token_id)
-                    piece = detok.push(ev.token_id) if detok is not None else ""
-                    if out is not None:
-                        out.write(piece if detok is not None else f"{ev.token_id} ")
-                        out.flush()
-                else:  # done or error: the terminal event
-                    return ev, token_ids
+        await driver.close()
 
 
 def _per_s(n: int, ms: float) -> float:
     return round(n / (ms / 1000.0), 2) if ms > 0 else 0.0
 
 
-def _generate_result(
-    name: str,
-    info: Any,
-    prompt_ids: list[int],
-    token_ids: list[int],
-    text: str,
-    done: Any,
-    load_s: float,
-    isa: str | None,
-) -> dict[str, Any]:
-    prompt_tokens = done.prompt_tokens or len(prompt_ids)
+def _generate_result(name: str, info: Any, outcome: Any, load_s: float, isa: str | None) -> dict[str, Any]:
+    prefill_ms, decode_ms = outcome.usage["prefill_ms"], outcome.usage["decode_ms"]
     return {
         "model": name,
-        "prompt_tokens": prompt_tokens,
-        "token_ids": token_ids,
-        "text": text,
-        "finish_reason": done.finish_reason.name,
+        "prompt_tokens": outcome.prompt_tokens,
+        "token_ids": outcome.token_ids,
+        "text": outcome.text,
+        "finish_reason": outcome.finish_reason,
         "timings": {
             "load_s": round(load_s, 4),
-            "prefill_ms": round(done.prefill_ms, 3),
-            "decode_ms": round(done.decode_ms, 3),
-            "prefill_tokens_per_s": _per_s(prompt_tokens, done.prefill_ms),
+            "prefill_ms": round(prefill_ms, 3),
+            "decode_ms": round(decode_ms, 3),
+            "prefill_tokens_per_s": _per_s(outcome.prompt_tokens, prefill_ms),
             # The engine times prefill up to the first token; decode covers the n - 1 after it.
-            "decode_tokens_per_s": _per_s(max(len(token_ids) - 1, 0), done.decode_ms),
+            "decode_tokens_per_s": _per_s(max(len(outcome.token_ids) - 1, 0), decode_ms),
         },
         "weights": info.weights,
         "isa": isa,

@@ -7,8 +7,8 @@ Thread-safety: event-loop only. `run`, `renew_leases` and `watch_cancels` are th
 `ModelConsumer`; its state survives their restarts by the supervisor.
 
 Life of an entry here: read (or claimed) -> too many deliveries? dead letter -> decode ->
-reply stream already terminal? ack -> deadline passed? -> cancelled already? -> tokenize ->
-request check (admission.check_request) -> take the request's fence, read the resume point
+reply stream already terminal? ack -> deadline passed? -> cancelled already? -> tokenize and
+request check (request_path.prepare) -> take the request's fence, read the resume point
 (publisher.py; skipped for an entry's first delivery with nothing published: its first append
 takes the fence) -> engine. Every path that does not start the request
 publishes exactly one terminal event (when the request id is known) and then acks the entry;
@@ -50,9 +50,9 @@ from producer_sdk.protocol import (
     decode_request,
 )
 
-from . import admission
+from . import admission, request_path
 from .admission import Denial
-from .engine_driver import EngineDriver, InvalidPrompt, Outcome, Run
+from .engine_driver import EngineDriver, Outcome, Run
 from .metrics import Metrics
 from .publisher import AckEntry, DeadLetter, Publisher, ReplyState, read_reply_state
 from .settings import ModelSettings, Settings
@@ -455,15 +455,11 @@ class ModelConsumer:
             self.publisher.publish(CancelledEvent(request_id=msg.request_id, completion_tokens=0), ack=ack)
             self._running_changed.set()
             return
-        try:
-            prompt_ids = await self.driver.tokenize(msg)
-        except InvalidPrompt as e:
-            self._refuse(msg.request_id, ack, Denial("invalid_request", str(e)))
+        prepared = await request_path.prepare(self.driver, msg)
+        if isinstance(prepared, Denial):
+            self._refuse(msg.request_id, ack, prepared)
             return
-        denial = self.driver.check(self.name, len(prompt_ids), msg.params.max_tokens)
-        if denial is not None:
-            self._refuse(msg.request_id, ack, denial)
-            return
+        prompt_ids = prepared.prompt_ids
         fence = f"{self.consumer_name}#{secrets.token_hex(8)}"
         if entry.fresh and not head:
             # The entry's first delivery and nothing published: no other run can hold the request, so
@@ -487,13 +483,10 @@ class ModelConsumer:
     def _start(self, msg: RequestMessage, prompt_ids: list[int], entry: _Entry, fence: str, attempt: int,
                resume_index: int, resume_chars: int) -> None:
         sink = StreamSink(self, entry.entry_id, entry.band)
-        try:
-            run = self.driver.begin(msg.request_id, self.name, prompt_ids, msg.params, sink,
-                                    submitted_at=msg.submitted_at, deadline_at=msg.deadline_at,
-                                    resume_index=resume_index, resume_chars=resume_chars)
-        except ValueError as e:  # engine.errors.InvalidRequestError is a ValueError
-            self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band),
-                         Denial("invalid_request", str(e)))
+        run = request_path.start(self.driver, request_path.Prepared(msg, prompt_ids), sink,
+                                 resume_index=resume_index, resume_chars=resume_chars)
+        if isinstance(run, Denial):
+            self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band), run)
             return
         # Same loop tick as the submit: no engine event can be handled before "started" is queued.
         self.publisher.set_fence(msg.request_id, fence)

@@ -1,6 +1,7 @@
 """Owns: the worker's supervisor — builds the engine driver, publisher and one consumer per model,
 runs them as supervised tasks (plus lease renewal, cancel watching, the stats reporter and the
-metrics server), registers the models in Redis, serves arq generate jobs, and drains on shutdown.
+metrics server), registers the models in Redis, and drains on shutdown. arq's generate jobs
+(arq_app.py) run on its driver through request_path.py, as the consumers' requests do.
 Changed by: the worker; arq_app.py is its only caller besides tests.
 Thread-safety: event-loop only; one Runtime per process (it owns the device).
 
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -26,28 +26,19 @@ from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
 from producer_sdk.connection import make_async_client
 from producer_sdk.keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys
-from producer_sdk.protocol import MAX_SEED, PROTOCOL_VERSION, ChatMessage, SamplingParamsModel
+from producer_sdk.protocol import PROTOCOL_VERSION
 
 from .consumer import ModelConsumer
-from .engine_driver import (
-    EngineDriver,
-    EngineFactory,
-    InvalidPrompt,
-    Outcome,
-    Run,
-    _default_engine_factory,
-    footprint_json,
-)
+from .engine_driver import EngineDriver, EngineFactory, Outcome, _default_engine_factory, footprint_json
 from .metrics import Gauges, Metrics, serve_metrics
 from .publisher import AckEntry, Publisher, backoff_s
 from .settings import ConfigError, Settings
 
-__all__ = ["GenerationError", "Runtime", "serve_until_signal"]
+__all__ = ["Runtime", "serve_until_signal"]
 
 log = logging.getLogger("layermux.worker")
 
@@ -79,40 +70,6 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     for t in tasks:
         if t.done() and not t.cancelled() and t.exception() is not None:
             log.error("task %s ended with %r", t.get_name(), t.exception())
-
-
-class GenerationError(Exception):
-    """An arq `generate` job that did not produce a result: a protocol error code, a message, numbers.
-
-    Picklable (arq stores it as the job's result): every constructor argument is in `args`.
-    """
-
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(code, message, details or {})
-        self.code = code
-        self.message = message
-        self.details = details or {}
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-class _JobSink:
-    """RunSink of the arq job path: the outcome resolves a future."""
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-
-    def on_tokens(self, run: Run, index: int, token_ids: list[int], text: str) -> None:
-        pass  # the outcome carries the whole completion
-
-    def on_finish(self, run: Run, outcome: Outcome) -> None:
-        if not self.future.done():
-            self.future.set_result(outcome)
-
-    def on_abandon(self, run: Run) -> None:
-        if not self.future.done():
-            self.future.set_exception(GenerationError("worker_failure", "the worker stopped before the job finished"))
 
 
 class Runtime:
@@ -175,6 +132,11 @@ class Runtime:
             await self._close()
             raise
         log.info("worker %s serving %s (key prefix %r)", s.worker_id, ", ".join(self.consumers), s.key_prefix)
+
+    @property
+    def draining(self) -> bool:
+        """drain() was called: no new work starts here."""
+        return self._draining
 
     @property
     def metrics_port(self) -> int | None:
@@ -416,73 +378,6 @@ class Runtime:
         c = self.consumers.get(entry.model)
         if c is not None:
             c.lease_released(entry)
-
-    # -- the arq job path -------------------------------------------------------------------------------
-
-    async def generate(
-        self,
-        model: str,
-        *,
-        prompt: str | None = None,
-        messages: list[dict[str, str]] | list[ChatMessage] | None = None,
-        prompt_ids: list[int] | None = None,
-        params: dict[str, Any] | None = None,
-        request_id: str | None = None,
-    ) -> dict[str, Any]:
-        """Run one generation through the engine and return {text, token_ids, finish_reason, usage}.
-
-        Raises GenerationError with the same codes and numbers as an error event of the stream path.
-        """
-        if self._draining:
-            raise GenerationError("worker_failure", "the worker is shutting down")
-        if model not in self.driver.info:
-            raise GenerationError("unknown_model", f"this worker does not serve model {model!r}",
-                                  {"model": model})
-        request_id = request_id or f"job:{secrets.token_hex(8)}"
-        given = [n for n, v in (("prompt", prompt), ("messages", messages), ("prompt_ids", prompt_ids)) if v]
-        if len(given) != 1:
-            raise GenerationError("invalid_request", "expected exactly one of prompt, messages, prompt_ids, "
-                                                     f"found {len(given)}")
-        p = dict(params or {})
-        p.setdefault("seed", secrets.randbelow(MAX_SEED + 1))
-        try:
-            sp = SamplingParamsModel.model_validate(p)
-            chat = None if messages is None else [
-                m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
-        except ValidationError as e:
-            raise GenerationError("invalid_request", _describe(e)) from None
-        try:
-            ids = await self.driver.tokenize_parts(model, prompt, chat, prompt_ids)
-        except InvalidPrompt as e:
-            raise GenerationError("invalid_request", str(e)) from None
-        denial = self.driver.check(model, len(ids), sp.max_tokens)
-        if denial is not None:
-            self.metrics[model].refused[denial.code] += 1
-            raise GenerationError(denial.code, denial.message, dict(denial.details))
-        sink = _JobSink()
-        try:
-            self.driver.begin(request_id, model, ids, sp, sink, submitted_at=time.time())
-        except ValueError as e:
-            raise GenerationError("invalid_request", str(e)) from None
-        self.metrics[model].admitted += 1
-        try:
-            outcome = await sink.future
-        except asyncio.CancelledError:
-            self.driver.abandon(request_id)  # arq cancelled the job (abort, timeout, shutdown)
-            raise
-        counters = self.metrics[model]
-        if outcome.kind == "done":
-            counters.done += 1
-            return {"text": outcome.text, "token_ids": outcome.token_ids, "finish_reason": outcome.finish_reason,
-                    "usage": outcome.usage}
-        counters.errors += 1
-        if outcome.kind == "cancelled":
-            raise GenerationError("cancelled", "the job was cancelled", {"completion_tokens": len(outcome.token_ids)})
-        raise GenerationError(outcome.code, outcome.message, outcome.details)
-
-
-def _describe(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in d['loc'])}: {d['msg']}" for d in error.errors(include_url=False))
 
 
 async def serve_until_signal(settings: Settings) -> int | None:
