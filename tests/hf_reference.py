@@ -1,7 +1,8 @@
 """Numerical truth from Hugging Face transformers (torch, CPU, float32, eager attention).
 
 Owner: tests. Thread-safety: the model cache is a plain dict; use from one thread.
-Every function takes a model folder (as written by engine.model_factory) and
+Every function takes a model folder (as written by tools.model_factory) or a
+.gguf file (transformers dequantises it to float32: gguf_file=, needs accelerate) and
 token ids, and returns numpy arrays, so tests compare engine and reference
 without touching torch themselves. Generation never stops at EOS: it produces
 exactly the number of tokens asked for.
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from engine.model_factory import read_tensors, write_safetensors
+from tools.model_factory import read_tensors, write_safetensors
 
 _hf_logging: Any = transformers.utils.logging
 _hf_logging.disable_progress_bar()
@@ -31,7 +32,7 @@ _MODELS: dict[tuple[Any, ...], Any] = {}
 
 def _cache_key(model_dir: Path) -> tuple[Any, ...]:
     """The folder and the identity of its files: a rewritten folder is reloaded."""
-    files = sorted(model_dir.iterdir())
+    files = [model_dir] if model_dir.is_file() else sorted(model_dir.iterdir())
     return (str(model_dir.resolve()),) + tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
 
 
@@ -42,15 +43,22 @@ def load_hf_model(model_dir: str | Path) -> Any:
     model = _MODELS.get(key)
     if model is None:
         auto: Any = transformers.AutoModelForCausalLM
-        model = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+        if model_dir.suffix == ".gguf":
+            model = auto.from_pretrained(model_dir.parent, gguf_file=model_dir.name, dtype=torch.float32,
+                                         attn_implementation="eager")
+        else:
+            model = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
         model.eval()
         _MODELS[key] = model
     return model
 
 
 def hf_tokenizer(model_dir: str | Path) -> Any:
-    """The folder's tokenizer as transformers loads it (AutoTokenizer)."""
-    return transformers.AutoTokenizer.from_pretrained(Path(model_dir))
+    """The folder's (or .gguf file's) tokenizer as transformers loads it (AutoTokenizer)."""
+    path = Path(model_dir)
+    if path.suffix == ".gguf":
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 @torch.no_grad()

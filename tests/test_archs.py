@@ -24,18 +24,18 @@ import hf_reference as ref
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, SamplingParams
+from engine import Engine, EngineConfig, EventKind, ModelLoadOptions, ResidencyMode, SamplingParams
 from engine.errors import ModelFileError, UnsupportedModelError
 from engine.hf_config import load_spec
-from engine.model_factory import make_model, tokenizer_size
+from tools.model_factory import make_model, tokenizer_size
 
 F32_TOL = 1e-4
 INIT_STD = 0.2
 
-GEMMA = {"arch": "gemma3", "hidden": 64, "n_heads": 4, "n_kv_heads": 1, "head_dim": 32, "intermediate": 128,
+GEMMA: dict[str, Any] = {"arch": "gemma3", "hidden": 64, "n_heads": 4, "n_kv_heads": 1, "head_dim": 32, "intermediate": 128,
          "n_layers": 3, "sliding_window": 5, "sliding_window_pattern": 2, "rope_theta": 1e6,
          "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 24, "rms_norm_eps": 1e-6, "seed": 3}
-QWEN3 = {"arch": "qwen3", "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "intermediate": 128,
+QWEN3: dict[str, Any] = {"arch": "qwen3", "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "intermediate": 128,
          "n_layers": 6, "rope_theta": 1e6, "seed": 3}
 
 
@@ -126,10 +126,10 @@ def test_sequences_with_and_without_a_full_window_batch_invariantly(dirs: dict[s
         open_ids = set(together)
         while open_ids:
             for ev in eng.wait_events(5.0):
-                assert ev.kind != "error", ev.message
-                if ev.kind == "token":
+                assert ev.kind != EventKind.error, ev.message
+                if ev.kind == EventKind.token:
                     together[ev.req_id].append(ev.token_id)
-                elif ev.kind == "done":
+                elif ev.kind == EventKind.done:
                     open_ids.discard(ev.req_id)
     assert [together[100 + i] for i in range(len(prompts))] == alone
     assert alone[-1] == ref.hf_greedy(path, prompts[-1], 12).tokens
@@ -144,17 +144,18 @@ def test_streamed_layers_generate_the_resident_tokens(dirs: dict[str, Path], nam
     path = dirs[name]
     prompts = [prompt_ids(n, salt=3) for n in (3, 17, 40)]
 
-    def run(**load: Any) -> tuple[list[list[int]], dict[str, Any]]:
+    def run(options: ModelLoadOptions) -> tuple[list[list[int]], bool, int, int]:
+        """(tokens per prompt, resident?, weight bytes, bytes copied into layer slots)"""
         with Engine(EngineConfig(budget_bytes=64 << 20, kv_block_tokens=16, max_batch_tokens=8)) as eng:
-            info = eng.load_model("m", path, **load)
+            info = eng.load_model("m", path, options=options)
             out = [eng.generate("m", p, SamplingParams(temperature=0.8, top_k=40, seed=7 + i, max_tokens=24,
                                                        ignore_eos=True)) for i, p in enumerate(prompts)]
-            return out, {**info, **eng.stats()}
+            return out, info.resident, info.weight_bytes, eng.stats().residency.bytes_copied
 
-    resident, rs = run(residency="resident")
-    streamed, ss = run(residency="streamed", stream_slots=2)
-    assert rs["resident"] and not ss["resident"]
-    assert ss["bytes_copied"] > rs["weight_bytes"], "layers really streamed, more than once"
+    resident, was_resident, weight_bytes, _ = run(ModelLoadOptions(residency=ResidencyMode.resident))
+    streamed, was_streamed_resident, _, copied = run(ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2))
+    assert was_resident and not was_streamed_resident
+    assert copied > weight_bytes, "layers really streamed, more than once"
     assert streamed == resident
 
 
