@@ -173,7 +173,6 @@ int main(int argc, char** argv) {
             for (float& v : x) v = rand_unit();
             for (size_t fi = 0; fi < fmts.size(); ++fi) {
                 const DType dt = fmts[fi].dtype;
-                set_matmul_precision(fmts[fi].precision);
                 const size_t w_bytes = static_cast<size_t>(row_bytes(dt, s.n_in) * s.n_out);
                 w_bytes_of[si * fmts.size() + fi] = w_bytes;
                 const size_t n_copies = hot ? 1 : (kColdBytes + w_bytes - 1) / w_bytes + 1;
@@ -191,7 +190,7 @@ int main(int argc, char** argv) {
                     const int64_t n_tok = tok_counts[ti];
                     size_t copy = 0;
                     auto call = [&] {
-                        const WeightView v{w.get() + copy * w_bytes, dt, s.n_out, s.n_in};
+                        const WeightView v{w.get() + copy * w_bytes, dt, s.n_out, s.n_in, fmts[fi].precision};
                         matmul(v, x.data(), n_tok, y.data(), nullptr, pool);
                         copy = (copy + 1) % n_copies;
                     };
@@ -214,7 +213,6 @@ int main(int argc, char** argv) {
             }
         }
     }
-    set_matmul_precision(MatmulPrecision::exact);
 
     std::printf("kernels: %s   threads: %d   weights: %s   passes: %d\n", kernels_isa(), pool.n_threads(),
                 hot ? "hot (one copy, reused)" : "cold (rotating copies, >= 256 MiB)", n_passes);

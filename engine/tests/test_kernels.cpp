@@ -236,7 +236,6 @@ TEST(kernel_matmul_many_equals_one_matmul_per_output_bitwise) {
     Rng rng(22);
     ThreadPool pool(2);
     for (MatmulPrecision p : {MatmulPrecision::exact, MatmulPrecision::fast}) {
-        set_matmul_precision(p);
         for (DType dt : kDTypes)
             for (int64_t n_tok : {1, 3, 17}) {
                 const int64_t n_in = 320, n_outs[3] = {320, 64, 97};
@@ -250,7 +249,7 @@ TEST(kernel_matmul_many_equals_one_matmul_per_output_bitwise) {
                     y_one.emplace_back(static_cast<size_t>(n_tok * n_out), NAN);
                 }
                 for (size_t j = 0; j < 3; ++j)
-                    outs.push_back({WeightView{wb[j].data(), dt, n_outs[j], n_in}, y_many[j].data(),
+                    outs.push_back({WeightView{wb[j].data(), dt, n_outs[j], n_in, p}, y_many[j].data(),
                                     j == 1 ? nullptr : bias[j].data()});
                 const std::vector<float> x = random_vec(rng, n_tok * n_in);
                 matmul_many(outs.data(), 3, x.data(), n_tok, pool);
@@ -260,7 +259,6 @@ TEST(kernel_matmul_many_equals_one_matmul_per_output_bitwise) {
                 }
             }
     }
-    set_matmul_precision(MatmulPrecision::exact);
     std::vector<uint8_t> a(64 * 4), b(64 * 4);
     std::vector<float> x(64), y(4);
     const MatmulOut mixed[2] = {{WeightView{a.data(), DType::F32, 1, 64}, y.data(), nullptr},
@@ -450,12 +448,10 @@ TEST(kernel_matmul_fast_bf16_equals_reference_on_bf16_rounded_activations) {
 TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
     Rng rng(17);
     ThreadPool p1(1), p2(2);
-    set_matmul_precision(MatmulPrecision::fast);
-    CHECK(matmul_precision() == MatmulPrecision::fast);
     for (DType dt : kDTypes) {
         const int64_t n_out = 133, n_in = dtype_is_blocked(dt) ? 320 : 300, n_tok = 9;
         const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
-        const WeightView w{wb.data(), dt, n_out, n_in};
+        const WeightView w{wb.data(), dt, n_out, n_in, MatmulPrecision::fast};
         const std::vector<float> x = random_vec(rng, n_tok * n_in);
         std::vector<float> batched(static_cast<size_t>(n_tok * n_out)), single(batched.size()), one_thread(batched.size());
         matmul(w, x.data(), n_tok, batched.data(), nullptr, p2);
@@ -464,8 +460,6 @@ TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
         CHECK(same_bits(batched, single));
         CHECK(same_bits(batched, one_thread));
     }
-    set_matmul_precision(MatmulPrecision::exact);
-    CHECK(matmul_precision() == MatmulPrecision::exact);
 }
 
 // ---- MatmulPrecision::fast for q8_0 / q4_0: int8 activations ----
@@ -586,13 +580,12 @@ TEST(kernel_matmul_fast_q8_0_q4_0_every_isa_equals_reference_bitwise) {
 TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
     Rng rng(20);
     ThreadPool pool(2);
-    set_matmul_precision(MatmulPrecision::fast);
     const Shape shapes[] = {{7, 32}, {33, 96}, {320, 960}, {97, 2560}};
     for (DType dt : {DType::Q8_0, DType::Q4_0})
         for (const Shape& s : shapes)
             for (int64_t n_tok : {1, 5, 17}) {
                 const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
-                const WeightView w{wb.data(), dt, s.n_out, s.n_in};
+                const WeightView w{wb.data(), dt, s.n_out, s.n_in, MatmulPrecision::fast};
                 const std::vector<float> bias = random_vec(rng, s.n_out);
                 const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
                 std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN), exact(y.size());
@@ -605,7 +598,6 @@ TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
                 CHECK(same_bits(y, defined));
                 CHECK(outside_int8_bound(w, x, act, bias, n_tok, y, exact, "fast") == 0);
             }
-    set_matmul_precision(MatmulPrecision::exact);
 }
 
 // ---- the x16 formats: q8_0 / q4_0 repacked in 16-row groups for integer dots ----

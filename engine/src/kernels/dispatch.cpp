@@ -4,7 +4,6 @@
 //
 // Built for baseline x86-64: it only calls into an ISA file after
 // __builtin_cpu_supports said yes (libgcc also checks that the OS saves the registers).
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -35,7 +34,6 @@ const KernelTable kScalar = {
     &ref::act_to_q8, &ref::matmul_rows_q8act, &ref::matmul_rows_x16,
 };
 
-std::atomic<uint8_t> g_precision{static_cast<uint8_t>(MatmulPrecision::exact)};
 
 const KernelTable& choose_table() {
     // LMX_KERNELS forces a lower ISA (benchmarks, tests, debugging); an unsupported or
@@ -80,8 +78,6 @@ const KernelTable* kernels_table_avx512() {
                                           __builtin_cpu_supports("avx512vnni") != 0);
 }
 
-void set_matmul_precision(MatmulPrecision p) { g_precision.store(static_cast<uint8_t>(p)); }
-MatmulPrecision matmul_precision() { return static_cast<MatmulPrecision>(g_precision.load()); }
 
 const KernelTable& kernels_active() {
     static const KernelTable& table = choose_table();
@@ -150,7 +146,7 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
             rows_fn(outs[j], r0, r0 + rows[j] < outs[j].w.n_out ? r0 + rows[j] : outs[j].w.n_out);
         });
     };
-    const bool fast = !mixed && (w0.precision == MatmulPrecision::fast || matmul_precision() == MatmulPrecision::fast);
+    const bool fast = !mixed && w0.precision == MatmulPrecision::fast;
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
     // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
     if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {

@@ -72,9 +72,9 @@ struct MatmulOut {
 };
 void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_tok, ThreadPool& pool);
 
-// Matmul precision, per weight view (WeightView::precision: the engine sets it per model
-// from EngineConfig.matmul_precision), or process-wide for every view (set_matmul_precision:
-// tests and kernel benchmarks; the engine leaves it at exact). A matmul is fast when either says so.
+// Matmul precision belongs to each weight view (WeightView::precision: the engine sets it per
+// model from EngineConfig.matmul_precision; tests and kernel benchmarks set it per view). There
+// is no process-wide setting: two engines of different precision never affect each other.
 //  exact (default): activations stay f32, weights are widened exactly, f32 FMA in a
 //    fixed order: bitwise the same on AVX2 and AVX-512 machines.
 //  fast: where the CPU has a denser dot product, activations are rounded to its format
@@ -89,8 +89,6 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
 //    one precision for all its outputs.
 //  The x16 formats always take the int8 path (defined by ref::matmul_rows_x16): a model
 //  loaded under fast precision stores its q8_0 / q4_0 matrices that way (model.cpp).
-void set_matmul_precision(MatmulPrecision p);
-MatmulPrecision matmul_precision();
 
 // y[t, :] = x[t, :] / sqrt(mean(x[t, :]^2) + eps) * weight[:]   (x may alias y)
 void rmsnorm(const float* x, const float* weight, float eps, int64_t n_tok, int64_t dim, float* y);
