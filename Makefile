@@ -42,8 +42,8 @@ test-py:
 
 lint:
 	$(PIP) install ruff mypy
-	$(BIN)/ruff check engine worker producer_sdk tests bench
-	$(BIN)/mypy engine worker producer_sdk
+	$(BIN)/ruff check engine worker producer_sdk tools tests bench
+	$(BIN)/mypy engine worker producer_sdk tools
 
 bench: install-test
 	$(BIN)/python bench/run_all.py

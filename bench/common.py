@@ -179,7 +179,7 @@ def ensure_model(preset: str, dtype: str = "bfloat16", root: Path = BENCH_MODELS
     A folder counts as complete when its config.json exists: make_model writes it first,
     so a marker file written last tells a finished folder from an interrupted one.
     """
-    from engine.model_factory import REFERENCE_SHAPES, make_model
+    from tools.model_factory import REFERENCE_SHAPES, make_model
 
     out = root / f"{preset}-{dtype}"
     marker = out / ".complete"

@@ -40,9 +40,9 @@ import httpx
 import orjson
 import redis
 
-from engine.model_factory import make_model
 from producer_sdk import AsyncProducer, TokenEvent
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
+from tools.model_factory import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "bench"

@@ -1,7 +1,7 @@
 """layermux vs llama.cpp vs HF transformers on the same random weights, against the bandwidth floor.
 
 Owner: benchmarks (issue "fast kernels"). For each model shape (SmolLM2-360M, Qwen2-0.5B,
-Llama-3.2-1B; random weights from engine.model_factory, stored bf16), every engine
+Llama-3.2-1B; random weights from tools.model_factory, stored bf16), every engine
 with the same thread count, one table per model:
 
   MB/tok        weight bytes one batch-1 decode token must stream (matrices in the row's

@@ -58,7 +58,7 @@ from engine import (
     SamplingParams,
     plan_slots,
 )
-from engine.model_factory import REFERENCE_SHAPES, make_model
+from tools.model_factory import REFERENCE_SHAPES, make_model
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
 STRATEGIES: dict[str, dict[str, Any]] = {

@@ -38,11 +38,11 @@ import orjson
 import redis
 
 from engine import Engine, EngineConfig, EventKind, FinishReason, SamplingParams
-from engine.model_factory import DEMO_MODELS, make_model
 from producer_sdk import AsyncProducer, Producer
 from producer_sdk.keys import Keys
 from producer_sdk.protocol import decode_event
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
+from tools.model_factory import DEMO_MODELS, make_model
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12]
 TICK_S = 0.001  # the token source's clock

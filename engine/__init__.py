@@ -3,8 +3,8 @@
 Reading order: core.py (Engine, and the engine's types: EngineConfig, SamplingParams,
 ModelLoadOptions, the enums, EngineEvent, ModelInfo, ModelFootprint, LedgerSnapshot), _core.pyi
 (the compiled module's typed surface), hf_config.py (model folders -> engine spec), text.py
-(tokenizer, detokenizer, chat template), errors.py (exception tree), model_factory.py (random
-test models).
+(tokenizer, detokenizer, chat template), errors.py (exception tree). Random test models are made
+by tools/model_factory.py, outside the product packages.
 """
 
 from engine.core import (

@@ -1,4 +1,4 @@
-"""Shared fixtures: one real redis-server per test session (worker.embedded_redis), flushed per test.
+"""Shared fixtures: one real redis-server per test session (tools.embedded_redis), flushed per test.
 Owned by the tests; no mocks: every Redis test talks to this server.
 Not thread-safe across xdist workers by design: each pytest process starts its own server.
 """
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

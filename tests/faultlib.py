@@ -27,7 +27,6 @@ import orjson
 import redis
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.model_factory import make_model
 from engine.text import IncrementalDetokenizer, Tokenizer
 from producer_sdk.keys import CONSUMER_GROUP, Keys
 from producer_sdk.protocol import (
@@ -39,6 +38,7 @@ from producer_sdk.protocol import (
     TokenEvent,
     decode_event,
 )
+from tools.model_factory import make_model
 
 __all__ = [
     "TERMINAL",

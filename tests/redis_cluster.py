@@ -1,5 +1,5 @@
 """Owns: a real Redis Cluster (3 masters, 3 replicas) and a real Sentinel set-up on free loopback
-ports, from the same redis-server binary the project brings (worker.embedded_redis).
+ports, from the same redis-server binary the project brings (tools.embedded_redis).
 Owned by the tests; nothing is mocked. Used by tests/test_cluster*.py.
 Not thread-safe: one test (or fixture) drives a launcher from one thread.
 
@@ -29,7 +29,7 @@ from typing import Any, Final, Self
 import redis
 from redis.cluster import key_slot
 
-from worker.embedded_redis import EmbeddedRedis, find_redis_server
+from tools.embedded_redis import EmbeddedRedis, find_redis_server
 
 __all__ = ["NODE_TIMEOUT_MS", "RedisClusterLauncher", "SentinelLauncher", "wait_for"]
 

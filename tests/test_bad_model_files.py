@@ -25,7 +25,7 @@ import pytest
 
 from engine import Engine, EngineConfig, SamplingParams
 from engine.errors import ModelFileError, UnsupportedModelError
-from engine.model_factory import (
+from tools.model_factory import (
     make_model,
     model_tensor_specs,
     read_safetensors_header,

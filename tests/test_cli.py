@@ -194,7 +194,7 @@ def test_worker_with_a_budget_too_small_exits_1_with_the_numbers(tiny_model: Pat
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.model_factory import make_model
+    from tools.model_factory import make_model
 
     return make_model(
         tmp_path_factory.mktemp("models") / "tiny",
@@ -918,7 +918,7 @@ def test_worker_ctrl_c_drains_and_exits_130(tiny_model: Path, redis_url: str, tm
 
 
 def test_worker_second_ctrl_c_forces_exit_without_draining(tmp_path: Path, redis_url: str) -> None:
-    from engine.model_factory import make_model
+    from tools.model_factory import make_model
 
     model = make_model(tmp_path / "slow", hidden=256, n_layers=8, n_heads=8, n_kv_heads=2, intermediate=768,
                        max_position_embeddings=8192, init_std=0.1, seed=9)

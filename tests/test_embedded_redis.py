@@ -1,4 +1,4 @@
-"""worker.embedded_redis: finding the binary, start/stop/restart/kill, AOF persistence, auth, errors.
+"""tools.embedded_redis: finding the binary, start/stop/restart/kill, AOF persistence, auth, errors.
 Real processes only; each test starts its own server (they are cheap: ~30 ms).
 """
 
@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from worker.embedded_redis import EmbeddedRedis, RedisServerError, RedisServerNotFoundError, find_redis_server
+from tools.embedded_redis import EmbeddedRedis, RedisServerError, RedisServerNotFoundError, find_redis_server
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,9 +29,9 @@ from engine import (
     ResidencyMode,
     SamplingParams,
 )
-from engine.model_factory import make_model
 from producer_sdk import RejectedError
 from producer_sdk.client import AsyncProducer
+from tools.model_factory import make_model
 from worker.runtime import Runtime
 from worker.settings import DeviceSettings, ModelSettings, load_settings
 

@@ -57,7 +57,7 @@ from producer_sdk.protocol import (
     decode_request,
     encode_request,
 )
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
 
 RESULT_TIMEOUT_S = 180.0  # bounds waits only
 

@@ -32,7 +32,6 @@ import pytest
 import redis
 from faultlib import WorkerProc, raw_events, wait_until
 
-from engine.model_factory import make_model
 from engine.text import IncrementalDetokenizer, Tokenizer
 from producer_sdk.connection import stream_entries
 from producer_sdk.keys import CONSUMER_GROUP, Keys
@@ -45,7 +44,8 @@ from producer_sdk.protocol import (
     decode_request,
     encode_event,
 )
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
+from tools.model_factory import make_model
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from engine.core import Engine, EngineConfig
-from engine.model_factory import make_model, read_tensors
+from tools.model_factory import make_model, read_tensors
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [1, 5, 9, 17, 33, 2, 7, 100, 3]

@@ -1,4 +1,4 @@
-"""engine.model_factory writes folders that Hugging Face transformers loads as the real thing.
+"""tools.model_factory writes folders that Hugging Face transformers loads as the real thing.
 
 The factory is the ground every parity test stands on, so its output is checked
 against outside truth: transformers loads every variant with no missing,
@@ -23,7 +23,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from engine import model_factory as mf
+from tools import model_factory as mf
 
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 64}

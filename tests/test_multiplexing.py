@@ -1,6 +1,6 @@
 """Layer multiplexing: streamed models generate what resident ones do; the ledger holds under random workloads.
 
-Real engine, real files (random models written by engine.model_factory); nothing mocked.
+Real engine, real files (random models written by tools.model_factory); nothing mocked.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from engine import (
     ResidencyMode,
     SamplingParams,
 )
-from engine.model_factory import make_model
+from tools.model_factory import make_model
 
 MODELS: dict[str, dict[str, Any]] = {
     "llama": {"arch": "llama", "hidden": 64, "n_layers": 10, "n_heads": 4, "n_kv_heads": 2, "intermediate": 256,

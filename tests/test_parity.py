@@ -1,7 +1,7 @@
 """The engine computes what Hugging Face transformers computes, on every supported variant.
 
 Truth is HF transformers (torch, CPU, float32, eager attention) on small random
-models built by engine.model_factory: Llama untied with llama3 RoPE scaling and
+models built by tools.model_factory: Llama untied with llama3 RoPE scaling and
 GQA 4:1, SmolLM2-like tied with GQA 1:1 (plain multi-head), Qwen2 with q/k/v
 biases and GQA 3:1, Qwen3 with QK-norm and head_dim apart from hidden / heads,
 Gemma3 (sandwich norms, QK-norm, GeGLU, scaled embedding, (1 + w) norms, query
@@ -54,7 +54,7 @@ import numpy as np
 import pytest
 
 from engine import Engine, EngineConfig, EngineEvent, EventKind, FinishReason, MatmulPrecision, SamplingParams
-from engine.model_factory import make_model, tokenizer_size
+from tools.model_factory import make_model, tokenizer_size
 
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 64}

@@ -40,7 +40,7 @@ from producer_sdk import (
     decode_request,
 )
 from producer_sdk.connection import COMMAND_BACKOFF_BASE_S, COMMAND_BACKOFF_CAP_S, COMMAND_RETRIES
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 from faultlib import Fleet, WorkerProc
 
-from engine.model_factory import make_model
+from tools.model_factory import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -60,7 +60,7 @@ def test_the_readme_has_runnable_sync_and_async_sdk_examples() -> None:
 @pytest.fixture(scope="module")
 def readme_worker(tmp_path_factory: pytest.TempPathFactory, redis_server: object) -> Iterator[str]:
     """A worker serving `smol` under prefix `lmx` on the session's Redis; yields the URL."""
-    from worker.embedded_redis import EmbeddedRedis
+    from tools.embedded_redis import EmbeddedRedis
 
     assert isinstance(redis_server, EmbeddedRedis)
     root = tmp_path_factory.mktemp("readme")

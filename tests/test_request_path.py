@@ -21,8 +21,8 @@ import pytest
 import redis
 from faultlib import REPO, Fleet
 
-from engine.model_factory import make_model
 from producer_sdk import AsyncProducer
+from tools.model_factory import make_model
 
 PREFIX = "rpath"
 MODEL = "tiny"

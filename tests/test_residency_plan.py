@@ -23,8 +23,8 @@ from engine import (
     SamplingParams,
     plan_slots,
 )
-from engine.model_factory import make_model
 from producer_sdk.client import AsyncProducer
+from tools.model_factory import make_model
 from worker.runtime import Runtime
 from worker.settings import load_settings
 

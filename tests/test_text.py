@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import ChatTemplateError, InvalidRequestError
-from engine.model_factory import make_model
 from engine.text import IncrementalDetokenizer, Tokenizer
+from tools.model_factory import make_model
 
 TEXTS = [
     "emoji 🦀🚀 and 日本語 and ✨ café",

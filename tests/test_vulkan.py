@@ -46,10 +46,10 @@ from engine import (
     _core,
 )
 from engine.errors import LayermuxError
-from engine.model_factory import make_model, tokenizer_size
 from engine.text import Tokenizer
 from producer_sdk.client import AsyncProducer
 from producer_sdk.keys import Keys
+from tools.model_factory import make_model, tokenizer_size
 
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 64}

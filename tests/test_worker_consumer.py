@@ -15,7 +15,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.model_factory import make_model
 from engine.text import IncrementalDetokenizer, Tokenizer
 from producer_sdk.client import AsyncProducer, build_request
 from producer_sdk.connection import make_async_client
@@ -30,6 +29,7 @@ from producer_sdk.protocol import (
     encode_event,
     encode_request,
 )
+from tools.model_factory import make_model
 from worker.runtime import Runtime
 from worker.settings import Settings, load_settings
 

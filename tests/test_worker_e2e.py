@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.model_factory import make_model
 from engine.text import Tokenizer
 from producer_sdk.client import AsyncProducer
 from producer_sdk.keys import Keys
 from producer_sdk.protocol import CancelledEvent, DoneEvent, ErrorEvent, StartedEvent, TokenEvent, decode_event
+from tools.model_factory import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "e2e"

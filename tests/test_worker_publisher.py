@@ -19,7 +19,7 @@ from producer_sdk.protocol import (
     Usage,
     decode_event,
 )
-from worker.embedded_redis import EmbeddedRedis
+from tools.embedded_redis import EmbeddedRedis
 from worker.publisher import _APPEND_SCRIPT, AckEntry, DeadLetter, Publisher, owner_key, read_reply_state
 
 KEYS = Keys("t")

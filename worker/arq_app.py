@@ -447,7 +447,7 @@ def run(config_path: str | None = None, *, settings: Settings | None = None) -> 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embedded = None
     if settings.redis_url is None:
-        from .embedded_redis import EmbeddedRedis
+        from tools.embedded_redis import EmbeddedRedis
 
         port = EMBEDDED_REDIS_PORT if _port_free(EMBEDDED_REDIS_PORT) else None
         embedded = EmbeddedRedis(port=port).start()

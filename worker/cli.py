@@ -570,7 +570,7 @@ def _check_alive(url: str, prefix: str, worker_id: str) -> int:
 
 def cmd_redis(args: argparse.Namespace) -> int:
     """`layermux redis`: exit 1 when the port is taken or the server cannot start, 130 after Ctrl-C."""
-    from worker.embedded_redis import EmbeddedRedis, RedisServerError
+    from tools.embedded_redis import EmbeddedRedis, RedisServerError
 
     if args.port > 65535:
         raise UsageError(f"--port: expected 0..65535, found {args.port}")
@@ -605,7 +605,7 @@ def cmd_redis(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker import demo
+    from tools import demo
 
     return demo.run(keep=args.keep, requests_per_model=args.requests_per_model, max_tokens=args.max_tokens)
 

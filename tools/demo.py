@@ -7,7 +7,7 @@ Not thread-safe; runs in the main thread of the `layermux demo` process.
 
 Steps, each failing with a `DemoError` that says what broke (with the worker's log tail):
 
-1. Models: `engine.model_factory.DEMO_MODELS` (three architectures) written once into
+1. Models: `tools.model_factory.DEMO_MODELS` (three architectures) written once into
    ~/.cache/layermux/demo-models/<name>. A folder counts as complete only when its marker
    file holds the fingerprint of the spec it was made from; it is written into a temporary
    folder and renamed into place, so an interrupted run never leaves a half model behind.
@@ -144,8 +144,8 @@ def _fingerprint(spec: Mapping[str, Any], factory_source: bytes) -> str:
 
 def ensure_models(root: Path, console: Console) -> dict[str, Path]:
     """Each DEMO_MODELS folder, written unless a complete one with the same spec exists."""
-    from engine import model_factory
-    from engine.model_factory import DEMO_MODELS, make_model
+    from tools import model_factory
+    from tools.model_factory import DEMO_MODELS, make_model
 
     factory_source = Path(model_factory.__file__).read_bytes()
     root.mkdir(parents=True, exist_ok=True)
@@ -643,7 +643,7 @@ def _children_reaped(
 
 def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, out: TextIO = sys.stdout) -> int:
     """The demo; returns the exit status (0 when every request finished with tokens)."""
-    from worker.embedded_redis import EmbeddedRedis, RedisServerError
+    from tools.embedded_redis import EmbeddedRedis, RedisServerError
 
     console = Console(out)
     t_start = time.perf_counter()

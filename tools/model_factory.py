@@ -19,8 +19,8 @@ the reference shapes (GBs) never sit in memory.
 
 CLI (benchmarks, demo)::
 
-    python -m engine.model_factory OUT_DIR --preset smollm2-360m --dtype bfloat16
-    python -m engine.model_factory OUT_DIR --all-demos        # OUT_DIR/<name> for each DEMO_MODELS entry
+    python -m tools.model_factory OUT_DIR --preset smollm2-360m --dtype bfloat16
+    python -m tools.model_factory OUT_DIR --all-demos        # OUT_DIR/<name> for each DEMO_MODELS entry
 """
 
 from __future__ import annotations
@@ -627,7 +627,7 @@ def _stderr_progress(every: int) -> ProgressFn:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
     presets = {**REFERENCE_SHAPES, **DEMO_MODELS}
-    ap = argparse.ArgumentParser(prog="python -m engine.model_factory",
+    ap = argparse.ArgumentParser(prog="python -m tools.model_factory",
                                  description="Write a random-weight Hugging Face model folder.")
     ap.add_argument("out_dir", type=Path)
     group = ap.add_mutually_exclusive_group(required=True)
