@@ -2,7 +2,8 @@
 // Owner: the Vulkan device. One workgroup per (token, query head). Keys are taken 64 at a
 // time (one per thread): scores into shared memory, then an online softmax (running max m,
 // running sum l, the output rescaled by exp(m_old - m_new)); every thread reads the chunk
-// in the same order, so the result of one (token, head) never depends on the batch.
+// in the same order, so the result of one (token, head) never depends on the batch. A
+// sliding-window layer (window > 0) starts at key max(0, n_keys - window).
 // tok[t] = {first entry of its block table in `tables`, number of keys (pos + 1)};
 // tables hold each block's start in the KV binding (floats), before the layer offset.
 #version 450
@@ -21,6 +22,7 @@ layout(push_constant) uniform Push {
     uint layer_off;  // floats from a block's start to this layer's K
     uint v_off;      // floats from K to V
     float scale;
+    uint window;     // > 0: only the last `window` keys (sliding-window layer)
 } p;
 
 const uint MAX_DIMS = 4;  // head_dim <= 256
@@ -39,7 +41,8 @@ void main() {
     for (uint j = 0; j < MAX_DIMS; j++) acc[j] = 0.0;
     float m = -1.0 / 0.0;  // -inf
     float l = 0.0;
-    for (uint c0 = 0; c0 < n_keys; c0 += 64u) {
+    const uint first = (p.window > 0u && n_keys > p.window) ? n_keys - p.window : 0u;
+    for (uint c0 = first; c0 < n_keys; c0 += 64u) {
         const uint key = c0 + tid;
         float s = -1.0 / 0.0;
         if (key < n_keys) {

@@ -330,13 +330,45 @@ TEST(vulkan_rmsnorm_rope_swiglu_add_match_reference) {
     check_no_validation_messages(before);
 }
 
-// Paged attention: scattered blocks, GQA, a decode token and a prefill chunk in one call.
-TEST(vulkan_paged_attention_matches_reference_for_decode_and_prefill_chunks) {
+// Gemma 3's element-wise ops against the double-precision references: GeGLU within 1e-6 of
+// |gate * up| (1 + tanh cancels for negative gates, in f32 as on the CPU) + 2e-6 relative;
+// soft-capping within 2e-6 of the cap; the scale exactly.
+TEST(vulkan_gelu_tanh_mul_softcap_and_scale_match_reference) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    Rng rng(17);
+    const int64_t n = 1000;
+    const auto gate = random_vec(rng, n, -8.0f, 8.0f), up = random_vec(rng, n);
+    const auto logits = random_vec(rng, n, -80.0f, 80.0f);
+    DevBuf dg(*g->dev, gate), du(*g->dev, up), dl(*g->dev, logits), ds(*g->dev, up);
+    run_after(*g, {&dg, &du, &dl, &ds}, [&](CmdStream& s) {
+        op_gelu_tanh_mul(s, dg.b(), du.b(), dg.b(), n);
+        op_softcap(s, dl.b(), n, 30.0f);
+        op_scale(s, ds.b(), n, 8.0f);
+    });
+    std::vector<float> want(static_cast<size_t>(n));
+    ref::gelu_tanh_mul(gate.data(), up.data(), want.data(), n);
+    auto got = dg.read();
+    for (size_t i = 0; i < want.size(); i++)
+        CHECK_NEAR(got[i], want[i], 1e-6 * std::fabs(gate[i] * up[i]) + 2e-6 * std::fabs(want[i]));
+    want = logits;
+    ref::softcap(want.data(), n, 30.0f);
+    got = dl.read();
+    for (size_t i = 0; i < want.size(); i++) CHECK_NEAR(got[i], want[i], 2e-6 * 30.0);
+    got = ds.read();
+    for (size_t i = 0; i < up.size(); i++) CHECK(got[i] == up[i] * 8.0f);
+    check_no_validation_messages(before);
+}
+
+// Paged attention: scattered blocks, GQA, a decode token and a prefill chunk in one call; full
+// and sliding windows (1 key; 40 keys, which starts inside a block).
+TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_windows) {
     Gpu* g = gpu();
     if (!g) return;
     const uint64_t before = validation_message_count();
     Rng rng(9);
-    for (const int n_kv_heads : {1, 2}) {
+    for (const int window : {0, 1, 40}) for (const int n_kv_heads : {1, 2}) {
         const int n_heads = 4, head_dim = 40, bt = 16, n_layer = 2, layer = 1;
         const int kv_dim = n_kv_heads * head_dim;
         const int64_t block_floats = static_cast<int64_t>(n_layer) * 2 * bt * kv_dim;
@@ -367,7 +399,7 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_and_prefill_chunks) {
         DevBuf dq(*g->dev, q), dpool(*g->dev, pool), dtok(*g->dev, tok.data(), tok.size() * 4),
             dtab(*g->dev, tables.data(), tables.size() * 4), dout(*g->dev, nullptr, q.size() * 4);
         const KvGeom geom{n_heads, n_kv_heads, head_dim, bt, static_cast<uint32_t>(layer * 2 * bt * kv_dim),
-                          static_cast<uint32_t>(bt * kv_dim)};
+                          static_cast<uint32_t>(bt * kv_dim), static_cast<uint32_t>(window)};
         const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
         run_after(*g, {&dq, &dpool, &dtok, &dtab}, [&](CmdStream& s) {
             op_attention(s, dq.b(), dpool.b(), dtok.b(), dtab.b(), dout.b(), n_tok, geom, scale);
@@ -382,7 +414,7 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_and_prefill_chunks) {
                 vb.push_back(kb.back() + bt * kv_dim);
             }
             ref::attention(q.data() + t * n_heads * head_dim, it.n_q, it.pos0, kb.data(), vb.data(), bt, n_heads,
-                           n_kv_heads, head_dim, scale, want.data() + t * n_heads * head_dim, scratch.data());
+                           n_kv_heads, head_dim, scale, want.data() + t * n_heads * head_dim, scratch.data(), window);
             t += it.n_q;
         }
         double worst = 0;

@@ -216,11 +216,11 @@ void VulkanBackend::kv_append(int layer, const float* k, const float* v) {
 void VulkanBackend::attention(int layer, const float* q, const AttnParams& p, float* out) {
     const int64_t T = step_.n_tokens;
     if (T == 0) return;
-    if (p.window > 0)
-        throw UnsupportedError("the vulkan backend has no sliding-window attention; load this model on the CPU device");
     recording();
     const int64_t qd = static_cast<int64_t>(p.n_heads) * p.head_dim;
-    op_attention(s_, act(q, T * qd), kv_window(layer), tok_b_, tables_b_, act(out, T * qd), T, kv_geom(layer, &p), p.scale);
+    KvGeom g = kv_geom(layer, &p);
+    g.window = static_cast<uint32_t>(std::max<int64_t>(p.window, 0));
+    op_attention(s_, act(q, T * qd), kv_window(layer), tok_b_, tables_b_, act(out, T * qd), T, g, p.scale);
 }
 
 void VulkanBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {
@@ -231,6 +231,21 @@ void VulkanBackend::silu_mul(const float* gate, const float* up, float* out, int
 void VulkanBackend::add(float* x, const float* y, int64_t n) {
     recording();
     op_add(s_, act(y, n), act(x, n), n);
+}
+
+void VulkanBackend::gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
+    recording();
+    op_gelu_tanh_mul(s_, act(gate, n), act(up, n), act(out, n), n);
+}
+
+void VulkanBackend::softcap(float* x, int64_t n, float cap) {
+    recording();
+    op_softcap(s_, act(x, n), n, cap);
+}
+
+void VulkanBackend::scale(float* x, float s, int64_t n) {
+    recording();
+    op_scale(s_, act(x, n), n, s);
 }
 
 void VulkanBackend::gather_rows(const float* x, int64_t dim, float* rows) {

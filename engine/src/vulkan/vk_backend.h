@@ -52,6 +52,9 @@ public:
     void attention(int layer, const float* q, const AttnParams& p, float* out) override;
     void silu_mul(const float* gate, const float* up, float* out, int64_t n) override;
     void add(float* x, const float* y, int64_t n) override;
+    void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) override;
+    void softcap(float* x, int64_t n, float cap) override;
+    void scale(float* x, float s, int64_t n) override;
     void gather_rows(const float* x, int64_t dim, float* rows) override;
     float* read_host(float* src, int64_t n) override;
 

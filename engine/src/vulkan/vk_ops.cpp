@@ -85,13 +85,16 @@ void op_rope(CmdStream& s, const Binding& x, const Binding& cs, int64_t n_tok, i
 }
 
 namespace {
-void eltwise(CmdStream& s, uint32_t op, const Binding& x, const Binding& z, const Binding& y, int64_t n) {
+void eltwise(CmdStream& s, uint32_t op, const Binding& x, const Binding& z, const Binding& y, int64_t n, float a = 0) {
     if (n == 0) return;
-    const uint32_t push[4] = {fl(x), fl(z), fl(y), u32(n)};
+    struct {
+        uint32_t x_skip, z_skip, y_skip, n;
+        float a;
+    } push{fl(x), fl(z), fl(y), u32(n), a};
     const Binding binds[3] = {x, z, y};
     uint32_t gx, gy;
     grid((static_cast<uint64_t>(n) + kGroup - 1) / kGroup, &gx, &gy);
-    s.dispatch("eltwise", op, binds, 3, push, sizeof(push), gx, gy);
+    s.dispatch("eltwise", op, binds, 3, &push, sizeof(push), gx, gy);
 }
 }  // namespace
 
@@ -99,6 +102,11 @@ void op_add(CmdStream& s, const Binding& x, const Binding& y, int64_t n) { eltwi
 void op_silu_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n) {
     eltwise(s, 1, gate, up, out, n);
 }
+void op_gelu_tanh_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n) {
+    eltwise(s, 2, gate, up, out, n);
+}
+void op_softcap(CmdStream& s, const Binding& x, int64_t n, float cap) { eltwise(s, 3, x, x, x, n, cap); }
+void op_scale(CmdStream& s, const Binding& x, int64_t n, float a) { eltwise(s, 4, x, x, x, n, a); }
 
 void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
                  int64_t n_tok, const KvGeom& g) {
@@ -123,8 +131,9 @@ void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Bi
         uint32_t q_skip, cache_skip, tok_skip, tables_skip, o_skip;
         uint32_t n_tok, n_heads, n_kv_heads, head_dim, block_tokens, layer_off, v_off;
         float scale;
+        uint32_t window;
     } push{fl(q), fl(cache), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
-           u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale};
+           u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale, g.window};
     const Binding binds[5] = {q, cache, tok, tables, out};
     s.dispatch("attention", 0, binds, 5, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
 }

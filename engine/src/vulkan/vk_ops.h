@@ -26,6 +26,9 @@ void op_rmsnorm(CmdStream& s, const Binding& x, const Binding& weight, const Bin
 void op_rope(CmdStream& s, const Binding& x, const Binding& cs, int64_t n_tok, int n_heads, int head_dim, int64_t ld_x);
 void op_add(CmdStream& s, const Binding& x, const Binding& y, int64_t n);  // y += x
 void op_silu_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n);
+void op_gelu_tanh_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n);
+void op_softcap(CmdStream& s, const Binding& x, int64_t n, float cap);  // x = tanh(x / cap) * cap
+void op_scale(CmdStream& s, const Binding& x, int64_t n, float a);      // x *= a
 // Paged KV of one layer. cache: the binding holding every block the step touches; dst: [n_tok]
 // uint32, each token's K row in cache (floats from the binding's data start, before layer_off);
 // tok: [n_tok] {table start, n_keys}; tables: block starts (floats, as dst).
@@ -33,6 +36,7 @@ struct KvGeom {
     int n_heads, n_kv_heads, head_dim, block_tokens;
     uint32_t layer_off;  // floats from a block's start to this layer's K
     uint32_t v_off;      // floats from K to V
+    uint32_t window = 0; // > 0: a query at position p sees keys p - window + 1 .. p only
 };
 void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
                  int64_t n_tok, const KvGeom& g);
