@@ -45,7 +45,7 @@ def _field(cfg: dict[str, Any], path: Path, name: str, kind: type, default: Any 
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ModelFileError(f"{path}: field '{name}': expected {kind.__name__}, found {value!r}")
-    if kind is int and value <= 0:
+    if kind is int and isinstance(value, int) and value <= 0:
         raise ModelFileError(f"{path}: field '{name}': expected a positive integer, found {value}")
     return value
 
