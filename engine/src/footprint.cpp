@@ -22,20 +22,22 @@ namespace {
 uint64_t piece_bytes(DType t, int64_t rows, int64_t cols) {
     return align_up(static_cast<uint64_t>(row_bytes(t, cols)) * static_cast<uint64_t>(rows), kAlign);
 }
+std::string layer_name(int l, const char* rest) { return "model.layers." + std::to_string(l) + "." + rest; }
 }  // namespace
 
 // Mirrors ModelWeights' unit layout (model.cpp): keep the two in step. Sizes do not depend
-// on the order of pieces (each is padded alone), so only the set of tensors matters.
+// on the order of pieces (each is padded alone), so only the set of tensors matters. A matrix
+// keeps its own format where the loader does (auto weights; GGUF block formats), and its slot
+// in a layer unit is the largest that matrix is in any layer (every layer has one layout).
 ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, int n_lanes) {
     spec.validate();
-    // headers only: the mapping is read lazily (a GGUF llama file's q/k rows are un-permuted: small)
-    const std::unique_ptr<SafetensorsSet> st_owned =
+    // Headers only: the mapping is read lazily (a GGUF file's table is mapped to HF names).
+    const std::unique_ptr<SafetensorsSet> st =
         is_gguf_model(spec.files) ? gguf_tensor_set(spec) : std::make_unique<SafetensorsSet>(spec.files);
-    const SafetensorsSet& st = *st_owned;
     const int64_t dim = spec.dim, qd = spec.q_dim(), kvd = spec.kv_dim(), ffn = spec.ffn_dim, nv = spec.n_vocab;
     ModelFootprint f;
     f.n_layer = spec.n_layer;
-    const TensorInfo& probe = st.require("model.layers.0.self_attn.q_proj.weight", {qd, dim});
+    const TensorInfo& probe = st->require(layer_name(0, "self_attn.q_proj.weight"), {qd, dim});
     f.weights = spec.weights == "auto" ? probe.dtype : dtype_from_name(spec.weights);
     f.matrix_format = f.weights;
     if (cfg.matmul_precision == MatmulPrecision::fast && (f.weights == DType::Q8_0 || f.weights == DType::Q4_0)) {
@@ -43,42 +45,41 @@ ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, i
         for (int64_t n : {qd, kvd, dim, ffn, nv}) whole_groups = whole_groups && n % kX16Rows == 0;
         if (whole_groups) f.matrix_format = f.weights == DType::Q8_0 ? DType::Q8_0X16 : DType::Q4_0X16;
     }
-    const DType m = f.matrix_format;
-    const int64_t block = dtype_block_elems(m);
-    for (int64_t cols : {dim, qd, ffn})
-        if (cols % block != 0)
-            throw UnsupportedError("model '" + spec.name + "': " + dtype_name(m) + " needs rows of a multiple of " +
-                                   std::to_string(block) + " values, found " + std::to_string(cols) +
-                                   "; choose --weights f16 or bf16 for this model");
-    const auto vec = [](int64_t n) { return piece_bytes(DType::F32, 1, n); };
-    // ModelWeights::matrix_format: "auto" keeps each matrix's stored format (GGUF files mix
-    // them per tensor), and a slot holds the largest of its layers.
-    const auto fmt = [&](DType stored) {
-        if (spec.weights == "auto" && !dtype_is_x16(m)) return stored;
-        return dtype_is_x16(m) && dtype_is_gguf_quant(stored) ? stored : m;
+    const auto format = [&](const TensorInfo& t) {  // ModelWeights::matrix_format
+        if (spec.weights == "auto" && !dtype_is_x16(f.matrix_format)) return t.dtype;
+        if (dtype_is_x16(f.matrix_format) && dtype_is_gguf_quant(t.dtype)) return t.dtype;
+        return f.matrix_format;
     };
-    const auto mat = [&](const char* nm, int64_t rows, int64_t cols) {
+    const auto check_cols = [&](DType t, int64_t cols, const std::string& name) {
+        if (cols % dtype_block_elems(t) != 0)
+            throw UnsupportedError("tensor '" + name + "' of model '" + spec.name + "': " + dtype_name(t) +
+                                   " needs rows of a multiple of " + std::to_string(dtype_block_elems(t)) +
+                                   " values, found " + std::to_string(cols) + "; choose --weights f16 or bf16");
+    };
+    const auto mat = [&](const char* nm, int64_t rows, int64_t cols) {  // the largest in any layer
         uint64_t most = 0;
-        for (int l = 0; l < spec.n_layer; l++)
-            if (const TensorInfo* t = st.find("model.layers." + std::to_string(l) + "." + nm))
-                most = std::max(most, piece_bytes(fmt(t->dtype), rows, cols));
+        for (int l = 0; l < spec.n_layer; l++) {
+            const TensorInfo& t = st->require(layer_name(l, nm), {rows, cols});
+            check_cols(format(t), cols, t.name);
+            most = std::max(most, piece_bytes(format(t), rows, cols));
+        }
         return most;
     };
-    uint64_t layer = vec(dim)                                                          // attn norm
+    const auto vec = [](int64_t n) { return piece_bytes(DType::F32, 1, n); };
+    uint64_t layer = vec(dim)                                                                    // attn norm
                      + mat("self_attn.q_proj.weight", qd, dim) + mat("self_attn.k_proj.weight", kvd, dim)
-                     + mat("self_attn.v_proj.weight", kvd, dim)                        // wq, wk, wv
-                     + mat("self_attn.o_proj.weight", dim, qd)                         // wo
-                     + vec(dim)                                                        // ffn norm
+                     + mat("self_attn.v_proj.weight", kvd, dim) + mat("self_attn.o_proj.weight", dim, qd)
+                     + vec(dim)                                                                  // ffn norm
                      + mat("mlp.gate_proj.weight", ffn, dim) + mat("mlp.up_proj.weight", ffn, dim)
-                     + mat("mlp.down_proj.weight", dim, ffn);                          // gate, up, down
+                     + mat("mlp.down_proj.weight", dim, ffn);
     if (spec.qkv_bias) layer += vec(qd) + 2 * vec(kvd);
     if (spec.qk_norm) layer += 2 * vec(spec.head_dim);
     if (spec.post_norms) layer += 2 * vec(dim);
     f.layer_bytes = layer;
-    const TensorInfo* head = spec.tied ? nullptr : st.find("lm_head.weight");
-    if (head == nullptr) head = st.find("model.embed_tokens.weight");
-    // norm + lm_head (a tied head holds the embedding's rows)
-    f.head_bytes = vec(dim) + piece_bytes(head != nullptr ? fmt(head->dtype) : m, nv, dim);
+    const TensorInfo* lm = spec.tied ? nullptr : st->find("lm_head.weight");
+    const TensorInfo& head = lm != nullptr ? *lm : st->require("model.embed_tokens.weight", {nv, dim});
+    check_cols(format(head), dim, head.name);
+    f.head_bytes = vec(dim) + piece_bytes(format(head), nv, dim);  // norm + lm_head (tied: the embedding's rows)
 
     const int max_rows = std::min(cfg.max_seqs_per_step, cfg.max_batch_tokens);
     f.workspace_bytes = align_up(workspace_bytes(spec, cfg.max_batch_tokens, max_rows, n_lanes), kAlign);
