@@ -8,10 +8,12 @@ Regenerate the stub after changing engine/src/bindings.cpp: `.venv/bin/python te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from producer_sdk import RejectedError
 from producer_sdk.client import AsyncProducer
 from tools.model_factory import make_model
 from worker.runtime import Runtime
-from worker.settings import DeviceSettings, ModelSettings, load_settings
+from worker.settings import DeviceSettings, ModelSettings, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB = ROOT / "engine" / "_core.pyi"
@@ -137,6 +139,20 @@ def test_ledger_reports_kv_capacity_in_bytes_blocks_and_tokens(model_dirs: dict[
         assert ledger.models["a"].kv_capacity_tokens == blocks * 16
 
 
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[tuple[Runtime, Engine, AsyncProducer]]:
+    """A started worker (real Redis, real engine) and a producer on its prefix; drained after."""
+    rt = Runtime(settings)
+    producer = AsyncProducer(settings.redis_url or "", prefix=settings.key_prefix)
+    try:
+        await rt.start()
+        assert rt.driver.eng is not None
+        yield rt, rt.driver.eng, producer
+    finally:
+        await rt.drain(timeout_s=10)
+        await producer.aclose()
+
+
 # -- structured codes ------------------------------------------------------------------------------------
 
 
@@ -203,12 +219,7 @@ def test_engine_kv_exceeds_budget_reaches_the_producer_as_rejected_with_that_cod
                              models=[{"name": "served", "path": str(served), "residency": "resident"}])
 
     async def main() -> None:
-        rt = Runtime(settings)
-        producer = AsyncProducer(redis_url, prefix="api")
-        try:
-            await rt.start()
-            eng = rt.driver.eng
-            assert eng is not None
+        async with running_worker(settings) as (rt, eng, producer):
             # 6 blocks: fit the device now (admission passes), not once the hog is loaded (4 blocks left).
             n_tokens = 6 * 16
             assert eng.ledger().kv_capacity_bytes >= 6 * block
@@ -226,9 +237,6 @@ def test_engine_kv_exceeds_budget_reaches_the_producer_as_rejected_with_that_cod
                 await handle.result(timeout=60)
             assert err.value.code == "kv_exceeds_budget", err.value
             assert err.value.details["engine_code"] == "kv_exceeds_budget"
-        finally:
-            await rt.drain(timeout_s=10)
-            await producer.aclose()
 
     asyncio.run(main())
 
@@ -278,12 +286,7 @@ def test_worker_heartbeat_expires_while_the_engine_is_stuck_and_returns_after(
             await asyncio.sleep(0.05)
 
     async def main() -> None:
-        rt = Runtime(settings)
-        producer = AsyncProducer(redis_url, prefix="hb")
-        try:
-            await rt.start()
-            eng = rt.driver.eng
-            assert eng is not None
+        async with running_worker(settings) as (rt, eng, producer):
             await wait_for(True)
             eng.debug_stall(True)  # idle: a blocked thread with nothing to do is healthy
             for _ in range(3):
@@ -297,9 +300,6 @@ def test_worker_heartbeat_expires_while_the_engine_is_stuck_and_returns_after(
             result = await handle.result(timeout=60)
             assert len(result.token_ids) == 4
             await wait_for(True)
-        finally:
-            await rt.drain(timeout_s=10)
-            await producer.aclose()
         assert not alive()  # a drained worker leaves no heartbeat behind
 
     try:
