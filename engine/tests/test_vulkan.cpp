@@ -200,6 +200,52 @@ TEST(vulkan_matmul_matches_reference_for_every_dtype_and_ragged_shape) {
     check_no_validation_messages(before);
 }
 
+// The GGUF block formats (kernels/quants.h): random blocks with finite f16 scales, against the
+// reference (which dequantises with the scalar code); the same accumulation bound as above.
+TEST(vulkan_matmul_matches_reference_for_every_gguf_block_format) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    Rng rng(23);
+    struct Fmt {
+        DType t;
+        std::vector<int> f16_offsets;  // the block's f16 fields
+    };
+    const Fmt fmts[] = {{DType::Q4_1, {0, 2}}, {DType::Q5_0, {0}},  {DType::Q5_1, {0, 2}},   {DType::Q2_K, {80, 82}},
+                        {DType::Q3_K, {108}},  {DType::Q4_K, {0, 2}}, {DType::Q5_K, {0, 2}}, {DType::Q6_K, {208}}};
+    for (const Fmt& f : fmts) {
+        const int64_t elems = dtype_block_elems(f.t), bytes = dtype_block_bytes(f.t);
+        const int64_t n_in = elems * 2, n_out = 37, n_tok = 3;
+        std::vector<uint8_t> w(static_cast<size_t>(n_out * (n_in / elems) * bytes));
+        for (auto& b : w) b = static_cast<uint8_t>(rng.next());
+        for (size_t blk = 0; blk < w.size() / static_cast<size_t>(bytes); blk++)
+            for (int off : f.f16_offsets) {
+                const uint16_t h = f32_to_f16(rng.uniform(-0.05f, 0.05f));
+                std::memcpy(w.data() + blk * static_cast<size_t>(bytes) + off, &h, 2);
+            }
+        const auto x = random_vec(rng, n_tok * n_in);
+        const WeightView wv{w.data(), f.t, n_out, n_in};
+        std::vector<float> want(static_cast<size_t>(n_tok * n_out));
+        ref::matmul(wv, x.data(), n_tok, want.data(), nullptr);
+        DevBuf dw(*g->dev, w.data(), w.size()), dx(*g->dev, x), dy(*g->dev, nullptr, want.size() * 4);
+        run_after(*g, {&dw, &dx}, [&](CmdStream& s) {
+            op_matmul(s, *g->dev, dw.p, f.t, n_out, n_in, dx.b(), dy.b(), nullptr, n_tok);
+        });
+        const auto got = dy.read();
+        int bad = 0;
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t o = 0; o < n_out; o++) {
+                const size_t k = static_cast<size_t>(t * n_out + o);
+                const double tol = matmul_tol(wv, x.data() + t * n_in, o);
+                if (!(std::fabs(got[k] - want[k]) <= tol) && bad++ < 3)
+                    std::fprintf(stderr, "  %s t=%lld o=%lld: %g vs %g (tol %g)\n", dtype_name(f.t),
+                                 static_cast<long long>(t), static_cast<long long>(o), got[k], want[k], tol);
+            }
+        CHECK(bad == 0);
+    }
+    check_no_validation_messages(before);
+}
+
 TEST(vulkan_matmul_is_batch_invariant_bitwise) {
     Gpu* g = gpu();
     if (!g) return;

@@ -32,7 +32,9 @@ uint32_t dtype_code(DType t) {
         case DType::BF16: return 2;
         case DType::Q8_0: return 3;
         case DType::Q4_0: return 4;
-        default: break;
+        default:
+            if (dtype_is_gguf_quant(t)) return static_cast<uint32_t>(t);  // matmul.comp reads the DType values
+            break;
     }
     throw UnsupportedError(std::string("vulkan matmul: weight format ") + dtype_name(t) +
                            " is not supported (x16 layouts are a CPU fast-precision form; use matmul_precision = exact)");

@@ -16,7 +16,8 @@
 namespace lmx::vk {
 
 // y[t, o] = sum_i x[t, i] W[o, i] (+ bias[o]); W: [n_out, row_bytes(dt, n_in)] at device address w
-// (dt: F32, F16, BF16, Q8_0, Q4_0); x: [n_tok, n_in]; y: [n_tok, n_out]; bias: [n_out] or nullptr.
+// (dt: F32, F16, BF16, Q8_0, Q4_0 or a GGUF block format: Q4_1 .. Q6_K); x: [n_tok, n_in];
+// y: [n_tok, n_out]; bias: [n_out] or nullptr.
 void op_matmul(CmdStream& s, const VulkanDevice& dev, const void* w, DType dt, int64_t n_out, int64_t n_in,
                const Binding& x, const Binding& y, const Binding* bias, int64_t n_tok);
 // y[t, :] = rmsnorm(x[t, :]) * weight   (y may be x)
