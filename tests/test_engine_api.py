@@ -266,7 +266,8 @@ def test_engine_health_sees_a_stalled_step_thread(model_dirs: dict[str, Path]) -
 def test_worker_heartbeat_expires_while_the_engine_is_stuck_and_returns_after(
         redis_url: str, model_dirs: dict[str, Path]) -> None:
     """The heartbeat key stays while the engine is idle (even with its thread blocked: nothing to do),
-    expires once a request waits on a blocked engine thread, and is back once the thread moves."""
+    expires once a request waits on a blocked engine thread, and is back once the thread moves.
+    (The same worker's status document carries each model's footprint.)"""
     import redis
 
     from worker import status
@@ -279,6 +280,11 @@ def test_worker_heartbeat_expires_while_the_engine_is_stuck_and_returns_after(
     def alive() -> bool:
         return status.heartbeats(sync, "hb", ["hb-worker"])["hb-worker"]
 
+    def probe() -> int:  # what deploy/k8s/worker.yaml runs
+        cmd = [str(Path(sys.executable).with_name("layermux")), "status", "--alive", "hb-worker",
+               "--redis-url", redis_url, "--prefix", "hb"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).returncode
+
     async def wait_for(want: bool) -> None:
         deadline = time.monotonic() + 60
         while alive() != want:
@@ -288,18 +294,25 @@ def test_worker_heartbeat_expires_while_the_engine_is_stuck_and_returns_after(
     async def main() -> None:
         async with running_worker(settings) as (rt, eng, producer):
             await wait_for(True)
+            await rt.report_stats_once()  # the status document (`layermux status --json`) shows the footprint
+            shown = status.collect(sync, "hb")["workers"]["hb-worker"]["models"]["m"]["footprint"]
+            fp = eng.models()["m"].footprint
+            assert (shown["head_bytes"], shown["layer_bytes"], shown["kv_block_bytes"]) == (
+                fp.head_bytes, fp.layer_bytes, fp.kv_block_bytes)
             eng.debug_stall(True)  # idle: a blocked thread with nothing to do is healthy
             for _ in range(3):
                 assert await rt.heartbeat_once()
             handle = await producer.submit("m", prompt_ids=[5, 6, 7], max_tokens=4, ignore_eos=True)
             await wait_for(False)  # busy and standing still: the key expires
             assert not await rt.heartbeat_once()
+            assert await asyncio.to_thread(probe) == 1  # the liveness probe fails
             snapshot = status.collect(sync, "hb")
             assert snapshot["workers"]["hb-worker"]["heartbeat"] is False
             eng.debug_stall(False)
             result = await handle.result(timeout=60)
             assert len(result.token_ids) == 4
             await wait_for(True)
+            assert await asyncio.to_thread(probe) == 0
         assert not alive()  # a drained worker leaves no heartbeat behind
 
     try:
