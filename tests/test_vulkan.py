@@ -252,6 +252,67 @@ def test_three_streamed_models_interleaved_equal_the_cpu_engine(tmp_path: Path) 
     assert results["vulkan"] == results["cpu"]
 
 
+def test_a_q4_k_m_patterned_gguf_on_vulkan_equals_the_cpu_engine(tmp_path: Path) -> None:
+    """A GGUF mixing formats per tensor and layer as Q4_K_M does (q5_0 / q8_0 / q4_K / q6_K; random
+    blocks with finite scales, written by the gguf package), resident and streamed on Vulkan:
+    logits within 1e-5 of the CPU engine's on the same file (f32 accumulation order only), the
+    same greedy tokens."""
+    gguf = pytest.importorskip("gguf")
+    q = gguf.GGMLQuantizationType
+    dim, ffn, n_layer, vocab = 256, 512, 4, 300
+    rng = np.random.default_rng(11)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for add, value in ((w.add_block_count, n_layer), (w.add_context_length, 512), (w.add_embedding_length, dim),
+                       (w.add_feed_forward_length, ffn), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                       (w.add_vocab_size, vocab)):
+        add(value)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+
+    def mat(name: str, qtype: Any, rows: int, cols: int) -> None:
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        n_blocks = rows * cols // block_elems
+        raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+        for off in {q.Q8_0: (0,), q.Q5_0: (0,), q.Q4_K: (0, 2), q.Q6_K: (208,)}[qtype]:
+            scales = (rng.standard_normal(n_blocks) * 0.002).astype(np.float16)
+            raw[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
+        w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=qtype)
+
+    def vec(name: str) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+
+    mat("token_embd.weight", q.Q8_0, vocab, dim)
+    vec("output_norm.weight")
+    for layer in range(n_layer):
+        p = f"blk.{layer}."
+        vec(p + "attn_norm.weight")
+        vec(p + "ffn_norm.weight")
+        mat(p + "attn_q.weight", q.Q5_0, dim, dim)
+        mat(p + "attn_k.weight", q.Q5_0, dim // 2, dim)
+        mat(p + "attn_v.weight", q.Q8_0 if layer % 2 == 0 else q.Q5_0, dim // 2, dim)
+        mat(p + "attn_output.weight", q.Q4_K, dim, dim)
+        mat(p + "ffn_gate.weight", q.Q5_0, ffn, dim)
+        mat(p + "ffn_up.weight", q.Q5_0, ffn, dim)
+        mat(p + "ffn_down.weight", q.Q6_K if layer % 2 == 0 else q.Q4_K, dim, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path = tmp_path / "m.gguf"
+    prompt = [1, 5, 9, 17, 33, 2, 7, 100, 3]
+    with Engine(EngineConfig(budget_bytes=BUDGET)) as e:
+        e.load_model("m", path)
+        want_logits = e.debug_logits("m", prompt)
+        want = e.generate("m", prompt, greedy(16))
+    for opts in (ModelLoadOptions(residency=ResidencyMode.resident),
+                 ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2)):
+        with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+            e.load_model("m", path, options=opts)
+            err = ref.rel_error(e.debug_logits("m", prompt), want_logits)
+            assert err <= 1e-5, f"{opts.residency}: relative error {err:.3g}"
+            assert e.generate("m", prompt, greedy(16)) == want, opts.residency
+
+
 def _sampled_workload(path: Path, budget_bytes: int) -> tuple[list[list[int]], int]:
     """4 seeded sampled sequences of up to 60 tokens; returns their tokens and the preemption count."""
     prompts = [[(7 * i + j) % 300 + 3 for j in range(n)] for i, n in enumerate([3, 17, 40, 9])]
