@@ -15,6 +15,7 @@ that request instead of a second run (`handle.duplicate` is then True).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -26,7 +27,15 @@ from typing import Any, Self
 import redis
 import redis.asyncio
 
-from .connection import DEFAULT_REDIS_URL, RedisMode, make_async_client, make_sync_client
+from .connection import (
+    COMMAND_RETRIES,
+    DEFAULT_REDIS_URL,
+    RedisMode,
+    is_transient,
+    make_async_client,
+    make_sync_client,
+    reader_backoff_s,
+)
 from .enqueue import EnqueueOutcome, enqueue_args, enqueue_keys, enqueue_script_source, parse_enqueue_reply
 from .errors import ProtocolError, QueueFullError, UnknownModelError
 from .handle import AsyncHandle, Handle
@@ -184,7 +193,17 @@ class AsyncProducer:
         )  # fmt: skip
         keys = enqueue_keys(self.keys, model)
         args = enqueue_args(message.request_id, encode_request(message), message.priority)
-        outcome = parse_enqueue_reply(await self._enqueue(keys=keys, args=args))
+        failures = 0
+        while True:  # the enqueue is idempotent on the request id: safe to repeat after any transient error
+            try:
+                reply = await self._enqueue(keys=keys, args=args)
+                break
+            except Exception as e:  # TRANSIENT_ERRORS, and redis-py races (connection.is_transient)
+                failures += 1
+                if failures > COMMAND_RETRIES or not is_transient(e):
+                    raise
+                await asyncio.sleep(reader_backoff_s(failures))
+        outcome = parse_enqueue_reply(reply)
         _raise_for_outcome(outcome, model, message.request_id)
 
         async def resubmit() -> object:  # the entry was lost in a failover (handle.py, "Lost entries")
@@ -265,7 +284,17 @@ class Producer:
         )  # fmt: skip
         keys = enqueue_keys(self.keys, model)
         args = enqueue_args(message.request_id, encode_request(message), message.priority)
-        outcome = parse_enqueue_reply(self._enqueue(keys=keys, args=args))
+        failures = 0
+        while True:  # see AsyncProducer.submit
+            try:
+                reply = self._enqueue(keys=keys, args=args)
+                break
+            except Exception as e:
+                failures += 1
+                if failures > COMMAND_RETRIES or not is_transient(e):
+                    raise
+                time.sleep(reader_backoff_s(failures))
+        outcome = parse_enqueue_reply(reply)
         _raise_for_outcome(outcome, model, message.request_id)
         return Handle(
             self._redis, self.keys, model, message.request_id,

@@ -6,8 +6,12 @@ The cursor remembers two things: the id of the last stream entry consumed (XREAD
 after it, so after a reconnect nothing is skipped or read twice) and the index of the next
 token expected. A worker that takes over a crashed worker's request regenerates the same
 tokens; the cursor drops any token event lying entirely before the next expected index, so
-the caller sees each token index exactly once. Anything else out of order (a gap, a partial
-overlap, another request's event) is a protocol violation and raises ProtocolError.
+the caller sees each token index exactly once. A token event that starts before the next
+expected index and ends after it (a run resumed from a reply stream that lost its last events
+in a Redis failover, after this reader had read them) is cut to its new tokens, when it starts
+where an earlier event of this reader started (the text delivered since then is known). Anything
+else out of order (a gap, another partial overlap, another request's event) is a protocol
+violation and raises ProtocolError.
 """
 
 from __future__ import annotations
@@ -94,13 +98,15 @@ def result_from_terminal(event: TerminalEvent) -> Result:
 class ReplyCursor:
     """Position in one request's reply stream; feed it entries in stream order."""
 
-    __slots__ = ("last_id", "next_index", "request_id", "terminal")
+    __slots__ = ("_chars_at", "_text_chars", "last_id", "next_index", "request_id", "terminal")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.last_id = "0-0"  # XREAD returns entries strictly after this id
         self.next_index = 0  # index of the next token the caller has not seen
         self.terminal: TerminalEvent | None = None
+        self._text_chars = 0  # characters of text delivered so far
+        self._chars_at: dict[int, int] = {0: 0}  # token index where a delivered event started -> chars before it
 
     @property
     def done(self) -> bool:
@@ -138,6 +144,11 @@ class ReplyCursor:
         end = event.index + len(event.token_ids)
         if end <= self.next_index:
             return None  # a takeover replayed tokens the caller already has
+        if event.index < self.next_index and event.index in self._chars_at:
+            # Partly new: keep the tokens and the text after what the caller already has.
+            skip_chars = self._text_chars - self._chars_at[event.index]
+            event = TokenEvent(request_id=event.request_id, index=self.next_index,
+                               token_ids=event.token_ids[self.next_index - event.index:], text=event.text[skip_chars:])
         if event.index != self.next_index:
             raise ProtocolError(
                 "invalid_event",
@@ -145,6 +156,8 @@ class ReplyCursor:
                 f"(with {len(event.token_ids)} tokens)",
                 request_id=self.request_id,
             )
+        self._chars_at[event.index] = self._text_chars
+        self._text_chars += len(event.text)
         self.next_index = end
         return event
 

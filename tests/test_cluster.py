@@ -27,7 +27,7 @@ from redis.exceptions import RedisClusterException
 from redis_cluster import RedisClusterLauncher
 
 from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelError, WorkerFailureError
-from producer_sdk.connection import make_sync_client
+from producer_sdk.connection import make_async_client, make_sync_client
 from producer_sdk.enqueue import enqueue_args, enqueue_keys, enqueue_script_source
 from producer_sdk.keys import CONSUMER_GROUP, Keys
 from producer_sdk.protocol import CancelledEvent, DoneEvent, StartedEvent, TokenEvent, encode_event
@@ -120,7 +120,7 @@ def test_every_lua_script_runs_on_a_cluster_with_its_keys_in_one_slot(cclient: r
     assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "tok", event]) == 1
     assert run("_APPEND_SCRIPT", [keys.events(rid), owner], [60, "other", event]) == -2  # fenced
     token = encode_event(TokenEvent(request_id=rid, index=0, token_ids=[5, 6], text="ab"))
-    assert run("_APPEND_MANY_SCRIPT", [keys.events(rid), owner], [60, "tok", 1, token]) == [1]
+    assert run("_APPEND_MANY_SCRIPT", [keys.events(rid), owner], [60, "tok", 1, 1, token]) == [1]  # expected length 1
     assert run("_ACK_SCRIPT", [keys.req(model), keys.ids(model), keys.dlq(model)],
                [CONSUMER_GROUP, entry_id, rid, "", 0, b""]) == 1
     assert cclient.hlen(keys.ids(model)) == 0 and cclient.xlen(keys.req(model)) == 0
@@ -312,3 +312,60 @@ def test_an_entry_lost_in_a_failover_is_resubmitted_by_its_handle_and_an_attache
         raise
     finally:
         fleet.close()
+
+
+# -- what a failover's lost writes leave: the worker's and the reader's side -------------------------------
+
+
+def test_a_run_whose_written_events_were_lost_is_stopped_without_a_terminal(redis_url: str) -> None:
+    """The reply stream is shorter than what the run wrote (a promoted replica lacked its last
+    events): the run's next append writes nothing, the run is stopped (on_fenced) and not acked,
+    so its entry's lease lapses and the request resumes from what the stream still holds."""
+    from worker.publisher import Publisher
+
+    keys = Keys("lw")
+
+    async def main() -> tuple[list[str], list[Any]]:
+        client = make_async_client(redis_url)
+        pub = Publisher(client, keys, 60)
+        stopped: list[str] = []
+        pub.on_fenced = stopped.append
+        task = asyncio.create_task(pub.run())
+        try:
+            pub.set_fence("r1", "W#1", 0)
+            pub.publish(StartedEvent(request_id="r1", worker="W", attempt=1, prompt_tokens=2))
+            pub.publish_tokens("r1", 0, [5, 6], "ab")
+            assert await pub.flush(30)
+            last = await client.xrevrange(keys.events("r1"), count=1)
+            await client.xdel(keys.events("r1"), last[0][0])  # the failover lost the token event
+            pub.publish_tokens("r1", 2, [7], "c")
+            assert await pub.flush(30)
+            events = await client.xrange(keys.events("r1"))
+            return stopped, events
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.aclose()
+
+    stopped, events = asyncio.run(main())
+    assert stopped == ["r1"]
+    assert len(events) == 1  # only the started event: index 2 was not written over the hole
+
+
+def test_a_reader_ahead_of_a_resumed_run_gets_only_the_new_tokens_and_text() -> None:
+    """A reader that had read tokens 0..4 when the stream lost the event of 2..4: the resumed run
+    publishes 2..6 in one event; the reader gets 5..6 with their text, and a gap still raises."""
+    from producer_sdk.errors import ProtocolError
+    from producer_sdk.reply import ReplyCursor
+
+    def entry(ev: Any) -> dict[bytes, bytes]:
+        return {b"data": encode_event(ev)}
+
+    cur = ReplyCursor("r")
+    assert cur.accept("1-0", entry(TokenEvent(request_id="r", index=0, token_ids=[1, 2], text="ab")))
+    assert cur.accept("1-1", entry(TokenEvent(request_id="r", index=2, token_ids=[3, 4, 5], text="cde")))
+    got = cur.accept("2-0", entry(TokenEvent(request_id="r", index=2, token_ids=[3, 4, 5, 6, 7], text="cdefg")))
+    assert isinstance(got, TokenEvent) and (got.index, got.token_ids, got.text) == (5, [6, 7], "fg")
+    assert cur.accept("2-1", entry(TokenEvent(request_id="r", index=0, token_ids=[1], text="a"))) is None
+    with pytest.raises(ProtocolError):  # starts inside an event this reader never saw the start of
+        cur.accept("2-2", entry(TokenEvent(request_id="r", index=6, token_ids=[7, 8], text="gh")))

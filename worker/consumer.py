@@ -467,7 +467,7 @@ class ModelConsumer:
             # and the two round trips below are skipped. A run that does hold it (a resubmitted lost
             # entry whose old run is still going) refuses that append: this run stops, its entry's lease
             # lapses, and the next delivery takes the slow path.
-            self._start(msg, prompt_ids, entry, fence, 1, 0, 0)
+            self._start(msg, prompt_ids, entry, fence, 1, 0, 0, 0)
             return
         # Take the request's fence, then read where to resume: a previous owner still running
         # somewhere can no longer append, so this read is final (publisher.py, "fencing").
@@ -478,10 +478,11 @@ class ModelConsumer:
             return
         if self.driver.run_for(msg.request_id) is not None:
             return
-        self._start(msg, prompt_ids, entry, fence, state.n_started + 1, state.next_index, state.text_chars)
+        self._start(msg, prompt_ids, entry, fence, state.n_started + 1, state.next_index, state.text_chars,
+                    state.n_events)
 
     def _start(self, msg: RequestMessage, prompt_ids: list[int], entry: _Entry, fence: str, attempt: int,
-               resume_index: int, resume_chars: int) -> None:
+               resume_index: int, resume_chars: int, stream_len: int) -> None:
         sink = StreamSink(self, entry.entry_id, entry.band)
         run = request_path.start(self.driver, request_path.Prepared(msg, prompt_ids), sink,
                                  resume_index=resume_index, resume_chars=resume_chars)
@@ -489,7 +490,7 @@ class ModelConsumer:
             self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band), run)
             return
         # Same loop tick as the submit: no engine event can be handled before "started" is queued.
-        self.publisher.set_fence(msg.request_id, fence)
+        self.publisher.set_fence(msg.request_id, fence, stream_len)
         self.publisher.publish(StartedEvent(request_id=msg.request_id, worker=self.consumer_name,
                                             attempt=attempt, prompt_tokens=len(prompt_ids)))
         self.running[msg.request_id] = entry.ref

@@ -23,6 +23,11 @@ The token travels with each queued event, not with the request: when this same w
 run and starts the request again before the stopped run's last events are written, those go out
 under the old token and are refused, without stopping the new run.
 
+Lost writes. A run knows how long its reply stream is after each of its writes; when the stream
+is shorter (a Redis failover promoted a replica that lacked the run's last events), the append
+writes nothing and the run stops like a fenced one (-3): resuming from the stream rewrites what
+was lost, and no reader sees a gap.
+
 Idempotence. Each request's events of one round go through `_APPEND_SCRIPT`, which also (a)
 writes nothing when the stream already ends with a terminal event (a second worker that raced on
 the same request cannot add a second terminal), and (b) writes nothing when the stream's last
@@ -76,14 +81,17 @@ _SCAN_COUNT: Final = 256
 
 # One request's events of one round (the rules of the module docstring); shared by both scripts below.
 _APPEND_FN: Final = """
--- ev: reply stream key, owner: owner key, ttl: seconds, fence: token or '', ARGV[first..last]: events.
+-- ev: reply stream key, owner: owner key, ttl: seconds, fence: token or '', ARGV[first..last]: events,
+-- expected: the stream's length after this run's previous writes, or '' (unknown).
 -- Returns the number of events written, 0 for a replayed round, -1 if a terminal event already
--- ended the stream, -2 if another run holds the fence.
-local function append(ev, owner_key, ttl, fence, first, last)
+-- ended the stream, -2 if another run holds the fence, -3 if the stream is shorter than expected
+-- (writes this run saw acknowledged are gone: a failover promoted a replica that lacked them).
+local function append(ev, owner_key, ttl, fence, first, last, expected)
   if fence ~= '' then
     local owner = redis.call('GET', owner_key)
     if owner and owner ~= fence then return -2 end
   end
+  if expected ~= nil and expected ~= '' and redis.call('XLEN', ev) < tonumber(expected) then return -3 end
   local tail = redis.call('XREVRANGE', ev, '+', '-', 'COUNT', 1)
   if #tail > 0 then
     local fields = tail[1][2]
@@ -120,14 +128,15 @@ return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], 3, #ARGV)
 _APPEND_MANY_SCRIPT: Final = _APPEND_FN + """
 -- Several requests in one call (one round trip and one script run per write round instead of one
 -- per request; all keys in one slot under Redis Cluster). KEYS[2i-1], KEYS[2i]: reply stream and
--- owner key of request i; ARGV[1] ttl seconds, then per request: fence token or '', the number n of
--- its events, its n events. Returns one append() result per request, in order.
+-- owner key of request i; ARGV[1] ttl seconds, then per request: fence token or '', the expected
+-- stream length or '', the number n of its events, its n events. Returns one append() result per
+-- request, in order.
 local out = {}
 local a = 2
 for i = 1, #KEYS / 2 do
-  local fence, n = ARGV[a], tonumber(ARGV[a + 1])
-  out[i] = append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[1], fence, a + 2, a + 1 + n)
-  a = a + 2 + n
+  local fence, expected, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  out[i] = append(KEYS[2 * i - 1], KEYS[2 * i], ARGV[1], fence, a + 3, a + 2 + n, expected)
+  a = a + 3 + n
 end
 return out
 """
@@ -155,6 +164,9 @@ if ARGV[3] ~= '' and redis.call('HGET', KEYS[2], ARGV[3]) == ARGV[2] then
 end
 return acked
 """
+
+_FENCED_WHY: Final = {-1: "its reply stream already ended", -2: "another worker took it over",
+                      -3: "events it wrote were lost in a Redis failover (the stream is shorter than written)"}
 
 AnyEvent = StartedEvent | TokenEvent | DoneEvent | ErrorEvent | CancelledEvent
 TERMINAL_TYPES: Final = (DoneEvent, ErrorEvent, CancelledEvent)
@@ -253,6 +265,8 @@ class Publisher:
         # of the run that queued it, so what a stopped run left in the queue is written (and refused)
         # under its own token, never under the token of the run that took the request over.
         self._fences: dict[str, str] = {}
+        # request_id -> reply stream length after the current run's last write (see set_fence).
+        self._stream_len: dict[str, int] = {}
         self._append = client.register_script(_APPEND_SCRIPT)
         self._append_many = client.register_script(_APPEND_MANY_SCRIPT)
         # Cluster: a script's keys must share one slot, so only requests of one slot share a call.
@@ -272,13 +286,20 @@ class Publisher:
         """Make this run the request's only writer (before reading where to resume); see module doc."""
         await self._fence(keys=[owner_key(self._keys, request_id)], args=[token, self._ttl_s])
 
-    def set_fence(self, request_id: str, token: str) -> None:
-        """Every event of `request_id` published from now on carries `token` (until its terminal)."""
+    def set_fence(self, request_id: str, token: str, stream_len: int | None = None) -> None:
+        """Every event of `request_id` published from now on carries `token` (until its terminal).
+        `stream_len`: the reply stream's length when the run starts; the run's appends then check that
+        nothing they wrote was lost (a failover), and stop the run if it was (-3, "lost writes")."""
         self._fences[request_id] = token
+        if stream_len is None:
+            self._stream_len.pop(request_id, None)
+        else:
+            self._stream_len[request_id] = stream_len
 
     def release_fence(self, request_id: str) -> None:
         """The run stopped without a terminal event: forget its token (what it queued keeps its own)."""
         self._fences.pop(request_id, None)
+        self._stream_len.pop(request_id, None)
 
     # -- producers of work (never block) ------------------------------------------------------------
 
@@ -381,7 +402,8 @@ class Publisher:
                         args: list[str | bytes | int] = [self._ttl_s]
                         for r in group:
                             keys += [self._keys.events(r.request_id), owner_key(self._keys, r.request_id)]
-                            args += [r.fence, len(r.payloads), *r.payloads]
+                            expected = self._expected_len(r)
+                            args += [r.fence, "" if expected is None else expected, len(r.payloads), *r.payloads]
                         _queue_script(pipe, self._append_many, keys, args)
                     replies = await pipe.execute(raise_on_error=False)
                 await self._load_if_missing(replies)
@@ -412,10 +434,14 @@ class Publisher:
                 if isinstance(res, Exception):
                     continue
                 self.stats.events_written += max(0, int(res))
-                if int(res) == -2 or (int(res) == -1 and r.fence and not r.terminal):
+                expected = self._expected_len(r)
+                if expected is not None and int(res) >= 0:  # written now (> 0) or by the replayed try (0)
+                    self._stream_len[r.request_id] = expected + len(r.payloads)
+                if int(res) in (-2, -3) or (int(res) == -1 and r.fence and not r.terminal):
                     self._fenced(r, int(res))
                 elif r.terminal and r.fence and self._fences.get(r.request_id) == r.fence:
                     self._fences.pop(r.request_id, None)  # the run ended
+                    self._stream_len.pop(r.request_id, None)
             self.stats.rounds += 1
             if not retry:
                 return
@@ -481,8 +507,16 @@ class Publisher:
             for script in (self._append_many, self._ack):
                 await self._redis.script_load(script.script)
 
+    def _expected_len(self, r: _Round) -> int | None:
+        """The stream length the round's run expects before it, if known (its current run only)."""
+        if not r.fence or self._fences.get(r.request_id) != r.fence:
+            return None
+        return self._stream_len.get(r.request_id)
+
     def _fenced(self, r: _Round, result: int) -> None:
-        """Another run owns the request (-2), or its stream ended while this run was still going (-1)."""
+        """Another run owns the request (-2), its stream ended while this run was still going (-1), or
+        writes of this run were lost in a failover (-3): the run stops without a terminal and without
+        an ack, so its entry's lease lapses and the request resumes from what the stream still holds."""
         self.stats.fenced += 1
         if r.ack is not None:  # not ours to ack: the owner acks when it finishes
             self._released(r.ack)
@@ -500,11 +534,12 @@ class Publisher:
             # A run of this worker that already stopped (its request was taken over, possibly by this
             # very worker again): the run publishing now is not the one refused.
             log.info("request %s: a stopped run's leftover events were refused (%s)", r.request_id,
-                     "taken over" if result == -2 else "stream ended")
+                     _FENCED_WHY.get(result, "refused"))
             return
         log.warning("request %s: %s; stopping this worker's run without a terminal event", r.request_id,
-                    "another worker took it over" if result == -2 else "its reply stream already ended")
+                    _FENCED_WHY.get(result, "refused"))
         self._fences.pop(r.request_id, None)
+        self._stream_len.pop(r.request_id, None)
         if self.on_fenced is not None:
             try:
                 self.on_fenced(r.request_id)
