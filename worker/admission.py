@@ -16,8 +16,10 @@ Two gates, in order:
    `sched_weight` among the models that have demand (running or waiting entries). A model at or
    above its share may keep reading only while the headroom left after its own reservation still
    covers one reservation for every *starving* model: one that has waiting entries, room under
-   its `max_running`, and less than its share. A hot model therefore cannot take the last blocks
-   a cold one needs to start, and a lone model may still use the whole device.
+   its `max_running`, and less than its share. A model under its share leaves the same room for
+   every starving model *more starved than itself* (holding a smaller fraction of its share), so
+   the most starved model is never held back by a fuller one. A hot model therefore cannot take
+   the last blocks a cold one needs to start, and a lone model may still use the whole device.
 
    Starvation bound (property-tested in tests/test_worker_admission.py): when every model's
    minimum reservation fits within its weighted share of the cap, a model with backlog and room
@@ -114,17 +116,22 @@ def read_verdict(model: str, view: DeviceView) -> ReadVerdict:
         return ReadVerdict.MAX_RUNNING
     if view.headroom_bytes < me.min_reservation_bytes:
         return ReadVerdict.NO_HEADROOM
-    if me.kv_bytes >= fair_share_bytes(model, view):
-        starving_reservations = sum(
-            other.min_reservation_bytes
-            for name, other in view.models.items()
-            if name != model
-            and other.waiting > 0
-            and other.running < other.max_running
-            and other.kv_bytes < fair_share_bytes(name, view)
-        )
-        if view.headroom_bytes - me.min_reservation_bytes < starving_reservations:
-            return ReadVerdict.FAIR_SHARE
+    my_share = fair_share_bytes(model, view)
+    over_share = me.kv_bytes >= my_share
+    starving_reservations = 0
+    for name, other in view.models.items():
+        if name == model or other.waiting <= 0 or other.running >= other.max_running:
+            continue
+        share = fair_share_bytes(name, view)
+        if other.kv_bytes >= share:
+            continue
+        # Over its share, a model leaves one reservation for every starving model; under it,
+        # one for every model more starved than itself (a smaller fraction of its share held),
+        # so the most starved model is never held back by a fuller one.
+        if over_share or other.kv_bytes * max(my_share, 1) < me.kv_bytes * max(share, 1):
+            starving_reservations += other.min_reservation_bytes
+    if starving_reservations and view.headroom_bytes - me.min_reservation_bytes < starving_reservations:
+        return ReadVerdict.FAIR_SHARE
     return ReadVerdict.OK
 
 
