@@ -89,7 +89,11 @@ VkInstance make_instance(bool validation, const VkDebugUtilsMessengerCreateInfoE
     ci.enabledExtensionCount = static_cast<uint32_t>(exts.size());
     ci.ppEnabledExtensionNames = exts.data();
     VkInstance inst = VK_NULL_HANDLE;
-    vk_check(fns().vkCreateInstance(&ci, nullptr, &inst), "vkCreateInstance");
+    const VkResult r = fns().vkCreateInstance(&ci, nullptr, &inst);
+    if (r == VK_ERROR_INCOMPATIBLE_DRIVER)
+        throw Error("the Vulkan loader found no driver supporting Vulkan 1.2 (install your GPU's Vulkan driver, or "
+                    "mesa-vulkan-drivers for lavapipe)");
+    vk_check(r, "vkCreateInstance");
     vk_load_instance(inst);
     return inst;
 }
