@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -670,3 +671,23 @@ def test_cancelling_a_waiting_task_propagates_and_the_handle_stays_usable(redis_
             return (await handle.result(timeout=10)).token_ids
 
     assert run(main) == [1, 2]
+
+
+def test_the_producer_acl_user_of_deploy_can_submit_in_every_priority_band(client: redis.Redis, redis_url: str) -> None:
+    """deploy/redis/users.acl's `producer` user, loaded into the test's Redis, enqueues in all three
+    bands and cancels; Redis logs no refused key or command (priority streams are `req:high` / `req:low`)."""
+    line = next(ln for ln in (Path(__file__).parents[1] / "deploy/redis/users.acl").read_text().splitlines()
+                if ln.startswith("user producer "))
+    rules = [">producer-test-password" if r.startswith(">") else r for r in line.split()[2:]]
+    client.execute_command("ACL", "SETUSER", "producer", *rules)
+    client.execute_command("ACL", "LOG", "RESET")
+    serve(client)
+    host_port = redis_url.split("//", 1)[1]
+    with Producer(f"redis://producer:producer-test-password@{host_port}") as producer:
+        for priority in (1, 0, -1):
+            handle = producer.submit(MODEL, prompt="hello", max_tokens=4, priority=priority)
+            handle.cancel()
+    assert [client.xlen(req_key(band=b)) for b in ("high", "normal", "low")] == [1, 1, 1]
+    refused = [dict(zip(e[::2], e[1::2])) for e in client.execute_command("ACL", "LOG")]
+    # Redis 6.2 lacks CLIENT SETINFO, which redis-py sends on connect (deploy/README.md, "ACL users").
+    assert [e for e in refused if e[b"object"] != b"client"] == [], refused

@@ -91,7 +91,9 @@ class _Gateway:
         self.keys = Keys(settings.key_prefix)
         self.api_keys = api_keys
         self.metrics = GatewayMetrics()
-        self.redis: redis.asyncio.Redis = make_async_client(settings.redis_url)
+        self.redis: redis.asyncio.Redis = make_async_client(
+            settings.redis_url, mode=settings.redis_mode, urls=settings.redis_urls,
+            sentinel_master=settings.sentinel_master)
         self.producer = AsyncProducer(prefix=settings.key_prefix, client=self.redis)
         self.started = int(time.time())
 
