@@ -25,6 +25,7 @@
 #include "vulkan/vk_probe.h"
 
 #if LMX_HAVE_VULKAN
+#include "backend.h"
 #include "backend_checks.h"
 #include "ledger.h"
 #include "vulkan/vk_context.h"
@@ -588,6 +589,25 @@ TEST(vulkan_forward_matches_the_naive_model_resident_and_streamed) {
     const uint64_t before = validation_message_count();
     lmx_test::check_forward_against_naive([&] { return std::make_unique<VulkanDevice>(g->ctx, 16 << 20, 0, 1 << 20); },
                                           1e-5);
+    check_no_validation_messages(before);
+}
+
+// A failed copy runs on the copy thread and cannot throw: it faults the device, later copies
+// are no-ops, and every step from then on throws DeviceLostError naming the first failure.
+TEST(vulkan_a_failed_copy_faults_the_device_and_every_later_step_throws) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    VulkanDevice d(g->ctx, 1 << 20, 0, 64 << 10);
+    CHECK(d.fault().empty());
+    d.inject_fault("VK_ERROR_DEVICE_LOST (injected)");
+    void* p = d.alloc(4096);
+    std::vector<uint8_t> host(4096, 7);
+    const CopyRegion r{p, host.data(), host.size()};
+    CHECK(d.copy_in(&r, 1, ComputeFence{}).value == 0);  // no throw on the copy thread
+    StepDesc step;
+    CHECK_THROWS(d.backend().begin_step(step), DeviceLostError, "VK_ERROR_DEVICE_LOST (injected)");
+    d.free(p);
     check_no_validation_messages(before);
 }
 

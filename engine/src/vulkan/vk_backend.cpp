@@ -49,6 +49,7 @@ void VulkanBackend::recording() {
 }
 
 void VulkanBackend::begin_step(const StepDesc& step) {
+    dev_.check_fault();  // a failed copy: this step's requests end with an error, the engine lives on
     step_ = step;
     seqs_.assign(step.seqs, step.seqs + step.n_seqs);
     step_.seqs = seqs_.data();

@@ -136,7 +136,32 @@ void VulkanDevice::copy_wait(CopyFence f) {
 
 // Regions are packed into the current ring part; a part is submitted (one command buffer,
 // waiting for `after` on the compute timeline) when full or at the end of the batch.
+void VulkanDevice::check_fault() const {
+    if (faulted_.load()) throw DeviceLostError("vulkan device faulted: " + fault() + " (restart the worker)");
+}
+
+std::string VulkanDevice::fault() const {
+    std::lock_guard<std::mutex> lk(mu_);
+    return fault_;
+}
+
+void VulkanDevice::inject_fault(const std::string& what) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (fault_.empty()) fault_ = what;
+    faulted_.store(true);
+}
+
 CopyFence VulkanDevice::copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) {
+    if (faulted_.load()) return CopyFence{};
+    try {
+        return copy_in_locked(regions, n_regions, after);
+    } catch (const std::exception& e) {
+        inject_fault(std::string("a host-to-device copy failed: ") + e.what());
+        return CopyFence{};
+    }
+}
+
+CopyFence VulkanDevice::copy_in_locked(const CopyRegion* regions, size_t n_regions, ComputeFence after) {
     std::lock_guard<std::mutex> lk(copy_mu_);
     const uint64_t part = ring_.n_bytes / kRingParts;
     uint64_t value = 0, used = 0;

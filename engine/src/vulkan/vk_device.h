@@ -18,8 +18,10 @@
 // copy fence the backend's begin_unit waits for: a layer's compute waits for its own copy only.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
+#include <string>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -65,12 +67,22 @@ public:
     int n_blocks() const { return static_cast<int>(blocks_.size()); }
     uint64_t bytes_copied() const { return bytes_copied_; }
 
+    // Faults. A copy that fails (device lost, out of memory) cannot throw: it runs on the
+    // residency's copy thread. It marks the device faulted instead and returns an empty fence;
+    // from then on every step throws DeviceLostError (check_fault, called by the backend at
+    // begin_step), so the engine ends the affected requests with engine_failure and keeps
+    // serving (failing) until the worker is restarted. fault() is the message, "" while healthy.
+    void check_fault() const;
+    std::string fault() const;
+    void inject_fault(const std::string& what);  // tests: as if a copy had failed with `what`
+
 private:
     struct Block {
         VkBuffer buf = VK_NULL_HANDLE;
         VkDeviceMemory mem = VK_NULL_HANDLE;
     };
     void release() noexcept;
+    CopyFence copy_in_locked(const CopyRegion* regions, size_t n_regions, ComputeFence after);
 
     std::shared_ptr<Context> ctx_;
     uint64_t capacity_ = 0;
@@ -89,6 +101,8 @@ private:
     uint64_t ring_part_value_[kRingParts] = {};
     int ring_next_ = 0;
     uint64_t bytes_copied_ = 0;
+    std::atomic<bool> faulted_{false};
+    std::string fault_;  // under mu_
     std::unique_ptr<VulkanBackend> backend_;
 };
 
