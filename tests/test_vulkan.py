@@ -8,8 +8,8 @@ saying why, where the engine was built without Vulkan or the machine has no Vulk
 
 Bounds (the CPU engine's, tests/test_parity.py):
   * f32: greedy tokens identical to HF for 32 steps, last-position logits within 1e-4 relative;
-  * f16 / q8_0 / q4_0 conversion at load: logits against HF on the same weights rounded the
-    engine's way within 1e-4 (f16) / 1e-3 (q8_0, q4_0) relative, and the Vulkan engine's greedy
+  * f16 / bf16 / q8_0 / q4_0 conversion at load: logits against HF on the same weights rounded the
+    engine's way within 1e-4 (f16, bf16) / 1e-3 (q8_0, q4_0) relative, and the Vulkan engine's greedy
     tokens equal to the CPU engine's on the same weights for 32 steps;
   * 8 sequences submitted together give, bit for bit, the tokens each gives alone;
   * a model streamed through 2 layer slots (<= 30 % of its weights on the device) gives the
@@ -74,7 +74,7 @@ INIT_STD = 0.2
 MIN_MARGIN = 2e-3
 N_GREEDY = 32
 F32_TOL = 1e-4
-CONVERSION_TOL = {"f16": 1e-4, "q8_0": 1e-3, "q4_0": 1e-3}
+CONVERSION_TOL = {"f16": 1e-4, "bf16": 1e-4, "q8_0": 1e-3, "q4_0": 1e-3}
 BUDGET = 96 << 20
 
 
