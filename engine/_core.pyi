@@ -328,7 +328,7 @@ class EngineConfig:
     device_kind: str
     eviction: Eviction
     matmul_precision: MatmulPrecision
-    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
         ...
     def __repr__(self) -> str:
         ...
@@ -361,6 +361,12 @@ class EngineConfig:
         ...
     @kv_reserve_fraction.setter
     def kv_reserve_fraction(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def link_gbps(self) -> float:
+        ...
+    @link_gbps.setter
+    def link_gbps(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
     def max_batch_tokens(self) -> int:
@@ -695,6 +701,9 @@ class LedgerSnapshot:
 class ResidencyStats:
     @property
     def bytes_copied(self) -> int:
+        ...
+    @property
+    def copy_ms(self) -> float:
         ...
     @property
     def copy_wait_ms(self) -> float:

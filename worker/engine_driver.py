@@ -156,7 +156,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         budget_bytes=int(d.budget), cap_fraction=d.cap_fraction, n_threads=d.n_threads,
         prefetch_depth=d.prefetch_depth, eviction=Eviction.__members__[d.eviction],
         kv_block_tokens=d.kv_block_tokens, max_batch_tokens=d.max_batch_tokens,
-        matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index)
+        matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index,
+        link_gbps=d.link_gbps or 0.0)
 
 
 def _default_engine_factory(settings: Settings) -> Engine:

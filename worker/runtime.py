@@ -357,6 +357,7 @@ class Runtime:
                 "queues": {n: {"backlog": self.backlog[n], "waiting": self.waiting[n]} for n in names},
                 "eviction": s.device.eviction, "prefetch_depth": s.device.prefetch_depth,
                 "n_threads": s.device.n_threads, "matmul_precision": s.device.matmul_precision,
+                "link_gbps": s.device.link_gbps,
                 "priority_aging_s": s.priority_aging_s, "started_at": self.started_at, "updated_at": now,
             }
             pipe.hset(self.keys.workers(), s.worker_id, orjson.dumps(doc).decode())

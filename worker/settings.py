@@ -120,6 +120,10 @@ class DeviceSettings(_Section):
     kind: Literal["cpu", "vulkan"] = Field(
         default="cpu", description="cpu: the RAM arena and SIMD kernels; vulkan: a GPU through Vulkan (docs/vulkan.md)")
     index: int = Field(default=_ENGINE.device_index, ge=0, description="which Vulkan device, when several")
+    link_gbps: float | None = Field(
+        default=None, gt=0.0,
+        description="cpu device: pace every host->device copy at this many GB/s (1e9 bytes/s), so the CPU "
+                    "reproduces a GPU's copy-to-compute ratio; unset = unthrottled; vulkan ignores it")
     matmul_precision: PrecisionName = Field(
         default=cast(PrecisionName, _ENGINE.matmul_precision.name),
         description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "

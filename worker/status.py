@@ -260,11 +260,14 @@ def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
         ("isa", ("isa",)),
         ("threads", ("n_threads",)),
         ("matmul", ("matmul_precision",)),
+        ("link GB/s", ("link_gbps",)),
         ("priority aging", ("priority_aging_s",)),
     ):
         value = _pick(ledger, *keys)
         if value is None:
             value = _pick(entry, *keys)
+        if label == "link GB/s" and value is None and "link_gbps" in entry:
+            value = "unthrottled"  # link_gbps unset: copies run at memory speed
         if label == "threads" and value == 0:
             value = "auto"  # n_threads 0: one per core
         if value is not None:

@@ -147,17 +147,18 @@ PYBIND11_MODULE(_core, m) {
     py::class_<EngineConfig>(m, "EngineConfig", "Device budget and engine knobs (engine.h)")
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth, Eviction eviction,
                          int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step, double kv_reserve_fraction,
-                         MatmulPrecision matmul_precision, std::string device_kind, int device_index) {
+                         MatmulPrecision matmul_precision, std::string device_kind, int device_index, double link_gbps) {
                  return EngineConfig{budget_bytes,    cap_fraction,      n_threads,           prefetch_depth, eviction,
                                      kv_block_tokens, max_batch_tokens, max_seqs_per_step, kv_reserve_fraction,
-                                     matmul_precision, std::move(device_kind), device_index};
+                                     matmul_precision, std::move(device_kind), device_index, link_gbps};
              }),
              py::kw_only(), py::arg("budget_bytes") = dc.budget_bytes, py::arg("cap_fraction") = dc.cap_fraction,
              py::arg("n_threads") = dc.n_threads, py::arg("prefetch_depth") = dc.prefetch_depth,
              py::arg("eviction") = dc.eviction, py::arg("kv_block_tokens") = dc.kv_block_tokens,
              py::arg("max_batch_tokens") = dc.max_batch_tokens, py::arg("max_seqs_per_step") = dc.max_seqs_per_step,
              py::arg("kv_reserve_fraction") = dc.kv_reserve_fraction, py::arg("matmul_precision") = dc.matmul_precision,
-             py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index)
+             py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index,
+             py::arg("link_gbps") = dc.link_gbps)
         .def_readwrite("budget_bytes", &EngineConfig::budget_bytes)
         .def_readwrite("cap_fraction", &EngineConfig::cap_fraction)
         .def_readwrite("n_threads", &EngineConfig::n_threads)
@@ -170,11 +171,12 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("matmul_precision", &EngineConfig::matmul_precision)
         .def_readwrite("device_kind", &EngineConfig::device_kind)
         .def_readwrite("device_index", &EngineConfig::device_index)
+        .def_readwrite("link_gbps", &EngineConfig::link_gbps)
         .def("__repr__", [](const py::object& self) {
             return repr_fields("EngineConfig", self,
                                {"budget_bytes", "cap_fraction", "n_threads", "prefetch_depth", "eviction", "kv_block_tokens",
                                 "max_batch_tokens", "max_seqs_per_step", "kv_reserve_fraction", "matmul_precision",
-                                "device_kind", "device_index"});
+                                "device_kind", "device_index", "link_gbps"});
         });
 
     const SamplingParams dp;
@@ -333,7 +335,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_loads", &ResidencyStats::n_loads)
         .def_readonly("n_hits", &ResidencyStats::n_hits)
         .def_readonly("n_misses", &ResidencyStats::n_misses)
-        .def_property_readonly("copy_wait_ms", [](const ResidencyStats& r) { return static_cast<double>(r.wait_ns) / 1e6; });
+        .def_property_readonly("copy_wait_ms", [](const ResidencyStats& r) { return static_cast<double>(r.wait_ns) / 1e6; })
+        .def_property_readonly("copy_ms", [](const ResidencyStats& r) { return static_cast<double>(r.copy_ns) / 1e6; });
     py::class_<EngineStats>(m, "EngineStats")
         .def_readonly("n_steps", &EngineStats::n_steps)
         .def_readonly("n_tokens_computed", &EngineStats::n_tokens_computed)

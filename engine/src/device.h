@@ -20,6 +20,7 @@
 // The full contract, in prose, is in docs/engine.md.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -86,9 +87,16 @@ public:
 // fit, at its start), Placement::High the highest (at its end). Allocations are
 // aligned to kAlign (64) bytes. Compute: the CPU backend (backend_cpu.h) with a pool
 // of n_threads threads. Copies and compute are synchronous: every fence is 0.
+//
+// The link model (link_gbps > 0, gigabytes = 1e9 bytes per second): host and "device" share
+// DRAM here, so a copy costs about what a compute read costs; a GPU behind PCIe fills its memory
+// 10-30x slower than it reads it. To reproduce that ratio, each copy_in reserves the link for
+// bytes / link rate after the link's previous reservation ends (one link: concurrent copies queue
+// on it) and returns no earlier than that reservation's end, sleeping on the calling thread
+// (residency's copy thread, or the step thread for a whole-model swap). 0: unthrottled.
 class CpuDevice final : public Device {
 public:
-    explicit CpuDevice(uint64_t capacity_bytes, int n_threads = 1);
+    explicit CpuDevice(uint64_t capacity_bytes, int n_threads = 1, double link_gbps = 0.0);
     ~CpuDevice() override;
     const char* name() const override { return "cpu"; }
     uint64_t capacity_bytes() const override { return capacity_; }
@@ -105,6 +113,9 @@ private:
     std::map<uint64_t, uint64_t> free_;  // offset -> size, non-adjacent
     std::map<uint64_t, uint64_t> used_;  // offset -> size
     std::unique_ptr<CpuBackend> backend_;
+    double link_bytes_per_ns_ = 0.0;                     // 0: unthrottled
+    std::mutex link_mu_;
+    std::chrono::steady_clock::time_point link_free_;    // when the link's last reservation ends
 };
 
 }  // namespace lmx

@@ -77,7 +77,8 @@ int usable_cores() {
 // The device EngineConfig names (engine.h: device_kind, device_index).
 static std::unique_ptr<Device> make_device(const EngineConfig& cfg) {
     if (cfg.device_kind == "cpu")
-        return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores());
+        return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores(),
+                                           cfg.link_gbps);
     if (cfg.device_kind == "vulkan") {
         if (cfg.matmul_precision != MatmulPrecision::exact)
             throw InvalidArgument("matmul_precision: the vulkan device runs exact only, found fast (a CPU option)");

@@ -57,6 +57,10 @@ struct EngineConfig {
     // engine/src/vulkan, docs/vulkan.md). Vulkan where none exists is an Error naming what was found.
     std::string device_kind = "cpu";
     int device_index = 0;
+    // The CPU device's link model (device.h): every host->device copy takes at least bytes /
+    // (link_gbps * 1e9 bytes/s), so the CPU reproduces a GPU's copy-to-compute ratio.
+    // 0: unthrottled. The vulkan device ignores it (its link is real).
+    double link_gbps = 0.0;
 };
 
 enum class ResidencyMode : uint8_t { Auto = 0, Resident = 1, Streamed = 2, Swap = 3 };

@@ -116,8 +116,10 @@ UnitHandle SwapPool::acquire(UnitRef u, const std::function<size_t(int)>& next_u
         swap_in(u.model, m, next_use, after, lk);
         stats.n_loads += static_cast<uint64_t>(m.w->n_units());
         stats.bytes_copied += m.w->total_unit_bytes();
-        stats.wait_ns += static_cast<uint64_t>(
+        const auto swap_ns = static_cast<uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+        stats.wait_ns += swap_ns;
+        stats.copy_ns += swap_ns;  // the swap's copies run on this thread
     } else {
         stats.n_hits++;
     }
@@ -346,8 +348,12 @@ void Residency::copy_main() {
         uint8_t* dst = s.buf.ptr;
         const ComputeFence after = s.last_read;
         lk.unlock();
+        const auto c0 = std::chrono::steady_clock::now();
         const CopyFence copied = w->assemble_unit(job.unit, dst, ledger_.device(), after);
+        const auto c_ns = static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - c0).count());
         lk.lock();
+        stats_.copy_ns += c_ns;
         s.copied = copied;
         s.loading = false;
         s.ready = true;
@@ -394,8 +400,12 @@ UnitHandle Residency::acquire(UnitRef u) {
             s->loading = true;
             const ComputeFence after = s->last_read;
             lk.unlock();
+            const auto c0 = std::chrono::steady_clock::now();
             const CopyFence copied = e.w->assemble_unit(u.unit, s->buf.ptr, ledger_.device(), after);
+            const auto c_ns = static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - c0).count());
             lk.lock();
+            stats_.copy_ns += c_ns;
             s->copied = copied;
             s->loading = false;
             s->ready = true;

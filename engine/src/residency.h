@@ -62,6 +62,9 @@ struct ResidencyStats {
     uint64_t n_hits = 0;       // acquires of streamed units already loaded
     uint64_t n_misses = 0;     // acquires that had to wait for a copy
     uint64_t wait_ns = 0;      // time acquire() spent waiting for copies
+    // time spent issuing copies, on the copy thread or (load on demand, whole-model swaps) the step
+    // thread; on a synchronous device (the CPU) the whole copy, paced by its link model (device.h)
+    uint64_t copy_ns = 0;
 };
 
 struct ModelResidency {
