@@ -327,8 +327,9 @@ class EngineConfig:
     """
     device_kind: str
     eviction: Eviction
+    kv_dtype: str
     matmul_precision: MatmulPrecision
-    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> None:
+    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0, kv_dtype: str = 'f32') -> None:
         ...
     def __repr__(self) -> str:
         ...

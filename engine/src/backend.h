@@ -39,12 +39,15 @@ class ThreadPool;
 
 // How a KV block lays out its layers: a block of the step's tables holds block_tokens
 // positions of every layer; layer l's K rows start layer_stride floats after layer l-1's,
-// its V rows v_offset floats after its K rows; a row is kv_dim floats.
+// its V rows v_offset elements after its K rows; a row is kv_dim elements. An element is an
+// f32, or an f16 when f16 is set (EngineConfig.kv_dtype; a backend that cannot read f16 pages
+// refuses the setting when the engine is made).
 struct KvGeometry {
     int block_tokens = 0;
     int64_t kv_dim = 0;
-    int64_t layer_stride = 0;  // floats
-    int64_t v_offset = 0;      // floats
+    int64_t layer_stride = 0;  // elements
+    int64_t v_offset = 0;      // elements
+    bool f16 = false;
 };
 
 // One sequence's part of a step: a prefill chunk or its one decode token.

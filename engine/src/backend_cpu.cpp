@@ -27,6 +27,8 @@ void CpuBackend::begin_step(const StepDesc& step) {
     tasks_kv_heads_ = -1;
     kptr_.resize(seqs_.size());
     vptr_.resize(seqs_.size());
+    kptr16_.resize(seqs_.size());
+    vptr16_.resize(seqs_.size());
 }
 
 void CpuBackend::end_step() { seqs_.clear(); }
@@ -50,23 +52,35 @@ void CpuBackend::rope(float* x, int n_heads, int head_dim, const float* inv_freq
     for (int64_t t = 0; t < step_.n_tokens; t++) lmx::rope(x + t * row, n_heads, head_dim, pos_[static_cast<size_t>(t)], inv_freq);
 }
 
-float* CpuBackend::kv_row(int seq, int64_t pos, int layer) {
+uint8_t* CpuBackend::kv_row(int seq, int64_t pos, int layer) {
     const KvGeometry& g = step_.kv;
     const StepSeq& s = seqs_[static_cast<size_t>(seq)];
     assert(pos / g.block_tokens < s.n_blocks);
-    float* block = s.kv_blocks[pos / g.block_tokens];  // a device address: a host pointer here
-    return block + layer * g.layer_stride + (pos % g.block_tokens) * g.kv_dim;
+    // a device address: a host pointer here
+    uint8_t* block = reinterpret_cast<uint8_t*>(s.kv_blocks[pos / g.block_tokens]);
+    return block + (layer * g.layer_stride + (pos % g.block_tokens) * g.kv_dim) * (g.f16 ? 2 : 4);
 }
 
 void CpuBackend::kv_append(int layer, const float* k, const float* v) {
     const int64_t kvd = step_.kv.kv_dim;
+    const bool f16 = step_.kv.f16;
     int64_t t = 0;
     for (int i = 0; i < step_.n_seqs; i++) {
         const StepSeq& s = seqs_[static_cast<size_t>(i)];
         for (int32_t j = 0; j < s.n_tokens; j++, t++) {
-            float* kr = kv_row(i, s.pos0 + j, layer);
-            std::memcpy(kr, k + t * kvd, static_cast<size_t>(kvd) * 4);
-            std::memcpy(kr + step_.kv.v_offset, v + t * kvd, static_cast<size_t>(kvd) * 4);
+            uint8_t* kr = kv_row(i, s.pos0 + j, layer);
+            if (f16) {  // rounded to nearest even, saturated at the f16 range; attention widens them exactly
+                uint16_t* kh = reinterpret_cast<uint16_t*>(kr);
+                uint16_t* vh = kh + step_.kv.v_offset;
+                constexpr float kF16Max = 65504.0f;
+                for (int64_t d = 0; d < kvd; d++) {
+                    kh[d] = f32_to_f16(std::clamp(k[t * kvd + d], -kF16Max, kF16Max));
+                    vh[d] = f32_to_f16(std::clamp(v[t * kvd + d], -kF16Max, kF16Max));
+                }
+            } else {
+                std::memcpy(kr, k + t * kvd, static_cast<size_t>(kvd) * 4);
+                std::memcpy(reinterpret_cast<float*>(kr) + step_.kv.v_offset, v + t * kvd, static_cast<size_t>(kvd) * 4);
+            }
         }
     }
 }
@@ -99,6 +113,17 @@ void CpuBackend::attention(int layer, const float* q, const AttnParams& p, float
         const StepSeq& s = seqs_[static_cast<size_t>(i)];
         const size_t n_blocks = static_cast<size_t>((s.pos0 + s.n_tokens + g.block_tokens - 1) / g.block_tokens);
         assert(n_blocks <= static_cast<size_t>(s.n_blocks));
+        if (g.f16) {
+            std::vector<const uint16_t*>& kp = kptr16_[static_cast<size_t>(i)];
+            std::vector<const uint16_t*>& vp = vptr16_[static_cast<size_t>(i)];
+            kp.resize(n_blocks);
+            vp.resize(n_blocks);
+            for (size_t b = 0; b < n_blocks; b++) {
+                kp[b] = reinterpret_cast<const uint16_t*>(s.kv_blocks[b]) + layer * g.layer_stride;
+                vp[b] = kp[b] + g.v_offset;
+            }
+            continue;
+        }
         std::vector<const float*>& kp = kptr_[static_cast<size_t>(i)];
         std::vector<const float*>& vp = vptr_[static_cast<size_t>(i)];
         kp.resize(n_blocks);
@@ -113,6 +138,13 @@ void CpuBackend::attention(int layer, const float* q, const AttnParams& p, float
     pool_.parallel_for(static_cast<int64_t>(tasks_.size()), [&](int64_t ti, int thread) {
         const AttnTask& a = tasks_[static_cast<size_t>(ti)];
         const StepSeq& s = seqs_[static_cast<size_t>(a.seq)];
+        if (g.f16) {
+            attention_kv_heads_f16(q + a.t0 * qd, a.n_q, s.pos0 + a.q0, kptr16_[static_cast<size_t>(a.seq)].data(),
+                                   vptr16_[static_cast<size_t>(a.seq)].data(), g.block_tokens, p.n_heads,
+                                   p.n_kv_heads, p.head_dim, p.scale, out + a.t0 * qd,
+                                   step_.scratch + thread * step_.scratch_lane_floats, a.kv0, a.kv1, p.window);
+            return;
+        }
         attention_kv_heads(q + a.t0 * qd, a.n_q, s.pos0 + a.q0, kptr_[static_cast<size_t>(a.seq)].data(),
                            vptr_[static_cast<size_t>(a.seq)].data(), g.block_tokens, p.n_heads, p.n_kv_heads,
                            p.head_dim, p.scale, out + a.t0 * qd, step_.scratch + thread * step_.scratch_lane_floats,

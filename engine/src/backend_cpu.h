@@ -54,7 +54,8 @@ private:
         int kv0, kv1;
     };
     void plan_attention(int n_kv_heads);
-    float* kv_row(int seq, int64_t pos, int layer);  // K row of position pos; V is kv.v_offset further
+    // K row of position pos (f32 or f16 elements, step_.kv.f16); V is kv.v_offset elements further.
+    uint8_t* kv_row(int seq, int64_t pos, int layer);
 
     ThreadPool pool_;
     StepDesc step_;
@@ -63,6 +64,7 @@ private:
     std::vector<AttnTask> tasks_;     // planned at the step's first attention call
     int tasks_kv_heads_ = -1;         // the n_kv_heads tasks_ were planned for
     std::vector<std::vector<const float*>> kptr_, vptr_;  // per sequence: this layer's block rows
+    std::vector<std::vector<const uint16_t*>> kptr16_, vptr16_;  // the same over f16 pages
 };
 
 }  // namespace lmx

@@ -147,10 +147,12 @@ PYBIND11_MODULE(_core, m) {
     py::class_<EngineConfig>(m, "EngineConfig", "Device budget and engine knobs (engine.h)")
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth, Eviction eviction,
                          int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step, double kv_reserve_fraction,
-                         MatmulPrecision matmul_precision, std::string device_kind, int device_index, double link_gbps) {
+                         MatmulPrecision matmul_precision, std::string device_kind, int device_index, double link_gbps,
+                         std::string kv_dtype) {
                  return EngineConfig{budget_bytes,    cap_fraction,      n_threads,           prefetch_depth, eviction,
                                      kv_block_tokens, max_batch_tokens, max_seqs_per_step, kv_reserve_fraction,
-                                     matmul_precision, std::move(device_kind), device_index, link_gbps};
+                                     matmul_precision, std::move(device_kind), device_index, link_gbps,
+                                     std::move(kv_dtype)};
              }),
              py::kw_only(), py::arg("budget_bytes") = dc.budget_bytes, py::arg("cap_fraction") = dc.cap_fraction,
              py::arg("n_threads") = dc.n_threads, py::arg("prefetch_depth") = dc.prefetch_depth,
@@ -158,7 +160,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("max_batch_tokens") = dc.max_batch_tokens, py::arg("max_seqs_per_step") = dc.max_seqs_per_step,
              py::arg("kv_reserve_fraction") = dc.kv_reserve_fraction, py::arg("matmul_precision") = dc.matmul_precision,
              py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index,
-             py::arg("link_gbps") = dc.link_gbps)
+             py::arg("link_gbps") = dc.link_gbps, py::arg("kv_dtype") = dc.kv_dtype)
         .def_readwrite("budget_bytes", &EngineConfig::budget_bytes)
         .def_readwrite("cap_fraction", &EngineConfig::cap_fraction)
         .def_readwrite("n_threads", &EngineConfig::n_threads)
@@ -172,11 +174,12 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("device_kind", &EngineConfig::device_kind)
         .def_readwrite("device_index", &EngineConfig::device_index)
         .def_readwrite("link_gbps", &EngineConfig::link_gbps)
+        .def_readwrite("kv_dtype", &EngineConfig::kv_dtype)
         .def("__repr__", [](const py::object& self) {
             return repr_fields("EngineConfig", self,
                                {"budget_bytes", "cap_fraction", "n_threads", "prefetch_depth", "eviction", "kv_block_tokens",
                                 "max_batch_tokens", "max_seqs_per_step", "kv_reserve_fraction", "matmul_precision",
-                                "device_kind", "device_index", "link_gbps"});
+                                "device_kind", "device_index", "link_gbps", "kv_dtype"});
         });
 
     const SamplingParams dp;

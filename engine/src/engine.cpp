@@ -76,6 +76,11 @@ int usable_cores() {
 
 // The device EngineConfig names (engine.h: device_kind, device_index).
 static std::unique_ptr<Device> make_device(const EngineConfig& cfg) {
+    if (cfg.kv_dtype != "f32" && cfg.kv_dtype != "f16")
+        throw InvalidArgument("kv_dtype: expected \"f32\" or \"f16\", found \"" + cfg.kv_dtype + "\"");
+    if (cfg.device_kind == "vulkan" && cfg.kv_dtype != "f32")
+        throw InvalidArgument("kv_dtype: the vulkan device's attention reads f32 KV pages only, found \"" +
+                              cfg.kv_dtype + "\"; set kv_dtype = \"f32\" (f16 KV is a cpu option)");
     if (cfg.device_kind == "cpu")
         return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores(),
                                            cfg.link_gbps);
@@ -194,7 +199,8 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
     }
     const int max_rows = std::min(cfg_.max_seqs_per_step, cfg_.max_batch_tokens);
     workspace_init(m->ws, m->ws_mem.ptr, spec, cfg_.max_batch_tokens, max_rows, backend_.scratch_lanes());
-    m->kv = std::make_unique<KvCache>(ledger_, spec.name, spec.n_layer, spec.kv_dim(), cfg_.kv_block_tokens);
+    m->kv = std::make_unique<KvCache>(ledger_, spec.name, spec.n_layer, spec.kv_dim(), cfg_.kv_block_tokens,
+                                      kv_elem_bytes(cfg_));
     {
         std::lock_guard<std::mutex> lk(mu_);
         models_[spec.name] = m;

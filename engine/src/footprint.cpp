@@ -29,6 +29,8 @@ std::string layer_name(int l, const char* rest) { return "model.layers." + std::
 // on the order of pieces (each is padded alone), so only the set of tensors matters. A matrix
 // keeps its own format where the loader does (auto weights; GGUF block formats), and its slot
 // in a layer unit is the largest that matrix is in any layer (every layer has one layout).
+int kv_elem_bytes(const EngineConfig& cfg) { return cfg.kv_dtype == "f16" ? 2 : 4; }
+
 ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, int n_lanes) {
     spec.validate();
     // Headers only: the mapping is read lazily (a GGUF file's table is mapped to HF names).
@@ -83,7 +85,8 @@ ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, i
 
     const int max_rows = std::min(cfg.max_seqs_per_step, cfg.max_batch_tokens);
     f.workspace_bytes = align_up(workspace_bytes(spec, cfg.max_batch_tokens, max_rows, n_lanes), kAlign);
-    f.kv_bytes_per_token = static_cast<uint64_t>(spec.n_layer) * 2 * static_cast<uint64_t>(kvd) * 4;
+    f.kv_bytes_per_token =
+        static_cast<uint64_t>(spec.n_layer) * 2 * static_cast<uint64_t>(kvd) * static_cast<uint64_t>(kv_elem_bytes(cfg));
     f.kv_block_tokens = cfg.kv_block_tokens;
     f.kv_block_bytes = align_up(f.kv_bytes_per_token * static_cast<uint64_t>(cfg.kv_block_tokens), kAlign);
     return f;

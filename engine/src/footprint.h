@@ -51,6 +51,9 @@ struct ModelFootprint {
 // Reads the headers of spec.files; throws ModelFileError / UnsupportedError as loading would.
 // n_lanes: the backend's scratch lanes (Backend::scratch_lanes; the workspace has one scratch per lane).
 ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, int n_lanes);
+// Bytes of one K or V element in a KV page: 2 for kv_dtype "f16", else 4. The KV cache books
+// blocks of exactly this size, so the footprint, the ledger and admission agree.
+int kv_elem_bytes(const EngineConfig& cfg);
 
 // Layer slots per model (n_layer = resident), in the order given; nullopt when the minimums
 // plus kv_room_bytes do not fit cap_bytes.

@@ -6,10 +6,13 @@
 
 namespace lmx {
 
-KvCache::KvCache(Ledger& ledger, std::string owner, int n_layer, int kv_dim, int block_tokens)
-    : ledger_(ledger), owner_(std::move(owner)), n_layer_(n_layer), kv_dim_(kv_dim), block_tokens_(block_tokens) {
+KvCache::KvCache(Ledger& ledger, std::string owner, int n_layer, int kv_dim, int block_tokens, int elem_bytes)
+    : ledger_(ledger), owner_(std::move(owner)), n_layer_(n_layer), kv_dim_(kv_dim), block_tokens_(block_tokens),
+      elem_bytes_(elem_bytes) {
     if (block_tokens <= 0) throw InvalidArgument("kv_block_tokens: expected > 0, found " + std::to_string(block_tokens));
-    block_bytes_ = static_cast<uint64_t>(n_layer) * 2 * static_cast<uint64_t>(block_tokens) * static_cast<uint64_t>(kv_dim) * 4;
+    assert(elem_bytes == 2 || elem_bytes == 4);
+    block_bytes_ = static_cast<uint64_t>(n_layer) * 2 * static_cast<uint64_t>(block_tokens) *
+                   static_cast<uint64_t>(kv_dim) * static_cast<uint64_t>(elem_bytes);
 }
 
 KvCache::~KvCache() {

@@ -2,7 +2,8 @@
 // Owner: engine core; only the step thread (scheduler + forward) calls it.
 // Thread-safety: NOT thread-safe; the ledger it books from is.
 //
-// A block holds block_tokens positions of every layer: [n_layer][2 (K,V)][block_tokens][kv_dim] f32.
+// A block holds block_tokens positions of every layer: [n_layer][2 (K,V)][block_tokens][kv_dim] elements,
+// each elem_bytes wide: 4 (f32) or 2 (f16, EngineConfig.kv_dtype); KvGeometry counts in elements.
 // A sequence owns a block table (block ids); position p is in table[p / block_tokens].
 // Blocks are booked one at a time and released as soon as a sequence finishes or
 // is preempted, so a paused sequence holds zero device bytes and an idle model's
@@ -21,7 +22,7 @@ namespace lmx {
 
 class KvCache {
 public:
-    KvCache(Ledger& ledger, std::string owner, int n_layer, int kv_dim, int block_tokens);
+    KvCache(Ledger& ledger, std::string owner, int n_layer, int kv_dim, int block_tokens, int elem_bytes = 4);
     ~KvCache();
     KvCache(const KvCache&) = delete;
     KvCache& operator=(const KvCache&) = delete;
@@ -39,22 +40,17 @@ public:
     // block_start(b) + layer * layer_stride is layer's K, v_offset further its V.
     KvGeometry geometry() const {
         return KvGeometry{block_tokens_, kv_dim_, static_cast<int64_t>(2) * block_tokens_ * kv_dim_,
-                          static_cast<int64_t>(block_tokens_) * kv_dim_};
+                          static_cast<int64_t>(block_tokens_) * kv_dim_, elem_bytes_ == 2};
     }
-    float* block_start(int32_t block) { return base(block, 0); }
-    float* k(int32_t block, int layer) { return base(block, layer); }
-    float* v(int32_t block, int layer) { return base(block, layer) + static_cast<int64_t>(block_tokens_) * kv_dim_; }
+    // A block's device address (its rows are elem_bytes wide; typed float* as the backend's StepSeq is).
+    float* block_start(int32_t block) { return reinterpret_cast<float*>(blocks_[static_cast<size_t>(block)].ptr); }
+    int elem_bytes() const { return elem_bytes_; }
     int64_t n_blocks_in_use() const { return n_in_use_; }
 
 private:
-    float* base(int32_t block, int layer) {
-        return reinterpret_cast<float*>(blocks_[static_cast<size_t>(block)].ptr) +
-               static_cast<int64_t>(layer) * 2 * block_tokens_ * kv_dim_;
-    }
-
     Ledger& ledger_;
     std::string owner_;
-    int n_layer_, kv_dim_, block_tokens_;
+    int n_layer_, kv_dim_, block_tokens_, elem_bytes_;
     uint64_t block_bytes_;
     std::vector<DeviceBuffer> blocks_;  // by block id; empty entries are free ids
     std::vector<int32_t> free_ids_;

@@ -952,6 +952,63 @@ TEST(kernel_sliding_window_attention_matches_reference_and_a_cache_of_the_window
     }
 }
 
+TEST(kernel_attention_over_f16_pages_is_attention_over_their_widened_values_bitwise) {
+    // kv_dtype "f16": every element is widened to f32 exactly where it is read, so on every
+    // ISA (and the reference) the result has the bits of attention over f32 pages holding the
+    // widened values: prefill, decode, GQA, ragged head_dim, windows, one KV head at a time.
+    Rng rng(21);
+    struct Case {
+        int block_tokens, n_heads, n_kv_heads, head_dim;
+        int64_t pos0, n_q, window;
+    };
+    const Case cases[] = {
+        {16, 6, 2, 64, 0, 1, 0}, {16, 6, 2, 64, 37, 3, 0}, {5, 4, 1, 40, 11, 9, 0},
+        {16, 8, 8, 128, 63, 2, 0}, {7, 6, 3, 16, 0, 20, 8}, {16, 16, 1, 64, 30, 2, 0}, {16, 4, 2, 32, 40, 1, 8},
+    };
+    for (const Case& c : cases) {
+        const int64_t n_keys = c.pos0 + c.n_q;
+        const int n_blocks = static_cast<int>((n_keys + c.block_tokens - 1) / c.block_tokens);
+        Cache cache(rng, n_blocks, c.block_tokens, c.n_kv_heads, c.head_dim);
+        std::vector<std::vector<uint16_t>> kh, vh;
+        for (int b = 0; b < n_blocks; ++b) {  // round the pages to f16, and the f32 pages to the same values
+            std::vector<float>& kf = cache.k[static_cast<size_t>(b)];
+            std::vector<float>& vf = cache.v[static_cast<size_t>(b)];
+            kh.emplace_back(kf.size());
+            vh.emplace_back(vf.size());
+            for (size_t i = 0; i < kf.size(); ++i) {
+                kh.back()[i] = f32_to_f16(kf[i]);
+                vh.back()[i] = f32_to_f16(vf[i]);
+                kf[i] = f16_to_f32(kh.back()[i]);
+                vf[i] = f16_to_f32(vh.back()[i]);
+            }
+        }
+        std::vector<const uint16_t*> kp, vp;
+        for (int b = 0; b < n_blocks; ++b) {
+            kp.push_back(kh[static_cast<size_t>(b)].data());
+            vp.push_back(vh[static_cast<size_t>(b)].data());
+        }
+        const std::vector<float> q = random_vec(rng, c.n_q * c.n_heads * c.head_dim);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+        std::vector<float> scratch(static_cast<size_t>(n_keys));
+        std::vector<float> want(q.size(), NAN), got(q.size(), NAN);
+        ref::attention_kv_heads(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                                c.n_kv_heads, c.head_dim, scale, want.data(), scratch.data(), 0, c.n_kv_heads, c.window);
+        ref::attention_kv_heads_f16(q.data(), c.n_q, c.pos0, kp.data(), vp.data(), c.block_tokens, c.n_heads,
+                                    c.n_kv_heads, c.head_dim, scale, got.data(), scratch.data(), 0, c.n_kv_heads,
+                                    c.window);
+        CHECK(same_bits(want, got));
+        for (const KernelTable* k : tables()) {
+            std::vector<float> w32(q.size(), NAN), w16(q.size(), NAN);
+            k->attention(q.data(), c.n_q, c.pos0, cache.kp.data(), cache.vp.data(), c.block_tokens, c.n_heads,
+                         c.n_kv_heads, c.head_dim, scale, w32.data(), scratch.data(), 0, c.n_kv_heads, c.window);
+            for (int kv = 0; kv < c.n_kv_heads; ++kv)
+                k->attention_f16(q.data(), c.n_q, c.pos0, kp.data(), vp.data(), c.block_tokens, c.n_heads,
+                                 c.n_kv_heads, c.head_dim, scale, w16.data(), scratch.data(), kv, kv + 1, c.window);
+            CHECK(same_bits(w32, w16));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Gemma's element-wise ops
 

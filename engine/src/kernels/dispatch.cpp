@@ -31,7 +31,7 @@ bool cpu_has_avx512() {
 // the SIMD builds reproduce bit for bit, so results do not depend on the ISA.
 const KernelTable kScalar = {
     "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention_kv_heads, nullptr, nullptr,
-    &ref::act_to_q8, &ref::matmul_rows_q8act, &ref::matmul_rows_x16,
+    &ref::act_to_q8, &ref::matmul_rows_q8act, &ref::matmul_rows_x16, &ref::attention_kv_heads_f16,
 };
 
 
@@ -195,6 +195,13 @@ void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* 
                         float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
     kernels_active().attention(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale,
                                out, scratch, kv0, kv1, window);
+}
+
+void attention_kv_heads_f16(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
+                            const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads,
+                            int head_dim, float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
+    kernels_active().attention_f16(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim,
+                                   scale, out, scratch, kv0, kv1, window);
 }
 
 // rope is cheap next to the matmuls around it and its precision is visible in every

@@ -131,6 +131,12 @@ void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                         float scale, float* out, float* scratch, int kv0, int kv1, int64_t window = 0);
+// attention_kv_heads() over f16 KV pages (EngineConfig.kv_dtype "f16"): each element is widened
+// to f32 exactly, so the result is bitwise attention_kv_heads() over f32 pages of the widened values.
+void attention_kv_heads_f16(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
+                            const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads,
+                            int head_dim, float scale, float* out, float* scratch, int kv0, int kv1,
+                            int64_t window = 0);
 
 // Which SIMD path the dispatcher chose on this CPU ("avx512", "avx2", "scalar").
 // The environment variable LMX_KERNELS=scalar|avx2 forces a lower one (read once).
@@ -150,6 +156,10 @@ void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_
 void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                         const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                         float scale, float* out, float* scratch, int kv0, int kv1, int64_t window = 0);
+void attention_kv_heads_f16(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
+                            const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads,
+                            int head_dim, float scale, float* out, float* scratch, int kv0, int kv1,
+                            int64_t window = 0);
 }  // namespace ref
 
 }  // namespace lmx

@@ -135,6 +135,7 @@ const KernelTable kTable = {
     &simd::act_to_q8<Avx2Dot>,
     &simd::matmul_rows_q8act<Avx2Dot>,
     &simd::matmul_rows_x16_ymm<Avx2Dot>,
+    &simd::attention<Avx2, uint16_t>,
 };
 
 }  // namespace

@@ -373,6 +373,7 @@ constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
         with_vnni ? &simd::act_to_q8<VnniDot> : &simd::act_to_q8<BwDot>,
         with_vnni ? &simd::matmul_rows_q8act<VnniDot> : &simd::matmul_rows_q8act<BwDot>,
         with_vnni ? &matmul_rows_x16_vnni : &simd::matmul_rows_x16_ymm<BwDot>,
+        &simd::attention<Avx512, uint16_t>,
     };
 }
 

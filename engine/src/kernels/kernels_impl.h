@@ -44,6 +44,11 @@ struct KernelTable {
     // Bit for bit ref::matmul_rows_x16 on every ISA.
     void (*matmul_rows_x16)(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                             int64_t row0, int64_t row1);
+    // attention over f16 KV pages (kernels.h attention_kv_heads_f16): bitwise `attention` over
+    // f32 pages holding the widened values, on every ISA.
+    void (*attention_f16)(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
+                          const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                          float scale, float* out, float* scratch, int kv0, int kv1, int64_t window);
 };
 
 // Row stride, in elements, of bf16 activations: n_in rounded up to a whole 32-element step.

@@ -427,9 +427,14 @@ void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_
                        scratch, 0, n_kv_heads, window);
 }
 
-void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
-                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
-                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
+// One definition for f32 and f16 pages: an element is widened to f32 (exactly) where it is read.
+static inline float kv_elem(const float* p, int d) { return p[d]; }
+static inline float kv_elem(const uint16_t* p, int d) { return f16_to_f32(p[d]); }
+
+template <class E>
+static void attention_paged(const float* q, int64_t n_q, int64_t pos0, const E* const* k_blocks,
+                            const E* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                            float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
     assert(n_heads % n_kv_heads == 0 && 0 <= kv0 && kv0 < kv1 && kv1 <= n_kv_heads && window >= 0);
     const int group = n_heads / n_kv_heads;
     const int64_t kv_row = static_cast<int64_t>(n_kv_heads) * head_dim;  // floats per cached token
@@ -440,9 +445,9 @@ void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* 
             const float* qh = q + (i * n_heads + h) * head_dim;
             const int64_t kv_off = static_cast<int64_t>(h / group) * head_dim;
             for (int64_t p = k0; p < n_keys; ++p) {
-                const float* k = k_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
+                const E* k = k_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
                 double dot = 0.0;
-                for (int d = 0; d < head_dim; ++d) dot += static_cast<double>(qh[d]) * k[d];
+                for (int d = 0; d < head_dim; ++d) dot += static_cast<double>(qh[d]) * kv_elem(k, d);
                 scratch[p - k0] = static_cast<float>(dot) * scale;
             }
             softmax(scratch, n_keys - k0);
@@ -450,13 +455,27 @@ void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* 
             for (int d = 0; d < head_dim; ++d) {
                 double acc = 0.0;
                 for (int64_t p = k0; p < n_keys; ++p) {
-                    const float* v = v_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
-                    acc += static_cast<double>(scratch[p - k0]) * v[d];
+                    const E* v = v_blocks[p / block_tokens] + (p % block_tokens) * kv_row + kv_off;
+                    acc += static_cast<double>(scratch[p - k0]) * kv_elem(v, d);
                 }
                 oh[d] = static_cast<float>(acc);
             }
         }
     }
+}
+
+void attention_kv_heads(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
+                        const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
+    attention_paged(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale, out, scratch,
+                    kv0, kv1, window);
+}
+
+void attention_kv_heads_f16(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
+                            const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads,
+                            int head_dim, float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
+    attention_paged(q, n_q, pos0, k_blocks, v_blocks, block_tokens, n_heads, n_kv_heads, head_dim, scale, out, scratch,
+                    kv0, kv1, window);
 }
 
 // The x16 formats: per (row, token) one f32 accumulator,

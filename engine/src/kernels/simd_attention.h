@@ -16,16 +16,32 @@ namespace simd {
 // result depends only on its absolute position (n_keys), never on n_q or on the other
 // queries: prefill and decode give the same bits. The scratch of the contract is not
 // needed here.
+//
+// KV elements are f32 (E = float) or f16 (E = uint16_t, EngineConfig.kv_dtype "f16"): an f16
+// element is widened to f32 exactly as it is loaded, so attention over f16 pages gives the bits
+// attention over f32 pages holding the same (f16-rounded) values gives.
+
+// Loads 16 KV elements as f32, and one element (the ragged head_dim tail).
+template <class S>
+static inline typename S::V kv_load(const float* p) {
+    return S::load(p);
+}
+template <class S>
+static inline typename S::V kv_load(const uint16_t* p) {
+    return S::load_f16(reinterpret_cast<const uint8_t*>(p));
+}
+static inline float kv_elem(const float* p, int d) { return p[d]; }
+static inline float kv_elem(const uint16_t* p, int d) { return f16_to_f32(p[d]); }
 
 // The rows of one KV head in position order, across the pages: next() returns row p
 // for p = 0, 1, 2, ... without a division per key.
-template <class S>
+template <class S, class E>
 struct RowCursor {
-    const float* const* blocks;
-    int64_t block_tokens, row_floats, offset;
+    const E* const* blocks;
+    int64_t block_tokens, row_floats, offset;  // row_floats: elements per row
     int64_t b = 0, r = 0;
-    const float* next() {
-        const float* p = blocks[b] + r * row_floats + offset;
+    const E* next() {
+        const E* p = blocks[b] + r * row_floats + offset;
         if (++r == block_tokens) {
             r = 0;
             ++b;
@@ -33,9 +49,9 @@ struct RowCursor {
         return p;
     }
     // The next n rows into rows[0 .. n); rows[n .. 16) repeat rows[0] (valid padding).
-    void next16(const float* rows[kLanes], int n) {
+    void next16(const E* rows[kLanes], int n) {
         if (r + n <= block_tokens) {  // the usual case: one page holds them all
-            const float* p = blocks[b] + r * row_floats + offset;
+            const E* p = blocks[b] + r * row_floats + offset;
             for (int j = 0; j < n; ++j) rows[j] = p + j * row_floats;
             r += n;
             if (r == block_tokens) {
@@ -58,14 +74,14 @@ constexpr int kAttnStateVecs = 128;
 // scale * q.k for 16 keys: one accumulator per key over head_dim (16-lane FMA steps,
 // NS steps when known at compile time), S::hsum16 (hsum's own tree, so a key's score
 // has the same bits in any lane), the ragged head_dim tail in order, then the scale.
-template <class S, int NS>
-static inline typename S::V attention_scores16(const float* qh, const float* const* k, int head_dim, float scale) {
+template <class S, int NS, class E>
+static inline typename S::V attention_scores16(const float* qh, const E* const* k, int head_dim, float scale) {
     using V = typename S::V;
     const int n_steps = NS > 0 ? NS : head_dim / kLanes;
     V acc[kLanes];
     for (int j = 0; j < kLanes; ++j) {
         V a = S::zero();
-        for (int s = 0; s < n_steps; ++s) a = S::fmadd(S::load(qh + s * kLanes), S::load(k[j] + s * kLanes), a);
+        for (int s = 0; s < n_steps; ++s) a = S::fmadd(S::load(qh + s * kLanes), kv_load<S>(k[j] + s * kLanes), a);
         acc[j] = a;
     }
     V sc = S::hsum16(acc);
@@ -73,7 +89,7 @@ static inline typename S::V attention_scores16(const float* qh, const float* con
         float tmp[kLanes];
         S::store(tmp, sc);
         for (int j = 0; j < kLanes; ++j)
-            for (int d = n_steps * kLanes; d < head_dim; ++d) tmp[j] = __builtin_fmaf(qh[d], k[j][d], tmp[j]);
+            for (int d = n_steps * kLanes; d < head_dim; ++d) tmp[j] = __builtin_fmaf(qh[d], kv_elem(k[j], d), tmp[j]);
         sc = S::load(tmp);
     }
     return S::mul(sc, S::set1(scale));
@@ -85,8 +101,8 @@ static inline typename S::V attention_scores16(const float* qh, const float* con
 // acc = acc * rescale + sum_j w[j] v[j] over the n_vecs output vectors; even and odd
 // keys into `even` / `odd`. With NS (= n_vecs) known at compile time the accumulators
 // live in registers for the whole block.
-template <class S, int NS>
-static inline void attention_accumulate(const float* w, const float* const* v, int n, float rescale, int n_vecs,
+template <class S, int NS, class E>
+static inline void attention_accumulate(const float* w, const E* const* v, int n, float rescale, int n_vecs,
                                         typename S::V* even, typename S::V* odd) {
     using V = typename S::V;
     constexpr int kN = NS > 0 ? NS : 1;
@@ -109,13 +125,13 @@ static inline void attention_accumulate(const float* w, const float* const* v, i
         for (; j + 2 <= n; j += 2) {
             const V w0 = S::set1(w[j]), w1 = S::set1(w[j + 1]);
             for (int c = 0; c < nc; ++c) {
-                ea[c] = S::fmadd(w0, S::load(v[j] + (c0 + c) * kLanes), ea[c]);
-                oa[c] = S::fmadd(w1, S::load(v[j + 1] + (c0 + c) * kLanes), oa[c]);
+                ea[c] = S::fmadd(w0, kv_load<S>(v[j] + (c0 + c) * kLanes), ea[c]);
+                oa[c] = S::fmadd(w1, kv_load<S>(v[j + 1] + (c0 + c) * kLanes), oa[c]);
             }
         }
         if (j < n) {
             const V w0 = S::set1(w[j]);
-            for (int c = 0; c < nc; ++c) ea[c] = S::fmadd(w0, S::load(v[j] + (c0 + c) * kLanes), ea[c]);
+            for (int c = 0; c < nc; ++c) ea[c] = S::fmadd(w0, kv_load<S>(v[j] + (c0 + c) * kLanes), ea[c]);
         }
         for (int c = 0; c < nc; ++c) {
             even[c0 + c] = ea[c];
@@ -124,8 +140,8 @@ static inline void attention_accumulate(const float* w, const float* const* v, i
     }
 }
 
-template <class S, int NS>
-static void attention_group(const float* q, float* out, int n_group, RowCursor<S> keys, RowCursor<S> values,
+template <class S, int NS, class E>
+static void attention_group(const float* q, float* out, int n_group, RowCursor<S, E> keys, RowCursor<S, E> values,
                             int64_t n_keys, int head_dim, float scale) {
     using V = typename S::V;
     const int n_vecs = NS > 0 ? NS : head_dim / kLanes;
@@ -143,8 +159,8 @@ static void attention_group(const float* q, float* out, int n_group, RowCursor<S
     }
     for (int64_t p0 = 0; p0 < n_keys; p0 += kLanes) {
         const int n = static_cast<int>(imin(kLanes, n_keys - p0));
-        const float* k[kLanes];
-        const float* v[kLanes];
+        const E* k[kLanes];
+        const E* v[kLanes];
         keys.next16(k, n);  // padding rows are scored, then masked to -inf
         values.next16(v, n);
         for (int g = 0; g < n_group; ++g) {
@@ -168,7 +184,7 @@ static void attention_group(const float* q, float* out, int n_group, RowCursor<S
             attention_accumulate<S, NS>(w, v, n, rescale, n_vecs, even + g * n_vecs, odd + g * n_vecs);
             for (int d = n_vecs * kLanes; d < head_dim; ++d) {
                 float acc = tail[g][d - n_vecs * kLanes] * rescale;
-                for (int jj = 0; jj < n; ++jj) acc = __builtin_fmaf(w[jj], v[jj][d], acc);
+                for (int jj = 0; jj < n; ++jj) acc = __builtin_fmaf(w[jj], kv_elem(v[jj], d), acc);
                 tail[g][d - n_vecs * kLanes] = acc;
             }
         }
@@ -181,9 +197,9 @@ static void attention_group(const float* q, float* out, int n_group, RowCursor<S
     }
 }
 
-template <class S>
-static void attention(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
-                      const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
+template <class S, class E = float>
+static void attention(const float* q, int64_t n_q, int64_t pos0, const E* const* k_blocks,
+                      const E* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                       float scale, float* out, float* scratch, int kv0, int kv1, int64_t window) {
     (void)scratch;
     const int group = n_heads / n_kv_heads;
@@ -198,22 +214,22 @@ static void attention(const float* q, int64_t n_q, int64_t pos0, const float* co
         const int64_t k0 = window > 0 && n_all > window ? n_all - window : 0;
         const int64_t n_keys = n_all - k0;
         for (int kv = kv0; kv < kv1; ++kv) {
-            const RowCursor<S> keys{k_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
+            const RowCursor<S, E> keys{k_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
                                     k0 / block_tokens, k0 % block_tokens};
-            const RowCursor<S> values{v_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
+            const RowCursor<S, E> values{v_blocks, block_tokens, kv_row, static_cast<int64_t>(kv) * head_dim,
                                       k0 / block_tokens, k0 % block_tokens};
             for (int g0 = 0; g0 < group; g0 += per_pass) {
                 const int n_group = static_cast<int>(imin(per_pass, group - g0));
                 const int64_t off = (i * n_heads + static_cast<int64_t>(kv) * group + g0) * head_dim;
                 switch (head_dim) {  // unrolled q.k for the usual head sizes
                     case 64:
-                        attention_group<S, 4>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
+                        attention_group<S, 4, E>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
                         break;
                     case 128:
-                        attention_group<S, 8>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
+                        attention_group<S, 8, E>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
                         break;
                     default:
-                        attention_group<S, 0>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
+                        attention_group<S, 0, E>(q + off, out + off, n_group, keys, values, n_keys, head_dim, scale);
                         break;
                 }
             }
