@@ -5,6 +5,8 @@ view on resume, dead letters, and recovery of pending entries."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -450,14 +452,15 @@ def test_own_pending_entries_are_recovered_at_start(redis_url: str, models: dict
 # -- priority ---------------------------------------------------------------------------------------
 
 
-async def start_order(client: aioredis.Redis, handles: list[Any]) -> list[str]:
-    """Request ids ordered by when their `started` event was written (reply-stream ids are server ms)."""
-    firsts: list[tuple[tuple[int, int], str]] = []
-    for h in handles:
-        [(entry_id, _fields)] = await client.xrange(KEYS.events(h.request_id), count=1)
-        ms, seq = entry_id.decode().split("-")
-        firsts.append(((int(ms), int(seq)), h.request_id))
-    return [rid for _, rid in sorted(firsts)]
+_STARTED = re.compile(r"request (\S+) started from band")
+
+
+def start_order(caplog: pytest.LogCaptureFixture, handles: list[Any]) -> list[str]:
+    """Request ids in the order the consumer started them (its debug line, logged in the loop tick of
+    the engine submit). Reply-stream ids are server milliseconds: requests this small start within
+    one millisecond, so their ids cannot order them."""
+    ours = {h.request_id for h in handles}
+    return [m.group(1) for r in caplog.records if (m := _STARTED.search(r.getMessage())) and m.group(1) in ours]
 
 
 def _one_at_a_time(url: str, models: dict[str, Path], aging_s: float) -> Settings:
@@ -467,8 +470,10 @@ def _one_at_a_time(url: str, models: dict[str, Path], aging_s: float) -> Setting
     return load_settings(None, **fields)
 
 
-def test_higher_priority_bands_are_read_first(redis_url: str, models: dict[str, Path]) -> None:
+def test_higher_priority_bands_are_read_first(redis_url: str, models: dict[str, Path],
+                                             caplog: pytest.LogCaptureFixture) -> None:
     """max_running 1 makes the read order the start order; aging is slow enough not to matter."""
+    caplog.set_level(logging.DEBUG, logger="layermux.worker.consumer")
     handles: dict[str, Any] = {}
 
     async def before(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
@@ -481,7 +486,7 @@ def test_higher_priority_bands_are_read_first(redis_url: str, models: dict[str, 
     async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
         for h in handles.values():
             assert isinstance((await events_until_terminal(client, h.request_id))[-1], DoneEvent)
-        order = await start_order(client, list(handles.values()))
+        order = start_order(caplog, list(handles.values()))
         assert order == [f"prio-{n}" for n in ["high1", "high2", "norm1", "norm2", "low1", "low2"]]
         for band in ("high", "normal", "low"):
             assert await client.xlen(KEYS.req("tiny", band)) == 0
@@ -490,10 +495,11 @@ def test_higher_priority_bands_are_read_first(redis_url: str, models: dict[str, 
 
 
 def test_aging_lets_a_long_waiting_low_priority_request_go_before_newer_high_ones(
-    redis_url: str, models: dict[str, Path]
+    redis_url: str, models: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Waiting priority_aging_s is worth one band: low requests queued more than 2 x aging before the
     high ones (two bands apart) are read first. The gap is fixed by the enqueue times alone."""
+    caplog.set_level(logging.DEBUG, logger="layermux.worker.consumer")
     aging_s = 0.1
     handles: list[Any] = []
 
@@ -510,7 +516,7 @@ def test_aging_lets_a_long_waiting_low_priority_request_go_before_newer_high_one
     async def body(rt: Runtime, producer: AsyncProducer, client: aioredis.Redis) -> None:
         for h in handles:
             await events_until_terminal(client, h.request_id)
-        assert await start_order(client, handles) == ["old-low0", "old-low1", "new-high0", "new-high1"]
+        assert start_order(caplog, handles) == ["old-low0", "old-low1", "new-high0", "new-high1"]
 
     asyncio.run(serve(_one_at_a_time(redis_url, models, aging_s=aging_s), body, before))
 

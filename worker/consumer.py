@@ -502,6 +502,9 @@ class ModelConsumer:
         if resume_index:
             log.info("model %s: request %s resumed at token %d (attempt %d)", self.name, msg.request_id,
                      resume_index, attempt)
+        else:
+            log.debug("model %s: request %s started from band %s (attempt %d)", self.name, msg.request_id,
+                      entry.band, attempt)
 
     def _refuse(self, request_id: str | None, ack: AckEntry, denial: Denial) -> None:
         """Finish an entry that will not run: one error event (if its request id is known), then ack."""
