@@ -64,12 +64,12 @@ EXIT_TIMEOUT_S: Final = 60.0
 # Three small models, one per architecture variant, big enough that a long completion takes
 # a good fraction of a second on one core (so kills land in the middle of generations).
 MODEL_SHAPES: Final[dict[str, dict[str, Any]]] = {
-    "ma": dict(arch="llama", hidden=256, n_layers=6, n_heads=8, n_kv_heads=2, intermediate=768,
-               max_position_embeddings=1024, seed=11, init_std=0.1),
-    "mb": dict(arch="qwen2", hidden=256, n_layers=6, n_heads=8, n_kv_heads=1, intermediate=768,
-               max_position_embeddings=1024, seed=12, init_std=0.1),
-    "mc": dict(arch="llama", hidden=256, n_layers=6, n_heads=8, n_kv_heads=2, intermediate=768,
-               tie_embeddings=True, max_position_embeddings=1024, seed=13, init_std=0.1),
+    "ma": {"arch": "llama", "hidden": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 2, "intermediate": 768,
+           "max_position_embeddings": 1024, "seed": 11, "init_std": 0.1},
+    "mb": {"arch": "qwen2", "hidden": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 1, "intermediate": 768,
+           "max_position_embeddings": 1024, "seed": 12, "init_std": 0.1},
+    "mc": {"arch": "llama", "hidden": 256, "n_layers": 6, "n_heads": 8, "n_kv_heads": 2, "intermediate": 768,
+           "tie_embeddings": True, "max_position_embeddings": 1024, "seed": 13, "init_std": 0.1},
 }
 
 
@@ -274,9 +274,9 @@ class RequestSpec:
     ignore_eos: bool
 
     def submit_kwargs(self) -> dict[str, Any]:
-        return dict(prompt_ids=list(self.prompt_ids), max_tokens=self.max_tokens, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p, seed=self.seed, ignore_eos=self.ignore_eos,
-                    request_id=self.request_id)
+        return {"prompt_ids": list(self.prompt_ids), "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "ignore_eos": self.ignore_eos,
+                "request_id": self.request_id}
 
 
 def reference_output(models: Mapping[str, Path], specs: Iterable[RequestSpec]) -> dict[str, tuple[list[int], str]]:

@@ -526,7 +526,7 @@ def test_status_watch_json_prints_one_object_per_refresh_until_interrupted(redis
         # A shell starts background jobs with SIGINT ignored, and a child inherits that: give the
         # command the disposition it has when a user runs it in a terminal (Python then turns
         # SIGINT into KeyboardInterrupt), whatever started this test run.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 (no threads run it)
     ) as proc:  # the context closes the pipes and reaps the process, whatever happens
         try:
             assert proc.stdout is not None

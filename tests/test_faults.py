@@ -280,7 +280,7 @@ def test_redis_restart_mid_generation_every_request_ends_once(models: dict[str, 
         for batch, down_s in zip(batches, outages_s):
             for s in batch:
                 producer.submit(s.model, **s.submit_kwargs())
-            wait_until(lambda: bool(generating_models(client, keys, batch)), 60, "a request in generation")
+            wait_until(lambda b=batch: bool(generating_models(client, keys, b)), 60, "a request in generation")
             if down_s is None:
                 # A lost consumer group (a failover to a server without it, a careless XGROUP DESTROY).
                 client.xgroup_destroy(keys.req(generating_models(client, keys, batch)[0]), CONSUMER_GROUP)

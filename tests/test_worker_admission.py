@@ -208,7 +208,6 @@ def test_no_model_with_backlog_waits_longer_than_the_longest_request(
         if tick >= late_start and b_waiting_since is None:
             b_waiting_since = tick
         for name in orders[tick % len(orders)]:
-            k = NAMES.index(name)
             while waiting[name] > 0:
                 used = sum(reservations[NAMES.index(n)] * len(running[n]) for n in NAMES)
                 view = DeviceView(
