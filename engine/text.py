@@ -13,6 +13,7 @@ import jinja2
 import jinja2.sandbox
 import orjson
 from tokenizers import Tokenizer as HfTokenizer
+from tokenizers.decoders import DecodeStream
 
 from engine.errors import ChatTemplateError, ModelFileError
 
@@ -56,6 +57,18 @@ def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
         if template is not None:
             return template
     return _default_template(config.get("chat_template"))
+
+
+class _DecodeStream:
+    """`tokenizers.decoders.DecodeStream` bound to one tokenizer."""
+
+    def __init__(self, tok: HfTokenizer, context_ids: list[int]) -> None:
+        self._tok = tok
+        self._stream = DecodeStream(ids=list(context_ids), skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str | None:
+        piece = self._stream.step(self._tok, token_id)
+        return None if piece is None else str(piece)
 
 
 class Tokenizer:
@@ -125,6 +138,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
 
+    def decode_stream(self, context_ids: list[int]) -> _DecodeStream:
+        """Incremental decoding after `context_ids` (special tokens skipped): `step(id)` returns the
+        text the token completes, or None while a UTF-8 character is still incomplete."""
+        return _DecodeStream(self._tok, context_ids)
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Renders messages with the model's own template in a jinja2 sandbox."""
         if self.chat_template is None:
@@ -161,10 +179,12 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns generated token ids into text pieces, never splitting a UTF-8 character.
 
-    Each push decodes a small window [prefix_offset:] and returns what it adds
-    beyond the already-emitted [prefix_offset:read_offset] part. A window that
-    ends in U+FFFD (an incomplete byte sequence) is held back until a later token
-    completes it, so a piece never carries a broken character.
+    The pieces are those of decoding a small window [prefix_offset:] and keeping what it adds
+    beyond the already-emitted [prefix_offset:read_offset] part; a window that ends in U+FFFD (an
+    incomplete byte sequence) is held back until a later token completes it, so a piece never
+    carries a broken character. `tokenizers`' DecodeStream runs exactly that per token in one
+    native call (seeded with the last prompt tokens, so a first piece keeps its leading space);
+    the offsets are kept here too, for `flush`.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
@@ -174,13 +194,12 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._n_context = len(self._ids)
         self._pieces: list[str] = []
+        self._stream = tokenizer.decode_stream(self._ids)
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._tok.decode(self._ids[self._prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            piece = full[len(prefix) :]
+        piece = self._stream.step(token_id)
+        if piece:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._pieces.append(piece)
