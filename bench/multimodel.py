@@ -4,6 +4,13 @@
                                                # budget whole-model swapping runs in; 1, 4, 16 requests per model
     python bench/multimodel.py --runs half --concurrency 16 --repeats 3
     python bench/multimodel.py --quick         # 1/4-depth shapes, a smoke run (not the reference)
+    python bench/multimodel.py --small --budgets 0.4 0.5 0.75 1.0 --link-ratio 20   # issue 16's grid, small shapes
+
+Link model (issue 16): --link-ratio R paces every host->device copy at (this machine's measured memory read
+bandwidth) / R, through the CPU device's link model (EngineConfig.link_gbps), so copies cost what they cost on a
+GPU behind PCIe (a GTX 1070: ~256 GB/s reads, ~12 GB/s PCIe 3.0 x16, about 1:20). 0 = unthrottled (copies at memcpy
+speed through the same DRAM compute reads). --small: the three models scaled down (SMALL_SHAPES: same
+architectures, GQA ratios and relative sizes, about 1/16 of the bytes) so a grid runs in minutes on 2 cores.
 
 Strategies (same engine, same kernels, same requests, same per-model slot split):
   (a) layermux    layer streaming with prefetch overlap (depth 2) and next-use (Belady) eviction
@@ -13,6 +20,8 @@ Strategies (same engine, same kernels, same requests, same per-model slot split)
                   before the next model is swapped in. Every request is still timed from t0.
   (c) no-overlap  layer streaming, copies on demand only (prefetch depth 0)
   (d) lru         layer streaming with prefetch, LRU eviction
+  (s) stream-min  pure per-step streaming: every streamed model gets only the minimum slots (MIN_SLOTS), so each
+                  step re-copies (almost) all of its layers
 Columns: aggregate generated tokens/s over the timed run; time to first token p50/p99 (every request is submitted
 at t0); device bytes copied per generated token; copy wait = time compute spent waiting on copies / step time;
 ready = acquires of streamed layers that found the layer already on device; steps = engine steps.
@@ -58,6 +67,7 @@ from engine import (
     SamplingParams,
     plan_slots,
 )
+from engine._core import read_bandwidth_gbs
 from tools.model_factory import REFERENCE_SHAPES, make_model
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
@@ -67,6 +77,18 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "(b') swap-drain": {"residency": "swap", "prefetch_depth": 2, "eviction": "belady", "drain": True},
     "(c) no-overlap": {"residency": "split", "prefetch_depth": 0, "eviction": "belady"},
     "(d) lru": {"residency": "split", "prefetch_depth": 2, "eviction": "lru"},
+    "(s) stream-min": {"residency": "stream-min", "prefetch_depth": 2, "eviction": "belady"},
+}
+# --small: the reference shapes scaled down (width 1/4-1/2, depth 1/2-1, vocabulary 16384 or 8192), keeping each
+# model's architecture, GQA ratio, tied head and the ordering of sizes (Llama-3.2-1B the largest).
+SMALL_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-360m": {"arch": "llama", "hidden": 384, "n_layers": 16, "n_heads": 6, "n_kv_heads": 2,
+                     "intermediate": 1024, "vocab": 8192, "tie_embeddings": True, "rope_theta": 100000.0},
+    "qwen2-0.5b": {"arch": "qwen2", "hidden": 448, "n_layers": 12, "n_heads": 7, "n_kv_heads": 1,
+                   "intermediate": 1536, "vocab": 16384, "tie_embeddings": True, "rope_theta": 1000000.0,
+                   "rms_norm_eps": 1e-6},
+    "llama-3.2-1b": {"arch": "llama", "hidden": 512, "n_layers": 16, "n_heads": 8, "n_kv_heads": 2,
+                     "intermediate": 2048, "vocab": 16384, "tie_embeddings": True, "rope_theta": 500000.0},
 }
 CAP_FRACTION = EngineConfig().cap_fraction
 CELL_TIMEOUT_S = 600
@@ -79,15 +101,15 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------- models
 
-def ensure_models(root: Path, quick: bool, dtype: str) -> dict[str, Path]:
+def ensure_models(root: Path, quick: bool, dtype: str, small: bool = False) -> dict[str, Path]:
     """Creates the random reference-shape models once (written to a temporary folder, renamed when complete)."""
     out = {}
     for name in MODELS:
-        shape = dict(REFERENCE_SHAPES[name])
+        shape = dict(SMALL_SHAPES[name] if small else REFERENCE_SHAPES[name])
         if quick:  # keep the heads in proportion: a full vocabulary would dominate a 1/4-depth model
             shape["n_layers"] = max(2, shape["n_layers"] // 4)
             shape["vocab"] = shape["vocab"] // 4
-        d = root / f"{name}-{dtype}{'-quick' if quick else ''}"
+        d = root / f"{name}-{dtype}{'-quick' if quick else ''}{'-small' if small else ''}"
         if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
             tmp = d.with_name(d.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,9 +138,9 @@ class Sizes:
 
 
 def measure_sizes(dirs: dict[str, Path], max_context: int, n_tokens: int, threads: int,
-                  max_batch_tokens: int) -> dict[str, Sizes]:
+                  max_batch_tokens: int, kv_dtype: str = "f32") -> dict[str, Sizes]:
     out = {}
-    with Engine(EngineConfig(n_threads=threads, max_batch_tokens=max_batch_tokens)) as calc:
+    with Engine(EngineConfig(n_threads=threads, max_batch_tokens=max_batch_tokens, kv_dtype=kv_dtype)) as calc:
         for n, d in dirs.items():
             f = calc.footprint(d, max_context=max_context)
             blocks = -(-n_tokens // f.kv_block_tokens)
@@ -195,14 +217,17 @@ def pct(xs: list[float], q: float) -> float:
 
 def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: dict[str, int],
             strategy: dict[str, Any], conc: int, max_tokens: int, prompt_len: int, threads: int,
-            max_batch_tokens: int) -> dict[str, Any]:
+            max_batch_tokens: int, link_gbps: float = 0.0, kv_dtype: str = "f32") -> dict[str, Any]:
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
-                       eviction=Eviction.__members__[strategy["eviction"]], max_batch_tokens=max_batch_tokens)
+                       eviction=Eviction.__members__[strategy["eviction"]], max_batch_tokens=max_batch_tokens,
+                       link_gbps=link_gbps, kv_dtype=kv_dtype)
     max_context = prompt_len + max_tokens + 16
     with Engine(cfg) as eng:
         for name, d in dirs.items():
             if strategy["residency"] == "swap":
                 opt = ModelLoadOptions(residency=ResidencyMode.swap)
+            elif strategy["residency"] == "stream-min" and MIN_SLOTS < sizes[name].n_layer:
+                opt = ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=MIN_SLOTS)
             elif slots[name] >= sizes[name].n_layer:
                 opt = ModelLoadOptions(residency=ResidencyMode.resident)
             else:
@@ -211,6 +236,8 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
                 eng.load_model(name, d, options=opt, max_context=max_context)
             except CapacityError as e:
                 return {"error": f"{name}: {str(e).split(';')[0]}"}
+        # KV positions the ledger has room for after loading, per model (each as if it took all the free KV room)
+        kv_tokens = {n: o.kv_capacity_tokens for n, o in eng.ledger().models.items()}
         # Warm-up, untimed (see the module docstring): one short request per model.
         warm = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         for i, name in enumerate(dirs):
@@ -250,6 +277,7 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
         st1 = eng.stats()
     st = {"bytes_copied": st1.residency.bytes_copied - st0.residency.bytes_copied,
           "copy_wait_ms": st1.residency.copy_wait_ms - st0.residency.copy_wait_ms,
+          "copy_ms": st1.residency.copy_ms - st0.residency.copy_ms,
           "step_ms_total": st1.step_ms_total - st0.step_ms_total,
           "n_hits": st1.residency.n_hits - st0.residency.n_hits,
           "n_misses": st1.residency.n_misses - st0.residency.n_misses,
@@ -266,6 +294,8 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
         "n_steps": st["n_steps"],
         "n_preemptions": st["n_preemptions"],
         "wall_s": wall,
+        "copy_ms": st["copy_ms"],
+        "kv_tokens": kv_tokens,
     }
 
 
@@ -273,7 +303,7 @@ def cell_main(spec: dict[str, Any]) -> int:
     sizes = {n: Sizes(**s) for n, s in spec["sizes"].items()}
     r = run_one({n: Path(d) for n, d in spec["dirs"].items()}, sizes, spec["budget"], spec["slots"],
                 STRATEGIES[spec["strategy"]], spec["conc"], spec["max_tokens"], spec["prompt_len"], spec["threads"],
-                spec["max_batch_tokens"])
+                spec["max_batch_tokens"], spec.get("link_gbps", 0.0), spec.get("kv_dtype", "f32"))
     print(json.dumps(r))
     return 0
 
@@ -294,7 +324,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 def median_of(rs: list[dict[str, Any]]) -> dict[str, Any]:
     if any("error" in r for r in rs):
         return next(r for r in rs if "error" in r)
-    out = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+    out = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "kv_tokens"}
+    out["kv_tokens"] = rs[0].get("kv_tokens", {})
     out["tok_s_runs"] = sorted(r["tok_s"] for r in rs)
     return out
 
@@ -346,7 +377,8 @@ def run_table(title: str, dirs: dict[str, Path], sizes: dict[str, Sizes], budget
                         "sizes": {n: asdict(s) for n, s in sizes.items()}, "budget": budget, "slots": sp.slots,
                         "strategy": sname, "conc": conc, "max_tokens": args.max_tokens,
                         "prompt_len": args.prompt_len, "threads": args.threads,
-                        "max_batch_tokens": args.max_batch_tokens}
+                        "max_batch_tokens": args.max_batch_tokens, "link_gbps": args.link_gbps,
+                        "kv_dtype": args.kv_dtype}
                 log(f"  [{time.strftime('%H:%M:%S')}] {title} | {sname} | {conc} req/model | run {rep + 1} ...")
                 runs[sname].append(run_cell(spec))
         for sname in args.strategies:
@@ -360,6 +392,43 @@ def run_table(title: str, dirs: dict[str, Path], sizes: dict[str, Sizes], budget
                 print(f"(a) / {b_name.split()[0]} tokens/s at {conc:>2} requests per model: "
                       f"{a['tok_s'] / b['tok_s']:.2f}x  (TTFT p50 {a['ttft_p50']:.0f} vs {b['ttft_p50']:.0f} ms)")
     return results
+
+
+def kv_table(dirs: dict[str, Path], args: argparse.Namespace) -> None:
+    """KV in f32 vs f16 at one budget (--budget-fraction) and the largest concurrency, strategy (a). Rows: f32; f16
+    with f32's layer slots (the same weights on device: the KV positions the ledger has room for after loading,
+    each model as if it took all the free KV room); f16 re-split (the KV room it no longer needs goes to layer
+    slots: what that buys in throughput)."""
+    conc = max(args.concurrency)
+    max_context = args.prompt_len + args.max_tokens + 16
+    print(f"\n## KV f32 vs f16: budget {args.budget_fraction:.0%} of the weights, {conc} requests per model, "
+          f"strategy (a)")
+    print(f"{'KV':<16}{'KV tokens ' + MODELS[-1]:>26}{'KV tokens ' + MODELS[1]:>24}{'slots':>12}{'tok/s':>8}"
+          f"{'TTFT p50 ms':>13}{'MiB copied/tok':>16}{'copy wait':>11}")
+    first_slots: dict[str, int] | None = None
+    for label, kv in (("f32", "f32"), ("f16 same slots", "f16"), ("f16 re-split", "f16")):
+        sizes = measure_sizes(dirs, max_context, args.prompt_len + args.max_tokens, args.threads,
+                              args.max_batch_tokens, kv)
+        budget = int(sum(s.weight_bytes for s in sizes.values()) * args.budget_fraction)
+        sp = split_budget(budget, sizes, conc)
+        if sp is None:
+            print(f"{label:<16} the streaming minimums do not fit")
+            continue
+        if first_slots is None:
+            first_slots = dict(sp.slots)
+        elif label == "f16 same slots":
+            sp.slots = dict(first_slots)
+        spec = {"dirs": {n: str(d) for n, d in dirs.items()}, "sizes": {n: asdict(s) for n, s in sizes.items()},
+                "budget": budget, "slots": sp.slots, "strategy": "(a) layermux", "conc": conc,
+                "max_tokens": args.max_tokens, "prompt_len": args.prompt_len, "threads": args.threads,
+                "max_batch_tokens": args.max_batch_tokens, "link_gbps": args.link_gbps, "kv_dtype": kv}
+        r = median_of([run_cell(spec) for _ in range(args.repeats)])
+        if "error" in r:
+            print(f"{label:<16} n/a — {r['error']}")
+            continue
+        slots = "/".join(str(sp.slots[n]) for n in MODELS)
+        print(f"{label:<16}{r['kv_tokens'][MODELS[-1]]:>26}{r['kv_tokens'][MODELS[1]]:>24}{slots:>12}{r['tok_s']:>8.2f}"
+              f"{r['ttft_p50']:>13.0f}{r['copied_per_tok'] / MiB:>16.1f}{r['wait_frac']:>11.1%}", flush=True)
 
 
 def main() -> int:
@@ -377,23 +446,47 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--models-dir", type=Path, default=Path(__file__).resolve().parent.parent / "build" / "bench-models")
+    ap.add_argument("--small", action="store_true", help="SMALL_SHAPES: the three models scaled down (minutes, 2 cores)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None,
+                    help="budgets as shares of all weights (replaces --runs); issue 16: 0.4 0.5 0.75 1.0")
+    ap.add_argument("--link-ratio", type=float, default=0.0,
+                    help="copy:read bandwidth 1:R through the CPU device's link model (20 ~ a GPU on PCIe 3.0); 0 = off")
+    ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"])
+    ap.add_argument("--kv-table", action="store_true", help="only the KV f32 vs f16 table (--budget-fraction)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one measurement, print it as JSON
     args = ap.parse_args()
     if args.cell:
         return cell_main(json.loads(args.cell))
     t_start = time.perf_counter()
-    dirs = ensure_models(args.models_dir, args.quick, args.dtype)
+    dirs = ensure_models(args.models_dir, args.quick, args.dtype, args.small)
     max_context = args.prompt_len + args.max_tokens + 16
-    sizes = measure_sizes(dirs, max_context, args.prompt_len + args.max_tokens, args.threads, args.max_batch_tokens)
+    sizes = measure_sizes(dirs, max_context, args.prompt_len + args.max_tokens, args.threads, args.max_batch_tokens,
+                          args.kv_dtype)
+    args.link_gbps = 0.0
+    if args.link_ratio > 0:
+        read_gbs = read_bandwidth_gbs(256 << 20, args.threads)
+        args.link_gbps = read_gbs / args.link_ratio
     total = sum(s.weight_bytes for s in sizes.values())
-    print(f"# layermux multi-model benchmark ({'1/4-depth smoke shapes' if args.quick else 'reference shapes'}, "
-          f"{args.dtype} weights as stored, random values)")
+    shapes = "small shapes (SMALL_SHAPES)" if args.small else "1/4-depth smoke shapes" if args.quick else "reference shapes"
+    print(f"# layermux multi-model benchmark ({shapes}, {args.dtype} weights as stored, random values, "
+          f"KV {args.kv_dtype})")
+    if args.link_gbps > 0:
+        print(f"link model: 1:{args.link_ratio:g} — memory read {args.link_gbps * args.link_ratio:.1f} GB/s measured, "
+              f"every host->device copy paced at {args.link_gbps:.2f} GB/s")
+    else:
+        print("link: unthrottled (a copy is a memcpy through the DRAM compute reads)")
     print("weights: " + ", ".join(f"{n} {s.weight_bytes / MiB:.0f} MiB" for n, s in sizes.items())
           + f"; total {total / MiB:.0f} MiB")
     print(f"{args.threads} compute threads; each request: prompt {args.prompt_len} tokens, {args.max_tokens} generated "
           f"(greedy, EOS ignored); all requests submitted at t0; at most {args.max_batch_tokens} tokens per step; "
           f"median of {args.repeats} run(s) per cell")
-    for run in args.runs:
+    if args.kv_table:
+        kv_table(dirs, args)
+        print(f"\ntotal bench time {time.perf_counter() - t_start:.0f} s")
+        return 0
+    for fraction in args.budgets or []:
+        run_table(f"budget {fraction:.0%} of the weights", dirs, sizes, int(total * fraction), args)
+    for run in ([] if args.budgets else args.runs):
         if run == "half":
             run_table(f"budget {args.budget_fraction:.0%} of the weights", dirs, sizes,
                       int(total * args.budget_fraction), args)
