@@ -17,7 +17,9 @@
 namespace lmx {
 
 CpuDevice::CpuDevice(uint64_t capacity_bytes, int n_threads, double link_gbps)
-    : capacity_(align_up(capacity_bytes, kAlign)), backend_(std::make_unique<CpuBackend>(n_threads)) {
+    : capacity_(align_up(capacity_bytes, kAlign)),
+      ranges_(capacity_, kAlign),
+      backend_(std::make_unique<CpuBackend>(n_threads)) {
     if (capacity_ == 0) throw InvalidArgument("device budget: expected a positive number of bytes, found 0");
     if (!(link_gbps >= 0.0) || std::isinf(link_gbps))
         throw InvalidArgument("link_gbps: expected a finite number of gigabytes per second >= 0 (0 = unthrottled), found " +
@@ -29,7 +31,6 @@ CpuDevice::CpuDevice(uint64_t capacity_bytes, int n_threads, double link_gbps)
         throw InvalidArgument("device budget: could not reserve " + std::to_string(capacity_) +
                               " bytes of address space for the CPU arena: " + std::strerror(errno));
     base_ = static_cast<uint8_t*>(p);
-    free_[0] = capacity_;
 }
 
 CpuDevice::~CpuDevice() {
@@ -37,57 +38,18 @@ CpuDevice::~CpuDevice() {
 }
 
 void* CpuDevice::alloc(uint64_t n_bytes, Placement where) {
-    const uint64_t need = align_up(n_bytes == 0 ? 1 : n_bytes, kAlign);
     std::lock_guard<std::mutex> lk(mu_);
-    if (where == Placement::High) {
-        for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
-            if (it->second < need) continue;
-            const uint64_t start = it->first;
-            const uint64_t rest = it->second - need;
-            free_.erase(std::next(it).base());
-            if (rest > 0) free_[start] = rest;
-            used_[start + rest] = need;
-            return base_ + start + rest;
-        }
-        return nullptr;
-    }
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->second < need) continue;
-        const uint64_t off = it->first;
-        const uint64_t rest = it->second - need;
-        free_.erase(it);
-        if (rest > 0) free_[off + need] = rest;
-        used_[off] = need;
-        return base_ + off;
-    }
-    return nullptr;
+    const std::optional<uint64_t> off = ranges_.alloc(n_bytes, where);
+    return off ? base_ + *off : nullptr;
 }
 
 void CpuDevice::free(void* p) {
     if (p == nullptr) return;
     std::lock_guard<std::mutex> lk(mu_);
     const uint64_t off = static_cast<uint64_t>(static_cast<uint8_t*>(p) - base_);
-    auto u = used_.find(off);
-    assert(u != used_.end() && "free of a pointer the arena did not hand out");
-    if (u == used_.end()) return;
-    uint64_t start = off, size = u->second;
-    used_.erase(u);
+    const uint64_t size = ranges_.free(off);
     // Return the pages to the OS for big ranges so an idle arena costs no RAM.
     if (size >= (1u << 20)) madvise(base_ + off, size, MADV_DONTNEED);
-    auto next = free_.lower_bound(start);
-    if (next != free_.end() && start + size == next->first) {
-        size += next->second;
-        next = free_.erase(next);
-    }
-    if (next != free_.begin()) {
-        auto prev = std::prev(next);
-        if (prev->first + prev->second == start) {
-            start = prev->first;
-            size += prev->second;
-            free_.erase(prev);
-        }
-    }
-    free_[start] = size;
 }
 
 CopyFence CpuDevice::copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence) {

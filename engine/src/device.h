@@ -28,16 +28,13 @@
 #include <mutex>
 #include <string>
 
+#include "range_alloc.h"
+
 namespace lmx {
 
 class Backend;
 class CpuBackend;
 
-// Where an allocation should go. Long-lived, large buffers (weights, layer slots, workspaces)
-// are placed from the top of the device, short-lived small ones (KV blocks) from the bottom, so
-// KV churn does not scatter holes between weight buffers: a whole-model swap or a new slot
-// then finds one contiguous range where the bytes are free.
-enum class Placement : uint8_t { Low = 0, High = 1 };
 
 // A point on the copy timeline: complete once every copy of the copy_in call that
 // returned it is in device memory. 0: already complete. Values only grow, and a fence
@@ -110,8 +107,7 @@ private:
     uint8_t* base_ = nullptr;
     uint64_t capacity_ = 0;
     std::mutex mu_;
-    std::map<uint64_t, uint64_t> free_;  // offset -> size, non-adjacent
-    std::map<uint64_t, uint64_t> used_;  // offset -> size
+    RangeAlloc ranges_;  // under mu_
     std::unique_ptr<CpuBackend> backend_;
     double link_bytes_per_ns_ = 0.0;                     // 0: unthrottled
     std::mutex link_mu_;

@@ -63,6 +63,22 @@ TEST(cpu_arena_coalesces_freed_ranges) {
     CHECK(q == p[3]);
 }
 
+// A GPU device's memory is several allocations: a range may never span two of them, so freed
+// neighbours merge only within one block (the `boundary`), from either end.
+TEST(range_alloc_never_merges_or_places_across_a_boundary) {
+    RangeAlloc r(256, 64, 128);  // blocks [0, 128) and [128, 256)
+    CHECK(!r.alloc(192, Placement::Low).has_value());  // no block holds 192
+    const auto a = r.alloc(64, Placement::Low), b = r.alloc(64, Placement::Low);
+    const auto c = r.alloc(64, Placement::High), d = r.alloc(64, Placement::High);
+    CHECK(a == 0u && b == 64u && c == 192u && d == 128u);
+    CHECK(r.free(*b) == 64u && r.free(*d) == 64u);  // 64..192 free, but in two blocks
+    CHECK(!r.alloc(128, Placement::Low).has_value());
+    CHECK(r.free(*a) == 64u && r.free(*c) == 64u);
+    CHECK(r.alloc(128, Placement::High) == 128u);
+    CHECK(r.alloc(128, Placement::Low) == 0u);
+    CHECK(!r.alloc(1, Placement::Low).has_value());
+}
+
 TEST(cpu_arena_places_high_from_the_top_and_low_from_the_bottom) {
     CpuDevice d(64 * 10);
     auto* base = static_cast<uint8_t*>(d.alloc(64, Placement::Low));

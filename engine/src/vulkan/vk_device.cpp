@@ -34,8 +34,8 @@ VulkanDevice::VulkanDevice(std::shared_ptr<Context> ctx, uint64_t budget_bytes, 
             Block b;
             ctx_->alloc_device_block(n, &b.buf, &b.mem);
             blocks_.push_back(b);
-            free_[off] = n;
         }
+        ranges_ = RangeAlloc(capacity_, kDevAlign, block_bytes_);
         ring_ = ctx_->alloc_host(std::max<uint64_t>(staging_bytes / kRingParts * kRingParts, kRingParts * kDevAlign));
         xfer_ = std::make_unique<CmdStream>(*ctx_, true);
         comp_ = std::make_unique<CmdStream>(*ctx_, false);
@@ -63,54 +63,15 @@ void VulkanDevice::release() noexcept {
 Backend& VulkanDevice::backend() { return *backend_; }
 
 void* VulkanDevice::alloc(uint64_t n_bytes, Placement where) {
-    const uint64_t need = align_up(n_bytes == 0 ? 1 : n_bytes, kDevAlign);
     std::lock_guard<std::mutex> lk(mu_);
-    if (where == Placement::High) {
-        for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
-            if (it->second < need) continue;
-            const uint64_t start = it->first, rest = it->second - need;
-            free_.erase(std::next(it).base());
-            if (rest > 0) free_[start] = rest;
-            used_[start + rest] = need;
-            return base_ + start + rest;
-        }
-        return nullptr;
-    }
-    for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->second < need) continue;
-        const uint64_t off = it->first, rest = it->second - need;
-        free_.erase(it);
-        if (rest > 0) free_[off + need] = rest;
-        used_[off] = need;
-        return base_ + off;
-    }
-    return nullptr;
+    const std::optional<uint64_t> off = ranges_.alloc(n_bytes, where);
+    return off ? base_ + *off : nullptr;
 }
 
 void VulkanDevice::free(void* p) {
     if (p == nullptr) return;
     std::lock_guard<std::mutex> lk(mu_);
-    const uint64_t off = static_cast<uint64_t>(static_cast<uint8_t*>(p) - base_);
-    auto u = used_.find(off);
-    assert(u != used_.end() && "free of an address the device did not hand out");
-    if (u == used_.end()) return;
-    uint64_t start = off, size = u->second;
-    used_.erase(u);
-    // Coalesce with neighbours inside the same block only.
-    auto next = free_.lower_bound(start);
-    if (next != free_.end() && start + size == next->first && next->first % block_bytes_ != 0) {
-        size += next->second;
-        next = free_.erase(next);
-    }
-    if (next != free_.begin()) {
-        auto prev = std::prev(next);
-        if (prev->first + prev->second == start && start % block_bytes_ != 0) {
-            start = prev->first;
-            size += prev->second;
-            free_.erase(prev);
-        }
-    }
-    free_[start] = size;
+    ranges_.free(static_cast<uint64_t>(static_cast<uint8_t*>(p) - base_));
 }
 
 VulkanDevice::Loc VulkanDevice::locate(const void* p) const {

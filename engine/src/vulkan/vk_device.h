@@ -90,8 +90,7 @@ private:
     uint8_t* base_ = nullptr;  // PROT_NONE reservation: addresses only
     std::vector<Block> blocks_;
     mutable std::mutex mu_;
-    std::map<uint64_t, uint64_t> free_;  // offset -> size; never spans a block boundary
-    std::map<uint64_t, uint64_t> used_;  // offset -> size
+    RangeAlloc ranges_{0, 1};  // laid out by the constructor: ranges never span a block boundary
 
     std::mutex copy_mu_;  // the transfer stream and the ring
     std::unique_ptr<CmdStream> xfer_;
