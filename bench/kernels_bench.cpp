@@ -22,9 +22,9 @@
 // n_tok = 1 (n_tok * t(1) / t(n_tok)): what batching decode sequences buys.
 // "q8_0x16", "q4_0x16" are the same weights repacked in 16-row groups (what a model
 // loaded under fast precision holds): int8 activations, one vpdpbusd per 4 x 16 MACs.
-// "bf16*" is bf16 weights under MatmulPrecision::fast (bf16 activations, vdpbf16ps),
+// "bf16*" is bf16 weights under MatmulPrecision::Fast (bf16 activations, vdpbf16ps),
 // listed only where the CPU has AVX512_BF16; "q8_0*", "q4_0*" are q8_0 / q4_0 under
-// MatmulPrecision::fast (int8 activations, integer block dots).
+// MatmulPrecision::Fast (int8 activations, integer block dots).
 // Optional 4th argument: a comma-separated subset of the format names, e.g. q8_0,q8_0*.
 #include <chrono>
 #include <cstdio>
@@ -130,17 +130,17 @@ int main(int argc, char** argv) {
         MatmulPrecision precision;
         const char* name;
     };
-    std::vector<Fmt> fmts = {{DType::F32, MatmulPrecision::exact, "f32"},
-                             {DType::F16, MatmulPrecision::exact, "f16"},
-                             {DType::BF16, MatmulPrecision::exact, "bf16"},
-                             {DType::Q8_0, MatmulPrecision::exact, "q8_0"},
-                             {DType::Q8_0, MatmulPrecision::fast, "q8_0*"},
-                             {DType::Q4_0, MatmulPrecision::exact, "q4_0"},
-                             {DType::Q4_0, MatmulPrecision::fast, "q4_0*"},
-                             {DType::Q8_0X16, MatmulPrecision::fast, "q8_0x16"},
-                             {DType::Q4_0X16, MatmulPrecision::fast, "q4_0x16"}};
+    std::vector<Fmt> fmts = {{DType::F32, MatmulPrecision::Exact, "f32"},
+                             {DType::F16, MatmulPrecision::Exact, "f16"},
+                             {DType::BF16, MatmulPrecision::Exact, "bf16"},
+                             {DType::Q8_0, MatmulPrecision::Exact, "q8_0"},
+                             {DType::Q8_0, MatmulPrecision::Fast, "q8_0*"},
+                             {DType::Q4_0, MatmulPrecision::Exact, "q4_0"},
+                             {DType::Q4_0, MatmulPrecision::Fast, "q4_0*"},
+                             {DType::Q8_0X16, MatmulPrecision::Fast, "q8_0x16"},
+                             {DType::Q4_0X16, MatmulPrecision::Fast, "q4_0x16"}};
     if (std::strcmp(kernels_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16"))
-        fmts.push_back({DType::BF16, MatmulPrecision::fast, "bf16*"});
+        fmts.push_back({DType::BF16, MatmulPrecision::Fast, "bf16*"});
     if (argc > 4) {  // keep only the named formats
         const std::string want = std::string(",") + argv[4] + ",";
         std::vector<Fmt> kept;

@@ -114,12 +114,12 @@ PYBIND11_MODULE(_core, m) {
     // ---- enums ----
     py::enum_<Eviction>(m, "Eviction", "Which streamed layer a slot gives up: next use farthest (belady) or least recent (lru)")
         .value("belady", Eviction::Belady)
-        .value("lru", Eviction::LRU);
+        .value("lru", Eviction::Lru);
     py::enum_<MatmulPrecision>(m, "MatmulPrecision",
                                "exact: bitwise the same tokens on every CPU; fast: bf16 / int8 dot products where the "
                                "CPU has them (not bitwise)")
-        .value("exact", MatmulPrecision::exact)
-        .value("fast", MatmulPrecision::fast);
+        .value("exact", MatmulPrecision::Exact)
+        .value("fast", MatmulPrecision::Fast);
     py::enum_<ResidencyMode>(m, "ResidencyMode",
                              "auto: resident when it fits next to the KV reserve, else streamed; swap: whole-model "
                              "swapping (the benchmark baseline)")

@@ -16,7 +16,7 @@ namespace lmx {
 //   Q4_0 {f16 d; uint8 qs[16]}  (18 bytes), value i = d * (nibble_i - 8), where
 //        nibble_i = qs[i] & 15 for i < 16 and qs[i - 16] >> 4 for i >= 16.
 // Q8_0X16 and Q4_0X16 hold the same values as Q8_0 / Q4_0, repacked at load for the
-// integer dot products of MatmulPrecision::fast (layout: kernels/kernels.h, "x16"):
+// integer dot products of MatmulPrecision::Fast (layout: kernels/kernels.h, "x16"):
 // device-only, never a file's or a user's format.
 // GGUF's other block formats (ggml-common.h's block_*; dequantisation in kernels/quants.h),
 // kept in their file layout on the device and dequantised to f32 inside the matmul:

@@ -85,7 +85,7 @@ static std::unique_ptr<Device> make_device(const EngineConfig& cfg) {
         return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores(),
                                            cfg.link_gbps);
     if (cfg.device_kind == "vulkan") {
-        if (cfg.matmul_precision != MatmulPrecision::exact)
+        if (cfg.matmul_precision != MatmulPrecision::Exact)
             throw InvalidArgument("matmul_precision: the vulkan device runs exact only, found fast (a CPU option)");
         return make_vulkan_device(cfg.device_index, cfg.budget_bytes);
     }

@@ -52,7 +52,7 @@ struct EngineConfig {
     double kv_reserve_fraction = 0.25;  // of the cap, kept free for KV when planning residency
     // exact: bitwise the same tokens on every ISA; fast: denser dot products where the CPU has
     // them (kernels.h). Carried by each model's weight views: per engine, never process-wide.
-    MatmulPrecision matmul_precision = MatmulPrecision::exact;
+    MatmulPrecision matmul_precision = MatmulPrecision::Exact;
     // The device: "cpu" (the RAM arena and the SIMD kernels) or "vulkan" (GPU device_index;
     // engine/src/vulkan, docs/vulkan.md). Vulkan where none exists is an Error naming what was found.
     std::string device_kind = "cpu";

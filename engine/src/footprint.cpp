@@ -42,7 +42,7 @@ ModelFootprint model_footprint(const ModelSpec& spec, const EngineConfig& cfg, i
     const TensorInfo& probe = st->require(layer_name(0, "self_attn.q_proj.weight"), {qd, dim});
     f.weights = spec.weights == "auto" ? probe.dtype : dtype_from_name(spec.weights);
     f.matrix_format = f.weights;
-    if (cfg.matmul_precision == MatmulPrecision::fast && (f.weights == DType::Q8_0 || f.weights == DType::Q4_0)) {
+    if (cfg.matmul_precision == MatmulPrecision::Fast && (f.weights == DType::Q8_0 || f.weights == DType::Q4_0)) {
         bool whole_groups = true;
         for (int64_t n : {qd, kvd, dim, ffn, nv}) whole_groups = whole_groups && n % kX16Rows == 0;
         if (whole_groups) f.matrix_format = f.weights == DType::Q8_0 ? DType::Q8_0X16 : DType::Q4_0X16;

@@ -28,7 +28,7 @@ BookResult KvCache::reserve(std::vector<int32_t>& table, int64_t n_tokens) {
     const size_t need = static_cast<size_t>((n_tokens + block_tokens_ - 1) / block_tokens_);
     const size_t had = table.size();
     while (table.size() < need) {
-        DeviceBuffer buf = ledger_.alloc(owner_, BookKind::KV, block_bytes_);
+        DeviceBuffer buf = ledger_.alloc(owner_, BookKind::Kv, block_bytes_);
         if (!buf) {  // undo this call's partial growth: all or nothing
             while (table.size() > had) {
                 const int32_t id = table.back();

@@ -12,7 +12,7 @@ namespace {
 uint64_t& field(OwnerUsage& u, BookKind k) {
     switch (k) {
         case BookKind::Weights: return u.weights_bytes;
-        case BookKind::KV: return u.kv_bytes;
+        case BookKind::Kv: return u.kv_bytes;
         case BookKind::Workspace: break;
     }
     return u.workspace_bytes;
@@ -60,7 +60,7 @@ DeviceBuffer Ledger::alloc(const std::string& owner, BookKind kind, uint64_t n_b
     DeviceBuffer buf;
     if (book(owner, kind, booked) != BookResult::Ok) return buf;
     // KV blocks come and go every step; weights and workspaces stay: keep them at opposite ends.
-    void* p = device_->alloc(booked, kind == BookKind::KV ? Placement::Low : Placement::High);
+    void* p = device_->alloc(booked, kind == BookKind::Kv ? Placement::Low : Placement::High);
     if (p == nullptr) {
         release(owner, kind, booked);
         std::lock_guard<std::mutex> lk(mu_);

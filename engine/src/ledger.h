@@ -19,7 +19,7 @@
 
 namespace lmx {
 
-enum class BookKind : uint8_t { Weights = 0, KV = 1, Workspace = 2 };
+enum class BookKind : uint8_t { Weights = 0, Kv = 1, Workspace = 2 };
 enum class BookResult : uint8_t { Ok = 0, NoSpace = 1 };
 
 struct OwnerUsage {

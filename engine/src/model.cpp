@@ -131,7 +131,7 @@ ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) 
     const TensorInfo& probe = st_->require(layer_name(0, "self_attn.q_proj.weight"), {qd, dim});
     dtype_ = spec_.weights == "auto" ? probe.dtype : dtype_from_name(spec_.weights);
     matrix_dtype_ = dtype_;
-    if (spec_.matmul_precision == MatmulPrecision::fast && (dtype_ == DType::Q8_0 || dtype_ == DType::Q4_0)) {
+    if (spec_.matmul_precision == MatmulPrecision::Fast && (dtype_ == DType::Q8_0 || dtype_ == DType::Q4_0)) {
         bool whole_groups = true;
         for (int64_t n : {static_cast<int64_t>(qd), static_cast<int64_t>(kvd), dim, ffn, nv})
             whole_groups = whole_groups && n % kX16Rows == 0;

@@ -53,7 +53,7 @@ struct ModelSpec {
     std::string weights = "auto";      // "auto" (as stored) | f32 | f16 | bf16 | q8_0 | q4_0
     // Set by the engine from its config. Under fast, q8_0 / q4_0 matrices are stored as
     // q8_0x16 / q4_0x16 (int8 dots, kernels.h) when every matrix has a multiple of 16 rows.
-    MatmulPrecision matmul_precision = MatmulPrecision::exact;
+    MatmulPrecision matmul_precision = MatmulPrecision::Exact;
 
     void validate() const;  // throws InvalidArgument naming the field
     int q_dim() const { return n_heads * head_dim; }

@@ -12,7 +12,7 @@ namespace lmx {
 
 Eviction eviction_from_name(const std::string& s) {
     if (s == "belady") return Eviction::Belady;
-    if (s == "lru") return Eviction::LRU;
+    if (s == "lru") return Eviction::Lru;
     throw InvalidArgument("eviction: expected 'belady' or 'lru', found '" + s + "'");
 }
 

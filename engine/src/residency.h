@@ -39,7 +39,7 @@
 
 namespace lmx {
 
-enum class Eviction : uint8_t { Belady = 0, LRU = 1 };
+enum class Eviction : uint8_t { Belady = 0, Lru = 1 };
 Eviction eviction_from_name(const std::string& s);
 const char* eviction_name(Eviction e);
 

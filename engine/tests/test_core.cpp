@@ -41,7 +41,7 @@ TEST(ledger_refuses_past_cap_as_a_normal_result_and_returns_to_zero) {
     CHECK(L->cap_bytes() == 32000);
     DeviceBuffer a = L->alloc("m", BookKind::Weights, 20000);
     CHECK(static_cast<bool>(a));
-    DeviceBuffer b = L->alloc("m", BookKind::KV, 20000);  // would pass the cap
+    DeviceBuffer b = L->alloc("m", BookKind::Kv, 20000);  // would pass the cap
     CHECK(!b);
     CHECK(L->snapshot().n_denied == 1);
     CHECK(L->snapshot().owners["m"].weights_bytes == 20032);  // booked in 64-byte units
@@ -104,9 +104,9 @@ TEST(ledger_keeps_kv_blocks_away_from_weights_so_a_swapped_out_model_leaves_one_
     DeviceBuffer a = L->alloc("a", BookKind::Weights, 64 * 40);
     CHECK(a);
     std::vector<DeviceBuffer> kv;
-    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("a", BookKind::KV, 64));
+    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("a", BookKind::Kv, 64));
     L->free(a);
-    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("b", BookKind::KV, 64));
+    for (int i = 0; i < 10; i++) kv.push_back(L->alloc("b", BookKind::Kv, 64));
     for (auto& k : kv) CHECK(k);
     DeviceBuffer b = L->alloc("b", BookKind::Weights, 64 * 80);
     CHECK(b);
@@ -256,7 +256,7 @@ TEST(residency_belady_keeps_a_stable_subset_where_lru_misses_every_time) {
     uint64_t misses[2];
     for (int pol = 0; pol < 2; pol++) {
         auto L = make_ledger(8 << 20, 1.0);
-        Residency r(*L, 0, pol == 0 ? Eviction::Belady : Eviction::LRU);
+        Residency r(*L, 0, pol == 0 ? Eviction::Belady : Eviction::Lru);
         CHECK(r.add_model(0, w, "tiny", false, 3));
         r.set_schedule(cycles(0, 6, 2));
         scan(r, 0, 6);
@@ -329,9 +329,9 @@ TEST(residency_swap_in_evicts_the_model_needed_last_and_places_around_kv_blocks)
         for (int u = 0; u < 3; u++) order.push_back(UnitRef{m, u});
     r.set_schedule(order);
     scan(r, 0, 3);
-    DeviceBuffer kv0 = L->alloc("m0", BookKind::KV, 64);  // between model 0 and model 1
+    DeviceBuffer kv0 = L->alloc("m0", BookKind::Kv, 64);  // between model 0 and model 1
     scan(r, 1, 3);
-    DeviceBuffer kv1 = L->alloc("m1", BookKind::KV, 64);
+    DeviceBuffer kv1 = L->alloc("m1", BookKind::Kv, 64);
     CHECK(kv0 && kv1);
     scan(r, 2, 3);  // model 0 is needed after model 1 again: it goes, model 1 stays
     CHECK(r.model_info(0).n_units_loaded == 0);

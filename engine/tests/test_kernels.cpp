@@ -235,7 +235,7 @@ TEST(kernel_matmul_many_equals_one_matmul_per_output_bitwise) {
     // q, k, v in one hand-off: each output must be what matmul() alone gives, in either precision.
     Rng rng(22);
     ThreadPool pool(2);
-    for (MatmulPrecision p : {MatmulPrecision::exact, MatmulPrecision::fast}) {
+    for (MatmulPrecision p : {MatmulPrecision::Exact, MatmulPrecision::Fast}) {
         for (DType dt : kDTypes)
             for (int64_t n_tok : {1, 3, 17}) {
                 const int64_t n_in = 320, n_outs[3] = {320, 64, 97};
@@ -400,7 +400,7 @@ TEST(kernel_avx2_and_avx512_give_bitwise_identical_results) {
 }
 
 TEST(kernel_matmul_fast_bf16_equals_reference_on_bf16_rounded_activations) {
-    // MatmulPrecision::fast rounds activations to bf16 (nearest-even) and multiplies
+    // MatmulPrecision::Fast rounds activations to bf16 (nearest-even) and multiplies
     // exactly: against the reference fed the rounded activations, only the f32
     // accumulation bound applies; against the f32 activations, add 2^-8 sum|x w|.
     std::vector<const KernelTable*> fast;
@@ -451,7 +451,7 @@ TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
     for (DType dt : kDTypes) {
         const int64_t n_out = 133, n_in = dtype_is_blocked(dt) ? 320 : 300, n_tok = 9;
         const std::vector<uint8_t> wb = random_weights(rng, dt, n_out, n_in);
-        const WeightView w{wb.data(), dt, n_out, n_in, MatmulPrecision::fast};
+        const WeightView w{wb.data(), dt, n_out, n_in, MatmulPrecision::Fast};
         const std::vector<float> x = random_vec(rng, n_tok * n_in);
         std::vector<float> batched(static_cast<size_t>(n_tok * n_out)), single(batched.size()), one_thread(batched.size());
         matmul(w, x.data(), n_tok, batched.data(), nullptr, p2);
@@ -462,7 +462,7 @@ TEST(kernel_matmul_fast_precision_keeps_batch_and_thread_invariance) {
     }
 }
 
-// ---- MatmulPrecision::fast for q8_0 / q4_0: int8 activations ----
+// ---- MatmulPrecision::Fast for q8_0 / q4_0: int8 activations ----
 //
 // ref::act_to_q8 / ref::matmul_rows_q8act define the result (reference.cpp): every ISA
 // must reproduce them bit for bit (integer block dots are exact, and the f32 steps are
@@ -585,7 +585,7 @@ TEST(kernel_matmul_fast_q8_0_q4_0_is_within_activation_rounding_of_exact) {
         for (const Shape& s : shapes)
             for (int64_t n_tok : {1, 5, 17}) {
                 const std::vector<uint8_t> wb = random_weights(rng, dt, s.n_out, s.n_in);
-                const WeightView w{wb.data(), dt, s.n_out, s.n_in, MatmulPrecision::fast};
+                const WeightView w{wb.data(), dt, s.n_out, s.n_in, MatmulPrecision::Fast};
                 const std::vector<float> bias = random_vec(rng, s.n_out);
                 const std::vector<float> x = random_vec(rng, n_tok * s.n_in);
                 std::vector<float> y(static_cast<size_t>(n_tok * s.n_out), NAN), exact(y.size());

@@ -146,7 +146,7 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
             rows_fn(outs[j], r0, r0 + rows[j] < outs[j].w.n_out ? r0 + rows[j] : outs[j].w.n_out);
         });
     };
-    const bool fast = !mixed && w0.precision == MatmulPrecision::fast;
+    const bool fast = !mixed && w0.precision == MatmulPrecision::Fast;
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
     // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
     if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {

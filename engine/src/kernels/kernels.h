@@ -34,14 +34,14 @@ namespace lmx {
 
 class ThreadPool;
 
-enum class MatmulPrecision : uint8_t { exact = 0, fast = 1 };
+enum class MatmulPrecision : uint8_t { Exact = 0, Fast = 1 };
 
 struct WeightView {
     const void* data;  // [n_out, row_bytes(dtype, n_in)]; x16 formats: 16-row groups (above)
     DType dtype;
     int64_t n_out;
     int64_t n_in;
-    MatmulPrecision precision = MatmulPrecision::exact;  // see "Matmul precision" below
+    MatmulPrecision precision = MatmulPrecision::Exact;  // see "Matmul precision" below
 };
 
 // ---- conversion (load time) ----

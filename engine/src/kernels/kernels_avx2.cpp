@@ -130,7 +130,7 @@ const KernelTable kTable = {
     &simd::silu_mul<Avx2>,
     &simd::softmax<Avx2>,
     &simd::attention<Avx2>,
-    nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::fast keeps bf16 exact
+    nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::Fast keeps bf16 exact
     nullptr,
     &simd::act_to_q8<Avx2Dot>,
     &simd::matmul_rows_q8act<Avx2Dot>,

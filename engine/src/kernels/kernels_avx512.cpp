@@ -102,7 +102,7 @@ struct Avx512 {
     }
 };
 
-// ---- MatmulPrecision::fast for bf16 weights (AVX512_BF16) ----
+// ---- MatmulPrecision::Fast for bf16 weights (AVX512_BF16) ----
 //
 // vdpbf16ps multiplies 32 bf16 pairs per instruction (twice an f32 FMA) with exact
 // products; lane j of an accumulator takes elements 32s+2j+1 then 32s+2j of each step
@@ -207,7 +207,7 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
     }
 }
 
-// Integer block dots of simd_q8act.h (MatmulPrecision::fast, q8_0 / q4_0): vpdpbusd on
+// Integer block dots of simd_q8act.h (MatmulPrecision::Fast, q8_0 / q4_0): vpdpbusd on
 // ymm with AVX512_VNNI (+VL), else vpmaddubsw + vpmaddwd; the int32 lanes, so the
 // results, are the same. Tiles: 8 rows for one token, 4 rows x 4 tokens otherwise.
 struct VnniDot {

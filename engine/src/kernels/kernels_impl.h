@@ -27,13 +27,13 @@ struct KernelTable {
     void (*attention)(const float* q, int64_t n_q, int64_t pos0, const float* const* k_blocks,
                       const float* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                       float scale, float* out, float* scratch, int kv0, int kv1, int64_t window);
-    // MatmulPrecision::fast for bf16 weights; nullptr when the ISA has no bf16 dot product.
+    // MatmulPrecision::Fast for bf16 weights; nullptr when the ISA has no bf16 dot product.
     // act_to_bf16 rounds x [n_tok, n_in] to act [n_tok, bf16_act_stride(n_in)] (zero-padded);
     // matmul_rows_bf16act is matmul_rows on those activations.
     void (*act_to_bf16)(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act);
     void (*matmul_rows_bf16act)(const WeightView& w, const uint16_t* act, int64_t n_tok, float* y,
                                 const float* bias, int64_t row0, int64_t row1);
-    // MatmulPrecision::fast for q8_0 and q4_0 weights (integer block dot products).
+    // MatmulPrecision::Fast for q8_0 and q4_0 weights (integer block dot products).
     // act_to_q8 quantises x [n_tok, n_in] (n_in % 32 == 0) to act [n_tok, q8_act_row_bytes(n_in)];
     // matmul_rows_q8act is matmul_rows on those activations. The math, bit for bit, is
     // ref::act_to_q8 / ref::matmul_rows_q8act (reference.cpp), on every ISA.

@@ -292,7 +292,7 @@ void matmul(const WeightView& w, const float* x, int64_t n_tok, float* y, const 
     matmul_rows(w, x, n_tok, y, bias, 0, w.n_out);
 }
 
-// ---- MatmulPrecision::fast for q8_0 / q4_0 weights ----
+// ---- MatmulPrecision::Fast for q8_0 / q4_0 weights ----
 //
 // Unlike the references above, these two are not an oracle with a looser tolerance:
 // they *define* the fast path's result, and every SIMD build reproduces it bit for bit.

@@ -6,7 +6,7 @@
 // that defines V (16 f32 lanes: one zmm on AVX-512, two ymm on AVX2) and its ops with
 // identical rounding (explicit FMA, the same reduction tree). So the AVX2 and AVX-512
 // builds compute the same operations in the same order and give bitwise-identical
-// results (MatmulPrecision::exact): a request regenerated on another machine of the fleet reproduces its tokens.
+// results (MatmulPrecision::Exact): a request regenerated on another machine of the fleet reproduces its tokens.
 // Each ISA file defines S in an anonymous namespace, which gives every instantiation
 // internal linkage: no AVX-512 code can be shared with the AVX2 build by the linker.
 //

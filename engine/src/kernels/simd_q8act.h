@@ -1,4 +1,4 @@
-// kernels/simd_q8act.h — MatmulPrecision::fast for q8_0 / q4_0 weights: int8 activations, integer block dots.
+// kernels/simd_q8act.h — MatmulPrecision::Fast for q8_0 / q4_0 weights: int8 activations, integer block dots.
 // Owner: kernels (internal). Included only by the ISA files, each with its own dot traits D
 // defined in an anonymous namespace (internal linkage, as for simd.h's S).
 // Thread-safety: pure functions; the caller splits rows across threads.
