@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dir", metavar="DIR", help="data directory (default: a temporary one, removed at exit)")
     r.set_defaults(func=cmd_redis)
 
-    d = sub.add_parser("demo", help="three demo models, embedded Redis, a worker and producers")
+    d = sub.add_parser("demo", help="three real models (SmolLM2 Q4_1 and q8_0, Gemma 3 270M), embedded Redis, a worker and producers")
     d.add_argument(
         "--keep",
         action="store_true",
