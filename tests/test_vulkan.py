@@ -37,6 +37,8 @@ import redis
 os.environ.setdefault("LMX_VK_VALIDATION", "1")
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
+from test_parity import INIT_STD, VARIANTS
+
 from engine import (
     Engine,
     EngineConfig,
@@ -51,26 +53,9 @@ from producer_sdk.client import AsyncProducer
 from producer_sdk.keys import Keys
 from tools.model_factory import make_model, tokenizer_size
 
-ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64}
-# The random architectures of tests/test_parity.py (same seeds, so HF's greedy margins are >= 2e-3).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "llama_untied_rope3_gqa4": {"arch": "llama", "hidden": 128, "n_heads": 8, "n_kv_heads": 2, "intermediate": 256,
-                                "rope_scaling": ROPE3, "seed": 1},
-    "smol_tied_gqa1": {"arch": "llama", "hidden": 64, "n_heads": 4, "n_kv_heads": 4, "intermediate": 128,
-                       "tie_embeddings": True, "rope_theta": 100000.0, "seed": 1},
-    "qwen2_bias_gqa3": {"arch": "qwen2", "hidden": 96, "n_heads": 6, "n_kv_heads": 2, "intermediate": 160,
-                        "tie_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "seed": 5},
-    "qwen3_qknorm_hd32_gqa2": {"arch": "qwen3", "hidden": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
-                               "intermediate": 160, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "seed": 1},
-    "gemma3_window8_softcap": {"arch": "gemma3", "hidden": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
-                               "intermediate": 192, "n_layers": 4, "sliding_window": 8, "sliding_window_pattern": 3,
-                               "rope_theta": 1e6, "query_pre_attn_scalar": 48, "final_logit_softcapping": 10.0,
-                               "rms_norm_eps": 1e-6, "seed": 1},
-}
+# The random architectures are tests/test_parity.py's (same seeds, so HF's greedy margins are >= 2e-3).
 # The worker, streaming and batching tests use these three (the reference case's architectures).
 LLAMA_QWEN = ("llama_untied_rope3_gqa4", "smol_tied_gqa1", "qwen2_bias_gqa3")
-INIT_STD = 0.2
 MIN_MARGIN = 2e-3
 N_GREEDY = 32
 F32_TOL = 1e-4
