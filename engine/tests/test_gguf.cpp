@@ -11,8 +11,10 @@
 
 #include "check.h"
 #include "gguf.h"
+#include "test_rand.h"
 
 using namespace lmx;
+using lmx_test::Rng;
 
 namespace {
 
@@ -93,16 +95,6 @@ size_t find_bytes(const std::vector<uint8_t>& b, const std::string& needle) {
 }
 
 GgufFile parse(const std::vector<uint8_t>& b) { return GgufFile(b.data(), b.size(), "test.gguf"); }
-
-struct Rng {  // splitmix64
-    uint64_t s;
-    uint64_t next() {
-        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        return z ^ (z >> 31);
-    }
-};
 
 }  // namespace
 

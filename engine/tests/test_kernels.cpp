@@ -26,28 +26,15 @@
 #include "kernels/kernels_impl.h"
 #include "membw.h"
 #include "threadpool.h"
+#include "test_rand.h"
 
 using namespace lmx;
+using lmx_test::Rng;
+using lmx_test::random_vec;
+using lmx_test::tables;
+using lmx_test::same_bits;
 
 namespace {
-
-struct Rng {  // splitmix64: deterministic, no global state
-    uint64_t s;
-    explicit Rng(uint64_t seed) : s(seed) {}
-    uint64_t next() {
-        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        return z ^ (z >> 31);
-    }
-    float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f; }
-};
-
-std::vector<float> random_vec(Rng& rng, int64_t n, float lo = -1.0f, float hi = 1.0f) {
-    std::vector<float> v(static_cast<size_t>(n));
-    for (auto& x : v) x = rng.uniform(lo, hi);
-    return v;
-}
 
 const DType kDTypes[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0};
 
@@ -57,17 +44,6 @@ std::vector<uint8_t> random_weights(Rng& rng, DType dtype, int64_t n_out, int64_
     std::vector<uint8_t> w(static_cast<size_t>(row_bytes(dtype, n_in) * n_out));
     convert_rows(f.data(), DType::F32, w.data(), dtype, n_out, n_in);
     return w;
-}
-
-std::vector<const KernelTable*> tables() {
-    std::vector<const KernelTable*> t{kernels_table_scalar()};
-    if (kernels_table_avx2()) t.push_back(kernels_table_avx2());
-    if (kernels_table_avx512()) t.push_back(kernels_table_avx512());
-    return t;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // Checks y (from any matmul) against ref::matmul with the accumulation bound above.

@@ -12,24 +12,18 @@
 #include "kernels/kernels_impl.h"
 #include "kernels/quants.h"
 #include "threadpool.h"
+#include "test_rand.h"
 
 using namespace lmx;
+using lmx_test::Rng;
+using lmx_test::random_vec;
+using lmx_test::tables;
+using lmx_test::same_bits;
 
 namespace {
 
 const DType kQuants[] = {DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q2_K,
                          DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K};
-
-struct Rng {  // splitmix64
-    uint64_t s;
-    uint64_t next() {
-        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        return z ^ (z >> 31);
-    }
-    float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f; }
-};
 
 // Byte offsets of the f16 fields (d, m / dmin) of one block, which must be finite.
 std::vector<int> f16_fields(DType t) {
@@ -57,23 +51,6 @@ std::vector<uint8_t> random_blocks(Rng& rng, DType t, int64_t n_rows, int64_t n_
             std::memcpy(w.data() + i * bb + off, &h, 2);
         }
     return w;
-}
-
-std::vector<float> random_vec(Rng& rng, int64_t n) {
-    std::vector<float> v(static_cast<size_t>(n));
-    for (auto& x : v) x = rng.uniform(-1.0f, 1.0f);
-    return v;
-}
-
-std::vector<const KernelTable*> tables() {
-    std::vector<const KernelTable*> t{kernels_table_scalar()};
-    if (kernels_table_avx2()) t.push_back(kernels_table_avx2());
-    if (kernels_table_avx512()) t.push_back(kernels_table_avx512());
-    return t;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 }  // namespace

@@ -24,6 +24,8 @@
 #include "kernels/kernels.h"
 #include "vulkan/vk_probe.h"
 
+#include "test_rand.h"
+
 #if LMX_HAVE_VULKAN
 #include "backend.h"
 #include "backend_checks.h"
@@ -34,6 +36,8 @@
 #endif
 
 using namespace lmx;
+using lmx_test::Rng;
+using lmx_test::random_vec;
 
 #if !LMX_HAVE_VULKAN
 
@@ -48,23 +52,6 @@ TEST(vulkan_suite_skipped_when_not_built) {
 using namespace lmx::vk;
 
 namespace {
-
-struct Rng {  // splitmix64
-    uint64_t s;
-    explicit Rng(uint64_t seed) : s(seed) {}
-    uint64_t next() {
-        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        return z ^ (z >> 31);
-    }
-    float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) * 0x1p-24f; }
-};
-std::vector<float> random_vec(Rng& rng, int64_t n, float lo = -1.0f, float hi = 1.0f) {
-    std::vector<float> v(static_cast<size_t>(n));
-    for (auto& x : v) x = rng.uniform(lo, hi);
-    return v;
-}
 
 // One context and device for the suite (instance creation under validation is slow).
 struct Gpu {
