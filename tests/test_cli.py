@@ -87,7 +87,7 @@ def test_generate_with_missing_model_dir_exits_2_with_the_path(tmp_path: Path) -
     missing = tmp_path / "no-such-model"
     proc = run_cli("generate", str(missing), "--prompt", "hi")
     assert proc.returncode == 2
-    assert f"model directory not found: {missing}" in proc.stderr
+    assert f"model not found: {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
 
@@ -871,6 +871,33 @@ def test_submit_to_a_running_worker_streams_the_same_greedy_tokens_as_generate(
     assert remote_result["text"] == local_result["text"]
     assert remote_result["usage"]["prompt_tokens"] == local_result["prompt_tokens"]
     assert "started on worker cli-test-worker" in remote.stderr
+
+
+def test_submit_takes_generate_s_sampling_flags_and_gives_its_tokens(
+    running_worker: str, redis_url: str, tiny_model: Path
+) -> None:
+    """Every sampling flag of `generate` exists on `submit` and reaches the worker: the same greedy
+    run with penalties, top-k and a stop string gives the same ids and text both ways, and differs
+    from the run without them (so a flag dropped on the way fails this test)."""
+    shaping = ["--top-k", "3", "--repetition-penalty", "1.3", "--presence-penalty", "0.7",
+               "--frequency-penalty", "0.4", "--max-tokens", "12", "--temperature", "0"]
+    local = run_cli("generate", str(tiny_model), "--prompt", "Hello", "--json", *shaping)
+    assert local.returncode == 0, local.stderr
+    local_result = orjson.loads(local.stdout)
+    plain = orjson.loads(run_cli("generate", str(tiny_model), "--prompt", "Hello", "--json", "--max-tokens", "12",
+                                 "--ignore-eos").stdout)
+    assert plain["token_ids"] != local_result["token_ids"], "the penalties changed nothing: the test cannot fail"
+    stop = local_result["text"][len(local_result["text"]) // 2:][:3]
+    assert stop.strip(), f"no usable stop text in {local_result['text']!r}"
+    local_stopped = orjson.loads(run_cli("generate", str(tiny_model), "--prompt", "Hello", "--json", *shaping,
+                                         "--stop", stop).stdout)
+    remote = run_cli("submit", "tiny", "Hello", "--json", *shaping, "--stop", stop,
+                     "--redis-url", redis_url, "--prefix", running_worker)
+    assert remote.returncode == 0, remote.stderr
+    remote_result = orjson.loads(remote.stdout)
+    assert remote_result["finish_reason"] == local_stopped["finish_reason"] == "stop_string"
+    assert remote_result["text"] == local_stopped["text"]
+    assert remote_result["token_ids"] == local_stopped["token_ids"]
 
 
 # --------------------------------------------------------------------------- Ctrl-C

@@ -116,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate",
         help="run one prompt in-process (no Redis) and stream the text",
-        description="Load MODEL_DIR into an in-process engine, run one prompt, stream the "
-        "text to stdout (progress and timings go to stderr). Sampling defaults to greedy "
+        description="Load MODEL (a Hugging Face folder or a .gguf file) into an in-process engine, "
+        "run one prompt, stream the text to stdout (progress and timings go to stderr). Sampling defaults to greedy "
         "(--temperature 0) so two runs print the same text; pass --temperature and --seed "
         "to sample.",
     )
-    g.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder")
+    g.add_argument("model_dir", metavar="MODEL", help="a Hugging Face model folder or a .gguf file")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     src.add_argument(
@@ -131,14 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="send --prompt as one user message through the model's chat template"
     )
     _add_sampling_args(g, default_max_tokens=64, default_temperature=0.0)
-    g.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off (default)")
-    g.add_argument("--top-p", type=_positive_float, default=1.0, help="default 1.0 = off")
-    g.add_argument("--min-p", type=_non_negative_float, default=0.0, help="default 0.0 = off")
-    g.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0 = off")
-    g.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
-    g.add_argument("--stop", action="append", metavar="TEXT",
-                   help="end the completion before TEXT (repeat for several; the text stops before it)")
     g.add_argument(
         "--weights",
         choices=("auto", "f32", "f16", "bf16", "q8_0", "q4_0"),
@@ -240,6 +232,24 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_max_tokens: int, defa
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens, up to --max-tokens"
     )
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off (default)")
+    p.add_argument("--top-p", type=_positive_float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--min-p", type=_non_negative_float, default=0.0, help="default 0.0 = off")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, default 0.0 = off")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end the completion before TEXT (repeat for several; the text stops before it)")
+
+
+def _shaping(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags of _add_sampling_args as the SDK's keyword arguments."""
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+        "ignore_eos": args.ignore_eos, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty, "stop": args.stop,
+    }  # fmt: skip
 
 
 def _add_redis_args(p: argparse.ArgumentParser) -> None:
@@ -316,7 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sink: the same checks, stop strings, penalties, seeds and chat template as a queued request."""
     model_dir = Path(args.model_dir)
     if not model_dir.exists():
-        raise UsageError(f"model directory not found: {model_dir}")
+        raise UsageError(f"model not found: {model_dir} (expected a Hugging Face model folder or a .gguf file)")
     if not model_dir.is_dir() and not model_dir.name.lower().endswith(".gguf"):
         raise UsageError(f"not a directory: {model_dir} (expected a Hugging Face model folder or a .gguf file)")
     if args.chat and args.prompt is None:
@@ -659,8 +669,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         build_request(args.model, prompt=None if args.chat else args.prompt,
                       messages=[{"role": "user", "content": args.prompt}] if args.chat else None,
-                      max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                      ignore_eos=args.ignore_eos)
+                      **_shaping(args))
     except ProtocolError as e:
         raise UsageError(e.message) from e
     prompt: dict[str, Any] = (
@@ -672,10 +681,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                       sentinel_master=target["sentinel_master"]) as producer:
             _check_live_worker(url, args.prefix, args.model, args.wait_for_worker, err, target)
             try:
-                handle = producer.submit(
-                    args.model, **prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                    ignore_eos=args.ignore_eos
-                )
+                handle = producer.submit(args.model, **prompt, **_shaping(args))
             except ProtocolError as e:
                 raise UsageError(e.message) from e
             err.write(f"submitted {handle.request_id} to {args.model}\n")
