@@ -171,9 +171,8 @@ def load_gguf_spec(path: str | Path, name: str, weights: str = "auto", max_conte
     elif scaling != "none":
         raise UnsupportedModelError(f"{path}: metadata '{a}.rope.scaling.type': expected 'none' or 'linear', "
                                     f"found {scaling!r}")
-    if "rope_freqs.weight" in tensor_names:
-        raise UnsupportedModelError(f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE scaling in a GGUF file) is not "
-                                    "supported; load the Hugging Face folder instead")
+    # A 'rope_freqs.weight' tensor (llama3 scaling: factors dividing inv_freq) is folded in by the
+    # engine at load (engine/src/gguf_model.cpp gguf_apply_rope_freqs).
     n_ctx = _get(md, path, f"{a}.context_length", int, 2048)
     if max_context is not None:
         n_ctx = min(n_ctx, max_context)

@@ -7,11 +7,14 @@ must undo). Checks, each bitwise:
 - q8_0 GGUF (quantised by the gguf package) vs the folder loaded with weights="q8_0";
 - a GGUF mixing formats per tensor and per layer (q5_0 / q8_0 / q4_K / q6_K, as Q4_K_M does)
   vs an f32 GGUF holding the gguf package's dequantisation of the same blocks;
-and that corrupt files fail with one line naming the file and the tensor.
+and that corrupt files fail with one line naming the file and the tensor. Llama 3 RoPE scaling
+stored as llama.cpp stores it (a rope_freqs tensor of factors) gives the folder's logits and HF's
+greedy tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from engine import LayermuxError, SamplingParams
 from engine.core import Engine, EngineConfig
 from tools.model_factory import make_model, read_tensors
 
@@ -72,8 +76,9 @@ def _write(path: Path, meta: dict[str, int | float], tensors: dict[str, tuple[np
     return path
 
 
-def _from_folder(folder: Path, out: Path, kw: dict[str, int | float], quant: Q | None) -> Path:
-    tensors: dict[str, tuple[np.ndarray, Q | None]] = {}
+def _from_folder(folder: Path, out: Path, kw: dict[str, int | float], quant: Q | None,
+                 extra: dict[str, np.ndarray] | None = None) -> Path:
+    tensors: dict[str, tuple[np.ndarray, Q | None]] = {name: (a, None) for name, a in (extra or {}).items()}
     for hf, arr in read_tensors(folder).items():
         a = np.asarray(arr, dtype=np.float32)
         if hf.endswith("q_proj.weight"):
@@ -194,3 +199,106 @@ def test_corrupt_gguf_files_fail_with_one_line_naming_the_file_and_tensor(tmp_pa
     wrong = _write(tmp_path / "wrong.gguf", kw, short)
     with pytest.raises(Exception, match=r"model.layers.0.mlp.up_proj.weight.*expected shape \[128, 64\], found \[100, 64\]"):
         eng.load_model("wrong", wrong)
+
+
+ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64}
+
+
+def _llama3_rope_factors(head_dim: int, theta: float, rs: dict[str, float | str]) -> np.ndarray:
+    """What llama.cpp's converter stores as rope_freqs.weight: per frequency, the number that divides it.
+
+    The converter's formula (float64 per frequency, stored as f32): 1 for short wavelengths, `factor` for
+    long ones, 1 / ((1 - smooth) / factor + smooth) between. One difference: the converter reads
+    original_max_position_embeddings from the top level of config.json (default 8192, which is what
+    every Llama 3.x config has under rope_scaling); transformers reads it from rope_scaling, and so does
+    this (64 here, so that a tiny head_dim spans all three bands).
+    """
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old_ctx = float(rs["original_max_position_embeddings"])
+    out = []
+    for f in inv:
+        wavelen = 2 * np.pi / float(f)
+        if wavelen < old_ctx / hi:
+            out.append(1.0)
+        elif wavelen > old_ctx / lo:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@dataclass
+class Rope3Files:
+    folder: Path  # HF folder, llama3 rope_scaling in config.json
+    scaled: Path  # the same weights as GGUF with rope_freqs.weight
+    plain: Path   # ... and without it
+    prompt: list[int]
+
+
+@pytest.fixture(scope="module")
+def rope3(tmp_path_factory: pytest.TempPathFactory) -> Rope3Files:
+    root = tmp_path_factory.mktemp("rope3")
+    n_heads, head_dim, theta = 8, 16, 10000.0
+    folder = make_model(root / "hf", arch="llama", hidden=128, n_layers=2, n_heads=n_heads, n_kv_heads=2,
+                        intermediate=256, rope_theta=theta, rope_scaling=ROPE3, seed=1)
+    kw: dict[str, int | float] = {"n_layer": 2, "dim": 128, "ffn": 256, "n_heads": n_heads, "n_kv": 2, "theta": theta,
+                                  "eps": 1e-5, "vocab": read_tensors(folder)["model.embed_tokens.weight"].shape[0]}
+    factors = _llama3_rope_factors(head_dim, theta, ROPE3)
+    assert {1.0, 8.0} < set(factors.tolist()), factors  # all three bands: 1, 8 and smoothed ones between
+    scaled = _from_folder(folder, root / "rope3.gguf", kw, None, extra={"rope_freqs.weight": factors})
+    plain = _from_folder(folder, root / "plain.gguf", kw, None)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(3, 250, size=40)]
+    return Rope3Files(folder, scaled, plain, prompt)
+
+
+N_ROPE3 = 32  # after the 40-token prompt: positions up to 72, past the original context of 64
+
+
+def test_llama3_rope_freqs_tensor_gives_the_folders_logits_and_hfs_greedy_tokens(rope3: Rope3Files,
+                                                                                eng: Engine) -> None:
+    import hf_reference as ref  # torch: only the rope tests need it
+
+    eng.load_model("r3-hf", rope3.folder)
+    eng.load_model("r3-gguf", rope3.scaled)
+    eng.load_model("r3-plain", rope3.plain)
+    hf = ref.hf_greedy(rope3.folder, rope3.prompt, N_ROPE3)
+    params = SamplingParams(temperature=0.0, max_tokens=N_ROPE3, ignore_eos=True)
+    assert eng.generate("r3-gguf", rope3.prompt, params) == hf.tokens == eng.generate("r3-hf", rope3.prompt, params)
+    for k in (0, N_ROPE3 - 1):
+        ids = rope3.prompt + hf.tokens[:k]
+        got = eng.debug_logits("r3-gguf", ids)
+        assert ref.rel_error(got, eng.debug_logits("r3-hf", ids)) <= 1e-5  # inv_freq / factor vs HF's blend: ulps
+        assert ref.rel_error(got, hf.logits[k]) <= 1e-4
+        assert ref.rel_error(eng.debug_logits("r3-plain", ids), hf.logits[k]) > 1e-3  # the factors matter
+
+
+def test_llama3_rope_freqs_tensor_on_vulkan_gives_hfs_greedy_tokens(rope3: Rope3Files) -> None:
+    """The Vulkan device builds its cos/sin tables on the host from the same (scaled) frequencies."""
+    import hf_reference as ref
+
+    try:
+        vk = Engine(EngineConfig(budget_bytes=64 << 20, device_kind="vulkan"))
+    except LayermuxError as e:
+        pytest.skip(f"no Vulkan device: {e}")
+    with vk:
+        vk.load_model("r3-gguf", rope3.scaled)
+        hf = ref.hf_greedy(rope3.folder, rope3.prompt, N_ROPE3)
+        params = SamplingParams(temperature=0.0, max_tokens=N_ROPE3, ignore_eos=True)
+        assert vk.generate("r3-gguf", rope3.prompt, params) == hf.tokens
+        assert ref.rel_error(vk.debug_logits("r3-gguf", rope3.prompt), hf.logits[0]) <= 1e-4
+
+
+def test_a_rope_freqs_tensor_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, eng: Engine) -> None:
+    folder = make_model(tmp_path / "hf", arch="llama", hidden=64, n_layers=1, n_heads=4, n_kv_heads=2,
+                        intermediate=128, seed=2)
+    kw: dict[str, int | float] = {"n_layer": 1, "dim": 64, "ffn": 128, "n_heads": 4, "n_kv": 2, "theta": 10000.0,
+                                  "eps": 1e-5, "vocab": read_tensors(folder)["model.embed_tokens.weight"].shape[0]}
+    bad = _from_folder(folder, tmp_path / "bad.gguf", kw, None, extra={"rope_freqs.weight": np.ones(16, np.float32)})
+    with pytest.raises(Exception, match=r"bad\.gguf \(tensor 'rope_freqs\.weight'\): expected f32 \[8\].*found f32 \[16\]"):
+        eng.load_model("bad-rope", bad)
+    zero = _from_folder(folder, tmp_path / "zero.gguf", kw, None, extra={"rope_freqs.weight": np.zeros(8, np.float32)})
+    with pytest.raises(Exception, match=r"zero\.gguf \(tensor 'rope_freqs\.weight'\): factor 0: expected a finite positive"):
+        eng.load_model("zero-rope", zero)

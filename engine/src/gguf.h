@@ -103,6 +103,15 @@ bool is_gguf_model(const std::vector<std::string>& files);
 // (gguf_model.cpp: token_embd -> model.embed_tokens, blk.N.attn_q -> model.layers.N.self_attn.q_proj,
 // ...), each in its own stored format. For arch "llama", attn_q / attn_k rows are put back in
 // Hugging Face order (llama.cpp's converter interleaves the two RoPE halves of each head).
+// The set keeps 'rope_freqs.weight' under its own name.
 std::unique_ptr<SafetensorsSet> gguf_tensor_set(const ModelSpec& spec);
+
+// Llama 3 RoPE scaling as llama.cpp stores it: 'rope_freqs.weight', f32 [head_dim / 2], factors
+// that divide the inverse frequencies (theta_i = pos * inv_freq_i / factor_i). Folds them into
+// spec.rope_inv_freq once at load, so every device builds its RoPE tables from the scaled
+// frequencies (the CPU kernels and the Vulkan device's host-computed cos/sin alike). No-op when
+// the set has no such tensor; ModelFileError for a wrong type or shape or a factor that is not a
+// finite positive number.
+void gguf_apply_rope_freqs(ModelSpec& spec, const SafetensorsSet& st);
 
 }  // namespace lmx

@@ -13,6 +13,11 @@
 // (pairs j, j + head_dim/2): GGUF row h*hd + 2j + k holds HF row h*hd + k*hd/2 + j. A row is
 // whole blocks in any format, so the inverse is a copy of rows, done once at load into host
 // memory; the engine then applies HF's RoPE as for a safetensors model.
+//
+// Llama 3 RoPE scaling. llama.cpp's converter does not write rope_scaling to the metadata for
+// llama3; it stores a tensor rope_freqs.weight (f32 [head_dim / 2]) that divides each frequency.
+// gguf_apply_rope_freqs folds it into the spec's inv_freq once, so no device sees a difference.
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -22,6 +27,8 @@
 namespace lmx {
 
 namespace {
+
+constexpr const char* kRopeFreqs = "rope_freqs.weight";
 
 struct GgufKeep {  // what the returned table's tensors point into
     std::unique_ptr<GgufFile> file;
@@ -51,12 +58,14 @@ const uint8_t* unpermute_rows(const GgufTensor& t, int n_head, GgufKeep& keep, c
     return dst;
 }
 
-// GGUF name -> HF name, or "" for a tensor the engine does not read (rope_freqs, ...).
+// GGUF name -> HF name, or "" for a tensor the engine does not read. rope_freqs keeps its name
+// (HF has no such tensor; gguf_apply_rope_freqs reads it).
 std::string hf_name(const std::string& g, bool gemma) {
     static const std::pair<const char*, const char*> kTop[] = {
         {"token_embd.weight", "model.embed_tokens.weight"},
         {"output_norm.weight", "model.norm.weight"},
         {"output.weight", "lm_head.weight"},
+        {kRopeFreqs, kRopeFreqs},
     };
     for (const auto& [from, to] : kTop)
         if (g == from) return to;
@@ -115,6 +124,29 @@ std::unique_ptr<SafetensorsSet> gguf_tensor_set(const ModelSpec& spec) {
         out.emplace(name, std::move(ti));
     }
     return std::make_unique<SafetensorsSet>(std::move(out), g.path(), std::move(keep));
+}
+
+void gguf_apply_rope_freqs(ModelSpec& spec, const SafetensorsSet& st) {
+    const TensorInfo* t = st.find(kRopeFreqs);
+    if (t == nullptr) return;
+    const int64_t half = spec.head_dim / 2;
+    if (t->dtype != DType::F32 || t->shape != std::vector<int64_t>{half}) {
+        std::string shape;
+        for (int64_t d : t->shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+        throw ModelFileError("error loading GGUF: " + t->file + ": expected f32 [" + std::to_string(half) +
+                             "] (head_dim / 2 RoPE factors), found " + dtype_name(t->dtype) + " [" + shape + "]");
+    }
+    if (spec.rope_inv_freq.size() != static_cast<size_t>(half))
+        throw InvalidArgument("model spec rope_inv_freq: expected head_dim/2 = " + std::to_string(half) + " values, found " +
+                              std::to_string(spec.rope_inv_freq.size()));
+    for (int64_t i = 0; i < half; ++i) {
+        float f;
+        std::memcpy(&f, t->data + 4 * i, 4);  // the mapping guarantees no alignment
+        if (!(f > 0.0f) || !std::isfinite(f))
+            throw ModelFileError("error loading GGUF: " + t->file + ": factor " + std::to_string(i) +
+                                 ": expected a finite positive number, found " + std::to_string(f));
+        spec.rope_inv_freq[static_cast<size_t>(i)] /= f;
+    }
 }
 
 }  // namespace lmx

@@ -120,6 +120,7 @@ void ModelWeights::add_piece(UnitSource& us, const TensorInfo& t, DType to, int6
 ModelWeights::ModelWeights(const ModelSpec& spec, const LoadProgress& progress) : spec_(spec), dtype_(DType::F32), matrix_dtype_(DType::F32) {
     spec_.validate();
     st_ = is_gguf_model(spec_.files) ? gguf_tensor_set(spec_) : std::make_unique<SafetensorsSet>(spec_.files);
+    if (is_gguf_model(spec_.files)) gguf_apply_rope_freqs(spec_, *st_);  // llama3 scaling as llama.cpp stores it
     const int64_t dim = spec_.dim, qd = spec_.q_dim(), kvd = spec_.kv_dim(), ffn = spec_.ffn_dim, nv = spec_.n_vocab;
 
     // Config-vs-files agreement: the layer count must match exactly.

@@ -29,7 +29,8 @@ struct ModelSpec {
     float rms_eps = 1e-5f;
     bool tied = false;     // lm_head shares model.embed_tokens.weight
     bool qkv_bias = false; // Qwen2
-    std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3, linear)
+    std::vector<float> rope_inv_freq;  // [head_dim / 2], scaling already applied (llama3, linear; a GGUF
+                                       // file's rope_freqs factors are folded in by ModelWeights at load)
 
     // ---- Gemma 3 / Qwen 3 (defaults = Llama behaviour; every loader, HF or GGUF, fills them) ----
     bool qk_norm = false;     // Qwen3, Gemma3: RMSNorm over each head of q and k (weights [head_dim]), before RoPE
