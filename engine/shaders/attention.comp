@@ -5,28 +5,40 @@
 // in the same order, so the result of one (token, head) never depends on the batch. A
 // sliding-window layer (window > 0) starts at key max(0, n_keys - window).
 // tok[t] = {first entry of its block table in `tables`, number of keys (pos + 1)};
-// tables hold each block's start in the KV binding (floats), before the layer offset.
+// tables hold each block's start in the KV binding (elements), before the layer offset.
+//
+// KV elements (spec constant KV_F16): f32, or f16 packed two to a 32-bit word (element 2i in
+// the low half, as the CPU lays them out in little-endian memory) and widened exactly by
+// unpackHalf2x16 — no 16-bit storage feature needed. Rows start at even elements (kv_dim and
+// head_dim are even), so a head's elements pair up within words.
 #version 450
 
 layout(local_size_x = 64) in;
+layout(constant_id = 0) const uint KV_F16 = 0;
 layout(std430, binding = 0) readonly buffer Qs { float q[]; };
-layout(std430, binding = 1) readonly buffer Cache { float cache[]; };
+layout(std430, binding = 1) readonly buffer Cache { uint cache[]; };  // f32 bits, or two f16 per word
 layout(std430, binding = 2) readonly buffer Toks { uvec2 tok[]; };
 layout(std430, binding = 3) readonly buffer Tables { uint tables[]; };
 layout(std430, binding = 4) writeonly buffer Os { float o[]; };
 
 layout(push_constant) uniform Push {
-    uint q_skip, cache_skip, tok_skip, tables_skip, o_skip;  // floats / entries
+    uint q_skip, cache_skip, tok_skip, tables_skip, o_skip;  // floats / KV elements / entries
     uint n_tok, n_heads, n_kv_heads, head_dim;
     uint block_tokens;
-    uint layer_off;  // floats from a block's start to this layer's K
-    uint v_off;      // floats from K to V
+    uint layer_off;  // elements from a block's start to this layer's K
+    uint v_off;      // elements from K to V
     float scale;
     uint window;     // > 0: only the last `window` keys (sliding-window layer)
 } p;
 
 const uint MAX_DIMS = 4;  // head_dim <= 256
 shared float sc[64];
+
+float kv_at(uint e) {
+    if (KV_F16 == 0u) return uintBitsToFloat(cache[e]);
+    const vec2 w = unpackHalf2x16(cache[e >> 1]);
+    return (e & 1u) == 0u ? w.x : w.y;
+}
 
 void main() {
     const uint t = gl_WorkGroupID.x;
@@ -49,7 +61,15 @@ void main() {
             const uint base = p.cache_skip + tables[p.tables_skip + info.x + key / p.block_tokens] + p.layer_off +
                               (key % p.block_tokens) * kv_dim + kvh * p.head_dim;
             float dot = 0.0;
-            for (uint d = 0; d < p.head_dim; d++) dot += q[qo + d] * cache[base + d];
+            if (KV_F16 == 0u) {
+                for (uint d = 0; d < p.head_dim; d++) dot += q[qo + d] * uintBitsToFloat(cache[base + d]);
+            } else {  // base is even: the head's elements are head_dim / 2 whole words, summed in order
+                for (uint d = 0; d < p.head_dim; d += 2u) {
+                    const vec2 kk = unpackHalf2x16(cache[(base + d) >> 1]);
+                    dot += q[qo + d] * kk.x;
+                    dot += q[qo + d + 1u] * kk.y;
+                }
+            }
             s = dot * p.scale;
         }
         sc[tid] = s;
@@ -69,7 +89,7 @@ void main() {
                 const uint kk = c0 + k;
                 const uint vb = p.cache_skip + tables[p.tables_skip + info.x + kk / p.block_tokens] + p.layer_off +
                                 p.v_off + (kk % p.block_tokens) * kv_dim + kvh * p.head_dim;
-                a += exp(sc[k] - cm) * cache[vb + d];
+                a += exp(sc[k] - cm) * kv_at(vb + d);
             }
             acc[j] = a;
         }

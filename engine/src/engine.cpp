@@ -78,9 +78,6 @@ int usable_cores() {
 static std::unique_ptr<Device> make_device(const EngineConfig& cfg) {
     if (cfg.kv_dtype != "f32" && cfg.kv_dtype != "f16")
         throw InvalidArgument("kv_dtype: expected \"f32\" or \"f16\", found \"" + cfg.kv_dtype + "\"");
-    if (cfg.device_kind == "vulkan" && cfg.kv_dtype != "f32")
-        throw InvalidArgument("kv_dtype: the vulkan device's attention reads f32 KV pages only, found \"" +
-                              cfg.kv_dtype + "\"; set kv_dtype = \"f32\" (f16 KV is a cpu option)");
     if (cfg.device_kind == "cpu")
         return std::make_unique<CpuDevice>(cfg.budget_bytes, cfg.n_threads > 0 ? cfg.n_threads : usable_cores(),
                                            cfg.link_gbps);
@@ -97,7 +94,7 @@ Engine::Engine(const EngineConfig& cfg)
       ledger_(make_device(cfg), cfg.cap_fraction),
       backend_(ledger_.device().backend()),
       pool_(backend_.host_pool()),
-      residency_(ledger_, cfg.prefetch_depth, cfg.eviction),
+      residency_(ledger_, cfg.prefetch_depth, cfg.eviction, &tracer_),
       scheduler_(cfg.max_batch_tokens, cfg.max_seqs_per_step) {
     if (cfg.kv_block_tokens < 1)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
@@ -579,6 +576,17 @@ void Engine::run_plan(StepPlan& plan) {
         }
     }
     std::lock_guard<std::mutex> lk(stats_mu_);
+    if (tracer_.on()) {
+        StepTrace st;
+        st.index = stats_.n_steps;
+        st.model = plan.model;
+        st.start_us = trace_us(t0);
+        st.end_us = trace_now_us();
+        st.n_seqs = static_cast<int>(plan.items.size());
+        st.n_tokens = n_tok;
+        st.n_generated = static_cast<int>(sampling.size());
+        tracer_.record_step(st);
+    }
     stats_.n_steps++;
     stats_.n_tokens_computed += static_cast<uint64_t>(n_tok);
     stats_.n_tokens_generated += sampling.size();

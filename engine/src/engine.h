@@ -28,6 +28,7 @@
 #include "sampler.h"
 #include "scheduler.h"
 #include "threadpool.h"
+#include "trace.h"
 
 namespace lmx {
 
@@ -62,7 +63,7 @@ struct EngineConfig {
     // 0: unthrottled. The vulkan device ignores it (its link is real).
     double link_gbps = 0.0;
     // How KV pages hold K and V: "f32", or "f16" (half the bytes: more sequences per budget;
-    // attention widens each element to f32 exactly). The cpu device only; vulkan refuses f16.
+    // attention widens each element to f32 exactly). Both devices (vulkan packs two halves a word).
     std::string kv_dtype = "f32";
 };
 
@@ -191,6 +192,11 @@ public:
     int n_threads() const { return pool_.n_threads(); }
     void shutdown();
 
+    // The step trace (trace.h): capacity > 0 records up to that many steps, copies and waits (each
+    // kind; the oldest dropped beyond it), 0 stops; either discards what was recorded. Off by default.
+    void trace_enable(size_t capacity) { tracer_.enable(capacity); }
+    Trace trace_take() { return tracer_.take(); }
+
     // Test hook: while stalled, the step thread blocks at the top of its loop (requests queue,
     // health().n_loops stops growing). Lets tests see a stuck engine for real.
     void debug_stall(bool on);
@@ -227,6 +233,7 @@ private:
     Ledger ledger_;
     Backend& backend_;  // the device's compute face (forward_step runs on it)
     ThreadPool& pool_;  // the backend's host pool: sampling
+    Tracer tracer_;  // before residency_, which records into it from its copy thread
     Residency residency_;
     Scheduler scheduler_;  // step thread only
     int event_fd_ = -1;

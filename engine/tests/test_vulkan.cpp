@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -396,18 +397,26 @@ TEST(vulkan_gelu_tanh_mul_softcap_and_scale_match_reference) {
 }
 
 // Paged attention: scattered blocks, GQA, a decode token and a prefill chunk in one call; full
-// and sliding windows (1 key; 40 keys, which starts inside a block).
+// and sliding windows (1 key; 40 keys, which starts inside a block); f32 pages and f16 pages
+// (two halves a word), the latter against the reference over the pages' widened values.
 TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_windows) {
     Gpu* g = gpu();
     if (!g) return;
     const uint64_t before = validation_message_count();
     Rng rng(9);
-    for (const int window : {0, 1, 40}) for (const int n_kv_heads : {1, 2}) {
+    for (const bool f16 : {false, true}) for (const int window : {0, 1, 40}) for (const int n_kv_heads : {1, 2}) {
         const int n_heads = 4, head_dim = 40, bt = 16, n_layer = 2, layer = 1;
         const int kv_dim = n_kv_heads * head_dim;
-        const int64_t block_floats = static_cast<int64_t>(n_layer) * 2 * bt * kv_dim;
+        const int64_t block_floats = static_cast<int64_t>(n_layer) * 2 * bt * kv_dim;  // elements
         const int n_blocks = 24;
         auto pool = random_vec(rng, block_floats * n_blocks);  // every block of every layer
+        std::vector<uint16_t> pool16;
+        if (f16) {  // the device holds halves; the reference reads their exact widening
+            for (float& x : pool) {
+                pool16.push_back(f32_to_f16(x));
+                x = f16_to_f32(pool16.back());
+            }
+        }
         // Item A: decode at position 150 (10 blocks); item B: prefill chunk positions 70..99 (7 blocks).
         struct Item {
             int64_t pos0, n_q;
@@ -430,10 +439,11 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_win
                 tok.push_back(static_cast<uint32_t>(it.pos0 + i + 1));
             }
         }
-        DevBuf dq(*g->dev, q), dpool(*g->dev, pool), dtok(*g->dev, tok.data(), tok.size() * 4),
+        DevBuf dq(*g->dev, q), dtok(*g->dev, tok.data(), tok.size() * 4),
             dtab(*g->dev, tables.data(), tables.size() * 4), dout(*g->dev, nullptr, q.size() * 4);
+        DevBuf dpool = f16 ? DevBuf(*g->dev, pool16.data(), pool16.size() * 2) : DevBuf(*g->dev, pool);
         const KvGeom geom{n_heads, n_kv_heads, head_dim, bt, static_cast<uint32_t>(layer * 2 * bt * kv_dim),
-                          static_cast<uint32_t>(bt * kv_dim), static_cast<uint32_t>(window)};
+                          static_cast<uint32_t>(bt * kv_dim), static_cast<uint32_t>(window), f16};
         const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
         run_after(*g, {&dq, &dpool, &dtok, &dtab}, [&](CmdStream& s) {
             op_attention(s, dq.b(), dpool.b(), dtok.b(), dtab.b(), dout.b(), n_tok, geom, scale);
@@ -455,6 +465,48 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_win
         for (size_t i = 0; i < want.size(); i++) worst = std::max(worst, static_cast<double>(std::fabs(got[i] - want[i])));
         CHECK(worst <= 2e-5);
     }
+    check_no_validation_messages(before);
+}
+
+// f16 pages: each element is the CPU's f32_to_f16(clamp(x, +-65504)) bit for bit — ties to even,
+// f16 subnormals, saturation, signed zero — two to a word, and nothing else written.
+TEST(vulkan_kv_store_writes_f16_rows_rounded_as_the_cpu_does) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    Rng rng(14);
+    const int bt = 4, kv_dim = 16, n_layer = 2, layer = 1, n_tok = 3;
+    const int64_t block_elems = static_cast<int64_t>(n_layer) * 2 * bt * kv_dim;
+    std::vector<uint16_t> pool(static_cast<size_t>(block_elems * 2), 0);
+    auto k = random_vec(rng, n_tok * kv_dim), v = random_vec(rng, n_tok * kv_dim, -70000.0f, 70000.0f);
+    const float special[] = {0.0f,     -0.0f,   1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 65504.0f, 65519.0f, 65520.0f,
+                             -1e9f,    1e-6f,   -3e-5f,          0x1p-25f,            0x1p-24f, 1.5f * 0x1p-24f,
+                             0x1p-14f, 5.96e-8f, 1e-30f};
+    for (size_t i = 0; i < std::size(special); i++) k[i] = special[i];
+    // Tokens at positions 1..3 of a sequence whose table is {1, 0}: position 3 is in block 0.
+    std::vector<uint32_t> dst;
+    const int32_t table[2] = {1, 0};
+    for (int i = 0; i < n_tok; i++) {
+        const int pos = 1 + i + (i == 2 ? 2 : 0);  // 1, 2, 5
+        dst.push_back(static_cast<uint32_t>(table[pos / bt] * block_elems + (pos % bt) * kv_dim));
+    }
+    DevBuf dk(*g->dev, k), dv(*g->dev, v), dp(*g->dev, pool.data(), pool.size() * 2),
+        dd(*g->dev, dst.data(), dst.size() * 4);
+    KvGeom geom{2, 1, kv_dim, bt, static_cast<uint32_t>(layer * 2 * bt * kv_dim), static_cast<uint32_t>(bt * kv_dim)};
+    geom.f16 = true;
+    run_after(*g, {&dk, &dv, &dp, &dd}, [&](CmdStream& s) { op_kv_store(s, dk.b(), dv.b(), dp.b(), dd.b(), n_tok, geom); });
+    std::vector<uint16_t> got(pool.size());
+    g->dev->copy_out(got.data(), dp.p, got.size() * 2);
+    std::vector<uint16_t> want = pool;
+    for (int i = 0; i < n_tok; i++) {
+        const int64_t o = dst[static_cast<size_t>(i)] + geom.layer_off;
+        for (int e = 0; e < kv_dim; e++) {
+            const size_t x = static_cast<size_t>(i * kv_dim + e);
+            want[static_cast<size_t>(o + e)] = f32_to_f16(std::clamp(k[x], -65504.0f, 65504.0f));
+            want[static_cast<size_t>(o + geom.v_off + e)] = f32_to_f16(std::clamp(v[x], -65504.0f, 65504.0f));
+        }
+    }
+    CHECK(got == want);
     check_no_validation_messages(before);
 }
 

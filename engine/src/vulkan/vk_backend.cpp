@@ -81,12 +81,13 @@ void VulkanBackend::begin_step(const StepDesc& step) {
     auto* tab_u = reinterpret_cast<uint32_t*>(tables.p);
     auto* dst_u = reinterpret_cast<uint32_t*>(dst.p);
     const int bt = step.kv.block_tokens;
+    const int64_t elem_bytes = step.kv.f16 ? 2 : 4;
     uint32_t entry = 0;
     int64_t t = 0;
     for (const StepSeq& s : seqs_) {
         const uint32_t start = entry;
         for (int32_t b = 0; b < s.n_blocks; b++)
-            tab_u[entry++] = static_cast<uint32_t>((reinterpret_cast<const uint8_t*>(s.kv_blocks[b]) - lo) / 4);
+            tab_u[entry++] = static_cast<uint32_t>((reinterpret_cast<const uint8_t*>(s.kv_blocks[b]) - lo) / elem_bytes);
         for (int32_t j = 0; j < s.n_tokens; j++, t++) {
             const int64_t pos = s.pos0 + j;
             pos_[static_cast<size_t>(t)] = pos;
@@ -192,12 +193,14 @@ KvGeom VulkanBackend::kv_geom(int layer, const AttnParams* p) const {
     g.block_tokens = step_.kv.block_tokens;
     g.layer_off = static_cast<uint32_t>(layer * step_.kv.layer_stride);
     g.v_off = static_cast<uint32_t>(step_.kv.v_offset);
+    g.f16 = step_.kv.f16;
     return g;
 }
 
 Binding VulkanBackend::kv_window(int layer) const {
     const uint64_t tail = static_cast<uint64_t>(layer * step_.kv.layer_stride + step_.kv.v_offset +
-                                                static_cast<int64_t>(step_.kv.block_tokens) * step_.kv.kv_dim) * 4;
+                                                static_cast<int64_t>(step_.kv.block_tokens) * step_.kv.kv_dim) *
+                          (step_.kv.f16 ? 2 : 4);
     const uint64_t n = kv_span_bytes_ + tail;
     if (n > ctx_.info().max_binding_bytes)
         throw UnsupportedError("vulkan: this step's KV blocks span " + std::to_string(n) +

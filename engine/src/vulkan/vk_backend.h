@@ -14,7 +14,8 @@
 //
 // KV. The blocks a step touches must lie in one device memory block and one binding window
 // (kv_cache books them with Placement::Low, so they pack at the bottom of block 0); the
-// tables hold each block's start relative to the lowest, and a layer adds its offset.
+// tables hold each block's start relative to the lowest (in KV elements: f32, or f16 packed two
+// to a word when kv_dtype = "f16"), and a layer adds its offset.
 #pragma once
 
 #include <cstdint>

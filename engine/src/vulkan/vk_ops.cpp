@@ -16,6 +16,11 @@ uint32_t fl(const Binding& b) {
     assert(b.skip_bytes % 4 == 0);
     return b.skip_bytes / 4;
 }
+// Where a KV binding's data starts, in elements (4 or 2 bytes).
+uint32_t kv_el(const Binding& b, bool f16) {
+    assert(b.skip_bytes % 4 == 0);
+    return f16 ? b.skip_bytes / 2 : b.skip_bytes / 4;
+}
 uint32_t u32(int64_t v) {
     assert(v >= 0 && v <= static_cast<int64_t>(UINT32_MAX));
     return static_cast<uint32_t>(v);
@@ -114,18 +119,21 @@ void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding
                  int64_t n_tok, const KvGeom& g) {
     if (n_tok == 0) return;
     const int64_t kv_dim = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
-    const uint32_t push[8] = {fl(k), fl(v), fl(cache), fl(dst), u32(n_tok), u32(kv_dim), g.layer_off, g.v_off};
+    assert(!g.f16 || (kv_dim % 2 == 0 && g.layer_off % 2 == 0 && g.v_off % 2 == 0));
+    const uint32_t push[8] = {fl(k), fl(v), kv_el(cache, g.f16), fl(dst), u32(n_tok), u32(kv_dim), g.layer_off, g.v_off};
     const Binding binds[4] = {k, v, cache, dst};
     uint32_t gx, gy;
-    grid((static_cast<uint64_t>(n_tok * kv_dim) + kGroup - 1) / kGroup, &gx, &gy);
-    s.dispatch("kv_store", 0, binds, 4, push, sizeof(push), gx, gy);
+    const uint64_t n_items = static_cast<uint64_t>(n_tok * kv_dim) / (g.f16 ? 2 : 1);  // f16: a thread per word
+    grid((n_items + kGroup - 1) / kGroup, &gx, &gy);
+    s.dispatch("kv_store", g.f16 ? 1 : 0, binds, 4, push, sizeof(push), gx, gy);
 }
 
 void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Binding& tok, const Binding& tables,
                   const Binding& out, int64_t n_tok, const KvGeom& g, float scale) {
     if (n_tok == 0) return;
-    if (g.head_dim > 256 || g.n_heads % g.n_kv_heads != 0)
-        throw UnsupportedError("vulkan attention: expected head_dim <= 256 and n_heads % n_kv_heads == 0, found " +
+    if (g.head_dim > 256 || g.n_heads % g.n_kv_heads != 0 || (g.f16 && g.head_dim % 2 != 0))
+        throw UnsupportedError("vulkan attention: expected head_dim <= 256 (even with f16 KV) and n_heads % n_kv_heads "
+                               "== 0, found " +
                                std::to_string(g.head_dim) + ", " + std::to_string(g.n_heads) + "/" +
                                std::to_string(g.n_kv_heads));
     assert(tok.skip_bytes % 8 == 0);
@@ -134,10 +142,10 @@ void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Bi
         uint32_t n_tok, n_heads, n_kv_heads, head_dim, block_tokens, layer_off, v_off;
         float scale;
         uint32_t window;
-    } push{fl(q), fl(cache), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
+    } push{fl(q), kv_el(cache, g.f16), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
            u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale, g.window};
     const Binding binds[5] = {q, cache, tok, tables, out};
-    s.dispatch("attention", 0, binds, 5, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
+    s.dispatch("attention", g.f16 ? 1 : 0, binds, 5, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
 }
 
 }  // namespace lmx::vk

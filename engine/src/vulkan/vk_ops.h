@@ -31,13 +31,16 @@ void op_gelu_tanh_mul(CmdStream& s, const Binding& gate, const Binding& up, cons
 void op_softcap(CmdStream& s, const Binding& x, int64_t n, float cap);  // x = tanh(x / cap) * cap
 void op_scale(CmdStream& s, const Binding& x, int64_t n, float a);      // x *= a
 // Paged KV of one layer. cache: the binding holding every block the step touches; dst: [n_tok]
-// uint32, each token's K row in cache (floats from the binding's data start, before layer_off);
-// tok: [n_tok] {table start, n_keys}; tables: block starts (floats, as dst).
+// uint32, each token's K row in cache (elements from the binding's data start, before layer_off);
+// tok: [n_tok] {table start, n_keys}; tables: block starts (elements, as dst). An element is an
+// f32, or with f16 an IEEE half packed two to a 32-bit word (no 16-bit storage feature needed);
+// f16 needs even head_dim, layer_off, v_off and row starts (always so: head_dim is even for RoPE).
 struct KvGeom {
     int n_heads, n_kv_heads, head_dim, block_tokens;
-    uint32_t layer_off;  // floats from a block's start to this layer's K
-    uint32_t v_off;      // floats from K to V
+    uint32_t layer_off;  // elements from a block's start to this layer's K
+    uint32_t v_off;      // elements from K to V
     uint32_t window = 0; // > 0: a query at position p sees keys p - window + 1 .. p only
+    bool f16 = false;    // elements are f16 (EngineConfig.kv_dtype)
 };
 void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
                  int64_t n_tok, const KvGeom& g);
