@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['CapacityError', 'Engine', 'EngineConfig', 'EngineEvent', 'EngineHealth', 'EngineStats', 'ErrorCode', 'EventKind', 'Eviction', 'FinishReason', 'InvalidRequestError', 'LayermuxError', 'LedgerSnapshot', 'MIN_SLOTS', 'MatmulPrecision', 'ModelFileError', 'ModelFootprint', 'ModelInfo', 'ModelLoadOptions', 'ModelPlacement', 'OwnerUsage', 'ResidencyMode', 'ResidencyStats', 'SamplingParams', 'UnsupportedModelError', 'dequantize', 'kernels_isa', 'plan_slots', 'read_bandwidth_gbs', 'vulkan_validation_messages']
+__all__: list[str] = ['CapacityError', 'CopyTrace', 'Engine', 'EngineConfig', 'EngineEvent', 'EngineHealth', 'EngineStats', 'ErrorCode', 'EventKind', 'Eviction', 'FinishReason', 'InvalidRequestError', 'LayermuxError', 'LedgerSnapshot', 'MIN_SLOTS', 'MatmulPrecision', 'ModelFileError', 'ModelFootprint', 'ModelInfo', 'ModelLoadOptions', 'ModelPlacement', 'OwnerUsage', 'ResidencyMode', 'ResidencyStats', 'SamplingParams', 'StepTrace', 'Trace', 'UnsupportedModelError', 'WaitTrace', 'dequantize', 'kernels_isa', 'plan_slots', 'read_bandwidth_gbs', 'trace_now_us', 'vulkan_validation_messages']
 class LayermuxError(Exception):
     pass
 class ModelFileError(LayermuxError):
@@ -567,6 +567,11 @@ class ModelInfo:
     def footprint(self) -> ModelFootprint:
         ...
     @property
+    def id(self) -> int:
+        """
+        the engine's number for the model (the step trace names models by it)
+        """
+    @property
     def matrix_format(self) -> str:
         ...
     @property
@@ -737,6 +742,108 @@ class EngineStats:
     @property
     def step_ms_total(self) -> float:
         ...
+class StepTrace:
+    """
+    One engine step, as the trace recorded it (trace.h); times in steady-clock us
+    """
+    @property
+    def bytes_copied(self) -> int:
+        ...
+    @property
+    def copy_wait_us(self) -> int:
+        """
+        time this step blocked on copies
+        """
+    @property
+    def end_us(self) -> int:
+        ...
+    @property
+    def index(self) -> int:
+        """
+        steps the engine ran before this one
+        """
+    @property
+    def model(self) -> int:
+        """
+        the model's id (ModelInfo.id)
+        """
+    @property
+    def n_generated(self) -> int:
+        """
+        tokens sampled
+        """
+    @property
+    def n_seqs(self) -> int:
+        ...
+    @property
+    def n_tokens(self) -> int:
+        """
+        tokens computed: prefill chunks and decode tokens
+        """
+    @property
+    def n_units_copied(self) -> int:
+        """
+        units whose copy landed since the previous step ended, any model's
+        """
+    @property
+    def start_us(self) -> int:
+        ...
+class CopyTrace:
+    """
+    One copy into device memory: a layer, or a whole-model swap-in (unit -1)
+    """
+    @property
+    def end_us(self) -> int:
+        ...
+    @property
+    def model(self) -> int:
+        ...
+    @property
+    def n_bytes(self) -> int:
+        ...
+    @property
+    def n_units(self) -> int:
+        ...
+    @property
+    def start_us(self) -> int:
+        ...
+    @property
+    def unit(self) -> int:
+        ...
+class WaitTrace:
+    """
+    One time compute blocked on a copy (unit -1: a whole-model swap)
+    """
+    @property
+    def end_us(self) -> int:
+        ...
+    @property
+    def model(self) -> int:
+        ...
+    @property
+    def start_us(self) -> int:
+        ...
+    @property
+    def unit(self) -> int:
+        ...
+class Trace:
+    """
+    What the step trace recorded since it was enabled or last taken
+    """
+    @property
+    def copies(self) -> list[CopyTrace]:
+        ...
+    @property
+    def n_dropped(self) -> int:
+        """
+        records dropped because a ring was full
+        """
+    @property
+    def steps(self) -> list[StepTrace]:
+        ...
+    @property
+    def waits(self) -> list[WaitTrace]:
+        ...
 class EngineHealth:
     """
     Liveness of the step thread (engine.h)
@@ -797,6 +904,14 @@ class Engine:
         ...
     def take_logits(self, req_id: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
         ...
+    def trace_enable(self, capacity: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Record the step trace, keeping at most capacity steps, copies and waits each (0: stop); discards what was recorded
+        """
+    def trace_take(self) -> Trace:
+        """
+        What the trace recorded since enabled or last taken; empties it
+        """
     def unload_model(self, name: str) -> None:
         ...
 def dequantize(format: str, data: bytes, n: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.float32]:
@@ -814,6 +929,10 @@ def plan_slots(models: collections.abc.Mapping[str, ModelFootprint], cap_bytes: 
 def read_bandwidth_gbs(n_bytes: typing.SupportsInt | typing.SupportsIndex = 1073741824, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, repeats: typing.SupportsInt | typing.SupportsIndex = 5) -> float:
     """
     Best streaming-read GB/s over n_threads (0 = one per core), laid out as the device arena is
+    """
+def trace_now_us() -> int:
+    """
+    The step trace's clock now: steady-clock microseconds (Engine.trace_take)
     """
 def vulkan_validation_messages() -> int:
     """

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from engine import _core
 from engine._core import (
     MIN_SLOTS,
+    CopyTrace,
     EngineConfig,
     EngineEvent,
     EngineHealth,
@@ -42,14 +43,19 @@ from engine._core import (
     ResidencyMode,
     ResidencyStats,
     SamplingParams,
+    StepTrace,
+    Trace,
+    WaitTrace,
     kernels_isa,
     plan_slots,
+    trace_now_us,
 )
 from engine.errors import RequestFailedError
 from engine.hf_config import load_spec
 
 __all__ = [
     "MIN_SLOTS",
+    "CopyTrace",
     "Engine",
     "EngineConfig",
     "EngineEvent",
@@ -69,8 +75,12 @@ __all__ = [
     "ResidencyMode",
     "ResidencyStats",
     "SamplingParams",
+    "StepTrace",
+    "Trace",
+    "WaitTrace",
     "kernels_isa",
     "plan_slots",
+    "trace_now_us",
 ]
 
 ModelRef = tuple[str, str | Path, str]  # (name, model folder, weights: "auto" | "f16" | ...)
@@ -199,6 +209,15 @@ class Engine:
 
     def health(self) -> EngineHealth:
         return self._core.health()
+
+    def trace_enable(self, capacity: int) -> None:
+        """Record the step trace (engine/src/trace.h): at most `capacity` steps, copies and waits each, the oldest
+        dropped beyond it; 0 stops. Either way, what was recorded before is discarded. Off by default."""
+        self._core.trace_enable(capacity)
+
+    def trace_take(self) -> Trace:
+        """What the trace recorded since it was enabled or last taken (times: trace_now_us's clock); empties it."""
+        return self._core.trace_take()
 
     def n_threads(self) -> int:
         """Compute threads in use (config.n_threads resolved: 0 = one per usable core)."""

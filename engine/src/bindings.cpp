@@ -277,6 +277,7 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<ModelInfo>(m, "ModelInfo", "A loaded model (engine.h)")
         .def_readonly("name", &ModelInfo::name)
+        .def_readonly("id", &ModelInfo::id, "the engine's number for the model (the step trace names models by it)")
         .def_readonly("n_layer", &ModelInfo::n_layer)
         .def_readonly("n_vocab", &ModelInfo::n_vocab)
         .def_readonly("n_ctx", &ModelInfo::n_ctx)
@@ -347,6 +348,35 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_preemptions", &EngineStats::n_preemptions)
         .def_readonly("step_ms_total", &EngineStats::step_ms_total)
         .def_readonly("residency", &EngineStats::residency);
+    py::class_<StepTrace>(m, "StepTrace", "One engine step, as the trace recorded it (trace.h); times in steady-clock us")
+        .def_readonly("index", &StepTrace::index, "steps the engine ran before this one")
+        .def_readonly("model", &StepTrace::model, "the model's id (ModelInfo.id)")
+        .def_readonly("start_us", &StepTrace::start_us)
+        .def_readonly("end_us", &StepTrace::end_us)
+        .def_readonly("n_seqs", &StepTrace::n_seqs)
+        .def_readonly("n_tokens", &StepTrace::n_tokens, "tokens computed: prefill chunks and decode tokens")
+        .def_readonly("n_generated", &StepTrace::n_generated, "tokens sampled")
+        .def_readonly("n_units_copied", &StepTrace::n_units_copied,
+                      "units whose copy landed since the previous step ended, any model's")
+        .def_readonly("bytes_copied", &StepTrace::bytes_copied)
+        .def_readonly("copy_wait_us", &StepTrace::copy_wait_us, "time this step blocked on copies");
+    py::class_<CopyTrace>(m, "CopyTrace", "One copy into device memory: a layer, or a whole-model swap-in (unit -1)")
+        .def_readonly("model", &CopyTrace::model)
+        .def_readonly("unit", &CopyTrace::unit)
+        .def_readonly("n_units", &CopyTrace::n_units)
+        .def_readonly("n_bytes", &CopyTrace::n_bytes)
+        .def_readonly("start_us", &CopyTrace::start_us)
+        .def_readonly("end_us", &CopyTrace::end_us);
+    py::class_<WaitTrace>(m, "WaitTrace", "One time compute blocked on a copy (unit -1: a whole-model swap)")
+        .def_readonly("model", &WaitTrace::model)
+        .def_readonly("unit", &WaitTrace::unit)
+        .def_readonly("start_us", &WaitTrace::start_us)
+        .def_readonly("end_us", &WaitTrace::end_us);
+    py::class_<Trace>(m, "Trace", "What the step trace recorded since it was enabled or last taken")
+        .def_readonly("steps", &Trace::steps)
+        .def_readonly("copies", &Trace::copies)
+        .def_readonly("waits", &Trace::waits)
+        .def_readonly("n_dropped", &Trace::n_dropped, "records dropped because a ring was full");
     py::class_<EngineHealth>(m, "EngineHealth", "Liveness of the step thread (engine.h)")
         .def_readonly("n_loops", &EngineHealth::n_loops)
         .def_readonly("busy", &EngineHealth::busy)
@@ -374,6 +404,7 @@ PYBIND11_MODULE(_core, m) {
         "The equal-share plan (footprint.h): layer slots per model (n_layer = resident), or None when the "
         "minimums plus kv_room_bytes do not fit cap_bytes");
     m.def("kernels_isa", &kernels_isa, "SIMD path chosen for this CPU");
+    m.def("trace_now_us", &trace_now_us, "The step trace's clock now: steady-clock microseconds (Engine.trace_take)");
     m.def(
         "dequantize",
         [](const std::string& format, py::bytes data, int64_t n) {
@@ -449,6 +480,10 @@ PYBIND11_MODULE(_core, m) {
         .def("kv_bytes_for", &Engine::kv_bytes_for, py::arg("model"), py::arg("n_tokens"))
         .def("stats", &Engine::stats)
         .def("health", &Engine::health)
+        .def("trace_enable", &Engine::trace_enable, py::arg("capacity"),
+             "Record the step trace, keeping at most capacity steps, copies and waits each (0: stop); "
+             "discards what was recorded")
+        .def("trace_take", &Engine::trace_take, "What the trace recorded since enabled or last taken; empties it")
         .def("debug_stall", &Engine::debug_stall, py::arg("on"), "Test hook: block (True) or release the step thread")
         .def("config", &Engine::config, py::return_value_policy::copy)
         .def("n_threads", &Engine::n_threads)

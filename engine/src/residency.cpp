@@ -18,8 +18,8 @@ Eviction eviction_from_name(const std::string& s) {
 
 const char* eviction_name(Eviction e) { return e == Eviction::Belady ? "belady" : "lru"; }
 
-Residency::Residency(Ledger& ledger, int prefetch_depth, Eviction eviction)
-    : ledger_(ledger), depth_(prefetch_depth), eviction_(eviction), swap_(ledger) {
+Residency::Residency(Ledger& ledger, int prefetch_depth, Eviction eviction, Tracer* tracer)
+    : ledger_(ledger), tracer_(tracer), depth_(prefetch_depth), eviction_(eviction), swap_(ledger) {
     if (prefetch_depth < 0) throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(prefetch_depth));
     if (depth_ > 0) copy_thread_ = std::thread([this] { copy_main(); });
 }
@@ -360,6 +360,9 @@ void Residency::copy_main() {
         s.last_use = ++clock_;
         stats_.n_loads++;
         stats_.bytes_copied += w->unit(job.unit).n_bytes;
+        if (tracer_ && tracer_->on())
+            tracer_->record_copy({job.model, job.unit, 1, w->unit(job.unit).n_bytes, trace_us(c0),
+                                  trace_us(c0) + static_cast<int64_t>(c_ns / 1000)});
         cv_ready_.notify_all();
     }
 }
@@ -375,7 +378,22 @@ UnitHandle Residency::acquire(UnitRef u) {
     if (swap_.has(u.model)) {
         // The swapped-in units land where evicted models' units (or freed KV blocks) were:
         // the copies wait for every compute that may still read those bytes.
-        return swap_.acquire(u, [&](int model) { return next_use(model, 0, cursor_); }, last_read_, lk, stats_);
+        // Its figures go through d: the lock is dropped during a swap-in, when the copy thread may count too.
+        ResidencyStats d;
+        const UnitHandle h =
+            swap_.acquire(u, [&](int model) { return next_use(model, 0, cursor_); }, last_read_, lk, d);
+        stats_.bytes_copied += d.bytes_copied;
+        stats_.n_loads += d.n_loads;
+        stats_.n_hits += d.n_hits;
+        stats_.n_misses += d.n_misses;
+        stats_.wait_ns += d.wait_ns;
+        stats_.copy_ns += d.copy_ns;
+        if (tracer_ && tracer_->on() && d.n_loads > 0) {  // a swap-in: its copies are its wait
+            const int64_t t1 = trace_now_us(), t0 = t1 - static_cast<int64_t>(d.wait_ns / 1000);
+            tracer_->record_copy({u.model, -1, static_cast<int>(d.n_loads), d.bytes_copied, t0, t1});
+            tracer_->record_wait({u.model, -1, t0, t1});
+        }
+        return h;
     }
     auto it = models_.find(u.model);
     assert(it != models_.end());
@@ -411,6 +429,9 @@ UnitHandle Residency::acquire(UnitRef u) {
             s->ready = true;
             stats_.n_loads++;
             stats_.bytes_copied += e.w->unit(u.unit).n_bytes;
+            if (tracer_ && tracer_->on())
+                tracer_->record_copy({u.model, u.unit, 1, e.w->unit(u.unit).n_bytes, trace_us(c0),
+                                      trace_us(c0) + static_cast<int64_t>(c_ns / 1000)});
         } else {
             // The copy thread serves the earliest missing unit first; u was at
             // cursor_-1, so point its window back to include u until it is in.
@@ -422,8 +443,9 @@ UnitHandle Residency::acquire(UnitRef u) {
             });
             cursor_++;
         }
-        stats_.wait_ns += static_cast<uint64_t>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+        const auto t1 = std::chrono::steady_clock::now();
+        stats_.wait_ns += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+        if (tracer_ && tracer_->on()) tracer_->record_wait({u.model, u.unit, trace_us(t0), trace_us(t1)});
     }
     s->pins++;
     s->ahead = false;

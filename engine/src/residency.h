@@ -36,6 +36,7 @@
 
 #include "ledger.h"
 #include "model.h"
+#include "trace.h"
 
 namespace lmx {
 
@@ -119,7 +120,8 @@ private:
 
 class Residency {
 public:
-    Residency(Ledger& ledger, int prefetch_depth, Eviction eviction);
+    // tracer: where copies and waits are recorded when tracing is on (trace.h); outlives this.
+    Residency(Ledger& ledger, int prefetch_depth, Eviction eviction, Tracer* tracer = nullptr);
     ~Residency();
     Residency(const Residency&) = delete;
     Residency& operator=(const Residency&) = delete;
@@ -184,6 +186,7 @@ private:
     void copy_main();
 
     Ledger& ledger_;
+    Tracer* const tracer_;  // may be null
     const int depth_;
     const Eviction eviction_;
     mutable std::mutex mu_;
