@@ -14,7 +14,7 @@ by bench/llama_runner.py as a subprocess; single-threaded driver, llama.cpp comp
 Greedy = argmax of llama_get_logits_ith in numpy, the same for every engine.
 
 Standalone it runs the measurements and prints one JSON object; with --serve it answers
-one JSON command per stdin line ({"op": "prefill"|"decode"|"batched"|"logits", ...}), so
+one JSON command per stdin line ({"op": "prefill"|"decode"|"batched"|"logits"|"greedy", ...}), so
 that bench/llama_runner.py can take turns with the other engines (common.measure_group).
 
     build/llama-venv/bin/python bench/_llama_worker.py --gguf M.gguf --repeats 3 --batch-sizes 4,16,64
@@ -142,6 +142,18 @@ class LlamaCpp:
     def decode_tps(self, n_tokens: int) -> float:
         return self.batched_decode_tps(1, n_tokens)
 
+    def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
+        """n_tokens greedy tokens after ids (EOS not special): one prefill, then one token per llama_decode."""
+        if self.n_seq != 1 or len(ids) + n_tokens > 1024:
+            self.new_context(1, max(1024, 256 * ((len(ids) + n_tokens + 255) // 256)))
+        self._clear()
+        self._decode([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
+        out = [int(self._logits(-1).argmax())]  # first maximum: the lowest id wins a tie, as in numpy everywhere
+        while len(out) < n_tokens:
+            self._decode([(out[-1], len(ids) + len(out) - 1, 0, True)])
+            out.append(int(self._logits(-1).argmax()))
+        return out
+
     def last_logits(self, ids: list[int]) -> np.ndarray:
         if self.n_seq != 1:
             self.new_context(1, 1024)
@@ -164,6 +176,8 @@ def serve(llm: LlamaCpp) -> None:
             ans = llm.batched_decode_tps(cmd["n_seqs"], cmd["n"])
         elif op == "logits":
             ans = llm.last_logits(cmd["ids"]).tolist()
+        elif op == "greedy":
+            ans = llm.greedy(cmd["ids"], cmd["n"])
         elif op == "cpu":
             t = os.times()
             ans = t.user + t.system

@@ -83,6 +83,10 @@ class LlamaRunner:
     def last_logits(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self._ask(op="logits", ids=ids), dtype=np.float32)
 
+    def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
+        """n_tokens greedy tokens after ids (EOS ignored), incremental decode as in serving."""
+        return [int(t) for t in self._ask(op="greedy", ids=ids, n=n_tokens)]
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
