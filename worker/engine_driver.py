@@ -157,7 +157,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefetch_depth=d.prefetch_depth, eviction=Eviction.__members__[d.eviction],
         kv_block_tokens=d.kv_block_tokens, max_batch_tokens=d.max_batch_tokens,
         matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index,
-        link_gbps=d.link_gbps or 0.0, kv_dtype=d.kv_dtype)
+        link_gbps=d.link_gbps or 0.0, kv_dtype=d.kv_dtype, max_turn_steps=d.max_turn_steps,
+        max_wait_ms=d.max_wait_ms)
 
 
 def _default_engine_factory(settings: Settings) -> Engine:
@@ -465,47 +466,81 @@ class EngineDriver:
     # -- engine events ----------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        """Handle what the engine queued (one engine step's tokens, often several steps' when the loop
+        is busy). Each token is detokenized and checked for stop strings as it comes; a run's new
+        ids and text go to its sink once per batch (after the batch, or just before the run's
+        terminal event), so a busy loop hands the publisher fewer, larger pieces.
+
+        Dispatch reads `token_id`, not `kind`: a terminal event's token is -1 (engine.h EngineEvent),
+        and reading the kind makes a new enum object per event (about half the cost of a token)."""
+        runs = self._runs
+        touched: dict[int, Run] = {}  # eng_id -> run with tokens not yet handed to its sink
+        counts: dict[str, int] = {}  # model -> tokens generated in this batch
         for ev in self._engine().drain_events():
-            run = self._runs.get(ev.req_id)
+            eng_id = ev.req_id
+            run = runs.get(eng_id)
             if run is None:
                 continue
+            token_id = ev.token_id
             try:
-                if ev.kind == EventKind.token:
-                    self._on_token(run, ev.token_id)
-                elif ev.kind == EventKind.done:
+                if token_id >= 0:
+                    if run.finished:
+                        continue  # tokens the engine produced before it saw our cancel
+                    counts[run.model] = counts.get(run.model, 0) + 1
+                    if self._on_token(run, token_id):
+                        touched[eng_id] = run
+                    continue
+                if touched.pop(eng_id, None) is not None and not run.finished:
+                    self._flush(run, final=False)  # this batch's tokens before the terminal event
+                if ev.kind == EventKind.done:
                     self._on_done(run, ev)
                 else:
                     self._on_engine_error(run, ev)
             except Exception:  # a bug in one request's handling must not stop the others' events
                 log.exception("request %s: failed handling engine event %r", run.request_id, ev)
+                touched.pop(eng_id, None)
                 if not run.finished:
                     self._finish(run, self._outcome(run, "error", code="worker_failure",
                                                     message="the worker failed handling this request"))
-                if ev.kind != EventKind.token:
+                if token_id < 0:
                     self._retire(run)
+        for run in touched.values():
+            if not run.finished:
+                try:
+                    self._flush(run, final=False)
+                except Exception:
+                    log.exception("request %s: failed handing tokens to its sink", run.request_id)
+                    self._finish(run, self._outcome(run, "error", code="worker_failure",
+                                                    message="the worker failed handling this request"))
+        if counts and self._on_tokens_generated is not None:
+            for model, n in counts.items():
+                self._on_tokens_generated(model, n)
 
-    def _on_token(self, run: Run, token_id: int) -> None:
-        if run.finished:
-            return  # tokens the engine produced before it saw our cancel
+    def _on_token(self, run: Run, token_id: int) -> bool:
+        """Record one token of a live run. True: its sink has new tokens to get (`_flush`);
+        False: a stop string ended the run (flushed and finished here)."""
         if run.first_token_at is None:
             run.first_token_at = time.time()
         run.token_ids.append(token_id)
-        prev_len = len(run.text)
         piece = run.detok.push(token_id)
+        if not piece:
+            run.last_piece_empty = True
+            return True
+        run.last_piece_empty = False
+        if not run.stop:
+            run.text += piece
+            return True
+        prev_len = len(run.text)
         run.text += piece
-        run.last_piece_empty = not piece
-        if self._on_tokens_generated is not None:
-            self._on_tokens_generated(run.model, 1)
-        if run.stop:
-            hit = _find_stop(run.text, run.stop, max(0, prev_len - run.hold_chars))
-            if hit is not None:
-                run.text = run.text[:hit]
-                run.cancel_reason = "stop_string"
-                self._engine().cancel(run.eng_id)
-                self._flush(run, final=True)
-                self._finish(run, self._outcome(run, "done", finish_reason="stop_string"))
-                return
-        self._flush(run, final=False)
+        hit = _find_stop(run.text, run.stop, max(0, prev_len - run.hold_chars))
+        if hit is None:
+            return True
+        run.text = run.text[:hit]
+        run.cancel_reason = "stop_string"
+        self._engine().cancel(run.eng_id)
+        self._flush(run, final=True)
+        self._finish(run, self._outcome(run, "done", finish_reason="stop_string"))
+        return False
 
     def _on_done(self, run: Run, ev: EngineEvent) -> None:
         if not run.finished:

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.crc import key_slot
@@ -57,6 +58,7 @@ from producer_sdk.connection import TRANSIENT_ERRORS, is_transient
 from producer_sdk.errors import ProtocolError
 from producer_sdk.keys import CONSUMER_GROUP, Keys
 from producer_sdk.protocol import (
+    PROTOCOL_VERSION,
     CancelledEvent,
     DoneEvent,
     ErrorEvent,
@@ -66,7 +68,7 @@ from producer_sdk.protocol import (
     encode_event,
 )
 
-__all__ = ["AckEntry", "DeadLetter", "Publisher", "ReplyState", "is_retryable", "read_reply_state"]
+__all__ = ["AckEntry", "DeadLetter", "Publisher", "ReplyState", "encode_tokens", "is_retryable", "read_reply_state"]
 
 log = logging.getLogger("layermux.worker.publisher")
 
@@ -187,6 +189,15 @@ def _queue_script(pipe: aioredis.client.Pipeline, script: AsyncScript, keys: lis
     checks SCRIPT EXISTS before every execute (a round trip per round), and redis-py's Cluster
     pipeline refuses it. A NOSCRIPT result (a new or promoted server) is retried after _load."""
     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def encode_tokens(request_id: str, index: int, token_ids: list[int], text: str) -> bytes:
+    """A token event's wire bytes, exactly as `encode_event(TokenEvent(...))` writes them (same fields in
+    the same order; tests/test_worker_publisher.py checks the bytes) without building and validating
+    the pydantic model: every field comes from this worker's own run, and this runs once per event
+    written. The replay check of _APPEND_FN compares payload bytes, so they must not differ."""
+    return orjson.dumps({"v": PROTOCOL_VERSION, "type": "token", "request_id": request_id, "index": index,
+                         "token_ids": token_ids, "text": text})
 
 
 def backoff_s(attempt: int) -> float:
@@ -313,16 +324,20 @@ class Publisher:
     def publish_tokens(self, request_id: str, index: int, token_ids: list[int], text: str) -> None:
         """Queue tokens [index, index + len(token_ids)); merged with queued tokens of the same request."""
         assert token_ids, "a token event carries at least one token"
-        q = self._queues.setdefault(request_id, deque())
+        q = self._queues.get(request_id)
+        if q is None:
+            q = self._queues[request_id] = deque()
         fence = self._fences.get(request_id, "")
-        if q and isinstance(q[-1].event, _Tokens) and q[-1].fence == fence:
-            tail = q[-1].event
-            assert tail.index + len(tail.token_ids) == index, "token indices must be contiguous"
-            tail.token_ids.extend(token_ids)
-            tail.text += text
-            self.stats.tokens_coalesced += 1
-        else:
-            q.append(_Queued(_Tokens(index, list(token_ids), text), fence=fence))
+        if q:
+            tail = q[-1]
+            ev = tail.event
+            if type(ev) is _Tokens and tail.fence == fence:
+                assert ev.index + len(ev.token_ids) == index, "token indices must be contiguous"
+                ev.token_ids += token_ids
+                ev.text += text
+                self.stats.tokens_coalesced += 1
+                return  # the queue was not empty: the write loop is already due to take it
+        q.append(_Queued(_Tokens(index, list(token_ids), text), fence=fence))
         self._kick()
 
     def ack(self, entry: AckEntry) -> None:
@@ -382,8 +397,7 @@ class Publisher:
                     rounds.append(current)
                 ev = item.event
                 if isinstance(ev, _Tokens):
-                    current.payloads.append(encode_event(TokenEvent(
-                        request_id=request_id, index=ev.index, token_ids=ev.token_ids, text=ev.text)))
+                    current.payloads.append(encode_tokens(request_id, ev.index, ev.token_ids, ev.text))
                 else:
                     current.payloads.append(encode_event(ev))
                     if isinstance(ev, TERMINAL_TYPES):
