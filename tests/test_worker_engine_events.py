@@ -85,7 +85,8 @@ def test_a_batch_of_tokens_reaches_the_sink_in_one_piece_before_the_terminal(mod
             eng = engines[0]
             sink = RecordingSink()
             max_tokens = 2000 if end == "cancelled" else 40
-            params = SamplingParamsModel(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=1)
+            params = SamplingParamsModel.model_validate({"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True,
+                                                  "seed": 1})
             driver.begin("r1", "m", [5, 6, 7, 8], params, sink, submitted_at=time.time())
             if end == "cancelled":
                 await _until(lambda: len(eng.held) >= 20)
