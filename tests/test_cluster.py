@@ -30,12 +30,13 @@ from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelEr
 from producer_sdk.connection import make_async_client, make_sync_client
 from producer_sdk.enqueue import enqueue_args, enqueue_keys, enqueue_script_source
 from producer_sdk.keys import CONSUMER_GROUP, Keys
-from producer_sdk.protocol import CancelledEvent, DoneEvent, StartedEvent, TokenEvent, encode_event
+from producer_sdk.protocol import CancelledEvent, DoneEvent, StartedEvent, TokenEvent, Usage, decode_event, encode_event
 from worker import consumer as consumer_mod
 from worker import publisher as publisher_mod
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 120.0  # bounds waits only
+USAGE = Usage(prompt_tokens=2, completion_tokens=0, queue_ms=0.0, prefill_ms=0.0, decode_ms=0.0, total_ms=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -350,6 +351,91 @@ def test_a_run_whose_written_events_were_lost_is_stopped_without_a_terminal(redi
     stopped, events = asyncio.run(main())
     assert stopped == ["r1"]
     assert len(events) == 1  # only the started event: index 2 was not written over the hole
+
+
+def test_a_run_that_finished_while_its_lost_write_round_was_in_flight_gives_its_entry_back(redis_url: str) -> None:
+    """Issue 17's hang. The run finished (its terminal event and its entry's ack queued) while the
+    writer was retrying a round through the failover; that round then finds the stream shorter than
+    the run wrote (-3) and the run's queued events are dropped with it. The ack they carried must be
+    given back (on_acked: the consumer stops renewing the entry's lease), or the entry stays pending
+    to a worker whose run no longer exists, renewed forever, and no worker ever takes it over."""
+    from worker.publisher import AckEntry, Publisher
+
+    keys = Keys("lw")
+    ack = AckEntry("m", "1-0", "r2")
+
+    async def main() -> tuple[list[str], list[AckEntry], int]:
+        client = make_async_client(redis_url)
+        pub = Publisher(client, keys, 60)
+        stopped: list[str] = []
+        released: list[AckEntry] = []
+        pub.on_fenced = stopped.append
+        pub.on_acked = released.append
+        try:  # the writer's steps one at a time (no run() task), so the round is in flight when the run ends
+            pub.set_fence("r2", "W#1", 0)
+            pub.publish(StartedEvent(request_id="r2", worker="W", attempt=1, prompt_tokens=2))
+            pub.publish_tokens("r2", 0, [5, 6], "ab")
+            await pub._write_events(pub._take_rounds())
+            last = await client.xrevrange(keys.events("r2"), count=1)
+            await client.xdel(keys.events("r2"), last[0][0])  # the failover lost the token event
+            pub.publish_tokens("r2", 2, [7], "c")
+            in_flight = pub._take_rounds()
+            pub.publish_tokens("r2", 3, [8], "d")  # meanwhile the run ends
+            pub.publish(DoneEvent(request_id="r2", finish_reason="length", text="abcd", token_ids=[5, 6, 7, 8],
+                                  usage=USAGE), ack=ack)
+            await pub._write_events(in_flight)
+            return stopped, released, pub.pending_requests()
+        finally:
+            await client.aclose()
+
+    stopped, released, pending = asyncio.run(main())
+    assert stopped == ["r2"]
+    assert released == [ack]  # the entry is given back: its lease lapses and another run resumes it
+    assert pending == 0  # nothing of the stopped run is left to write
+
+
+def test_a_stopped_runs_queued_terminal_does_not_drop_the_next_runs_events(redis_url: str) -> None:
+    """A run of this worker finished (terminal queued) but the request was taken over, by this same
+    worker again, before the writer took the queue: the old run's terminal is refused (-2, the new run
+    holds the fence) and the new run's events that follow it in the queue are written, not dropped."""
+    from worker.publisher import AckEntry, Publisher
+
+    keys = Keys("lw")
+    old_ack, new_ack = AckEntry("m", "1-0", "r3"), AckEntry("m", "2-0", "r3")
+
+    async def main() -> tuple[list[str], list[AckEntry], list[Any]]:
+        client = make_async_client(redis_url)
+        pub = Publisher(client, keys, 60)
+        stopped: list[str] = []
+        released: list[AckEntry] = []
+        pub.on_fenced = stopped.append
+        pub.on_acked = released.append
+        try:
+            await pub.take_fence("r3", "W#1")
+            pub.set_fence("r3", "W#1", 0)
+            pub.publish(StartedEvent(request_id="r3", worker="W", attempt=1, prompt_tokens=2))
+            pub.publish_tokens("r3", 0, [5, 6], "ab")
+            await pub._write_events(pub._take_rounds())
+            pub.publish_tokens("r3", 2, [7], "c")
+            pub.publish(DoneEvent(request_id="r3", finish_reason="length", text="abc", token_ids=[5, 6, 7],
+                                  usage=USAGE), ack=old_ack)
+            await pub.take_fence("r3", "W#2")  # the new run (a resubmitted entry) resumes at token 2
+            pub.set_fence("r3", "W#2", 2)
+            pub.publish(StartedEvent(request_id="r3", worker="W", attempt=2, prompt_tokens=2))
+            pub.publish_tokens("r3", 2, [7], "c")
+            pub.publish(DoneEvent(request_id="r3", finish_reason="length", text="abc", token_ids=[5, 6, 7],
+                                  usage=USAGE), ack=new_ack)
+            await pub._write_events(pub._take_rounds())
+            events = [decode_event(f[b"data"]) for _, f in await client.xrange(keys.events("r3"))]
+            return stopped, released, events
+        finally:
+            await client.aclose()
+
+    stopped, released, events = asyncio.run(main())
+    assert stopped == []  # the run publishing now is not the refused one
+    assert released == [old_ack]  # given back by the refusal; the new run's ack is written by _write_acks
+    assert [(type(e).__name__, getattr(e, "index", None)) for e in events] == [
+        ("StartedEvent", None), ("TokenEvent", 0), ("StartedEvent", None), ("TokenEvent", 2), ("DoneEvent", None)]
 
 
 def test_a_reader_ahead_of_a_resumed_run_gets_only_the_new_tokens_and_text() -> None:

@@ -386,11 +386,13 @@ class Publisher:
         rounds: list[_Round] = []
         queues, self._queues = self._queues, {}
         for request_id, q in queues.items():
-            terminal = False
+            ended: set[str] = set()  # fences whose run queued its terminal: what follows of that run goes
             current: _Round | None = None
             for item in q:
-                if terminal:
+                if item.fence in ended:
                     log.error("request %s: event %r after its terminal event dropped", request_id, item.event)
+                    if item.ack is not None:  # give the entry back, or its lease would be renewed forever
+                        self._released(item.ack)
                     continue
                 if current is None or current.fence != item.fence:
                     current = _Round(request_id, [], False, None, item.fence)
@@ -401,8 +403,9 @@ class Publisher:
                 else:
                     current.payloads.append(encode_event(ev))
                     if isinstance(ev, TERMINAL_TYPES):
-                        terminal = current.terminal = True
+                        current.terminal = True
                         current.ack = item.ack
+                        ended.add(item.fence)
         return rounds
 
     async def _write_events(self, rounds: list[_Round]) -> None:
@@ -536,8 +539,14 @@ class Publisher:
             self._released(r.ack)
             r.ack = None
         # What the refused run queued meanwhile goes too; a newer run's events (another token) stay.
+        # That may be the run's terminal event (it finished while this round was in flight): its
+        # ack is given back like r.ack, or the consumer would renew the entry's lease for a run
+        # that no longer exists and no worker would ever take the request over.
         q = self._queues.get(r.request_id)
         if q is not None:
+            for item in q:
+                if item.fence == r.fence and item.ack is not None:
+                    self._released(item.ack)
             kept = deque(item for item in q if item.fence != r.fence)
             if kept:
                 self._queues[r.request_id] = kept
