@@ -9,7 +9,8 @@ tokens; the cursor drops any token event lying entirely before the next expected
 the caller sees each token index exactly once. A token event that starts before the next
 expected index and ends after it (a run resumed from a reply stream that lost its last events
 in a Redis failover, after this reader had read them) is cut to its new tokens, when it starts
-where an earlier event of this reader started (the text delivered since then is known). Anything
+where an earlier event of this reader started, or where a replayed event that started there ended
+(the text delivered since then is known: the same tokens give the same text). Anything
 else out of order (a gap, another partial overlap, another request's event) is a protocol
 violation and raises ProtocolError.
 """
@@ -143,7 +144,12 @@ class ReplyCursor:
     def _accept_tokens(self, entry_id: str, event: TokenEvent) -> TokenEvent | None:
         end = event.index + len(event.token_ids)
         if end <= self.next_index:
-            return None  # a takeover replayed tokens the caller already has
+            # A takeover replayed tokens the caller already has. Where it ends is a boundary the next
+            # replayed event may start at (the run that lost its events coalesced them differently):
+            # remember how much text lies before it, so that event can be cut too.
+            if event.index in self._chars_at:
+                self._chars_at.setdefault(end, self._chars_at[event.index] + len(event.text))
+            return None
         if event.index < self.next_index and event.index in self._chars_at:
             # Partly new: keep the tokens and the text after what the caller already has.
             skip_chars = self._text_chars - self._chars_at[event.index]

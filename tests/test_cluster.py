@@ -455,3 +455,21 @@ def test_a_reader_ahead_of_a_resumed_run_gets_only_the_new_tokens_and_text() -> 
     assert cur.accept("2-1", entry(TokenEvent(request_id="r", index=0, token_ids=[1], text="a"))) is None
     with pytest.raises(ProtocolError):  # starts inside an event this reader never saw the start of
         cur.accept("2-2", entry(TokenEvent(request_id="r", index=6, token_ids=[7, 8], text="gh")))
+
+
+def test_a_reader_ahead_of_a_resumed_run_that_coalesced_differently_gets_only_the_new_tokens() -> None:
+    """The failover lost the reader's whole stream (started, tokens 0..6 in one event); the run that
+    takes over writes tokens 0..1, then 2..12: the first is dropped, and where it ended is where the
+    second may be cut, so the reader gets 7..12 with their text (issue 17: a ProtocolError before)."""
+    from producer_sdk.reply import ReplyCursor
+
+    def entry(ev: Any) -> dict[bytes, bytes]:
+        return {b"data": encode_event(ev)}
+
+    cur = ReplyCursor("r")
+    assert cur.accept("1-0", entry(TokenEvent(request_id="r", index=0, token_ids=list(range(7)), text="abcdefg")))
+    assert cur.accept("2-0", entry(TokenEvent(request_id="r", index=0, token_ids=[0, 1], text="ab"))) is None
+    got = cur.accept("2-1", entry(TokenEvent(request_id="r", index=2, token_ids=list(range(2, 13)),
+                                             text="cdefghijklm")))
+    assert isinstance(got, TokenEvent) and (got.index, got.token_ids, got.text) == (7, list(range(7, 13)), "hijklm")
+    assert cur.next_index == 13

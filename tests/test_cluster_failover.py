@@ -31,7 +31,7 @@ from redis.crc import key_slot
 from redis_cluster import RedisClusterLauncher, SentinelLauncher
 
 from producer_sdk.connection import make_sync_client
-from producer_sdk.keys import Keys
+from producer_sdk.keys import CONSUMER_GROUP, PRIORITY_BANDS, Keys
 from producer_sdk.protocol import decode_event
 
 WAIT_S = 180.0  # bounds waits only
@@ -87,10 +87,37 @@ def failover_specs(names: list[str], tag: str) -> list[RequestSpec]:
             for m in names for i in range(N_PER_MODEL)]
 
 
+def stuck_report(client: redis.Redis, keys: Keys, specs: list[RequestSpec]) -> str:
+    """Where each request without a terminal event stands in Redis: its ids field, whether that entry
+    is still in its stream, pending (to whom, idle, deliveries) or behind the group's last-delivered id,
+    and what its reply stream holds. Printed when the producer hangs."""
+    lines = []
+    c: Any = client  # redis-py's sync/async union types
+    for s in specs:
+        events = raw_events(client, keys, s.request_id)
+        view = stream_view(events)
+        if view.n_terminal:
+            continue
+        entry = c.hget(keys.ids(s.model), s.request_id)
+        where = []
+        for band, stream in zip(PRIORITY_BANDS, keys.req_streams(s.model)):
+            groups = {g["name"].decode(): g for g in c.xinfo_groups(stream)} if c.exists(stream) else {}
+            last = groups.get(CONSUMER_GROUP, {}).get("last-delivered-id")
+            if entry is not None and c.xrange(stream, entry, entry):
+                pend = c.xpending_range(stream, CONSUMER_GROUP, min=entry, max=entry, count=1)
+                where.append(f"{band}: entry {entry.decode()} in the stream, last-delivered {last!r}, pending "
+                             f"{[(p['consumer'], p['time_since_delivered'], p['times_delivered']) for p in pend]}")
+        lines.append(f"{s.request_id}: ids field {entry!r}; {'; '.join(where) or 'entry in no stream'}; reply stream: "
+                     f"{len(events)} events, {len(view.token_ids)} tokens, attempts {view.attempts}")
+    return "\n".join(lines) or "(none: every stored reply stream has its terminal event)"
+
+
 def run_and_kill(tmp: Path, target: dict[str, Any], prefix: str, specs: list[RequestSpec], client: redis.Redis,
-                 kill: Any, kill_after_tokens: int, tally: Tally, pace_s: float = 0.0) -> dict[str, Any]:
+                 kill: Any, kill_after_tokens: int, tally: Tally, pace_s: float = 0.0,
+                 logs: Any = lambda: "") -> dict[str, Any]:
     """Run the producer process; once the reply streams hold `kill_after_tokens` tokens (and no request
-    has finished), call kill(). Returns request_id -> (events, resubmits, error) as the producer saw them."""
+    has finished), call kill(). Returns request_id -> (events, resubmits, error) as the producer saw them.
+    If the producer hangs, fails with stuck_report() and `logs()` (the workers' log tails)."""
     specs_path, report_path = tmp / "specs.json", tmp / "report.json"
     specs_path.write_bytes(orjson.dumps([{**dataclasses.asdict(s), "delay_s": i * pace_s} for i, s in enumerate(specs)]))
     proc = subprocess.Popen([sys.executable, "-c", PRODUCER, target["mode"], target["url"],
@@ -107,7 +134,11 @@ def run_and_kill(tmp: Path, target: dict[str, Any], prefix: str, specs: list[Req
         assert unfinished >= len(specs) // 3, f"only {unfinished} requests were in flight at the kill"
         tally.add("in_flight_at_kill", unfinished)
         kill()
-        out, _ = proc.communicate(timeout=WAIT_S)
+        try:
+            out, _ = proc.communicate(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the producer did not finish within {WAIT_S} s; requests without a terminal "
+                                 f"event:\n{stuck_report(client, keys, specs)}\n{logs()}") from None
         assert proc.returncode == 0, out.decode(errors="replace")
     finally:
         if proc.poll() is None:
@@ -163,7 +194,7 @@ def test_cluster_master_killed_mid_run_every_request_ends_once(models: dict[str,
             for p in fleet.procs:
                 p.wait_ready(client)
             target = {"mode": "cluster", "url": cluster.url, "urls": cluster.urls[1:]}
-            seen = run_and_kill(tmp_path, target, prefix, specs, client, kill, 1500, tally)
+            seen = run_and_kill(tmp_path, target, prefix, specs, client, kill, 1500, tally, logs=fleet.logs)
             assert cluster.wait_promoted(victim_key, killed[0]) != killed[0]
             reference = reference_output(models, specs)
             problems = judge(seen, specs, reference, tally)
@@ -200,7 +231,7 @@ def test_sentinel_master_killed_mid_run_clients_follow_and_every_request_ends_on
             for p in fleet.procs:
                 p.wait_ready(client)
             target = {"mode": "sentinel", "url": urls[0], "urls": urls[1:], "sentinel_master": sentinels.name}
-            seen = run_and_kill(tmp_path, target, prefix, specs, client, kill, 1000, tally)
+            seen = run_and_kill(tmp_path, target, prefix, specs, client, kill, 1000, tally, logs=fleet.logs)
             assert sentinels.master_port() != old[0]
             reference = reference_output(models, specs)
             problems = judge(seen, specs, reference, tally)
@@ -257,7 +288,8 @@ def test_cluster_master_killed_while_its_replica_lags_writes_are_lost_and_every_
             for p in fleet.procs:
                 p.wait_ready(client)
             target = {"mode": "cluster", "url": cluster.url, "urls": cluster.urls[1:]}
-            seen = run_and_kill(tmp_path, target, prefix, specs, client, stall_and_kill, 300, tally, pace_s=0.08)
+            seen = run_and_kill(tmp_path, target, prefix, specs, client, stall_and_kill, 300, tally, pace_s=0.08,
+                                logs=fleet.logs)
             assert cluster.wait_promoted(victim_key, killed[0]) != killed[0]
             reference = reference_output(models, specs)
             problems = judge(seen, specs, reference, tally)
