@@ -19,8 +19,8 @@ tokens and stream entries (one entry may carry several tokens: the publisher coa
 queues up while a write is in flight) per second, between the first `started` and the last
 `done`. CPU: the worker processes' user+system time over the run (/proc), minus the token
 source's own thread, per token published: the figure that does not move with the machine's
-load. TTFT here is submit (producer's clock) -> the first token's entry id (server ms, the same
-host clock), so it has millisecond resolution. Every reply stream is checked: one `started`,
+load. TTFT here is the request entry's id -> its first token entry's id (both Redis server
+milliseconds: enqueued -> first token written), so it has millisecond resolution. Every reply stream is checked: one `started`,
 token indices 0..n-1 each once, one `done` (a request served twice or a token repeated counts
 as a violation and the run exits 1).
 
@@ -250,7 +250,8 @@ def cli_main(argv: list[str]) -> int:
 
 def produce_main(url: str, n: int, tokens: int) -> int:
     """`pipeline_overhead.py _produce URL N TOKENS`: connect, print "ready", and after a line on stdin
-    submit N requests at once; print one JSON line [[request_id, submit unix seconds], ...]."""
+    submit N requests at once; print one JSON line [[request_id, enqueue time], ...] (the request entry's
+    id: server milliseconds, the clock of the reply entries' ids)."""
 
     async def run() -> list[tuple[str, float]]:
         async with AsyncProducer(url) as producer:
@@ -258,9 +259,9 @@ def produce_main(url: str, n: int, tokens: int) -> int:
             await asyncio.to_thread(sys.stdin.readline)
 
             async def one() -> tuple[str, float]:
-                t0 = time.time()
                 h = await producer.submit("m", prompt_ids=PROMPT, max_tokens=tokens, ignore_eos=True)
-                return h.request_id, t0
+                assert h.entry_id is not None
+                return h.request_id, int(h.entry_id.split("-")[0]) / 1000.0  # enqueued (server clock)
 
             return list(await asyncio.gather(*(one() for _ in range(n))))
 
@@ -431,7 +432,7 @@ class _Check:
 
 def _check_streams(r: redis.Redis, keys: Keys, submitted: list[tuple[str, float]], tokens: int) -> _Check:
     c = _Check()
-    for rid, submit_s in submitted:
+    for rid, enqueued_s in submitted:
         started: list[str] = []
         next_index, ok, first_token_ms = 0, True, None
         entries: list[tuple[bytes, dict[bytes, bytes]]] = r.xrange(keys.events(rid))  # type: ignore[assignment]
@@ -459,7 +460,7 @@ def _check_streams(r: redis.Redis, keys: Keys, submitted: list[tuple[str, float]
         for w in set(started):
             c.by_worker[w] = c.by_worker.get(w, 0) + 1
         if first_token_ms is not None:
-            c.ttft_ms.append(first_token_ms - 1000.0 * submit_s)
+            c.ttft_ms.append(first_token_ms - 1000.0 * enqueued_s)
     return c
 
 
@@ -567,7 +568,7 @@ def print_throughput(t: dict[str, Any], label: str = "") -> None:
     print(f"  worker CPU {t['worker_cpu_s']:.2f} s, of which the token source's thread {t['source_cpu_s']:.2f} s: "
           f"{t['us_per_token']:.1f} us per token without the source ({t['source_us_per_token']:.1f} us with it "
           f"is the source's)")
-    print(f"  TTFT (submit -> first token entry, ms resolution): p50 {t['ttft_p50_ms']:.1f} ms, "
+    print(f"  TTFT (request entry -> first token entry, server ms): p50 {t['ttft_p50_ms']:.1f} ms, "
           f"p90 {t['ttft_p90_ms']:.1f} ms; all requests started within {t['pickup_s']:.2f} s")
     if t["steady"] is not None:
         print(f"  steady state (all {t['concurrent']} running, {t['steady_s']:.2f} s): {t['steady'][0]:,.0f} tokens/s, "

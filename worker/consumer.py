@@ -19,7 +19,9 @@ Priority. A model's requests wait in three streams, one per band (high > 0, norm
 low < 0; producer_sdk.keys.PRIORITY_BANDS). Each read is `_PICK_SCRIPT`, which looks at the
 oldest undelivered entry of every band and picks the band with the highest score
 `rank + age / priority_aging_s` (rank 2, 1, 0), and reads that band's entry in the same call
-(when every band is empty, a blocking XREADGROUP on all three follows). So waiting priority_aging_s is worth one band:
+(when every band is empty, a blocking XREADGROUP on all three follows). One call picks and reads
+as many entries as the read gate would admit one after another (at most _READ_BATCH), in the
+order single picks would give; their per-request checks then go out in one pipeline. So waiting priority_aging_s is worth one band:
 a request is never passed over by a request of a higher band that arrived more than
 (band difference) x priority_aging_s after it, and a low-priority request always finishes.
 Within a band, order is FIFO. Recovery (own pending, XAUTOCLAIM) visits the bands in order.
@@ -28,6 +30,7 @@ Within a band, order is FIFO. Recovery (own pending, XAUTOCLAIM) visits the band
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -63,41 +66,57 @@ log = logging.getLogger("layermux.worker.consumer")
 
 # Own pending entries listed per XPENDING round trip during startup recovery.
 _RECOVER_COUNT: Final = 16
+# Most new entries one read takes (when the read gate admits that many): a burst of requests then
+# costs a round trip per batch, not per request, and its entries' checks go out in one pipeline.
+_READ_BATCH: Final = 32
 
 _PICK_SCRIPT: Final = """
 -- KEYS[1..n] the model's request streams, highest band first; ARGV[1] group, ARGV[2] aging ms,
--- ARGV[3] (optional) consumer name.
+-- ARGV[3] (optional) consumer name, ARGV[4] (optional) how many entries to read.
 -- Picks the band whose oldest undelivered entry scores highest (score = (n - index) + age_ms /
 -- aging_ms). Without ARGV[3] returns its 1-based index, or 0 when no band has an undelivered
 -- entry. With ARGV[3] it also reads that entry for the consumer (XREADGROUP COUNT 1, saving the
--- worker a round trip per request) and returns {index, entry id, fields}, or 0.
+-- worker a round trip per request) and returns {index, entry id, fields}, or 0. With ARGV[4] = k
+-- it picks and reads up to k times (each pick sees the previous reads, so the order is that of k
+-- single calls) and returns a list of such triples, empty when nothing waits.
 -- Entry ids are Redis server milliseconds, so ages are read against the server's clock.
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local aging = tonumber(ARGV[2])
-local best, best_score = 0, nil
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local last = nil
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
-      local f = {}
-      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-      if f['name'] == ARGV[1] then last = f['last-delivered-id'] end
-    end
-    if last then
-      local head = redis.call('XRANGE', KEYS[i], '(' .. last, '+', 'COUNT', 1)
-      if #head > 0 then
-        local ms = tonumber(string.match(head[1][1], '^(%d+)'))
-        local score = (#KEYS - i) + math.max(0, now_ms - ms) / aging
-        if best_score == nil or score > best_score then best, best_score = i, score end
+local function pick()
+  local best, best_score = 0, nil
+  for i = 1, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      local last = nil
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[i])) do
+        local f = {}
+        for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+        if f['name'] == ARGV[1] then last = f['last-delivered-id'] end
+      end
+      if last then
+        local head = redis.call('XRANGE', KEYS[i], '(' .. last, '+', 'COUNT', 1)
+        if #head > 0 then
+          local ms = tonumber(string.match(head[1][1], '^(%d+)'))
+          local score = (#KEYS - i) + math.max(0, now_ms - ms) / aging
+          if best_score == nil or score > best_score then best, best_score = i, score end
+        end
       end
     end
   end
+  return best
 end
-if best == 0 or ARGV[3] == nil then return best end
-local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[best], '>')
-if not got or #got[1][2] == 0 then return 0 end
-return {best, got[1][2][1][1], got[1][2][1][2]}
+if ARGV[3] == nil then return pick() end
+local out = {}
+for _ = 1, tonumber(ARGV[4] or '1') do
+  local best = pick()
+  if best == 0 then break end
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[3], 'COUNT', 1, 'STREAMS', KEYS[best], '>')
+  if not got or #got[1][2] == 0 then break end
+  out[#out + 1] = {best, got[1][2][1][1], got[1][2][1][2]}
+end
+if ARGV[4] ~= nil then return out end
+if #out == 0 then return 0 end
+return out[1]
 """
 
 _PRUNE_SCRIPT: Final = """
@@ -140,6 +159,8 @@ class _Entry:
     deliveries: int
     band: str = "normal"
     fresh: bool = False  # read with XREADGROUP '>': its first delivery to any consumer
+    # (request id, reply stream has events, cancel asked) fetched with the read (_fetch_checks)
+    checked: tuple[str, bool, bool] | None = None
 
     @property
     def ref(self) -> tuple[str, str]:
@@ -298,23 +319,57 @@ class ModelConsumer:
         return False
 
     async def _read_new(self) -> _Entry | None:
-        """The next undelivered entry of the band `_PICK_SCRIPT` chooses; when every band is empty,
-        a blocking read on all of them (entries that arrive together beyond the first wait in _early)."""
+        """The next undelivered entries, in the order `_PICK_SCRIPT` chooses (as many as the read gate
+        admits, at most _READ_BATCH; the first is returned, the others wait in _early with their
+        checks already fetched); when every band is empty, a blocking read on all of them (entries
+        that arrive together beyond the first wait in _early)."""
         streams = list(self.streams.values())
-        picked = await self._pick(keys=streams, args=[CONSUMER_GROUP, self._aging_ms, self.consumer_name])
-        if isinstance(picked, list):  # [band index, entry id, [field, value, ...]]: read by the script
-            index, entry_id, flat = picked
-            fields = dict(zip(flat[::2], flat[1::2]))
-            return _Entry(_text(entry_id), _payload(fields), 1, self._band_of[streams[int(index) - 1]], fresh=True)
-        reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
-                                            count=1, block=self.settings.read_block_ms)
-        got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)], fresh=True)
-               for stream, entries in reply or [] for entry_id, fields in entries]
+        n = self._read_allowance()
+        picked = await self._pick(keys=streams, args=[CONSUMER_GROUP, self._aging_ms, self.consumer_name, n])
+        # [[band index, entry id, [field, value, ...]], ...]: read by the script
+        got = [_Entry(_text(entry_id), _payload(dict(zip(flat[::2], flat[1::2]))), 1,
+                      self._band_of[streams[int(index) - 1]], fresh=True) for index, entry_id, flat in picked]
+        if len(got) > 1:
+            got = await self._fetch_checks(got)
+        if not got:
+            reply = await self.redis.xreadgroup(CONSUMER_GROUP, self.consumer_name, dict.fromkeys(streams, ">"),
+                                                count=1, block=self.settings.read_block_ms)
+            got = [_Entry(_text(entry_id), _payload(fields), 1, self._band_of[_text(stream)], fresh=True)
+                   for stream, entries in reply or [] for entry_id, fields in entries]
+            got.sort(key=lambda e: PRIORITY_BANDS.index(e.band))
         if not got:
             return None
-        got.sort(key=lambda e: PRIORITY_BANDS.index(e.band))
         self._early.extend(got[1:])
         return got[0]
+
+    def _read_allowance(self) -> int:
+        """How many requests the read gate would admit one after another, each taking a minimum KV
+        reservation and a running slot (the gate admitted the first; at most _READ_BATCH)."""
+        view = self.driver.device_view(self.waiting)
+        me = view.models[self.name]
+        n = 1
+        while n < _READ_BATCH:
+            load = dataclasses.replace(me, running=me.running + n,
+                                       kv_bytes=me.kv_bytes + n * me.min_reservation_bytes)
+            after = admission.DeviceView(view.headroom_bytes - n * me.min_reservation_bytes,
+                                         {**view.models, self.name: load})
+            if admission.read_verdict(self.name, after) is not admission.ReadVerdict.OK:
+                break
+            n += 1
+        return n
+
+    async def _fetch_checks(self, entries: list[_Entry]) -> list[_Entry]:
+        """The per-request checks of `handle` (reply stream head, cancel asked) for several entries
+        in one pipeline; an entry without a readable request id is left for `handle` to refuse."""
+        ids = [_recover_request_id(e.data) if e.data is not None else None for e in entries]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                if rid is not None:
+                    pipe.xrange(self.keys.events(rid), count=1)
+                    pipe.sismember(self.keys.cancel(self.name), rid)
+            replies = iter(await pipe.execute())
+        return [e if rid is None else dataclasses.replace(e, checked=(rid, bool(next(replies)), bool(next(replies))))
+                for e, rid in zip(entries, ids)]
 
     async def _next_own_pending(self) -> _Entry | None:
         """Entries a previous run of this consumer (same worker_id) read but never acked."""
@@ -432,12 +487,15 @@ class ModelConsumer:
             return
         if self.driver.run_for(msg.request_id) is not None:
             return  # already running here (an entry re-delivered to its live owner)
-        # One round trip for a fresh request: has anything been published (then read where it stands),
-        # and was a cancel asked before the request was read?
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xrange(self.keys.events(msg.request_id), count=1)
-            pipe.sismember(self.keys.cancel(self.name), msg.request_id)
-            head, cancel_asked = await pipe.execute()
+        # One round trip for a fresh request (none when the read fetched it): has anything been
+        # published (then read where it stands), and was a cancel asked before the request was read?
+        if entry.checked is not None and entry.checked[0] == msg.request_id:
+            _, head, cancel_asked = entry.checked
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xrange(self.keys.events(msg.request_id), count=1)
+                pipe.sismember(self.keys.cancel(self.name), msg.request_id)
+                head, cancel_asked = await pipe.execute()
         state = await read_reply_state(self.redis, self.keys, msg.request_id) if head else ReplyState()
         if state.terminal:
             self.publisher.ack(ack)
