@@ -89,7 +89,7 @@ def test_the_window_changes_the_logits_so_these_tests_can_fail(dirs: dict[str, P
 def test_sliding_window_logits_match_hf_for_any_prefill_chunk(dirs: dict[str, Path], chunk: int) -> None:
     """Window 5 over 16-token KV blocks; prompts of 4 .. 45 tokens prefilled in chunks of `chunk`."""
     path = dirs["gemma"]
-    with Engine(EngineConfig(budget_bytes=128 << 20, kv_block_tokens=16, max_batch_tokens=chunk)) as eng:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=128 << 20, kv_block_tokens=16, max_batch_tokens=chunk)) as eng:
         eng.load_model("g", path)
         for n in (4, 5, 6, 16, 17, 33, 45):
             ids = prompt_ids(n)
@@ -105,7 +105,7 @@ def test_decode_far_past_the_window_matches_hf_greedy_and_logits(dirs: dict[str,
     run = ref.hf_greedy(path, prompt, 48)
     assert run.margins.min() >= 2e-3, "test setup: the reference has a near tie; pick another seed"
     assert len(set(run.tokens)) > 8, "test setup: the reference repeats itself; pick another seed"
-    with Engine(EngineConfig(budget_bytes=128 << 20, kv_block_tokens=16)) as eng:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=128 << 20, kv_block_tokens=16)) as eng:
         eng.load_model("m", path)
         assert eng.generate("m", prompt, greedy(48)) == run.tokens
         for k in (20, 47):
@@ -117,7 +117,7 @@ def test_sequences_with_and_without_a_full_window_batch_invariantly(dirs: dict[s
     """Prompts shorter and longer than the window, submitted together and alone: the same tokens."""
     path = dirs["gemma"]
     prompts = [prompt_ids(n, salt=2) for n in (2, 5, 6, 15, 16, 17, 40)]
-    with Engine(EngineConfig(budget_bytes=128 << 20, kv_block_tokens=16)) as eng:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=128 << 20, kv_block_tokens=16)) as eng:
         eng.load_model("g", path)
         alone = [eng.generate("g", p, greedy(12)) for p in prompts]
         for i, p in enumerate(prompts):
@@ -146,7 +146,7 @@ def test_streamed_layers_generate_the_resident_tokens(dirs: dict[str, Path], nam
 
     def run(options: ModelLoadOptions) -> tuple[list[list[int]], bool, int, int]:
         """(tokens per prompt, resident?, weight bytes, bytes copied into layer slots)"""
-        with Engine(EngineConfig(budget_bytes=64 << 20, kv_block_tokens=16, max_batch_tokens=8)) as eng:
+        with Engine(EngineConfig(kv_dtype="f32", budget_bytes=64 << 20, kv_block_tokens=16, max_batch_tokens=8)) as eng:
             info = eng.load_model("m", path, options=options)
             out = [eng.generate("m", p, SamplingParams(temperature=0.8, top_k=40, seed=7 + i, max_tokens=24,
                                                        ignore_eos=True)) for i, p in enumerate(prompts)]
@@ -194,7 +194,7 @@ def test_sliding_window_pattern_integer_when_layer_types_is_absent(dirs: dict[st
     old = with_config(dirs["gemma"], tmp_path / "old", layer_types=None, sliding_window_pattern=3)
     assert load_spec(old, "g")["layer_window"] == [5, 5, 0]
     ids = prompt_ids(30)
-    with Engine(EngineConfig(budget_bytes=64 << 20)) as eng:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=64 << 20)) as eng:
         eng.load_model("g", old)
         assert ref.rel_error(eng.debug_logits("g", ids), ref.hf_logits(old, ids)) <= F32_TOL
 

@@ -94,7 +94,7 @@ def _from_folder(folder: Path, out: Path, kw: dict[str, int | float], quant: Q |
 
 @pytest.fixture(scope="module")
 def eng() -> Engine:
-    with Engine(EngineConfig(budget_bytes=512 << 20)) as e:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=512 << 20)) as e:
         yield e  # type: ignore[misc]
 
 
@@ -280,7 +280,7 @@ def test_llama3_rope_freqs_tensor_on_vulkan_gives_hfs_greedy_tokens(rope3: Rope3
     import hf_reference as ref
 
     try:
-        vk = Engine(EngineConfig(budget_bytes=64 << 20, device_kind="vulkan"))
+        vk = Engine(EngineConfig(kv_dtype="f32", budget_bytes=64 << 20, device_kind="vulkan"))
     except LayermuxError as e:
         pytest.skip(f"no Vulkan device: {e}")
     with vk:

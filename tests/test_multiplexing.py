@@ -277,7 +277,7 @@ def test_a_step_that_cannot_run_ends_its_requests_with_an_error_not_the_process(
     common: dict[str, Any] = {"n_heads": 4, "n_kv_heads": 2, "max_position_embeddings": 4096}
     small = make_model(tmp_path / "small", hidden=64, n_layers=2, intermediate=128, seed=1, **common)
     big = make_model(tmp_path / "big", hidden=128, n_layers=4, intermediate=512, seed=2, **common)
-    probe = Engine(EngineConfig(budget_bytes=256 << 20, n_threads=1))
+    probe = Engine(EngineConfig(budget_bytes=256 << 20, n_threads=1, kv_dtype="f32"))  # the KV sizes below
     try:
         probe.load_model("small", small, options=SWAP)
         probe.load_model("big", big, options=SWAP)
@@ -287,7 +287,7 @@ def test_a_step_that_cannot_run_ends_its_requests_with_an_error_not_the_process(
     workspaces = info["small"].workspace_bytes + info["big"].workspace_bytes
     slack = 256 << 10  # less than the small model's KV below
     cap = workspaces + info["big"].weight_bytes + slack
-    eng = Engine(EngineConfig(budget_bytes=int(cap / 0.9) + 1, cap_fraction=0.9, n_threads=1))
+    eng = Engine(EngineConfig(budget_bytes=int(cap / 0.9) + 1, cap_fraction=0.9, n_threads=1, kv_dtype="f32"))
     try:
         eng.load_model("small", small, options=SWAP)
         eng.load_model("big", big, options=SWAP)

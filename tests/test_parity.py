@@ -178,7 +178,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def eng() -> Iterator[Engine]:
-    with Engine(EngineConfig(budget_bytes=512 << 20, kv_block_tokens=16)) as e:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=512 << 20, kv_block_tokens=16)) as e:
         yield e
 
 
@@ -325,7 +325,7 @@ def test_low_precision_weights_stay_within_stated_tolerance_of_f32(
 @pytest.fixture
 def fast_eng() -> Iterator[Engine]:
     """An engine in matmul precision "fast", for one test."""
-    with Engine(EngineConfig(budget_bytes=256 << 20, kv_block_tokens=16, matmul_precision=MatmulPrecision.fast)) as e:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=256 << 20, kv_block_tokens=16, matmul_precision=MatmulPrecision.fast)) as e:
         yield e
 
 
@@ -333,11 +333,11 @@ def test_matmul_precision_belongs_to_the_engine_not_the_process(model_dirs: dict
     """An exact engine's logits stay bitwise the same while a fast engine lives and runs
     next to it (before, the last engine constructed set the precision for the process)."""
     ids = prompt_ids(12)
-    with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision=MatmulPrecision.exact)) as exact:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=256 << 20, matmul_precision=MatmulPrecision.exact)) as exact:
         for fmt in FAST_FORMATS:
             exact.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
         before = {fmt: exact.debug_logits(fmt, ids) for fmt in FAST_FORMATS}
-        with Engine(EngineConfig(budget_bytes=256 << 20, matmul_precision=MatmulPrecision.fast)) as fast:
+        with Engine(EngineConfig(kv_dtype="f32", budget_bytes=256 << 20, matmul_precision=MatmulPrecision.fast)) as fast:
             for fmt in FAST_FORMATS:
                 fast.load_model(fmt, model_dirs["smol_tied_gqa1"], weights=fmt)
                 fast_logits = fast.debug_logits(fmt, ids)
@@ -400,7 +400,7 @@ def test_chunked_prefill_gives_the_same_tokens_and_logits(eng: Engine, load: Loa
                                                           variant: str) -> None:
     path = model_dirs[variant]
     model = load(path)
-    with Engine(EngineConfig(budget_bytes=256 << 20, kv_block_tokens=16, max_batch_tokens=8)) as small:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=256 << 20, kv_block_tokens=16, max_batch_tokens=8)) as small:
         small.load_model("m", path)
         for mode in ("greedy", "sampled"):
             reqs = batch_requests(model, mode)

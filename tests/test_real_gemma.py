@@ -54,7 +54,7 @@ def tokenizer(gguf_path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def eng(gguf_path: Path) -> Iterator[Engine]:
-    with Engine(EngineConfig(budget_bytes=2 << 30, kv_block_tokens=16)) as e:
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=2 << 30, kv_block_tokens=16)) as e:
         e.load_model("gemma", gguf_path)
         yield e
 

@@ -62,7 +62,7 @@ def test_smollm2_q4_1_greedy_tokens_equal_transformers_float32() -> None:
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     model.eval()
-    with Engine(EngineConfig(budget_bytes=2 << 30)) as eng:  # matmul precision: exact (the default)
+    with Engine(EngineConfig(kv_dtype="f32", budget_bytes=2 << 30)) as eng:  # matmul precision: exact (the default)
         eng.load_model("smol", path)
         rows = []
         for prompt in PROMPTS:

@@ -122,7 +122,7 @@ class DeviceSettings(_Section):
     index: int = Field(default=_ENGINE.device_index, ge=0, description="which Vulkan device, when several")
     kv_dtype: Literal["f32", "f16"] = Field(
         default=cast(Literal["f32", "f16"], _ENGINE.kv_dtype),
-        description="KV pages: f32, or f16 (half the KV bytes; cpu device only)")
+        description="KV pages: f16 (half the KV bytes), or f32")
     link_gbps: float | None = Field(
         default=None, gt=0.0,
         description="cpu device: pace every host->device copy at this many GB/s (1e9 bytes/s), so the CPU "
