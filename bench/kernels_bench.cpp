@@ -7,7 +7,7 @@
 //   g++ $F -c $S/kernels/kernels_avx2.cpp -mavx2 -mfma -mf16c
 //   g++ $F -c $S/kernels/kernels_avx512.cpp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16
 //       -mavx512vnni -mfma -mf16c -mavx2                                  (one line)
-//   g++ $F ../../bench/kernels_bench.cpp $S/kernels/dispatch.cpp $S/kernels/reference.cpp
+//   g++ $F ../../bench/kernels_bench.cpp $S/kernels/dispatch.cpp $S/kernels/reference.cpp $S/kernels/quants.cpp
 //       $S/threadpool.cpp $S/common.cpp kernels_avx2.o kernels_avx512.o -pthread -o kernels_bench   (one line)
 // Run: ./kernels_bench [n_threads=all] [cold|hot] [passes=3]   (LMX_KERNELS=avx2 forces the AVX2 table)
 //
@@ -24,7 +24,12 @@
 // loaded under fast precision holds): int8 activations, one vpdpbusd per 4 x 16 MACs.
 // "bf16*" is bf16 weights under MatmulPrecision::Fast (bf16 activations, vdpbf16ps),
 // listed only where the CPU has AVX512_BF16; "q8_0*", "q4_0*" are q8_0 / q4_0 under
-// MatmulPrecision::Fast (int8 activations, integer block dots).
+// MatmulPrecision::Fast (int8 activations, integer block dots). The GGUF block formats
+// (q4_1 .. q6_K: random quants, finite f16 scales) come the same two ways: "q4_K" exact
+// (dequantise, f32 FMA), "q4_K*" fast (int8 activations). A shape whose n_in is not a whole
+// number of the format's blocks (960 for the 256-element k-quants) is skipped (no line).
+// Gemma 3 270M's layer shapes (Q4_K_M: q/k/gate/up q5_0, v q8_0, o q4_K, down q6_K / q4_K,
+// head q8_0): LMX_BENCH_SHAPES=1024x640,256x640,2048x640,640x1024,640x2048,262144x640
 // Optional 4th argument: a comma-separated subset of the format names, e.g. q8_0,q8_0*.
 #include <chrono>
 #include <cstdio>
@@ -35,6 +40,7 @@
 #include <vector>
 
 #include "kernels/kernels.h"
+#include "kernels/quants.h"
 #include "threadpool.h"
 
 using namespace lmx;
@@ -63,6 +69,23 @@ float rand_unit() {
     g_rng ^= g_rng >> 7;
     g_rng ^= g_rng << 17;
     return static_cast<float>(g_rng >> 40) * 0x1p-23f - 1.0f;
+}
+
+// n_rows x n_cols of GGUF block format t: random quant and scale bytes, f16 scales in +-0.02
+// (convert_rows does not quantise to these formats; the kernels' speed does not depend on values).
+void random_gguf_blocks(DType t, uint8_t* w, int64_t n_rows, int64_t n_cols) {
+    const int64_t n_bytes = row_bytes(t, n_cols) * n_rows, bb = dtype_block_bytes(t);
+    for (int64_t i = 0; i < n_bytes; ++i) w[i] = static_cast<uint8_t>(rand_unit() * 127.0f + 128.0f);
+    int offs[2] = {0, 2}, n_offs = 2;  // byte offsets of the f16 fields of one block
+    if (t == DType::Q5_0) n_offs = 1;
+    if (t == DType::Q2_K) offs[0] = 80, offs[1] = 82;
+    if (t == DType::Q3_K) offs[0] = 108, n_offs = 1;
+    if (t == DType::Q6_K) offs[0] = 208, n_offs = 1;
+    for (int64_t b = 0; b < n_bytes / bb; ++b)
+        for (int k = 0; k < n_offs; ++k) {
+            const uint16_t h = f32_to_f16(rand_unit() * 0.02f);
+            std::memcpy(w + b * bb + offs[k], &h, 2);
+        }
 }
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -139,6 +162,16 @@ int main(int argc, char** argv) {
                              {DType::Q4_0, MatmulPrecision::Fast, "q4_0*"},
                              {DType::Q8_0X16, MatmulPrecision::Fast, "q8_0x16"},
                              {DType::Q4_0X16, MatmulPrecision::Fast, "q4_0x16"}};
+    const struct {
+        DType dtype;
+        const char *exact, *fast;
+    } gguf[] = {{DType::Q4_1, "q4_1", "q4_1*"}, {DType::Q5_0, "q5_0", "q5_0*"}, {DType::Q5_1, "q5_1", "q5_1*"},
+                {DType::Q2_K, "q2_K", "q2_K*"}, {DType::Q3_K, "q3_K", "q3_K*"}, {DType::Q4_K, "q4_K", "q4_K*"},
+                {DType::Q5_K, "q5_K", "q5_K*"}, {DType::Q6_K, "q6_K", "q6_K*"}};
+    for (const auto& g : gguf) {
+        fmts.push_back({g.dtype, MatmulPrecision::Exact, g.exact});
+        fmts.push_back({g.dtype, MatmulPrecision::Fast, g.fast});
+    }
     if (std::strcmp(kernels_isa(), "avx512") == 0 && __builtin_cpu_supports("avx512bf16"))
         fmts.push_back({DType::BF16, MatmulPrecision::Fast, "bf16*"});
     if (argc > 4) {  // keep only the named formats
@@ -173,6 +206,7 @@ int main(int argc, char** argv) {
             for (float& v : x) v = rand_unit();
             for (size_t fi = 0; fi < fmts.size(); ++fi) {
                 const DType dt = fmts[fi].dtype;
+                if (s.n_in % dtype_block_elems(dt) != 0) continue;  // not whole blocks: skipped
                 const size_t w_bytes = static_cast<size_t>(row_bytes(dt, s.n_in) * s.n_out);
                 w_bytes_of[si * fmts.size() + fi] = w_bytes;
                 const size_t n_copies = hot ? 1 : (kColdBytes + w_bytes - 1) / w_bytes + 1;
@@ -182,6 +216,8 @@ int main(int argc, char** argv) {
                     std::vector<uint8_t> tmp(w_bytes);
                     convert_rows(wf.data(), DType::F32, tmp.data(), plain, s.n_out, s.n_in);
                     repack_x16(tmp.data(), plain, w.get(), s.n_out, s.n_in);
+                } else if (dtype_is_gguf_quant(dt)) {
+                    random_gguf_blocks(dt, w.get(), s.n_out, s.n_in);
                 } else {
                     convert_rows(wf.data(), DType::F32, w.get(), dt, s.n_out, s.n_in);
                 }
@@ -223,6 +259,7 @@ int main(int argc, char** argv) {
         for (size_t fi = 0; fi < fmts.size(); ++fi) {
             const Shape& s = shapes[si];
             const size_t w_bytes = w_bytes_of[si * fmts.size() + fi];
+            if (w_bytes == 0) continue;  // skipped: n_in is not whole blocks of this format
             const double t_one = best[(si * fmts.size() + fi) * n_tc];
             for (size_t ti = 0; ti < n_tc; ++ti) {
                 const int64_t n_tok = tok_counts[ti];

@@ -101,26 +101,32 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         throw InvalidArgument("matmul_many: expected 1.." + std::to_string(kMaxOuts) + " outputs, found " +
                               std::to_string(n_outs));
     const WeightView& w0 = outs[0].w;
+    // The int8-activation formats (q8_0, q4_0, the GGUF block formats, the x16 forms) share one
+    // rounding of the activations (act_to_q8), so outputs of different such formats (a GGUF
+    // Q4_K_M layer's q5_0 q / k and q8_0 v) take the fast path together. Any other mix of
+    // formats takes the exact path together; an x16 format (int8 only) mixes only with int8 ones.
+    bool mixed = false, any_x16 = false, all_int8 = true;
+    for (int j = 0; j < n_outs; ++j) {
+        const DType t = outs[j].w.dtype;
+        mixed = mixed || t != w0.dtype;
+        any_x16 = any_x16 || dtype_is_x16(t);
+        all_int8 = all_int8 && (dtype_is_blocked(t) || dtype_is_gguf_quant(t));
+    }
     for (int j = 1; j < n_outs; ++j)
-        if (outs[j].w.n_in != w0.n_in || outs[j].w.precision != w0.precision ||
-            (outs[j].w.dtype != w0.dtype && (dtype_is_x16(outs[j].w.dtype) || dtype_is_x16(w0.dtype))))
-            throw InvalidArgument("matmul_many: every output needs the same n_in and precision, and the same weight "
-                                  "format when one is an x16 format");
-    // Outputs of different formats (a GGUF Q4_K_M layer's q5_0 q / k and q8_0 v) take the exact
-    // path together: the fast paths share one rounding of the activations per format.
-    bool mixed = false;
-    for (int j = 1; j < n_outs; ++j) mixed = mixed || outs[j].w.dtype != w0.dtype;
+        if (outs[j].w.n_in != w0.n_in || outs[j].w.precision != w0.precision)
+            throw InvalidArgument("matmul_many: every output needs the same n_in and precision");
+    if (any_x16 && !all_int8)
+        throw InvalidArgument("matmul_many: an x16 format mixes only with int8-activation formats (q8_0, q4_0, GGUF "
+                              "block formats)");
     for (int j = 0; j < n_outs; ++j)
         if (outs[j].w.n_in % dtype_block_elems(outs[j].w.dtype) != 0)
             throw InvalidArgument(std::string("matmul: ") + dtype_name(outs[j].w.dtype) + " weights need n_in % " +
                                   std::to_string(dtype_block_elems(outs[j].w.dtype)) +
                                   " == 0, found n_in=" + std::to_string(outs[j].w.n_in));
-    if (dtype_is_x16(w0.dtype))
-        for (int j = 0; j < n_outs; ++j)
-            if (outs[j].w.n_out % kX16Rows != 0)
-                throw InvalidArgument(std::string("matmul: ") + dtype_name(w0.dtype) +
-                                      " weights come in groups of 16 rows, found n_out=" +
-                                      std::to_string(outs[j].w.n_out));
+    for (int j = 0; j < n_outs; ++j)
+        if (dtype_is_x16(outs[j].w.dtype) && outs[j].w.n_out % kX16Rows != 0)
+            throw InvalidArgument(std::string("matmul: ") + dtype_name(outs[j].w.dtype) +
+                                  " weights come in groups of 16 rows, found n_out=" + std::to_string(outs[j].w.n_out));
     int64_t n_out_all = 0;
     for (int j = 0; j < n_outs; ++j) n_out_all += outs[j].w.n_out;
     if (n_tok <= 0 || n_out_all <= 0) return;
@@ -146,10 +152,10 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
             rows_fn(outs[j], r0, r0 + rows[j] < outs[j].w.n_out ? r0 + rows[j] : outs[j].w.n_out);
         });
     };
-    const bool fast = !mixed && w0.precision == MatmulPrecision::Fast;
+    const bool fast = w0.precision == MatmulPrecision::Fast;
     // The x16 formats (repacked at load for fast precision) always take int8 activations;
     // tasks are whole 16-row groups (rows_per_task gives multiples of kRowQuantum = 16).
-    if (dtype_is_blocked(w0.dtype) && (dtype_is_x16(w0.dtype) || (k.matmul_rows_q8act && fast))) {
+    if (any_x16 || (all_int8 && fast && k.matmul_rows_q8act)) {
         // Quantise the activations to int8 blocks once per call, on the calling thread,
         // into a per-thread buffer that only grows (no allocation in the steady state).
         thread_local std::vector<uint8_t> act;
@@ -157,11 +163,12 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
         k.act_to_q8(x, n_tok, w0.n_in, act.data());
         // By pointer: inside the lambda, `act` would name the worker's own thread_local.
         const uint8_t* act_data = act.data();
-        const auto rows_fn = dtype_is_x16(w0.dtype) ? k.matmul_rows_x16 : k.matmul_rows_q8act;
-        run_tasks([&](const MatmulOut& o, int64_t r0, int64_t r1) { rows_fn(o.w, act_data, n_tok, o.y, o.bias, r0, r1); });
+        run_tasks([&](const MatmulOut& o, int64_t r0, int64_t r1) {
+            (dtype_is_x16(o.w.dtype) ? k.matmul_rows_x16 : k.matmul_rows_q8act)(o.w, act_data, n_tok, o.y, o.bias, r0, r1);
+        });
         return;
     }
-    if (w0.dtype == DType::BF16 && k.matmul_rows_bf16act && fast) {
+    if (w0.dtype == DType::BF16 && k.matmul_rows_bf16act && fast && !mixed) {
         // Round the activations once per call, as above.
         thread_local std::vector<uint16_t> act;
         act.resize(static_cast<size_t>(n_tok * bf16_act_stride(w0.n_in)));

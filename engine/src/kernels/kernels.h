@@ -82,11 +82,13 @@ void matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_to
 //    * bf16 weights on AVX512_BF16 CPUs take bf16 activations (vdpbf16ps: twice the
 //      multiply-adds per instruction of f32 FMA; each product then carries a relative
 //      error up to 2^-8);
-//    * q8_0 and q4_0 weights take int8 activations, one f32 scale per block of 32
+//    * q8_0, q4_0 and the GGUF block formats (Q4_1 .. Q6_K, in the integer form of
+//      kernels/quants.h) take int8 activations, one f32 scale per block of 32
 //      (|error| <= d_x/2 per element), and integer block dots (vpdpbusd, or vpmaddubsw
 //      on AVX2); defined bit for bit by ref::matmul_rows_q8act, the same on every ISA.
 //    Every other case stays exact. Still batch- and thread-invariant. matmul_many needs
-//    one precision for all its outputs.
+//    one precision for all its outputs; outputs of different int8 formats (a GGUF Q4_K_M
+//    layer's q5_0 q / k and q8_0 v) share one rounding of x, any other mix runs exact.
 //  The x16 formats always take the int8 path (defined by ref::matmul_rows_x16): a model
 //  loaded under fast precision stores its q8_0 / q4_0 matrices that way (model.cpp).
 

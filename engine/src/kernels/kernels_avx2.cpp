@@ -16,6 +16,7 @@
 #include "simd_elementwise.h"
 #include "simd_matmul.h"
 #include "simd_q8act.h"
+#include "simd_q8act_gguf.h"
 
 namespace lmx {
 namespace {
@@ -133,7 +134,7 @@ const KernelTable kTable = {
     nullptr,  // no bf16 dot product on AVX2: MatmulPrecision::Fast keeps bf16 exact
     nullptr,
     &simd::act_to_q8<Avx2Dot>,
-    &simd::matmul_rows_q8act<Avx2Dot>,
+    &simd::matmul_rows_q8act_any<Avx2Dot>,
     &simd::matmul_rows_x16_ymm<Avx2Dot>,
     &simd::attention<Avx2, uint16_t>,
 };

@@ -21,6 +21,7 @@
 #include "simd_elementwise.h"
 #include "simd_matmul.h"
 #include "simd_q8act.h"
+#include "simd_q8act_gguf.h"
 
 namespace lmx {
 namespace {
@@ -371,7 +372,7 @@ constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
         with_bf16 ? &act_to_bf16 : nullptr,
         with_bf16 ? &matmul_rows_bf16act : nullptr,
         with_vnni ? &simd::act_to_q8<VnniDot> : &simd::act_to_q8<BwDot>,
-        with_vnni ? &simd::matmul_rows_q8act<VnniDot> : &simd::matmul_rows_q8act<BwDot>,
+        with_vnni ? &simd::matmul_rows_q8act_any<VnniDot> : &simd::matmul_rows_q8act_any<BwDot>,
         with_vnni ? &matmul_rows_x16_vnni : &simd::matmul_rows_x16_ymm<BwDot>,
         &simd::attention<Avx512, uint16_t>,
     };

@@ -33,7 +33,7 @@ struct KernelTable {
     void (*act_to_bf16)(const float* x, int64_t n_tok, int64_t n_in, uint16_t* act);
     void (*matmul_rows_bf16act)(const WeightView& w, const uint16_t* act, int64_t n_tok, float* y,
                                 const float* bias, int64_t row0, int64_t row1);
-    // MatmulPrecision::Fast for q8_0 and q4_0 weights (integer block dot products).
+    // MatmulPrecision::Fast for q8_0, q4_0 and the GGUF block formats (integer block dot products).
     // act_to_q8 quantises x [n_tok, n_in] (n_in % 32 == 0) to act [n_tok, q8_act_row_bytes(n_in)];
     // matmul_rows_q8act is matmul_rows on those activations. The math, bit for bit, is
     // ref::act_to_q8 / ref::matmul_rows_q8act (reference.cpp), on every ISA.
@@ -76,7 +76,8 @@ namespace ref {
 // Scalar matmul on output rows [row0, row1) (double accumulation), the scalar table's kernel.
 void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
                  int64_t row1);
-// The fast (quantised-activation) q8_0 / q4_0 matmul: the definition every ISA reproduces.
+// The fast (quantised-activation) matmul of q8_0, q4_0 and the GGUF block formats: the definition
+// every ISA reproduces.
 void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act);
 void matmul_rows_q8act(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                        int64_t row0, int64_t row1);

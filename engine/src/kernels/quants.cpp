@@ -163,4 +163,47 @@ void dequantize_blocks(DType t, const uint8_t* blocks, int64_t n_blocks, float* 
     for (int64_t i = 0; i < n_blocks; ++i) fn(blocks + i * nb, out + i * ne);
 }
 
+void quant_block_uint(DType t, const uint8_t* b, uint8_t* q) {
+    auto set = [&](int i, int v) { q[i] = static_cast<uint8_t>(v); };
+    switch (t) {
+        case DType::Q4_1:
+            for (int i = 0; i < 32; ++i) set(i, nibble32(b + 4, i));
+            return;
+        case DType::Q5_0:
+        case DType::Q5_1: {
+            const int o = t == DType::Q5_0 ? 2 : 4;  // qh, then the nibbles
+            uint32_t qh;
+            std::memcpy(&qh, b + o, 4);
+            for (int i = 0; i < 32; ++i) set(i, nibble32(b + o + 4, i) | static_cast<int>(((qh >> i) & 1) << 4));
+            return;
+        }
+        case DType::Q2_K:
+            for (int e = 0; e < 256; ++e) set(e, q2_at(b + 16, e));
+            return;
+        case DType::Q3_K:
+            for (int e = 0; e < 256; ++e) set(e, q2_at(b + 32, e) | (((b[e % 32] >> (e / 32)) & 1) << 2));
+            return;
+        case DType::Q4_K:
+        case DType::Q5_K: {
+            const uint8_t* qs = b + (t == DType::Q4_K ? 16 : 48);
+            for (int e = 0; e < 256; ++e) {
+                const int s = e / 32, l = e % 32;
+                int v = (qs[(s / 2) * 32 + l] >> (4 * (s % 2))) & 15;
+                if (t == DType::Q5_K) v |= ((b[16 + l] >> s) & 1) << 4;
+                set(e, v);
+            }
+            return;
+        }
+        case DType::Q6_K:
+            for (int e = 0; e < 256; ++e) {
+                const int h = e / 128, r = e % 128;
+                const int lo = (b[h * 64 + r % 64] >> (4 * (r / 64))) & 15;
+                const int hi = (b[128 + h * 32 + r % 32] >> (2 * (r / 32))) & 3;
+                set(e, lo | (hi << 4));
+            }
+            return;
+        default: throw InvalidArgument(std::string("quant_block_uint: ") + dtype_name(t) + " is not a GGUF block format");
+    }
+}
+
 }  // namespace lmx

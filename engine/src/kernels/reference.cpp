@@ -334,8 +334,57 @@ void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act) {
     }
 }
 
+// The GGUF block formats, in their integer form (quants.h: value = a * (q - off) + b per 16
+// elements): the same eight lanes, lane j of chunk c (elements 32c + 4j .. +3, sub-block
+// s = 2c + j / 4) taking
+//   lane[j] = fma(float(sum of (q - off) * x_q), a[s] * d_x[c], lane[j])
+//   lane[j] = fma(float(sum of x_q) * d_x[c], b[s], lane[j])      (formats with a min only)
+// then the same tree and bias. For q4_0 (a = d, off 8) this is the rule above, bit for bit.
+static void matmul_rows_q8act_gguf(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y,
+                                   const float* bias, int64_t row0, int64_t row1) {
+    const DType t = w.dtype;
+    const int64_t be = dtype_block_elems(t), n_blocks = w.n_in / be;
+    const int off = quant_offset(t);
+    const bool has_min = quant_has_min(t);
+    uint8_t q[256];
+    float a[16], b[16];
+    for (int64_t o = row0; o < row1; ++o) {
+        const uint8_t* row = weight_row(w, o);
+        for (int64_t tok = 0; tok < n_tok; ++tok) {
+            const uint8_t* at = act + tok * q8_act_row_bytes(w.n_in);
+            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t blk = 0; blk < n_blocks; ++blk) {
+                quant_block_uint(t, row + blk * dtype_block_bytes(t), q);
+                quant_sub_scales(t, row + blk * dtype_block_bytes(t), a, b);
+                for (int64_t c = 0; c < be / kQ8BlockElems; ++c) {
+                    const int64_t chunk = (blk * be) / kQ8BlockElems + c;  // the activations' block
+                    float dx;
+                    std::memcpy(&dx, at + w.n_in + 4 * chunk, 4);
+                    const int8_t* xq = reinterpret_cast<const int8_t*>(at + chunk * kQ8BlockElems);
+                    for (int j = 0; j < 8; ++j) {
+                        int32_t isum = 0, xsum = 0;
+                        for (int k = 0; k < 4; ++k) {
+                            isum += (static_cast<int32_t>(q[32 * c + 4 * j + k]) - off) * xq[4 * j + k];
+                            xsum += xq[4 * j + k];
+                        }
+                        const int64_t s = 2 * c + j / 4;
+                        lane[j] = std::fma(static_cast<float>(isum), a[s] * dx, lane[j]);
+                        if (has_min) lane[j] = std::fma(static_cast<float>(xsum) * dx, b[s], lane[j]);
+                    }
+                }
+            }
+            const float l4[4] = {lane[0] + lane[4], lane[1] + lane[5], lane[2] + lane[6], lane[3] + lane[7]};
+            const float l2[2] = {l4[0] + l4[2], l4[1] + l4[3]};
+            float v = l2[0] + l2[1];
+            if (bias) v += bias[o];
+            y[tok * w.n_out + o] = v;
+        }
+    }
+}
+
 void matmul_rows_q8act(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y, const float* bias,
                        int64_t row0, int64_t row1) {
+    if (dtype_is_gguf_quant(w.dtype)) return matmul_rows_q8act_gguf(w, act, n_tok, y, bias, row0, row1);
     assert(dtype_is_blocked(w.dtype) && w.n_in % kQ8BlockElems == 0);
     const int64_t n_blocks = w.n_in / kQ8BlockElems;
     const int64_t blk_bytes = w.dtype == DType::Q8_0 ? kQ8BlockBytes : kQ4BlockBytes;

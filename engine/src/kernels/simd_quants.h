@@ -3,8 +3,9 @@
 // Thread-safety: pure functions; the caller splits rows across threads.
 //
 // A register tile of R rows x T tokens walks the reduction one block at a time: the R rows'
-// block is dequantised (dequantize_blocks, the scalar definition, built for baseline x86-64)
-// into an f32 buffer, then the tile's FMA steps of 16 run over it. The accumulation order is
+// block is dequantised on vectors (Q4_1 in mm_tile_deq, the others by deq_block; both are
+// bitwise dequantize_blocks, the scalar definition) into an f32 buffer, then the tile's FMA
+// steps of 16 run over it. The accumulation order is
 // simd_matmul.h's (lane j sums elements j, j+16, ... in order; hsum's tree; + bias), and the
 // dequantised values are exactly the reference's, so the result is bitwise simd_matmul.h's
 // f32 matmul of the dequantised matrix — batch- and thread-invariant, the same on every ISA.
@@ -15,46 +16,44 @@
 
 #include "quants.h"
 #include "simd.h"
+#include "simd_gguf.h"
 
 namespace lmx {
 namespace simd {
 
 constexpr int64_t kDeqMaxBlock = 256;  // values per block of the largest format (the K quants)
 
-// One Q5_0 or Q6_K block into out[32] / out[256] (see mm_tile_deq).
-template <class S>
-static inline void deq_via_int8(DType t, const uint8_t* blk, float* out) {
-    alignas(64) int8_t q[kDeqMaxBlock];
-    uint16_t h;
-    __builtin_memcpy(&h, t == DType::Q5_0 ? blk : blk + 208, 2);
-    if (t == DType::Q5_0) {
-        uint32_t qh;
-        __builtin_memcpy(&qh, blk + 2, 4);
-        const uint8_t* qs = blk + 6;
-        for (int i = 0; i < 16; ++i) {
-            q[i] = static_cast<int8_t>(((qs[i] & 15) | (((qh >> i) & 1) << 4)) - 16);
-            q[i + 16] = static_cast<int8_t>(((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+// One block of format kT into out[dtype_block_elems], bitwise dequantize_blocks: the integer form
+// (simd_gguf.h) q - off as int8, then S::load_q8 (one rounding: a * (q - off)), then + b for the
+// formats with a min (quants.h shows a * (q - off) + b is quants.cpp's value, bit for bit).
+template <class S, DType kT>
+static inline void deq_block(const uint8_t* blk, float* out) {
+    using G = GgufFmt<kT>;
+    float a[G::kSubs], b[G::kSubs];
+    G::scales(blk, a, b);
+    alignas(32) int8_t q[32];
+    for (int c = 0; c < G::kChunks; ++c) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_sub_epi8(G::quants(blk, c), _mm256_set1_epi8(G::kOff)));
+        for (int h = 0; h < 2; ++h) {
+            typename S::V v = S::load_q8(reinterpret_cast<const uint8_t*>(q) + 16 * h, S::set1(G::sub(a, c, h)));
+            if constexpr (G::kMin) v = S::add(v, S::set1(G::sub(b, c, h)));
+            S::store(out + 32 * c + 16 * h, v);
         }
-        const typename S::V d = S::bcast_f16(blk);
-        S::store(out, S::load_q8(reinterpret_cast<const uint8_t*>(q), d));
-        S::store(out + kLanes, S::load_q8(reinterpret_cast<const uint8_t*>(q) + kLanes, d));
-        return;
     }
-    const uint8_t* ql = blk;
-    const uint8_t* qh = blk + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-    for (int hh = 0; hh < 2; ++hh)
-        for (int l = 0; l < 32; ++l) {
-            const uint8_t a = ql[hh * 64 + l], c = ql[hh * 64 + 32 + l], bits = qh[hh * 32 + l];
-            int8_t* o = q + hh * 128 + l;
-            o[0] = static_cast<int8_t>(((a & 15) | ((bits & 3) << 4)) - 32);
-            o[32] = static_cast<int8_t>(((c & 15) | (((bits >> 2) & 3) << 4)) - 32);
-            o[64] = static_cast<int8_t>(((a >> 4) | (((bits >> 4) & 3) << 4)) - 32);
-            o[96] = static_cast<int8_t>(((c >> 4) | (((bits >> 6) & 3) << 4)) - 32);
-        }
-    const float d = f16_to_f32(h);
-    for (int s = 0; s < 16; ++s)  // d * sc rounds once in f32, as in quants.cpp
-        S::store(out + s * 16, S::load_q8(reinterpret_cast<const uint8_t*>(q) + s * 16, S::set1(d * static_cast<float>(sc[s]))));
+}
+
+template <class S>
+static inline void deq_any(DType t, const uint8_t* blk, float* out) {
+    switch (t) {
+        case DType::Q5_0: deq_block<S, DType::Q5_0>(blk, out); return;
+        case DType::Q5_1: deq_block<S, DType::Q5_1>(blk, out); return;
+        case DType::Q2_K: deq_block<S, DType::Q2_K>(blk, out); return;
+        case DType::Q3_K: deq_block<S, DType::Q3_K>(blk, out); return;
+        case DType::Q4_K: deq_block<S, DType::Q4_K>(blk, out); return;
+        case DType::Q5_K: deq_block<S, DType::Q5_K>(blk, out); return;
+        case DType::Q6_K: deq_block<S, DType::Q6_K>(blk, out); return;
+        default: dequantize_blocks(t, blk, 1, out); return;
+    }
 }
 
 template <class S, int R, int T>
@@ -77,12 +76,8 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
                 for (int h = 0; h < 2; ++h)
                     S::store(buf[r] + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
             }
-        } else if (w.dtype == DType::Q5_0 || w.dtype == DType::Q6_K) {
-            // Integer unpacking to int8, then S::load_q8 (int8 times a broadcast scale, one
-            // rounding): the scalar d * (q - 16) and (d * sc) * (q - 32) exactly.
-            for (int r = 0; r < R; ++r) deq_via_int8<S>(w.dtype, wrow + r * w_stride + b * bb, buf[r]);
         } else {
-            for (int r = 0; r < R; ++r) dequantize_blocks(w.dtype, wrow + r * w_stride + b * bb, 1, buf[r]);
+            for (int r = 0; r < R; ++r) deq_any<S>(w.dtype, wrow + r * w_stride + b * bb, buf[r]);
         }
         for (int64_t s = 0; s < be / kLanes; ++s) {
             V xv[T];
