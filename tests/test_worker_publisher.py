@@ -165,6 +165,29 @@ def test_a_replayed_round_is_written_once(redis_url: str) -> None:
     asyncio.run(main())
 
 
+def test_a_terminal_tail_is_recognised_whatever_the_order_of_its_fields(redis_url: str) -> None:
+    """The append script reads the type off the tail's first bytes when it is written {"v":1,"type":..}
+    and decodes the event otherwise; a token whose text quotes a terminal type is not one."""
+    async def main() -> None:
+        client = make_async_client(redis_url)
+        try:
+            script = client.register_script(_APPEND_SCRIPT)
+            token = b'{"v":1,"type":"token","request_id":"r9","index":1,"token_ids":[6],"text":"b"}'
+            tails = {b'{"v":1,"type":"done","request_id":"r9"}': -1,
+                     b'{"request_id":"r9","type":"error","v":1}': -1,
+                     b'{"type":"cancelled","v":1}': -1,
+                     b'{"v":1,"type":"token","request_id":"r9","index":0,"token_ids":[5],'
+                     b'"text":"{\\"v\\":1,\\"type\\":\\"done\\"}"}': 1}
+            for i, (tail, expected) in enumerate(tails.items()):
+                keys = [KEYS.events(f"r9-{i}"), owner_key(KEYS, f"r9-{i}")]
+                await client.xadd(keys[0], {"data": tail})
+                assert await script(keys=keys, args=[60, "", token]) == expected, tail
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
 def test_dead_letter_moves_the_payload_once(redis_url: str) -> None:
     async def body(pub: Publisher, client: aioredis.Redis) -> None:
         entry_id = await _enqueue_entry(client, "m", "r4")

@@ -103,11 +103,14 @@ local function append(ev, owner_key, ttl, fence, first, last, expected)
     end
     if data ~= nil then
       if data == ARGV[last] then return 0 end
-      local ok, e = pcall(cjson.decode, data)
-      if ok and type(e) == 'table' and (e['type'] == 'done' or e['type'] == 'error'
-                                        or e['type'] == 'cancelled') then
-        return -1
+      -- The event's type: encoders write it second ({"v":1,"type":...}), so it is read off the first
+      -- bytes (no quote of a JSON string value can form `"type":"`); anything else is decoded.
+      local kind = string.match(string.sub(data, 1, 32), '^{"v":%d+,"type":"(%a+)"')
+      if kind == nil then
+        local ok, e = pcall(cjson.decode, data)
+        if ok and type(e) == 'table' then kind = e['type'] end
       end
+      if kind == 'done' or kind == 'error' or kind == 'cancelled' then return -1 end
     end
   end
   for i = first, last do
