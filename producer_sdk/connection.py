@@ -116,11 +116,11 @@ TRANSIENT_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError, Clu
 _READER_BACKOFF: Final = ExponentialWithJitterBackoff(cap=READER_BACKOFF_CAP_S, base=READER_BACKOFF_BASE_S)
 
 
-def _client_options(password: str | None) -> dict[str, Any]:
+def _client_options(password: str | None, timeout_s: float = SOCKET_TIMEOUT_S) -> dict[str, Any]:
     options: dict[str, Any] = {
         "retry_on_error": list(TRANSIENT_ERRORS),
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_S,
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": min(timeout_s, SOCKET_CONNECT_TIMEOUT_S),
         # Dead peers are found by the socket timeout and TCP keepalive. No health_check_interval:
         # with it, redis-py 5.x recurses without end when the server refuses the password.
         "socket_keepalive": True,
@@ -228,24 +228,30 @@ def make_sync_client(
     mode: str = "standalone",
     urls: Sequence[str] = (),
     sentinel_master: str | None = None,
+    timeout_s: float = SOCKET_TIMEOUT_S,
+    retries: int | None = None,
 ) -> redis.Redis:
-    """A blocking client (mirrors make_async_client)."""
+    """A blocking client (mirrors make_async_client). `timeout_s` (socket timeouts) and `retries`
+    (attempts after the first, per command and across a Cluster failover; None: COMMAND_RETRIES and
+    CLUSTER_ERROR_RETRIES) are for callers that must answer quickly, e.g. a liveness probe."""
     seeds = check_redis_target(mode, [redis_url, *urls], sentinel_master)
-    retry = redis.retry.Retry(_command_backoff(), COMMAND_RETRIES)
-    options = _client_options(None)
+    retry = redis.retry.Retry(_command_backoff(), COMMAND_RETRIES if retries is None else retries)
+    options = _client_options(None, timeout_s)
     if mode == "standalone":
-        client: redis.Redis = redis.Redis.from_url(seeds[0], retry=retry, **_client_options(password))
+        client: redis.Redis = redis.Redis.from_url(seeds[0], retry=retry, **_client_options(password, timeout_s))
         return client
     auth = _url_auth(seeds[0], password)
     if mode == "cluster":
         auth.pop("db", None)
         nodes = [redis.cluster.ClusterNode(*_host_port(u, 6379)) for u in seeds]  # type: ignore[no-untyped-call]
-        cluster = redis.RedisCluster(startup_nodes=nodes, retry=retry,
-                                     cluster_error_retry_attempts=CLUSTER_ERROR_RETRIES, **options, **auth)
+        attempts = CLUSTER_ERROR_RETRIES if retries is None else max(1, retries)
+        cluster = redis.RedisCluster(startup_nodes=nodes, retry=retry, cluster_error_retry_attempts=attempts,
+                                     **options, **auth)
         return cast(redis.Redis, cluster)
     sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         [_host_port(u, 26379) for u in seeds],
-        sentinel_kwargs={"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_S},
+        sentinel_kwargs={"socket_timeout": timeout_s,
+                         "socket_connect_timeout": min(timeout_s, SOCKET_CONNECT_TIMEOUT_S)},
         **options)
     assert sentinel_master is not None
     master: redis.Redis = sentinel.master_for(sentinel_master, retry=retry, **auth)  # type: ignore[no-untyped-call]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import redis
 from faultlib import Fleet, RequestSpec, make_models, raw_events, reference_output, stream_view, wait_until
 from redis.cluster import key_slot
 from redis.exceptions import RedisClusterException
-from redis_cluster import RedisClusterLauncher
+from redis_cluster import RedisClusterLauncher, SentinelLauncher
 
 from producer_sdk import AsyncProducer, Producer, QueueFullError, UnknownModelError, WorkerFailureError
 from producer_sdk.connection import make_async_client, make_sync_client
@@ -37,6 +38,13 @@ from worker import publisher as publisher_mod
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 120.0  # bounds waits only
 USAGE = Usage(prompt_tokens=2, completion_tokens=0, queue_ms=0.0, prefill_ms=0.0, decode_ms=0.0, total_ms=0.0)
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -308,11 +316,46 @@ def test_an_entry_lost_in_a_failover_is_resubmitted_by_its_handle_and_an_attache
         bad = subprocess.run([*base, "status", "--redis-url", cluster.url, "--redis-mode", "sentinel"], cwd=REPO,
                              capture_output=True, timeout=WAIT_S, check=False)
         assert bad.returncode == 2 and b"sentinel_master" in bad.stderr and b"Traceback" not in bad.stderr
+        # The liveness probe (deploy/k8s/worker.yaml) reads the heartbeat key on whichever node serves
+        # it: a worker with none is dead even when its key's slot is not on the seed node (a standalone
+        # client got MOVED there, took it for an unreachable Redis and said alive).
+        seed = int(cluster.url.rsplit(":", 1)[1])
+        gone = next(w for w in (f"gone{i}" for i in range(100))
+                    if cluster.node_of_slot(key_slot(keys.heartbeat(w).encode())).port != seed)
+        for worker_id, expected in (("w1", 0), (gone, 1)):
+            probe = subprocess.run([*base, "status", "--alive", worker_id, *flags], cwd=REPO, capture_output=True,
+                                   timeout=WAIT_S, check=False)
+            assert probe.returncode == expected, (worker_id, probe.stderr.decode())
+            assert b"Traceback" not in probe.stderr
+        down = subprocess.run([*base, "status", "--alive", "w1", "--redis-url", f"redis://127.0.0.1:{_closed_port()}",
+                               "--redis-mode", "cluster"], cwd=REPO, capture_output=True, timeout=WAIT_S, check=False)
+        assert down.returncode == 0 and b"cannot reach Redis" in down.stderr, down.stderr.decode()
     except BaseException:
         print(fleet.logs())
         raise
     finally:
         fleet.close()
+
+
+def test_the_liveness_probe_follows_sentinel_to_the_master(tmp_path: Path) -> None:
+    """`layermux status --alive` in sentinel mode asks the Sentinels for the master and reads the
+    heartbeat key there (a standalone client sent EXISTS to a Sentinel, took the refusal for an
+    unreachable Redis and said alive, for any worker id)."""
+    keys = Keys("probe")
+    with SentinelLauncher(tmp_path / "sentinel") as sentinels:
+        urls = sentinels.urls
+        master = make_sync_client(urls[0], mode="sentinel", urls=urls[1:], sentinel_master=sentinels.name)
+        try:
+            master.set(keys.heartbeat("w1"), b"1", ex=600)  # what a live worker's heartbeat task keeps
+        finally:
+            master.close()
+        flags = ["--redis-url", urls[0], "--redis-urls", ",".join(urls[1:]), "--redis-mode", "sentinel",
+                 "--sentinel-master", sentinels.name, "--prefix", "probe"]
+        for worker_id, expected in (("w1", 0), ("w2", 1)):
+            probe = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--alive", worker_id, *flags],
+                                   cwd=REPO, capture_output=True, timeout=WAIT_S, check=False)
+            assert probe.returncode == expected, (worker_id, probe.stderr.decode())
+            assert b"Traceback" not in probe.stderr
 
 
 # -- what a failover's lost writes leave: the worker's and the reader's side -------------------------------

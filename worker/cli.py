@@ -549,28 +549,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     _check_prefix(args.prefix)
     target = _redis_target(args)
     if args.alive is not None:
-        return _check_alive(url, args.prefix, args.alive)
+        return _check_alive(url, args.prefix, args.alive, target)
     try:
         return status.run(url, args.prefix, args.json, args.watch, target=target)
     except redis.RedisError as e:
         raise CommandFailed(f"cannot read status from Redis at {_redact(url)}: {e}") from e
 
 
-def _check_alive(url: str, prefix: str, worker_id: str) -> int:
+def _check_alive(url: str, prefix: str, worker_id: str, target: dict[str, Any] | None = None) -> int:
     """The liveness probe: a worker whose heartbeat expired is stuck (its engine thread or event loop).
-    Redis being unreachable says nothing about this worker, and restarting it would not help: alive."""
+    Redis being unreachable says nothing about this worker, and restarting it would not help: alive.
+    The client follows redis_mode (`target`), like the worker's: a key on another Cluster node, or a
+    Sentinel's master, is read where it lives."""
     import redis
+    from redis.exceptions import RedisClusterException
 
     from worker import status
 
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        alive = status.heartbeats(client, prefix, [worker_id])[worker_id]
-    except redis.RedisError as e:
+        client = status.connect(url, target, timeout_s=status.PROBE_TIMEOUT_S, retries=0)
+        try:
+            alive = status.heartbeats(client, prefix, [worker_id])[worker_id]
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException) as e:  # a Cluster with no reachable node: the latter
         sys.stderr.write(f"cannot reach Redis at {_redact(url)} ({e}); not counted against {worker_id}\n")
         return EXIT_OK
-    finally:
-        client.close()
     if not alive:
         sys.stderr.write(f"worker {worker_id}: no heartbeat (its engine made no progress within heartbeat_ttl_s, "
                          "or it is not running)\n")

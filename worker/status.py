@@ -18,12 +18,19 @@ from typing import Any, TextIO, cast
 
 import orjson
 import redis
+import redis.backoff
+import redis.retry
 
 from producer_sdk.keys import PRIORITY_BANDS, Keys, check_model_name
 
 # A worker refreshes P:workers every second; one not heard from for this long is
 # shown as stale (it may have died; its entry stays until someone removes it).
 STALE_AFTER_S = 10.0
+# Socket timeouts of `status`; the liveness probe (`--alive`) makes one attempt with PROBE_TIMEOUT_S,
+# so that it answers within Kubernetes' timeoutSeconds (10 s in deploy/k8s/worker.yaml) even when a
+# Cluster node or a Sentinel does not answer.
+TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 2.0
 
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -324,6 +331,21 @@ def render(snapshot: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def connect(redis_url: str, target: Mapping[str, Any] | None = None, *, timeout_s: float = TIMEOUT_S,
+            retries: int | None = None) -> redis.Redis:
+    """A blocking client for `redis_url` in the Redis form `target` names (mode / urls / sentinel_master,
+    as the CLI reads them; None: standalone): the SDK's client under Cluster and Sentinel, so that
+    keys on any node and a promoted master are found. `retries` None: redis-py's / the SDK's defaults."""
+    if target is not None and target.get("mode", "standalone") != "standalone":
+        from producer_sdk.connection import make_sync_client
+
+        return make_sync_client(redis_url, **target, timeout_s=timeout_s, retries=retries)
+    if retries is None:
+        return redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                retry=redis.retry.Retry(redis.backoff.NoBackoff(), retries))
+
+
 def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: TextIO = sys.stdout,
         target: Mapping[str, Any] | None = None) -> int:
     """Print one snapshot, or one every `watch_s` seconds until interrupted.
@@ -331,12 +353,7 @@ def run(redis_url: str, prefix: str, as_json: bool, watch_s: float | None, out: 
     Watching with --json prints one JSON object per line (NDJSON), so the stream can be
     piped into `jq -c`. On a terminal, each human snapshot redraws the screen.
     """
-    if target is not None and target.get("mode", "standalone") != "standalone":  # Cluster / Sentinel
-        from producer_sdk.connection import make_sync_client
-
-        client = make_sync_client(redis_url, **target)
-    else:
-        client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+    client = connect(redis_url, target)
     try:
         while True:
             snapshot = collect(client, prefix)
