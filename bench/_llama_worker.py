@@ -142,17 +142,23 @@ class LlamaCpp:
     def decode_tps(self, n_tokens: int) -> float:
         return self.batched_decode_tps(1, n_tokens)
 
-    def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
-        """n_tokens greedy tokens after ids (EOS not special): one prefill, then one token per llama_decode."""
+    def greedy(self, ids: list[int], n_tokens: int, top: int = 8) -> dict[str, list[Any]]:
+        """n_tokens greedy tokens after ids (EOS not special): one prefill, then one token per llama_decode.
+        Also each step's `top` best (id, logit), highest first, as this incremental run computed them."""
         if self.n_seq != 1 or len(ids) + n_tokens > 1024:
             self.new_context(1, max(1024, 256 * ((len(ids) + n_tokens + 255) // 256)))
         self._clear()
         self._decode([(t, p, 0, p == len(ids) - 1) for p, t in enumerate(ids)])
-        out = [int(self._logits(-1).argmax())]  # first maximum: the lowest id wins a tie, as in numpy everywhere
-        while len(out) < n_tokens:
-            self._decode([(out[-1], len(ids) + len(out) - 1, 0, True)])
-            out.append(int(self._logits(-1).argmax()))
-        return out
+        tokens: list[int] = []
+        tops: list[list[tuple[int, float]]] = []
+        while True:
+            row = self._logits(-1)
+            best = np.argsort(-row, kind="stable")[:top]  # stable: the lowest id wins a tie, as argmax
+            tokens.append(int(best[0]))
+            tops.append([(int(i), float(row[i])) for i in best])
+            if len(tokens) == n_tokens:
+                return {"tokens": tokens, "top": tops}
+            self._decode([(tokens[-1], len(ids) + len(tokens) - 1, 0, True)])
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
         if self.n_seq != 1:

@@ -83,9 +83,11 @@ class LlamaRunner:
     def last_logits(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self._ask(op="logits", ids=ids), dtype=np.float32)
 
-    def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
-        """n_tokens greedy tokens after ids (EOS ignored), incremental decode as in serving."""
-        return [int(t) for t in self._ask(op="greedy", ids=ids, n=n_tokens)]
+    def greedy(self, ids: list[int], n_tokens: int) -> tuple[list[int], list[dict[int, float]]]:
+        """n_tokens greedy tokens after ids (EOS ignored), incremental decode as in serving; and each
+        step's 8 best {id: logit} as that run computed them."""
+        ans = self._ask(op="greedy", ids=ids, n=n_tokens)
+        return [int(t) for t in ans["tokens"]], [{int(i): float(v) for i, v in step} for step in ans["top"]]
 
     def close(self) -> None:
         if self.proc.poll() is None:
