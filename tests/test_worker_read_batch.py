@@ -75,8 +75,8 @@ def test_a_burst_is_started_in_priority_order_each_request_once(redis_url: str, 
                 "max_backlog": 1000, "max_tokens": 8192, "max_prompt_tokens": 127, "n_ctx": 128, "schema_version": 1})
             await client.sadd(KEYS.models(), "tiny")  # type: ignore[misc]
             for name in names:
-                await producer.submit("tiny", prompt_ids=[5, 6], max_tokens=4, priority=bands[name.rstrip("0123456789")],
-                                      request_id=f"rb-{name}")
+                await producer.submit("tiny", prompt_ids=[5, 6], max_tokens=4, ignore_eos=True,
+                                      priority=bands[name.rstrip("0123456789")], request_id=f"rb-{name}")
             await runtime.start()
             deadline = time.monotonic() + WAIT_S
             streams: dict[str, list[Any]] = {}
