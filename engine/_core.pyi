@@ -329,7 +329,7 @@ class EngineConfig:
     eviction: Eviction
     kv_dtype: str
     matmul_precision: MatmulPrecision
-    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0, kv_dtype: str = 'f16') -> None:
+    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0, kv_dtype: str = 'f16', max_turn_steps: typing.SupportsInt | typing.SupportsIndex = 32, max_wait_ms: typing.SupportsFloat | typing.SupportsIndex = 2000.0) -> None:
         ...
     def __repr__(self) -> str:
         ...
@@ -380,6 +380,18 @@ class EngineConfig:
         ...
     @max_seqs_per_step.setter
     def max_seqs_per_step(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_turn_steps(self) -> int:
+        ...
+    @max_turn_steps.setter
+    def max_turn_steps(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def max_wait_ms(self) -> float:
+        ...
+    @max_wait_ms.setter
+    def max_wait_ms(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
     def n_threads(self) -> int:
@@ -725,6 +737,9 @@ class ResidencyStats:
         ...
 class EngineStats:
     @property
+    def n_borrow_turns(self) -> int:
+        ...
+    @property
     def n_preemptions(self) -> int:
         ...
     @property
@@ -735,6 +750,9 @@ class EngineStats:
         ...
     @property
     def n_tokens_generated(self) -> int:
+        ...
+    @property
+    def n_turns(self) -> int:
         ...
     @property
     def residency(self) -> ResidencyStats:

@@ -327,3 +327,39 @@ def test_a_step_that_cannot_run_ends_its_requests_with_an_error_not_the_process(
         assert eng.ledger().peak_bytes <= eng.ledger().cap_bytes
     finally:
         eng.close()
+
+
+def _run_pair(model_dirs: dict[str, Path], max_turn_steps: int, names: tuple[str, ...]) -> tuple[
+        dict[int, list[int]], Any]:
+    """Both models streamed on 2 slots each, 4 requests per model submitted at once."""
+    cfg = EngineConfig(budget_bytes=64 << 20, n_threads=2, max_turn_steps=max_turn_steps)
+    with Engine(cfg) as eng:
+        for name in MODELS:
+            eng.load_model(name, model_dirs[name], options=streamed(2))
+        ids = set()
+        for m, name in enumerate(MODELS):
+            if name not in names:
+                continue
+            for i, n in enumerate([3, 17, 40, 9]):
+                rid = 10 * m + i + 1
+                prompt = [(7 * rid + j) % 300 + 3 for j in range(n)]
+                eng.submit(rid, name, prompt, SamplingParams(temperature=0.9, top_k=50, seed=100 + rid,
+                                                             max_tokens=12 + 3 * i, ignore_eos=True))
+                ids.add(rid)
+        out = _collect(eng, ids)
+        return out, eng.stats()
+
+
+def test_adaptive_turns_borrow_across_layer_sizes_and_give_the_tokens_of_streaming_and_of_alone(
+        model_dirs: dict[str, Path]) -> None:
+    """The two models' layers differ in size (llama 256-wide MLP, qwen 192): a borrowed region is re-carved
+    for the borrower's layers, and no token changes — against per-step streaming (max_turn_steps 0) and each
+    model's requests served alone."""
+    turns, st = _run_pair(model_dirs, 8, tuple(MODELS))
+    stream, st0 = _run_pair(model_dirs, 0, tuple(MODELS))
+    assert st.n_borrow_turns > 0 and st0.n_turns == 0
+    assert st.residency.bytes_copied < st0.residency.bytes_copied  # the point of borrowing
+    assert turns == stream
+    for name in MODELS:
+        alone, _ = _run_pair(model_dirs, 8, (name,))
+        assert alone == {rid: toks for rid, toks in turns.items() if rid in alone}

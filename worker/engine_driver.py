@@ -157,7 +157,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         prefetch_depth=d.prefetch_depth, eviction=Eviction.__members__[d.eviction],
         kv_block_tokens=d.kv_block_tokens, max_batch_tokens=d.max_batch_tokens,
         matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index,
-        link_gbps=d.link_gbps or 0.0, kv_dtype=d.kv_dtype)
+        link_gbps=d.link_gbps or 0.0, kv_dtype=d.kv_dtype, max_turn_steps=d.max_turn_steps,
+        max_wait_ms=d.max_wait_ms)
 
 
 def _default_engine_factory(settings: Settings) -> Engine:

@@ -127,6 +127,14 @@ class DeviceSettings(_Section):
         default=None, gt=0.0,
         description="cpu device: pace every host->device copy at this many GB/s (1e9 bytes/s), so the CPU "
                     "reproduces a GPU's copy-to-compute ratio; unset = unthrottled; vulkan ignores it")
+    max_turn_steps: int = Field(
+        default=_ENGINE.max_turn_steps, ge=0,
+        description="adaptive turns: the most steps a model keeps the device while others have work (it streams "
+                    "on its own slots or borrows theirs, whichever copies fewer bytes per token); a model with "
+                    "work waits at most (models with work - 1) x this many steps; 0 = no turns (per-step streaming)")
+    max_wait_ms: float = Field(
+        default=_ENGINE.max_wait_ms, gt=0.0,
+        description="adaptive turns: a turn ends once another model with work has waited this long")
     matmul_precision: PrecisionName = Field(
         default=cast(PrecisionName, _ENGINE.matmul_precision.name),
         description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "

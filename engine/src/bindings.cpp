@@ -148,11 +148,11 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth, Eviction eviction,
                          int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step, double kv_reserve_fraction,
                          MatmulPrecision matmul_precision, std::string device_kind, int device_index, double link_gbps,
-                         std::string kv_dtype) {
+                         std::string kv_dtype, int max_turn_steps, double max_wait_ms) {
                  return EngineConfig{budget_bytes,    cap_fraction,      n_threads,           prefetch_depth, eviction,
                                      kv_block_tokens, max_batch_tokens, max_seqs_per_step, kv_reserve_fraction,
                                      matmul_precision, std::move(device_kind), device_index, link_gbps,
-                                     std::move(kv_dtype)};
+                                     std::move(kv_dtype), max_turn_steps, max_wait_ms};
              }),
              py::kw_only(), py::arg("budget_bytes") = dc.budget_bytes, py::arg("cap_fraction") = dc.cap_fraction,
              py::arg("n_threads") = dc.n_threads, py::arg("prefetch_depth") = dc.prefetch_depth,
@@ -160,7 +160,8 @@ PYBIND11_MODULE(_core, m) {
              py::arg("max_batch_tokens") = dc.max_batch_tokens, py::arg("max_seqs_per_step") = dc.max_seqs_per_step,
              py::arg("kv_reserve_fraction") = dc.kv_reserve_fraction, py::arg("matmul_precision") = dc.matmul_precision,
              py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index,
-             py::arg("link_gbps") = dc.link_gbps, py::arg("kv_dtype") = dc.kv_dtype)
+             py::arg("link_gbps") = dc.link_gbps, py::arg("kv_dtype") = dc.kv_dtype,
+             py::arg("max_turn_steps") = dc.max_turn_steps, py::arg("max_wait_ms") = dc.max_wait_ms)
         .def_readwrite("budget_bytes", &EngineConfig::budget_bytes)
         .def_readwrite("cap_fraction", &EngineConfig::cap_fraction)
         .def_readwrite("n_threads", &EngineConfig::n_threads)
@@ -175,11 +176,14 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("device_index", &EngineConfig::device_index)
         .def_readwrite("link_gbps", &EngineConfig::link_gbps)
         .def_readwrite("kv_dtype", &EngineConfig::kv_dtype)
+        .def_readwrite("max_turn_steps", &EngineConfig::max_turn_steps)
+        .def_readwrite("max_wait_ms", &EngineConfig::max_wait_ms)
         .def("__repr__", [](const py::object& self) {
             return repr_fields("EngineConfig", self,
                                {"budget_bytes", "cap_fraction", "n_threads", "prefetch_depth", "eviction", "kv_block_tokens",
                                 "max_batch_tokens", "max_seqs_per_step", "kv_reserve_fraction", "matmul_precision",
-                                "device_kind", "device_index", "link_gbps", "kv_dtype"});
+                                "device_kind", "device_index", "link_gbps", "kv_dtype", "max_turn_steps",
+                                "max_wait_ms"});
         });
 
     const SamplingParams dp;
@@ -346,6 +350,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_tokens_computed", &EngineStats::n_tokens_computed)
         .def_readonly("n_tokens_generated", &EngineStats::n_tokens_generated)
         .def_readonly("n_preemptions", &EngineStats::n_preemptions)
+        .def_readonly("n_turns", &EngineStats::n_turns)
+        .def_readonly("n_borrow_turns", &EngineStats::n_borrow_turns)
         .def_readonly("step_ms_total", &EngineStats::step_ms_total)
         .def_readonly("residency", &EngineStats::residency);
     py::class_<StepTrace>(m, "StepTrace", "One engine step, as the trace recorded it (trace.h); times in steady-clock us")

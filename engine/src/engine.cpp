@@ -100,6 +100,7 @@ Engine::Engine(const EngineConfig& cfg)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
     if (cfg.prefetch_depth < 0)
         throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(cfg.prefetch_depth));
+    scheduler_.set_turns(TurnConfig{cfg.max_turn_steps, cfg.max_wait_ms, cfg.prefetch_depth});
     if (!(cfg.kv_reserve_fraction >= 0.0 && cfg.kv_reserve_fraction < 1.0))
         throw InvalidArgument("kv_reserve_fraction: expected a value in [0, 1), found " +
                               std::to_string(cfg.kv_reserve_fraction));
@@ -527,7 +528,10 @@ void Engine::run_plan(StepPlan& plan) {
         }
         for (int u = 0; u < nm->w->n_units(); u++) order.push_back(UnitRef{mid, u});
     }
+    // Adaptive turns: the slot regions this step borrows (or, when streaming, every loan returned).
+    if (scheduler_.turns_on()) residency_.set_tenants(plan.borrow ? plan.model : -1, plan.lenders);
     residency_.set_schedule(std::move(order));
+    const uint64_t wait_ns0 = residency_.stats().wait_ns;
 
     std::vector<ForwardItem> items;
     int64_t n_tok = 0;
@@ -538,6 +542,24 @@ void Engine::run_plan(StepPlan& plan) {
     }
     float* step_logits = forward_step(*m->w, m->id, residency_, *m->kv, m->ws, items, backend_);
     scheduler_.update(plan);
+    if (scheduler_.turns_on() && n_tok > 0) {
+        // FlexGen's lesson (turns.h): size this model's prompt chunks so its layer copies hide behind compute.
+        const ResidencyStats rs = residency_.stats();
+        const double compute_ms = std::max(0.0, ms_since(t0) - static_cast<double>(rs.wait_ns - wait_ns0) / 1e6);
+        const double per_tok = compute_ms / static_cast<double>(n_tok);
+        m->compute_ms_per_token = m->compute_ms_per_token > 0 ? 0.8 * m->compute_ms_per_token + 0.2 * per_tok : per_tok;
+        const double link_bytes_per_ms = cfg_.link_gbps > 0 ? cfg_.link_gbps * 1e6
+                                         : rs.copy_ns > 0 ? static_cast<double>(rs.bytes_copied) / (static_cast<double>(rs.copy_ns) / 1e6)
+                                                          : 0.0;
+        const ModelResidency r = residency_.model_info(m->id);
+        TurnModel t;
+        t.n_layer = spec.n_layer;
+        t.layer_bytes = m->w->layer_unit_bytes();
+        t.resident = r.resident || r.n_slots == 0;
+        scheduler_.set_min_prefill_chunk(
+            m->id, turn_min_prefill_chunk(turn_stream_step_bytes(t, r.n_slots, cfg_.prefetch_depth), link_bytes_per_ms,
+                                          m->compute_ms_per_token, cfg_.max_batch_tokens));
+    }
 
     // Sample every sequence that reached its end; rows are independent.
     std::vector<PlanItem*> sampling;
@@ -591,7 +613,35 @@ void Engine::run_plan(StepPlan& plan) {
     stats_.n_tokens_computed += static_cast<uint64_t>(n_tok);
     stats_.n_tokens_generated += sampling.size();
     stats_.n_preemptions += plan.preempted.size();
+    if (scheduler_.turns_on()) {
+        stats_.n_turns += plan.new_turn ? 1 : 0;
+        stats_.n_borrow_turns += plan.new_turn && plan.borrow ? 1 : 0;
+    }
     stats_.step_ms_total += ms_since(t0);
+}
+
+std::vector<TurnModel> Engine::turn_view() const {
+    std::vector<std::shared_ptr<ModelRt>> ms;
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        for (const auto& kv : by_id_) ms.push_back(kv.second);
+    }
+    std::vector<TurnModel> out;
+    for (const auto& m : ms) {
+        const ModelResidency r = residency_.model_info(m->id);
+        TurnModel t;
+        t.model = m->id;
+        t.n_layer = m->w->spec().n_layer;
+        t.layer_bytes = m->w->layer_unit_bytes();
+        t.head_bytes = m->w->unit(m->w->n_units() - 1).n_bytes;
+        t.resident = r.resident || r.n_slots == 0;  // whole-model swapping: its own copies, never lends
+        t.n_slots = r.n_slots;
+        t.n_cached = r.n_cached;
+        t.head_ready = r.head_ready;
+        t.region_bytes = t.resident ? 0 : r.region_bytes;
+        out.push_back(t);
+    }
+    return out;
 }
 
 void Engine::fail_plan(StepPlan& plan, const std::string& what) {
@@ -623,7 +673,10 @@ void Engine::step_main() {
             cmds.swap(inbox_);
         }
         for (Command& c : cmds) apply(c);
-        StepPlan plan = scheduler_.schedule();
+        StepPlan plan = scheduler_.turns_on() ? scheduler_.schedule(
+                                                        std::chrono::duration<double, std::milli>(
+                                                            std::chrono::steady_clock::now().time_since_epoch()).count(),
+                                                        turn_view()) : scheduler_.schedule();
         for (Sequence* s : plan.rejected) {
             uint64_t block_bytes = 0;
             {

@@ -66,6 +66,13 @@ struct EngineConfig {
     // widens each element to f32 exactly; logits within 5e-3 of f32 KV on every architecture,
     // tests/test_kv_f16.py), or "f32". Both devices (vulkan packs two halves a word).
     std::string kv_dtype = "f16";
+    // Adaptive turns (turns.h): a model keeps the device for up to max_turn_steps steps while others
+    // have work, streaming on its own slots or borrowing theirs, whichever copies fewer bytes per
+    // token; a model with work waits at most (models with work - 1) * max_turn_steps steps, and a turn
+    // ends once another model has waited max_wait_ms. 0: no turns (every step re-picks by stride,
+    // streamed models keep their own slots: the fixed policy before turns).
+    int max_turn_steps = 32;
+    double max_wait_ms = 2000.0;
 };
 
 enum class ResidencyMode : uint8_t { Auto = 0, Resident = 1, Streamed = 2, Swap = 3 };
@@ -130,6 +137,8 @@ struct EngineStats {
     uint64_t n_tokens_computed = 0;
     uint64_t n_tokens_generated = 0;
     uint64_t n_preemptions = 0;
+    uint64_t n_turns = 0;         // adaptive turns begun (a new model, or a new turn of the same)
+    uint64_t n_borrow_turns = 0;  // of which borrowed other models' slots
     double step_ms_total = 0;
     ResidencyStats residency;
 };
@@ -212,6 +221,7 @@ private:
         Workspace ws;
         ModelLoadOptions opt;
         ModelFootprint footprint;
+        double compute_ms_per_token = 0;  // step thread: recent compute per token (prefill chunk sizing)
     };
     struct Command {
         enum Kind { Submit, Cancel, AddModel, RemoveModel } kind;
@@ -223,6 +233,7 @@ private:
     void step_main();
     void apply(Command& c);
     void run_plan(StepPlan& plan);
+    std::vector<TurnModel> turn_view() const;  // every model's device side, for the turn policy
     void fail_plan(StepPlan& plan, const std::string& what);
     void note_loop();  // health: one more pass of the step loop  // ends the plan's live sequences with an error
     void finish(Sequence* s, EventKind kind, FinishReason reason, ErrorCode code = ErrorCode::None,

@@ -10,6 +10,17 @@
 
 namespace lmx {
 
+namespace {
+// Slots carved from a region start at multiples of this (a GPU's storage-buffer offset alignment).
+constexpr uint64_t kCarveAlign = 256;
+uint64_t carve_stride(uint64_t n) { return (n + kCarveAlign - 1) / kCarveAlign * kCarveAlign; }
+// Slots of unit_bytes that fit n_bytes at kCarveAlign strides (the last one needs only unit_bytes).
+int carve_count(uint64_t n_bytes, uint64_t unit_bytes) {
+    if (unit_bytes == 0 || n_bytes < unit_bytes) return 0;
+    return 1 + static_cast<int>((n_bytes - unit_bytes) / carve_stride(unit_bytes));
+}
+}  // namespace
+
 Eviction eviction_from_name(const std::string& s) {
     if (s == "belady") return Eviction::Belady;
     if (s == "lru") return Eviction::Lru;
@@ -33,8 +44,8 @@ Residency::~Residency() {
     if (copy_thread_.joinable()) copy_thread_.join();
     for (auto& kv : models_) {
         for (DeviceBuffer& b : kv.second.units) ledger_.free(b);
-        ledger_.free(kv.second.head);
-        for (Slot& s : kv.second.slots) ledger_.free(s.buf);
+        for (Region& r : kv.second.regions)
+            for (DeviceBuffer& b : r.bufs) ledger_.free(b);
     }
 }
 
@@ -44,10 +55,10 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
     e.w = std::move(w);
     e.owner = owner;
     e.resident = resident;
+    std::vector<DeviceBuffer> bufs;  // streamed: the head, then the slots
     auto undo = [&] {
         for (DeviceBuffer& b : e.units) ledger_.free(b);
-        for (Slot& s : e.slots) ledger_.free(s.buf);
-        ledger_.free(e.head);
+        for (DeviceBuffer& b : bufs) ledger_.free(b);
     };
     if (resident) {
         for (int u = 0; u < e.w->n_units(); u++) {
@@ -61,23 +72,119 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
         }
     } else {
         const int head = e.w->n_units() - 1;
-        e.head = ledger_.alloc(owner, BookKind::Weights, e.w->unit(head).n_bytes);
-        if (!e.head) return false;
-        e.copied = e.w->assemble_unit(head, e.head.ptr, ledger_.device());
         const int n = std::max(1, std::min(n_slots, e.w->n_units() - 1));
-        for (int i = 0; i < n; i++) {
-            Slot s;
-            s.buf = ledger_.alloc(owner, BookKind::Weights, e.w->layer_unit_bytes());
-            if (!s.buf) {
+        e.n_own_slots = n;
+        for (int i = 0; i <= n; i++) {
+            DeviceBuffer b = ledger_.alloc(owner, BookKind::Weights, i == 0 ? e.w->unit(head).n_bytes : e.w->layer_unit_bytes());
+            if (!b) {
                 undo();
                 return false;
             }
-            e.slots.push_back(s);
+            bufs.push_back(b);
         }
+        e.head = bufs[0].ptr;
+        e.copied = e.w->assemble_unit(head, e.head, ledger_.device());
+        e.head_ready = true;
+        // Regions: runs of buffers that touch (one ends, rounded to kAlign, where the next begins), so
+        // nothing of anyone else's lies between them.
+        std::vector<DeviceBuffer> by_addr = bufs;
+        std::sort(by_addr.begin(), by_addr.end(), [](const DeviceBuffer& a, const DeviceBuffer& b) { return a.ptr < b.ptr; });
+        for (const DeviceBuffer& b : by_addr) {
+            const bool joins = !e.regions.empty() && e.regions.back().begin + e.regions.back().n_bytes == b.ptr;
+            if (!joins) {
+                e.regions.emplace_back();
+                e.regions.back().begin = b.ptr;
+                e.regions.back().tenant = model_id;
+            }
+            Region& r = e.regions.back();
+            r.bufs.push_back(b);
+            r.n_bytes = static_cast<uint64_t>(b.ptr - r.begin) + align_up(b.n_bytes, kAlign);
+            if (b.ptr == e.head) {
+                r.has_head = true;
+            } else {
+                r.own_slots.push_back(b.ptr);
+            }
+        }
+        for (Region& r : e.regions) r.n_bytes -= align_up(r.bufs.back().n_bytes, kAlign) - r.bufs.back().n_bytes;
     }
     std::lock_guard<std::mutex> lk(mu_);
     models_[model_id] = std::move(e);
+    Entry& added = models_[model_id];
+    for (size_t i = 0; i < added.regions.size(); i++) carve(model_id, added.regions[i], static_cast<int>(i));
     return true;
+}
+
+// The slots of region r (regions[region_index] of owner) for its tenant: the owner's head and own slots,
+// or as many of a borrower's layers as fit. New slots are empty; their refill waits for r's readers.
+void Residency::carve(int owner, Region& r, int region_index) {
+    Entry& t = models_.at(r.tenant);
+    std::vector<uint8_t*> at;
+    if (r.tenant == owner) {
+        at = r.own_slots;
+    } else {  // at kCarveAlign strides from the first aligned byte
+        const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
+        const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
+        const uint64_t stride = carve_stride(t.w->layer_unit_bytes());
+        const int n = r.n_bytes > lead ? carve_count(r.n_bytes - lead, t.w->layer_unit_bytes()) : 0;
+        for (int i = 0; i < n; i++) at.push_back(r.begin + lead + static_cast<uint64_t>(i) * stride);
+    }
+    for (uint8_t* p : at) {
+        Slot sl;
+        sl.ptr = p;
+        sl.region_owner = owner;
+        sl.region_index = region_index;
+        sl.last_read = r.last_read;
+        t.slots.push_back(sl);
+    }
+}
+
+void Residency::set_tenants(int borrower, const std::vector<int>& lenders) {
+    std::unique_lock<std::mutex> lk(mu_);
+    retenant_locked(borrower, lenders, lk);
+    lk.unlock();
+    cv_copy_.notify_all();
+}
+
+void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, std::unique_lock<std::mutex>& lk) {
+    auto wanted = [&](int owner) {
+        if (borrower >= 0 && owner != borrower && models_.count(borrower) != 0 && !models_.at(borrower).resident &&
+            std::find(lenders.begin(), lenders.end(), owner) != lenders.end())
+            return borrower;
+        return owner;
+    };
+    bool change = false;
+    for (auto& kv : models_)
+        for (const Region& r : kv.second.regions) change = change || r.tenant != wanted(kv.first);
+    if (!change) return;
+    // Slots are re-carved below: no copy may be writing into one (the copy thread holds a reference).
+    cv_ready_.wait(lk, [&] {
+        for (const auto& kv : models_) {
+            if (kv.second.head_loading) return false;
+            for (const Slot& sl : kv.second.slots)
+                if (sl.loading) return false;
+        }
+        return true;
+    });
+    for (auto& kv : models_) {
+        for (size_t i = 0; i < kv.second.regions.size(); i++) {
+            Region& r = kv.second.regions[i];
+            const int want = wanted(kv.first);
+            if (r.tenant == want) continue;
+            const int idx = static_cast<int>(i);
+            auto in_r = [&](const Slot& x) { return x.region_owner == kv.first && x.region_index == idx; };
+            std::vector<Slot>& held = models_.at(r.tenant).slots;
+            for (const Slot& x : held)
+                if (in_r(x)) {
+                    assert(x.pins == 0 && "a region is lent between steps only");
+                    r.last_read = fence_later(r.last_read, x.last_read);
+                }
+            held.erase(std::remove_if(held.begin(), held.end(), in_r), held.end());
+            r.last_read = fence_later(r.last_read, last_read_);  // the head's readers are not tracked per slot
+            if (r.has_head && r.tenant == kv.first) kv.second.head_ready = false;  // the loan overwrites it
+            r.tenant = want;
+            carve(kv.first, r, idx);
+        }
+    }
 }
 
 void Residency::add_swap_model(int model_id, std::shared_ptr<const ModelWeights> w, const std::string& owner) {
@@ -213,10 +320,12 @@ void Residency::remove_model(int model_id) {
         swap_.remove(model_id);
         return;
     }
+    if (models_.count(model_id) == 0) return;
+    retenant_locked(-1, {}, lk);  // every loan ends: its regions hold only its own units
     auto it = models_.find(model_id);
-    if (it == models_.end()) return;
-    // Wait out an in-flight copy into one of its slots.
+    // Wait out an in-flight copy into one of its slots or its head.
     cv_ready_.wait(lk, [&] {
+        if (it->second.head_loading) return false;
         for (const Slot& s : it->second.slots)
             if (s.loading) return false;
         return true;
@@ -225,11 +334,12 @@ void Residency::remove_model(int model_id) {
     models_.erase(it);
     lk.unlock();
     for (DeviceBuffer& b : e.units) ledger_.free(b);
-    ledger_.free(e.head);
-    for (Slot& s : e.slots) {
+    for (const Slot& s : e.slots) {
+        (void)s;
         assert(s.pins == 0);
-        ledger_.free(s.buf);
     }
+    for (Region& r : e.regions)
+        for (DeviceBuffer& b : r.bufs) ledger_.free(b);
 }
 
 ModelResidency Residency::model_info(int model_id) const {
@@ -242,10 +352,14 @@ ModelResidency Residency::model_info(int model_id) const {
     if (r.resident) {
         r.n_units_loaded = static_cast<int>(it->second.units.size());
     } else {
-        r.n_slots = static_cast<int>(it->second.slots.size());
-        r.slot_bytes = it->second.w->layer_unit_bytes();
-        r.n_units_loaded = 1;  // the head
-        for (const Slot& s : it->second.slots) r.n_units_loaded += s.ready ? 1 : 0;
+        const Entry& e = it->second;
+        r.n_slots = e.n_own_slots;
+        r.n_held_slots = static_cast<int>(e.slots.size());
+        r.slot_bytes = e.w->layer_unit_bytes();
+        r.head_ready = e.head_ready;
+        for (const Slot& s : e.slots) r.n_cached += s.ready ? 1 : 0;
+        r.n_units_loaded = r.n_cached + (e.head_ready ? 1 : 0);
+        for (const Region& g : e.regions) r.region_bytes += g.n_bytes;
     }
     return r;
 }
@@ -317,7 +431,13 @@ bool Residency::pick_job(Job& job) {
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
         if (it == models_.end() || it->second.resident) continue;  // swap-mode models are not in models_
-        if (u.unit == it->second.w->n_units() - 1) continue;  // the head is resident
+        Entry& e = it->second;
+        if (u.unit == e.w->n_units() - 1) {  // the head: copied back after a loan, else resident
+            if (e.head_loading) n_ahead++;
+            if (e.head_ready || e.head_loading || e.regions.empty() || e.regions[0].tenant != u.model) continue;
+            job = Job{u.model, u.unit, -1};
+            return true;
+        }
         if (const Slot* s = find_slot(it->second, u.unit)) {
             n_ahead += s->ahead ? 1 : 0;
             continue;
@@ -339,13 +459,36 @@ void Residency::copy_main() {
             continue;
         }
         Entry& e = models_[job.model];
+        if (job.slot < 0) {  // the head, back from a loan
+            e.head_loading = true;
+            std::shared_ptr<const ModelWeights> w = e.w;
+            uint8_t* dst = e.head;
+            const ComputeFence after = e.regions[0].last_read;
+            lk.unlock();
+            const auto c0 = std::chrono::steady_clock::now();
+            const CopyFence copied = w->assemble_unit(job.unit, dst, ledger_.device(), after);
+            const auto c_ns = static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - c0).count());
+            if (tracer_ && tracer_->on())
+                tracer_->record_copy({job.model, job.unit, 1, w->unit(job.unit).n_bytes, trace_us(c0),
+                                      trace_us(c0) + static_cast<int64_t>(c_ns / 1000)});
+            lk.lock();
+            stats_.copy_ns += c_ns;
+            e.copied = copied;
+            e.head_loading = false;
+            e.head_ready = true;
+            stats_.n_loads++;
+            stats_.bytes_copied += w->unit(job.unit).n_bytes;
+            cv_ready_.notify_all();
+            continue;
+        }
         Slot& s = e.slots[static_cast<size_t>(job.slot)];
         s.unit = job.unit;
         s.ready = false;
         s.loading = true;
         s.ahead = true;
         std::shared_ptr<const ModelWeights> w = e.w;
-        uint8_t* dst = s.buf.ptr;
+        uint8_t* dst = s.ptr;
         const ComputeFence after = s.last_read;
         lk.unlock();
         const auto c0 = std::chrono::steady_clock::now();
@@ -399,7 +542,34 @@ UnitHandle Residency::acquire(UnitRef u) {
     assert(it != models_.end());
     Entry& e = it->second;
     if (e.resident) return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
-    if (u.unit == e.w->n_units() - 1) return UnitHandle{e.head.ptr, e.copied};
+    if (u.unit == e.w->n_units() - 1) {
+        if (!e.head_ready) {  // its region came back from a loan: the head is copied again
+            if (e.regions.empty() || e.regions[0].tenant != u.model)
+                throw Error("residency: the head of '" + e.owner + "' is acquired while its region is lent");
+            stats_.n_misses++;
+            const auto t0 = std::chrono::steady_clock::now();
+            if (!e.head_loading) {
+                e.head_loading = true;
+                const ComputeFence after = e.regions[0].last_read;
+                lk.unlock();
+                const CopyFence copied = e.w->assemble_unit(u.unit, e.head, ledger_.device(), after);
+                lk.lock();
+                e.copied = copied;
+                e.head_loading = false;
+                e.head_ready = true;
+                stats_.n_loads++;
+                stats_.bytes_copied += e.w->unit(u.unit).n_bytes;
+                stats_.copy_ns += static_cast<uint64_t>(
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+                cv_ready_.notify_all();
+            } else {
+                cv_ready_.wait(lk, [&] { return e.head_ready; });
+            }
+            stats_.wait_ns += static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+        }
+        return UnitHandle{e.head, e.copied};
+    }
     Slot* s = find_slot(e, u.unit);
     if (s != nullptr && s->ready) {
         stats_.n_hits++;
@@ -419,7 +589,7 @@ UnitHandle Residency::acquire(UnitRef u) {
             const ComputeFence after = s->last_read;
             lk.unlock();
             const auto c0 = std::chrono::steady_clock::now();
-            const CopyFence copied = e.w->assemble_unit(u.unit, s->buf.ptr, ledger_.device(), after);
+            const CopyFence copied = e.w->assemble_unit(u.unit, s->ptr, ledger_.device(), after);
             const auto c_ns = static_cast<uint64_t>(
                 std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - c0).count());
             lk.lock();
@@ -451,7 +621,7 @@ UnitHandle Residency::acquire(UnitRef u) {
     s->ahead = false;
     s->last_use = ++clock_;
     cv_copy_.notify_all();  // the window moved: prefetch further
-    return UnitHandle{s->buf.ptr, s->copied};
+    return UnitHandle{s->ptr, s->copied};
 }
 
 void Residency::release(UnitRef u, ComputeFence done) {

@@ -19,6 +19,14 @@
 // keeps a stable subset resident and misses only on the rest. LRU stays available
 // for comparison. Units needed before the one being loaded are never evicted.
 //
+// Lending (adaptive turns, turns.h). A streamed model's head and slots are booked one by one, as
+// before, and usually land side by side (weights are placed from the top of the arena); each run of
+// adjacent buffers is a region. While another model's turn borrows it (set_tenants), a region is
+// re-carved into slots of the borrower's layer size, so a 3 MiB-layer model's region can hold a
+// 7 MiB-layer model's layers; the lender loses its cached layers and its head, which come back
+// (copied again) when its region does. Nothing is booked or freed by a loan: the ledger's figures
+// do not move, so a loan can never starve KV or fail to return.
+//
 // Whole-model swapping (SwapPool below) is the third mode, kept apart from the two above:
 // it is the baseline layermux is measured against, not a policy it runs.
 #pragma once
@@ -70,9 +78,13 @@ struct ResidencyStats {
 
 struct ModelResidency {
     bool resident = false;
-    int n_slots = 0;           // streamed models
+    int n_slots = 0;           // streamed models: its own layer slots (what it has when nothing is lent)
     int n_units_loaded = 0;    // units currently in device memory
     uint64_t slot_bytes = 0;
+    int n_cached = 0;          // streamed: its layers on device now, in its own or borrowed slots
+    bool head_ready = true;    // streamed: its head is on device (false while its region is lent)
+    uint64_t region_bytes = 0; // streamed: bytes it can lend (all its regions)
+    int n_held_slots = 0;      // streamed: slots it holds now (own + borrowed - lent)
 };
 
 // Whole-model swapping, what Ollama does and the baseline layermux is measured against: a
@@ -142,6 +154,11 @@ public:
     // Unpins u. done: the compute that read it; its slot is refilled only after done.
     void release(UnitRef u, ComputeFence done = {});
 
+    // Adaptive turns: every streamed region of a model in `lenders` is re-carved for `borrower`'s
+    // layers; every other region goes back to its owner (borrower -1: all go back). Waits for copies
+    // in flight; no unit may be pinned (step thread, between steps). A no-op when nothing changes.
+    void set_tenants(int borrower, const std::vector<int>& lenders);
+
     ResidencyStats stats() const;
     int prefetch_depth() const { return depth_; }
     Eviction eviction() const { return eviction_; }
@@ -153,7 +170,9 @@ public:
 
 private:
     struct Slot {
-        DeviceBuffer buf;
+        uint8_t* ptr = nullptr;  // device memory carved from a region, one layer unit of its tenant
+        int region_owner = -1;   // the region it was carved from: regions[region_index] of that model
+        int region_index = -1;
         int unit = -1;
         bool ready = false;
         bool loading = false;
@@ -163,22 +182,38 @@ private:
         CopyFence copied;        // when the unit's copy lands
         ComputeFence last_read;  // the last compute that read it: a refill waits for it
     };
+    // A streamed model's booked bytes, carved into its head and slots, or into a borrower's slots.
+    struct Region {
+        std::vector<DeviceBuffer> bufs;  // the owner's adjacent buffers (head and / or slots), booked while loaded
+        uint8_t* begin = nullptr;        // [begin, begin + n_bytes): their bytes, end to end
+        uint64_t n_bytes = 0;
+        int tenant = -1;                 // the model whose units it holds: the owner unless lent
+        bool has_head = false;           // the owner's head is one of its buffers
+        std::vector<uint8_t*> own_slots; // the owner's slots in it
+        ComputeFence last_read;  // reads of its bytes under an earlier carving: a refill waits for them
+    };
     struct Entry {
         std::shared_ptr<const ModelWeights> w;
         std::string owner;
         bool resident = false;
         std::vector<DeviceBuffer> units;  // resident models
-        DeviceBuffer head;                // streamed models: the head unit, resident
-        std::vector<Slot> slots;          // streamed models: layer slots
+        std::vector<Region> regions;      // streamed models: head + slots, lendable
+        uint8_t* head = nullptr;          // streamed models: the head unit, in regions[0]
+        bool head_ready = false;          // on device (false while lent and until copied back)
+        bool head_loading = false;        // the copy thread is copying it
+        std::vector<Slot> slots;          // streamed models: the layer slots it holds (own and borrowed)
         CopyFence copied;                 // resident and head units: when their copies land
+        int n_own_slots = 0;
     };
     struct Job {
         int model = -1;
         int unit = -1;
-        int slot = -1;
+        int slot = -1;  // -1: the model's head
     };
 
     // All below: caller holds mu_.
+    void carve(int owner, Region& r, int region_index);  // the tenant's slots in r
+    void retenant_locked(int borrower, const std::vector<int>& lenders, std::unique_lock<std::mutex>& lk);
     Slot* find_slot(Entry& e, int unit);
     bool pick_job(Job& job);
     int pick_victim(Entry& e, int model, size_t target_pos) const;

@@ -61,6 +61,9 @@ void Scheduler::finish(Sequence* seq) {
     q.running.erase(std::remove(q.running.begin(), q.running.end(), seq), q.running.end());
     q.waiting.erase(std::remove(q.waiting.begin(), q.waiting.end(), seq), q.waiting.end());
     seq->state = SeqState::Finished;
+    // Turns: a model left without work is idle now (its wait restarts when work comes, even if no
+    // step is scheduled in between).
+    if (turns_on_ && q.running.empty() && q.waiting.empty()) q.active = false;
 }
 
 bool Scheduler::has_work() const {
@@ -134,6 +137,8 @@ bool Scheduler::try_plan(int model, ModelQueue& q, StepPlan& plan) {
            static_cast<int>(plan.items.size()) < max_seqs_per_step_) {
         Sequence* s = q.waiting.front();
         const int32_t n = chunk_of(s);
+        // A streamed model pays its layer copies per step: no small chunk that leaves the prompt unfinished.
+        if (n < q.min_prefill_chunk && s->n_computed + n < s->n_tokens() && !plan.items.empty()) break;
         if (q.kv->reserve(s->blocks, s->n_computed + n) != BookResult::Ok) break;  // stays waiting, holds nothing
         q.waiting.pop_front();
         s->state = SeqState::Running;
@@ -158,7 +163,7 @@ void Scheduler::reject(ModelQueue& q, Sequence* s, StepPlan& plan) {
     plan.rejected.push_back(s);
 }
 
-StepPlan Scheduler::schedule() {
+std::vector<std::pair<double, int>> Scheduler::wake_and_rank() {
     // Wake-ups join at the lowest pass among the already active models.
     double min_pass = std::numeric_limits<double>::infinity();
     for (auto& kv : models_)
@@ -173,6 +178,11 @@ StepPlan Scheduler::schedule() {
         if (busy) cands.push_back({q.pass, kv.first});
     }
     std::sort(cands.begin(), cands.end());
+    return cands;
+}
+
+StepPlan Scheduler::schedule() {
+    const std::vector<std::pair<double, int>> cands = wake_and_rank();
     StepPlan none;  // what failed attempts rejected or preempted travels with the plan returned
     for (const auto& c : cands) {
         StepPlan plan;
@@ -198,11 +208,160 @@ StepPlan Scheduler::schedule() {
     return none;
 }
 
+void Scheduler::set_turns(const TurnConfig& cfg) {
+    if (cfg.max_turn_steps < 0)
+        throw InvalidArgument("max_turn_steps: expected >= 0 (0 = no turns), found " + std::to_string(cfg.max_turn_steps));
+    if (!(cfg.max_wait_ms > 0)) throw InvalidArgument("max_wait_ms: expected > 0, found " + std::to_string(cfg.max_wait_ms));
+    turn_cfg_ = cfg;
+    turns_on_ = cfg.max_turn_steps >= 1;
+}
+
+void Scheduler::set_min_prefill_chunk(int model, int n) {
+    auto it = models_.find(model);
+    if (it != models_.end()) it->second.min_prefill_chunk = std::max(1, n);
+}
+
+// The queue's side of a TurnModel: work, batch, steps left, wait.
+void Scheduler::queue_fields(int model, const ModelQueue& q, double now_ms, TurnModel& t) const {
+    t.model = model;
+    t.weight = q.weight;
+    t.pass = q.pass;
+    t.n_seqs = static_cast<int>(q.running.size() + q.waiting.size());
+    t.gen_per_step = std::max(1, std::min({t.n_seqs, q.max_running, max_seqs_per_step_, max_batch_tokens_}));
+    int64_t prompt_left = 0, gen_left = 0;
+    t.n_unstarted = t.n_prefilling = 0;
+    auto count = [&](const Sequence* s) {
+        prompt_left += std::max<int64_t>(0, s->n_prompt - s->n_computed);
+        t.n_unstarted += s->n_computed == 0 && s->n_generated() == 0 ? 1 : 0;
+        t.n_prefilling += s->n_tokens() - s->n_computed > 1 ? 1 : 0;
+        gen_left = std::max<int64_t>(gen_left, std::max(1, s->params.max_tokens - s->n_generated()));
+    };
+    for (const Sequence* s : q.running) count(s);
+    for (const Sequence* s : q.waiting) count(s);
+    const int64_t prefill_steps = (prompt_left + max_batch_tokens_ - 1) / max_batch_tokens_;
+    t.prefill_steps = static_cast<int>(std::min<int64_t>(prefill_steps, 1 << 30));
+    const int64_t steps = gen_left + prefill_steps;
+    t.n_steps_left = static_cast<int>(std::min<int64_t>(steps, 1 << 30));
+    t.waited_steps = t.n_seqs > 0 ? q.waited_steps : 0;
+    t.waited_ms = t.n_seqs > 0 ? std::max(0.0, now_ms - q.wait_since_ms) : 0.0;
+}
+
+StepPlan Scheduler::schedule(double now_ms, const std::vector<TurnModel>& device) {
+    if (!turns_on_) return schedule();
+    // A model that gets work starts waiting now.
+    for (auto& kv : models_) {
+        ModelQueue& q = kv.second;
+        const bool busy = !q.running.empty() || !q.waiting.empty();
+        if (busy && !q.active) {
+            q.waited_steps = 0;
+            q.wait_since_ms = now_ms;
+        }
+    }
+    const std::vector<std::pair<double, int>> by_pass = wake_and_rank();
+    if (by_pass.empty()) {
+        turn_ = TurnState{};
+        return StepPlan{};
+    }
+    std::vector<TurnModel> tm;
+    for (auto& kv : models_) {
+        TurnModel t;
+        for (const TurnModel& d : device)
+            if (d.model == kv.first) t = d;
+        queue_fields(kv.first, kv.second, now_ms, t);
+        tm.push_back(t);
+    }
+    const TurnDecision d = plan_turn(tm, turn_, turn_cfg_);
+    // The policy's model first; when its KV does not fit, the others by longest wait (a one-step turn).
+    std::vector<int> order{d.model};
+    std::vector<const TurnModel*> rest;
+    for (const TurnModel& t : tm)
+        if (t.n_seqs > 0 && t.model != d.model) rest.push_back(&t);
+    std::sort(rest.begin(), rest.end(), [](const TurnModel* a, const TurnModel* b) {
+        if (a->waited_steps != b->waited_steps) return a->waited_steps > b->waited_steps;
+        if (a->pass != b->pass) return a->pass < b->pass;
+        return a->model < b->model;
+    });
+    for (const TurnModel* t : rest) order.push_back(t->model);
+    StepPlan none;
+    for (int model : order) {
+        StepPlan plan;
+        ModelQueue& q = models_[model];
+        const bool ok = try_plan(model, q, plan);
+        none.rejected.insert(none.rejected.end(), plan.rejected.begin(), plan.rejected.end());
+        none.preempted.insert(none.preempted.end(), plan.preempted.begin(), plan.preempted.end());
+        if (!ok) continue;
+        q.pass += 1.0 / q.weight;
+        if (model == d.model) {
+            plan.new_turn = !(d.continues && turn_.owner == model);
+            turn_ = turn_advance(turn_, d);
+            plan.borrow = d.borrow;
+            plan.lenders = d.lenders;
+            plan.turn_steps = d.n_steps;
+        } else {
+            plan.new_turn = turn_.owner != model;
+            turn_ = TurnState{model, 1, 1, false};
+        }
+        for (auto& kv : models_) {
+            ModelQueue& o = kv.second;
+            if (kv.first == model) {
+                o.waited_steps = 0;
+                o.wait_since_ms = now_ms;
+            } else if (!o.running.empty() || !o.waiting.empty()) {
+                o.waited_steps++;
+            }
+        }
+        plan.rejected = std::move(none.rejected);
+        plan.preempted = std::move(none.preempted);
+        return plan;
+    }
+    if (kv_blocks_held() == 0) {
+        ModelQueue& q = models_[order.front()];
+        if (!q.waiting.empty()) reject(q, q.waiting.front(), none);
+    }
+    return none;
+}
+
 void Scheduler::update(const StepPlan& plan) {
     for (const PlanItem& it : plan.items) it.seq->n_computed += it.n_tokens;
 }
 
 std::vector<int> Scheduler::upcoming_models(int n) const {
+    if (turns_on_) {
+        // The turn's remaining steps, then the others by longest wait, then the owner again, round and
+        // round; the owner never past its work (the step being run is not counted), so no layer is
+        // prefetched for a pass that will never run.
+        std::vector<int> out;
+        auto busy = [&](int m) {
+            auto it = models_.find(m);
+            return it != models_.end() && (!it->second.running.empty() || !it->second.waiting.empty());
+        };
+        int owner_left = 0;
+        if (busy(turn_.owner)) {
+            TurnModel t;
+            queue_fields(turn_.owner, models_.at(turn_.owner), 0.0, t);
+            owner_left = t.n_steps_left - 1;
+        }
+        for (int i = turn_.n_steps; i < turn_.n_planned && owner_left > 0 && static_cast<int>(out.size()) < n; i++) {
+            out.push_back(turn_.owner);
+            owner_left--;
+        }
+        std::vector<std::pair<int, int>> others;  // (-waited_steps, model)
+        for (const auto& kv : models_)
+            if (kv.first != turn_.owner && busy(kv.first)) others.push_back({-kv.second.waited_steps, kv.first});
+        std::sort(others.begin(), others.end());
+        std::vector<int> cycle;
+        for (const auto& o : others) cycle.push_back(o.second);
+        if (owner_left > 0) cycle.push_back(turn_.owner);
+        while (!cycle.empty() && static_cast<int>(out.size()) < n) {
+            for (int m : cycle) {
+                if (static_cast<int>(out.size()) >= n) break;
+                if (m == turn_.owner && owner_left-- <= 0) continue;
+                out.push_back(m);
+            }
+            if (owner_left <= 0) cycle.erase(std::remove(cycle.begin(), cycle.end(), turn_.owner), cycle.end());
+        }
+        return out;
+    }
     std::vector<std::pair<double, int>> sim;
     std::vector<double> step;
     for (const auto& kv : models_) {

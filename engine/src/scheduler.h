@@ -14,6 +14,15 @@
 // blocks are released and it is recomputed later (recompute rather than swap:
 // on this device the prompt is cheaper to recompute than host RAM is to book, and
 // sampling is keyed by (seed, index), so the resumed output is identical).
+//
+// Adaptive turns (set_turns, turns.h). With turns on, the model to run comes from plan_turn: a turn
+// of one or more steps, streamed on the model's own slots or borrowing the other models' slot regions
+// (plan.borrow, plan.lenders: the engine hands them to Residency::set_tenants), chosen by expected
+// bytes copied per generated token, bounded by the starvation rule stated in turns.h. The scheduler
+// keeps the turn state and each model's wait (steps, and ms on the clock the caller passes in); the
+// stride pass only breaks ties. A streamed model's prompt chunks are at least its min_prefill_chunk
+// tokens unless they finish the prompt (FlexGen: a layer copy is paid per step, so it is spread over
+// enough tokens).
 #pragma once
 
 #include <chrono>
@@ -26,6 +35,7 @@
 #include "common.h"
 #include "kv_cache.h"
 #include "sampler.h"
+#include "turns.h"
 
 namespace lmx {
 
@@ -61,6 +71,11 @@ struct StepPlan {
     std::vector<PlanItem> items;
     std::vector<Sequence*> preempted;  // released their KV this step
     std::vector<Sequence*> rejected;   // can never fit even alone: the engine fails them (kv_exceeds_budget)
+    // Adaptive turns: the step borrows the slot regions of `lenders`; turn_steps = the turn's planned length.
+    bool borrow = false;
+    std::vector<int> lenders;
+    int turn_steps = 1;
+    bool new_turn = true;  // the first step of a turn
     bool empty() const { return items.empty(); }
 };
 
@@ -76,6 +91,17 @@ public:
     bool has_work() const;
 
     StepPlan schedule();
+
+    // Adaptive turns: on when cfg.max_turn_steps >= 1 (then schedule(now_ms, device) decides by
+    // plan_turn). device: one TurnModel per loaded model with its device fields filled (n_layer,
+    // layer_bytes, head_bytes, resident, n_slots, n_cached, head_ready, region_bytes); the scheduler
+    // fills the queue fields. now_ms: any monotonic clock in milliseconds.
+    void set_turns(const TurnConfig& cfg);
+    bool turns_on() const { return turns_on_; }
+    StepPlan schedule(double now_ms, const std::vector<TurnModel>& device);
+    // Prompt chunks of `model` that do not finish their prompt carry at least n tokens (turns.h).
+    void set_min_prefill_chunk(int model, int n);
+    const TurnState& turn_state() const { return turn_; }
     // Records that the plan ran: advances n_computed of every item.
     void update(const StepPlan& plan);
 
@@ -94,10 +120,15 @@ private:
         KvCache* kv = nullptr;
         double pass = 0.0;
         bool active = false;
+        int min_prefill_chunk = 1;
+        int waited_steps = 0;      // turns: steps others ran since it last ran, while it had work
+        double wait_since_ms = 0;  // turns: when it last ran or got work
         std::vector<Sequence*> running;  // arrival order
         std::deque<Sequence*> waiting;   // arrival order (preempted ones keep theirs)
     };
     bool try_plan(int model, ModelQueue& q, StepPlan& plan);
+    std::vector<std::pair<double, int>> wake_and_rank();  // busy models by pass; wakes join at the minimum
+    void queue_fields(int model, const ModelQueue& q, double now_ms, TurnModel& t) const;
     void preempt(ModelQueue& q, Sequence* s, StepPlan& plan);
     void insert_waiting(ModelQueue& q, Sequence* s);
     void reject(ModelQueue& q, Sequence* s, StepPlan& plan);  // s can never fit: it leaves, Finished
@@ -107,6 +138,9 @@ private:
     int max_seqs_per_step_;
     uint64_t next_arrival_ = 0;
     std::map<int, ModelQueue> models_;
+    bool turns_on_ = false;
+    TurnConfig turn_cfg_;
+    TurnState turn_;
 };
 
 }  // namespace lmx

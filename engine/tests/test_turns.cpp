@@ -1,0 +1,398 @@
+// test_turns.cpp — adaptive turns: the policy's decisions (turns.h) as a pure step function, the scheduler's
+// turns, residency lending a region and taking it back, and the engine: same tokens as per-step streaming and
+// as alone, and the starvation bound with three models.
+// Owner: engine tests. Expectations are exact: which model runs, for how many steps, whose slots it borrows.
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <thread>
+
+#include "check.h"
+#include "engine.h"
+#include "kv_cache.h"
+#include "ledger.h"
+#include "residency.h"
+#include "scheduler.h"
+#include "tiny_model.h"
+#include "turns.h"
+
+using namespace lmx;
+
+namespace {
+constexpr uint64_t MiB = 1 << 20;
+
+// A streamed model of n_layer layers of layer_mib MiB, n_slots own slots, head_mib, idle and warm.
+TurnModel streamed(int id, int n_layer, uint64_t layer_mib, int n_slots, uint64_t head_mib = 4) {
+    TurnModel m;
+    m.model = id;
+    m.n_layer = n_layer;
+    m.layer_bytes = layer_mib * MiB;
+    m.head_bytes = head_mib * MiB;
+    m.n_slots = n_slots;
+    m.n_cached = std::max(0, n_slots - 2);
+    m.region_bytes = (head_mib + static_cast<uint64_t>(n_slots) * layer_mib) * MiB;
+    return m;
+}
+TurnModel& busy(TurnModel& m, int n_seqs, int steps_left) {
+    m.n_seqs = n_seqs;
+    m.gen_per_step = n_seqs;
+    m.n_steps_left = steps_left;
+    return m;
+}
+
+// Runs the policy as the scheduler does for n steps: every model keeps its work, waits grow for the
+// models that did not run. Returns the models in step order ('A' + id) and the longest wait seen.
+std::string simulate(std::vector<TurnModel> ms, const TurnConfig& cfg, int n, int* max_wait = nullptr) {
+    TurnState st;
+    std::string order;
+    int worst = 0;
+    for (int i = 0; i < n; i++) {
+        const TurnDecision d = plan_turn(ms, st, cfg);
+        st = turn_advance(st, d);
+        order += static_cast<char>('A' + d.model);
+        for (TurnModel& m : ms) {
+            if (m.n_seqs == 0) continue;
+            if (m.model == d.model) {
+                m.waited_steps = 0;
+            } else {
+                m.waited_steps++;
+                worst = std::max(worst, m.waited_steps);
+            }
+        }
+    }
+    if (max_wait) *max_wait = worst;
+    return order;
+}
+
+std::string tmpdir() {
+    char tmpl[] = "/tmp/lmx_turns_XXXXXX";
+    return std::string(mkdtemp(tmpl));
+}
+}  // namespace
+
+// ---- the policy (pure) ----
+
+TEST(turns_borrow_for_a_deep_queue_when_the_borrowed_regions_hold_the_whole_model) {
+    // The 75 % cell of bench/multimodel.py --small in MiB: a Llama-like model with half its layers in slots.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    busy(ms[2], 16, 20);
+    CHECK(turn_borrowable_slots(ms[2], ms) == 8 + 33 / 7 + 44 / 7);  // its 8 + what the two regions hold
+    const TurnDecision d = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(d.model == 2 && d.borrow);
+    CHECK(d.n_steps == 20);  // alone with work: the whole queue
+    CHECK((d.lenders == std::vector<int>{0, 1}));
+    CHECK(d.borrow_bytes_per_token < d.stream_bytes_per_token);
+    // Streaming copies 16 - (8 - 2) = 10 layers a step, 70 MiB for 16 tokens; borrowing copies the 10
+    // layers once, and the lenders' heads and cached layers (6 + 7 x 3 and 14 + 4 x 5 MiB) come back later.
+    CHECK_NEAR(d.stream_bytes_per_token, 10.0 * 7 * MiB / 16, 1.0);
+    CHECK_NEAR(d.borrow_bytes_per_token, (70.0 + 27 + 34) * MiB / (20 * 16), 1.0);
+}
+
+TEST(turns_stream_a_one_step_turn_and_a_model_its_own_slots_hold) {
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    busy(ms[0], 1, 16);
+    busy(ms[2], 1, 16);
+    TurnConfig one;
+    one.max_turn_steps = 1;  // others have work: a turn is one step, a loan cannot pay for itself
+    TurnDecision d = plan_turn(ms, TurnState{}, one);
+    CHECK(d.model == 0 && !d.borrow && d.n_steps == 1 && d.lenders.empty());
+    // A model whose own slots hold all its layers never borrows, however long its turn.
+    std::vector<TurnModel> fit{streamed(0, 4, 3, 4), streamed(1, 12, 5, 6)};
+    fit[0].n_cached = 4;
+    busy(fit[0], 8, 30);
+    d = plan_turn(fit, TurnState{}, TurnConfig{});
+    CHECK(d.model == 0 && !d.borrow && d.stream_bytes_per_token == 0);
+    // A resident model neither borrows nor lends.
+    fit[1].resident = true;
+    busy(fit[1], 8, 30);
+    CHECK(turn_borrowable_slots(fit[1], fit) == 0);
+}
+
+TEST(turns_rotate_by_longest_wait_and_no_model_waits_past_the_bound) {
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 4, 6), streamed(1, 12, 5, 3, 14), streamed(2, 16, 7, 4, 16)};
+    for (TurnModel& m : ms) busy(m, 16, 1000);
+    TurnConfig cfg;
+    cfg.max_turn_steps = 4;
+    int worst = 0;
+    const std::string order = simulate(ms, cfg, 24, &worst);
+    CHECK(order == "AAAABBBBCCCCAAAABBBBCCCC");  // borrowed turns of max_turn_steps, round the models
+    CHECK(worst == (3 - 1) * cfg.max_turn_steps);  // the stated bound, reached exactly
+    // One step left: a turn never outlasts the owner's work.
+    std::vector<TurnModel> two{streamed(0, 16, 3, 4, 6), streamed(1, 12, 5, 3, 14)};
+    busy(two[0], 16, 2);
+    busy(two[1], 16, 1000);
+    CHECK(plan_turn(two, TurnState{}, cfg).n_steps == 2);
+}
+
+TEST(turns_serve_first_tokens_first_then_drain) {
+    // All three queues arrive at once: each model's turn is its prefill, so every request has its first
+    // token after one round; the last model to start keeps the device into its decode steps.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    for (TurnModel& m : ms) {
+        busy(m, 16, 20);
+        m.n_unstarted = m.n_prefilling = 16;
+        m.prefill_steps = 4;
+    }
+    TurnState st;
+    TurnDecision d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 0 && d.n_steps == 4);  // priced over its 4 prefill steps only
+    st = turn_advance(st, d);
+    ms[0].n_unstarted = 0;  // its prompts have started; one is still in prefill
+    ms[0].n_prefilling = 1;
+    ms[1].waited_steps = ms[2].waited_steps = 1;
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 0 && d.continues);
+    st = turn_advance(st, d);
+    ms[0].n_prefilling = 0;  // prefill done: model 1 has not started, so the turn ends here
+    ms[1].waited_steps = ms[2].waited_steps = 2;
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 1 && !d.continues && d.n_steps == 4);
+    st = turn_advance(st, d);
+    ms[1].n_unstarted = ms[1].n_prefilling = 0;
+    ms[0].waited_steps = 1;
+    ms[2].waited_steps = 3;
+    st.n_steps = 4;  // model 1's prefill turn is over
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 2 && d.n_steps == 20 && d.borrow);  // no one else waits for a first token: the whole queue
+}
+
+TEST(turns_end_once_another_model_has_waited_max_wait_ms) {
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 4, 6), streamed(1, 12, 5, 3, 14)};
+    busy(ms[0], 16, 1000);
+    busy(ms[1], 16, 1000);
+    TurnConfig cfg;
+    cfg.max_turn_steps = 10;
+    cfg.max_wait_ms = 50;
+    TurnState st{0, 3, 10, true};  // model 0 is 3 steps into a 10-step borrowed turn
+    ms[1].waited_steps = 3;
+    ms[1].waited_ms = 49;
+    TurnDecision d = plan_turn(ms, st, cfg);
+    CHECK(d.model == 0 && d.continues && d.borrow && (d.lenders == std::vector<int>{1}));
+    ms[1].waited_ms = 50;
+    d = plan_turn(ms, st, cfg);
+    CHECK(d.model == 1 && !d.continues);
+}
+
+TEST(turns_scale_turn_length_by_weight) {
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 4, 6), streamed(1, 12, 5, 3, 14)};
+    for (TurnModel& m : ms) busy(m, 16, 1000);
+    ms[0].weight = 2.0;
+    TurnConfig cfg;
+    cfg.max_turn_steps = 4;
+    CHECK(simulate(ms, cfg, 12) == "AAAABBAAAABB");  // borrowed turns: 4 and 4 * 1/2 steps
+    // Streamed one-step turns (nothing to borrow) keep stride's proportion: 2 steps to 1.
+    std::vector<TurnModel> rs{streamed(0, 4, 3, 4), streamed(1, 4, 3, 4)};
+    for (TurnModel& m : rs) {
+        busy(m, 4, 1000);
+        m.region_bytes = 0;
+    }
+    rs[0].weight = 2.0;
+    CHECK(simulate(rs, cfg, 9) == "AABAABAAB");
+}
+
+TEST(turns_min_prefill_chunk_hides_a_step_of_copies_behind_compute) {
+    // 10 layers of 7 MiB at 2.4 GB/s = 30.6 ms of copies a step; 0.5 ms of compute a token -> 62 tokens.
+    CHECK(turn_min_prefill_chunk(70 * MiB, 2.4e6, 0.5, 512) == 62);
+    CHECK(turn_min_prefill_chunk(70 * MiB, 2.4e6, 0.5, 32) == 32);  // never past the step's budget
+    CHECK(turn_min_prefill_chunk(0, 2.4e6, 0.5, 512) == 1);         // nothing streams
+    CHECK(turn_min_prefill_chunk(70 * MiB, 0, 0.5, 512) == 1);      // link rate unknown yet
+}
+
+// ---- the scheduler with turns ----
+
+TEST(scheduler_turns_run_a_borrowing_model_for_its_turn_and_name_the_lenders) {
+    auto L = std::make_unique<Ledger>(std::make_unique<CpuDevice>(1 << 20), 1.0);
+    KvCache ka(*L, "a", 1, 8, 16), kb(*L, "b", 1, 8, 16);
+    Scheduler s(64, 8);
+    s.add_model(0, 1.0, 4, &ka, 1000);
+    s.add_model(1, 1.0, 4, &kb, 1000);
+    TurnConfig cfg;
+    cfg.max_turn_steps = 3;
+    s.set_turns(cfg);
+    std::vector<TurnModel> dev{streamed(0, 16, 3, 4, 6), streamed(1, 12, 5, 3, 14)};
+    std::vector<std::unique_ptr<Sequence>> seqs;
+    for (int i = 0; i < 4; i++) {
+        auto q = std::make_unique<Sequence>();
+        q->id = i;
+        q->model = i % 2;
+        q->tokens = {1, 2, 3};
+        q->n_prompt = 3;
+        q->params.max_tokens = 100;
+        s.add(q.get());
+        seqs.push_back(std::move(q));
+    }
+    std::string order;
+    int n_new = 0;
+    for (int i = 0; i < 10; i++) {
+        StepPlan p = s.schedule(10.0 * i, dev);
+        order += static_cast<char>('A' + p.model);
+        n_new += p.new_turn ? 1 : 0;
+        if (i == 0) {  // B has not started: A's turn is its prefill, one step, streamed
+            CHECK(!p.borrow && p.lenders.empty() && p.turn_steps == 1);
+        } else {
+            CHECK(p.borrow && p.lenders == std::vector<int>{1 - p.model});
+        }
+        s.update(p);
+        for (const PlanItem& it : p.items) it.seq->tokens.push_back(7);
+    }
+    CHECK(order == "ABBBAAABBB");
+    CHECK(n_new == 4);
+    CHECK((s.upcoming_models(4) == std::vector<int>{0, 1, 0, 1}));  // B's turn is over: A next, then round
+}
+
+// ---- residency: lending a region ----
+
+TEST(residency_lends_a_region_recarved_for_the_borrower_and_takes_it_back_with_its_head) {
+    const std::string da = tmpdir(), db = tmpdir();
+    auto wa = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(da, 4, 1), nullptr);
+    auto wb = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(db, 6, 2), nullptr);
+    auto L = std::make_unique<Ledger>(std::make_unique<CpuDevice>(8 << 20), 1.0);
+    Residency r(*L, 0, Eviction::Belady);
+    CHECK(r.add_model(0, wa, "a", false, 2));
+    CHECK(r.add_model(1, wb, "b", false, 3));
+    const uint64_t booked = L->snapshot().used_bytes;
+    const int lent = static_cast<int>(r.model_info(1).region_bytes / wa->layer_unit_bytes());
+    CHECK(lent >= 3);  // b's head + 3 slots hold at least 3 of a's layers
+    auto pass = [&](int model, int n_units) {
+        std::vector<UnitRef> o;
+        for (int c = 0; c < 2; c++)
+            for (int u = 0; u < n_units; u++) o.push_back(UnitRef{model, u});
+        r.set_schedule(o);
+        for (int u = 0; u < n_units; u++) {
+            r.acquire(UnitRef{model, u});
+            r.release(UnitRef{model, u});
+        }
+    };
+    r.set_tenants(0, {1});
+    CHECK(r.model_info(0).n_held_slots == 2 + lent);
+    CHECK(r.model_info(1).n_held_slots == 0 && !r.model_info(1).head_ready);
+    CHECK(L->snapshot().used_bytes == booked);  // a loan books and frees nothing
+    pass(0, 5);
+    const uint64_t misses = r.stats().n_misses;
+    pass(0, 5);
+    CHECK(r.stats().n_misses == misses);  // every layer of a stayed on device
+    r.set_tenants(-1, {});                // the loan ends
+    CHECK(r.model_info(0).n_held_slots == 2);
+    CHECK(r.model_info(1).n_held_slots == 3 && r.model_info(1).n_cached == 0);
+    const uint64_t bytes = r.stats().bytes_copied;
+    pass(1, 7);  // b's head comes back on its first acquire
+    CHECK(r.model_info(1).head_ready);
+    CHECK(r.stats().bytes_copied - bytes == 6 * wb->layer_unit_bytes() + wb->unit(6).n_bytes);
+    CHECK(r.n_pins(0) == 0 && r.n_pins(1) == 0);
+}
+
+// ---- the engine ----
+
+namespace {
+struct Run {
+    std::map<int64_t, std::vector<int32_t>> tokens;
+    std::vector<int> step_models;
+    EngineStats stats;
+};
+
+// Three streamed tiny models (3 layers, 1 own slot each: a loan of the other two regions holds a whole
+// model), n requests per model submitted while the step thread is held, so all are queued at once.
+Run run_three(const std::vector<ModelSpec>& specs, int max_turn_steps, int n_per_model, const std::vector<int>& only = {}) {
+    EngineConfig c;
+    c.budget_bytes = 32 << 20;
+    c.n_threads = 2;
+    c.max_turn_steps = max_turn_steps;
+    Engine e(c);
+    for (const ModelSpec& s : specs) {
+        ModelLoadOptions o;
+        o.residency = ResidencyMode::Streamed;
+        o.stream_slots = 1;
+        e.load_model(s, o, nullptr);
+    }
+    e.trace_enable(100000);
+    e.debug_stall(true);
+    int n_open = 0;
+    for (size_t m = 0; m < specs.size(); m++) {
+        if (!only.empty() && std::find(only.begin(), only.end(), static_cast<int>(m)) == only.end()) continue;
+        for (int i = 0; i < n_per_model; i++) {
+            SamplingParams p;
+            p.temperature = 0.8f;
+            p.seed = static_cast<uint64_t>(100 + 10 * m + i);
+            p.max_tokens = 6 + 3 * i;
+            p.ignore_eos = true;
+            const int64_t id = static_cast<int64_t>(m * 100 + i);
+            std::vector<int32_t> prompt;
+            for (int k = 0; k < 3 + i; k++) prompt.push_back(static_cast<int32_t>((id * 7 + k) % 60 + 1));
+            e.submit(id, specs[m].name, prompt, p);
+            n_open++;
+        }
+    }
+    e.debug_stall(false);
+    Run out;
+    for (int i = 0; i < 20000 && n_open > 0; i++) {
+        for (const EngineEvent& ev : e.drain_events()) {
+            if (ev.kind == EventKind::Token) out.tokens[ev.req_id].push_back(ev.token);
+            else n_open--;
+        }
+        if (n_open > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CHECK(n_open == 0);
+    for (const StepTrace& st : e.trace_take().steps) out.step_models.push_back(st.model);
+    out.stats = e.stats();
+    return out;
+}
+
+std::vector<ModelSpec> three_models() {
+    std::vector<ModelSpec> specs;
+    for (int m = 0; m < 3; m++) {
+        ModelSpec s = lmx_test::write_tiny_model(tmpdir(), 3, 10 + static_cast<unsigned>(m));
+        s.name = "tiny" + std::to_string(m);
+        specs.push_back(s);
+    }
+    return specs;
+}
+}  // namespace
+
+TEST(engine_adaptive_turns_give_the_tokens_of_per_step_streaming_and_of_each_request_alone) {
+    const std::vector<ModelSpec> specs = three_models();
+    const Run turns = run_three(specs, 4, 4);
+    const Run stream = run_three(specs, 0, 4);
+    CHECK(turns.stats.n_borrow_turns > 0);  // the turns really borrowed
+    CHECK(stream.stats.n_borrow_turns == 0);
+    CHECK(turns.tokens.size() == 12);
+    CHECK(turns.tokens == stream.tokens);
+    // Each model alone (its regions lent to no one, or to itself when alone) gives the same tokens.
+    for (int m = 0; m < 3; m++) {
+        const Run alone = run_three(specs, 4, 4, {m});
+        for (const auto& kv : alone.tokens) CHECK(turns.tokens.at(kv.first) == kv.second);
+    }
+}
+
+TEST(engine_turns_keep_every_model_with_work_within_the_starvation_bound) {
+    const std::vector<ModelSpec> specs = three_models();
+    const int T = 3;
+    const Run r = run_three(specs, T, 4);
+    // Replay the steps: a model has work from the start until its last step.
+    std::map<int, size_t> last;
+    for (size_t i = 0; i < r.step_models.size(); i++) last[r.step_models[i]] = i;
+    CHECK(last.size() == 3);
+    int worst = 0, longest_turn = 0, run = 0;
+    std::map<int, int> waited;
+    for (size_t i = 0; i < r.step_models.size(); i++) {
+        const int m = r.step_models[i];
+        run = i > 0 && r.step_models[i - 1] == m ? run + 1 : 1;
+        bool company = false;  // another model still has work: the turn cap applies
+        for (const auto& kv : last) company = company || (kv.first != m && i < kv.second);
+        if (company) longest_turn = std::max(longest_turn, run);
+        for (auto& kv : last) {
+            if (kv.first == m) {
+                waited[m] = 0;
+            } else if (i < kv.second) {
+                worst = std::max(worst, ++waited[kv.first]);
+            }
+        }
+    }
+    CHECK(longest_turn > 1);           // turns, not per-step interleaving
+    CHECK(longest_turn <= T);          // no turn past max_turn_steps while others have work...
+    CHECK(worst <= (3 - 1) * T);       // ...so no model with work waits past the bound
+    CHECK(r.stats.n_turns >= 3);
+}
