@@ -870,6 +870,9 @@ class EngineHealth:
     def busy(self) -> bool:
         ...
     @property
+    def device_fault(self) -> str:
+        ...
+    @property
     def n_loops(self) -> int:
         ...
     @property

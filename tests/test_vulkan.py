@@ -47,12 +47,14 @@ from test_parity import INIT_STD, VARIANTS
 from engine import (
     Engine,
     EngineConfig,
+    EngineEvent,
+    ErrorCode,
     ModelLoadOptions,
     ResidencyMode,
     SamplingParams,
     _core,
 )
-from engine.errors import LayermuxError
+from engine.errors import CapacityError, LayermuxError
 from engine.text import Tokenizer
 from producer_sdk.client import AsyncProducer
 from producer_sdk.keys import Keys
@@ -250,6 +252,36 @@ def test_streamed_at_30_percent_of_the_weights_equals_resident(tmp_path: Path) -
     assert runs["streamed"] == runs["resident"]
 
 
+@pytest.mark.parametrize("clock", ["gpu timestamps", "host"])
+def test_copy_wait_is_measured_streamed_and_zero_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         clock: str) -> None:
+    """Compute's wait for layer copies lands in the residency figures the CPU device fills (copy_wait_ms,
+    bytes_copied): from GPU timestamps, or measured on the host where the queue has none
+    (LMX_VK_NO_TIMESTAMPS=1). A resident model's steps wait for no copy: nothing is charged."""
+    if clock == "host":
+        monkeypatch.setenv("LMX_VK_NO_TIMESTAMPS", "1")
+    kw = dict(VARIANTS["llama_untied_rope3_gqa4"], n_layers=10)
+    path = make_model(tmp_path / "deep", init_std=INIT_STD, **kw)
+    prompts = [prompt_ids(n) for n in (7, 40)]
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+        assert ("copy wait from GPU timestamps" if clock != "host" else "copy wait measured on the host") in \
+            e.device_summary(), e.device_summary()
+        e.load_model("r", path, options=ModelLoadOptions(residency=ResidencyMode.resident))
+        e.load_model("s", path, options=ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2))
+        _run_together(e, "r", prompts, 2)  # the resident model's load copies have landed after its first step
+        before = e.stats().residency
+        resident = _run_together(e, "r", prompts, 8)
+        after_resident = e.stats().residency
+        assert after_resident.copy_wait_ms == before.copy_wait_ms and \
+            after_resident.bytes_copied == before.bytes_copied
+        streamed = _run_together(e, "s", prompts, 8)
+        st = e.stats()
+        r = st.residency
+        assert streamed == resident
+        assert r.bytes_copied - after_resident.bytes_copied > e.models()["s"].weight_bytes  # layers cycled
+        assert 0.0 < r.copy_wait_ms - after_resident.copy_wait_ms < st.step_ms_total
+
+
 def test_three_streamed_models_interleaved_equal_the_cpu_engine(tmp_path: Path) -> None:
     """Three 6-layer models, each streamed through 2 slots, requests of all three in flight at once:
     every step refills slots, and the steps alternate models."""
@@ -376,6 +408,81 @@ def test_kv_pressure_preempts_by_recompute_with_the_same_tokens(model_dirs: dict
     tight, n_tight = _sampled_workload(path, budget)
     assert n_roomy == 0 and n_tight > 0, (n_roomy, n_tight, info)
     assert tight == roomy
+
+
+def test_out_of_device_memory_at_load_is_a_capacity_error_and_the_engine_serves_on(
+        model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device memory blocks are allocated when first used: a block the driver refuses (injected with
+    LMX_VK_FAIL_ALLOC_AFTER) fails that load with one actionable line naming the bytes asked and held;
+    nothing stays booked, the loaded model keeps serving, and the same load succeeds once memory is back."""
+    monkeypatch.setenv("LMX_VK_BLOCK_BYTES", str(4 << 20))  # 16 blocks of 4 MiB
+    with Engine(EngineConfig(budget_bytes=64 << 20, device_kind="vulkan")) as e:
+        e.load_model("a", model_dirs["smol_tied_gqa1"])
+        want = e.generate("a", prompt_ids(7), greedy(8))
+        used = e.ledger().used_bytes
+        monkeypatch.setenv("LMX_VK_FAIL_ALLOC_AFTER", "0")  # every block not held yet is refused
+        with pytest.raises(CapacityError, match=r"cannot load model 'b': it needs .* MiB .* the GPU refused device "
+                                                r"memory: vkAllocateMemory of a 4 MiB block \(4194304 bytes\) failed: "
+                                                r"VK_ERROR_OUT_OF_DEVICE_MEMORY .* lower \[device\] budget"):
+            e.load_model("b", model_dirs["llama_untied_rope3_gqa4"])  # its workspace needs a new block
+        assert e.ledger().used_bytes == used and "b" not in e.models()
+        assert e.generate("a", prompt_ids(7), greedy(8)) == want
+        monkeypatch.delenv("LMX_VK_FAIL_ALLOC_AFTER")
+        e.load_model("b", model_dirs["llama_untied_rope3_gqa4"])
+        assert len(e.generate("b", prompt_ids(7), greedy(8))) == 8
+        assert e.generate("a", prompt_ids(7), greedy(8)) == want
+
+
+def _terminal_events(e: Engine, ids: set[int]) -> tuple[dict[int, list[EngineEvent]], int]:
+    """Events of `ids` until each has ended, then half a second more: terminal events per id, tokens seen."""
+    ended: dict[int, list[EngineEvent]] = {rid: [] for rid in ids}
+    n_tokens = 0
+    deadline = time.monotonic() + 120
+    while any(not v for v in ended.values()):
+        assert time.monotonic() < deadline, ended
+        for ev in e.wait_events(1.0):
+            if ev.kind.name == "token":
+                n_tokens += 1
+            else:
+                ended[ev.req_id].append(ev)
+    for ev in e.wait_events(0.5):  # nothing more for them
+        assert ev.req_id not in ids, ev
+    return ended, n_tokens
+
+
+def test_a_lost_device_ends_every_request_once_and_a_new_engine_serves(
+        model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU is lost mid-generation (injected: queue submission 61 and every one after it fail with
+    VK_ERROR_DEVICE_LOST). Every request in flight, of both models, ends with exactly one error event
+    (engine_failure, naming the loss); the engine reports the fault in its health; a request submitted
+    afterwards ends the same way at its first step; a new engine on the same GPU serves again."""
+    names = LLAMA_QWEN[1:]
+    monkeypatch.setenv("LMX_VK_LOSE_DEVICE_AFTER", "60")
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as e:
+        for name in names:
+            e.load_model(name, model_dirs[name])
+        assert e.health().device_fault == ""
+        ids = set()
+        for name in names:
+            for n in (3, 20):
+                rid = e.new_request_id()
+                e.submit(rid, name, prompt_ids(n), greedy(200))
+                ids.add(rid)
+        ended, n_tokens = _terminal_events(e, ids)
+        assert n_tokens > 0, "the device was lost before any token: nothing was in flight"
+        for rid, evs in ended.items():
+            assert len(evs) == 1 and evs[0].kind.name == "error", (rid, evs)
+            assert evs[0].error_code == ErrorCode.engine_failure and "VK_ERROR_DEVICE_LOST" in evs[0].message, evs
+        assert "VK_ERROR_DEVICE_LOST" in e.health().device_fault
+        late = e.new_request_id()
+        e.submit(late, names[0], prompt_ids(5), greedy(4))
+        ended, _ = _terminal_events(e, {late})
+        assert ended[late][0].error_code == ErrorCode.engine_failure, ended
+    monkeypatch.delenv("LMX_VK_LOSE_DEVICE_AFTER")
+    with Engine(EngineConfig(budget_bytes=BUDGET, device_kind="vulkan")) as fresh:
+        fresh.load_model(names[0], model_dirs[names[0]])
+        assert len(fresh.generate(names[0], prompt_ids(5), greedy(4))) == 4
+        assert fresh.health().device_fault == ""
 
 
 def test_asking_for_a_missing_vulkan_device_names_what_was_found() -> None:

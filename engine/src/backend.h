@@ -50,6 +50,14 @@ struct KvGeometry {
     bool f16 = false;
 };
 
+// A device that can no longer compute (a GPU lost: reset, driver crash). Thrown by a step; every
+// later step on that device throws it too. The engine ends every live request on it (not only the
+// step's) with an error and reports the fault in its health (engine.h); only a new engine (a
+// restarted worker) computes again.
+struct DeviceFaultError : Error {
+    using Error::Error;
+};
+
 // One sequence's part of a step: a prefill chunk or its one decode token.
 struct StepSeq {
     int32_t n_tokens = 0;
@@ -88,6 +96,13 @@ public:
     // Scratch lanes the workspace carves for this backend (StepDesc::scratch): the CPU
     // uses one per thread for attention scores; a GPU needs none.
     virtual int scratch_lanes() const = 0;
+    // Time compute waited for host->device copies so far, as the device itself measures it (a
+    // GPU's waits happen on the device, behind semaphores; vulkan/vk_backend.h). False where
+    // Residency's own count is the truth (the CPU: its step thread is what waits). Any thread.
+    virtual bool device_copy_wait_ns(uint64_t* ns) const {
+        (void)ns;
+        return false;
+    }
 
     // ---- step bracketing ----
     virtual void begin_step(const StepDesc& step) = 0;

@@ -386,7 +386,8 @@ PYBIND11_MODULE(_core, m) {
     py::class_<EngineHealth>(m, "EngineHealth", "Liveness of the step thread (engine.h)")
         .def_readonly("n_loops", &EngineHealth::n_loops)
         .def_readonly("busy", &EngineHealth::busy)
-        .def_readonly("since_loop_s", &EngineHealth::since_loop_s);
+        .def_readonly("since_loop_s", &EngineHealth::since_loop_s)
+        .def_readonly("device_fault", &EngineHealth::device_fault);
 
     m.attr("MIN_SLOTS") = kMinSlots;
     m.def(

@@ -190,6 +190,10 @@ ModelInfo Engine::load_model(const ModelSpec& spec, const ModelLoadOptions& opt,
         residency_.add_swap_model(m->id, w, spec.name);
     } else if (!m->ws_mem || !residency_.add_model(m->id, w, spec.name, resident, n_slots)) {
         ledger_.free(m->ws_mem);
+        const std::string refused = vulkan_alloc_failure(ledger_.device());  // the GPU said no, not the ledger
+        if (!refused.empty())
+            throw NoSpaceError("cannot load model '" + spec.name + "': it needs " + mib(weight_need + ws_bytes) +
+                               " of device memory and the ledger has " + mib(headroom) + " free, but " + refused);
         throw NoSpaceError("cannot load model '" + spec.name + "': it needs " + mib(weight_need + ws_bytes) + " of device memory (" +
                            (resident ? std::string("all weights resident") : std::to_string(n_slots) + " layer slots") +
                            " + workspace) but the ledger has " + mib(headroom) + " free under its cap of " + mib(cap) +
@@ -398,6 +402,7 @@ EngineHealth Engine::health() const {
     {
         std::lock_guard<std::mutex> lk(mu_);
         h.busy = !live_ids_.empty() || !inbox_.empty();
+        h.device_fault = device_fault_;
     }
     const std::chrono::steady_clock::duration since(std::chrono::steady_clock::now().time_since_epoch().count() -
                                                      last_loop_ticks_.load());
@@ -429,6 +434,8 @@ EngineStats Engine::stats() const {
     std::lock_guard<std::mutex> lk(stats_mu_);
     EngineStats s = stats_;
     s.residency = residency_.stats();
+    uint64_t device_wait_ns = 0;  // a GPU measures compute's wait for copies itself
+    if (backend_.device_copy_wait_ns(&device_wait_ns)) s.residency.wait_ns = device_wait_ns;
     return s;
 }
 
@@ -662,6 +669,14 @@ void Engine::fail_plan(StepPlan& plan, const std::string& what) {
     }
 }
 
+void Engine::fail_live(const std::string& what) {
+    std::vector<Sequence*> live;
+    for (auto& kv : seqs_) live.push_back(kv.second.get());
+    for (Sequence* s : live)
+        finish(s, EventKind::Error, FinishReason::None, ErrorCode::EngineFailure,
+               "the device failed and the request was stopped: " + what);
+}
+
 void Engine::step_main() {
     for (;;) {
         std::deque<Command> cmds;
@@ -697,6 +712,14 @@ void Engine::step_main() {
         }
         try {
             run_plan(plan);
+        } catch (const DeviceFaultError& e) {
+            // The device cannot compute any more (a GPU lost): every request on it would fail the
+            // same way, so each ends now with one error event; later ones fail at their first step.
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                if (device_fault_.empty()) device_fault_ = e.what();
+            }
+            fail_live(e.what());
         } catch (const std::exception& e) {
             // A step that cannot run (e.g. a whole-model swap with no room left next to other
             // models' KV) must not take the process down: its sequences end with an error event

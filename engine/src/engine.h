@@ -150,6 +150,9 @@ struct EngineHealth {
     uint64_t n_loops = 0;
     bool busy = false;
     double since_loop_s = 0;  // seconds since n_loops last grew
+    // "" while the device computes; else why it cannot (a GPU lost, backend.h DeviceFaultError):
+    // every request on it ends with an error until the engine is recreated (the worker restarted).
+    std::string device_fault;
 };
 
 // How one model is placed by a residency plan.
@@ -235,6 +238,7 @@ private:
     void run_plan(StepPlan& plan);
     std::vector<TurnModel> turn_view() const;  // every model's device side, for the turn policy
     void fail_plan(StepPlan& plan, const std::string& what);
+    void fail_live(const std::string& what);  // the device failed: ends every live request with an error
     void note_loop();  // health: one more pass of the step loop  // ends the plan's live sequences with an error
     void finish(Sequence* s, EventKind kind, FinishReason reason, ErrorCode code = ErrorCode::None,
                 const std::string& message = {});
@@ -278,6 +282,7 @@ private:
     std::atomic<uint64_t> n_loops_{0};
     std::atomic<int64_t> last_loop_ticks_{0};  // steady_clock ticks
     bool stalled_ = false;                  // debug_stall; guarded by mu_
+    std::string device_fault_;              // health().device_fault; guarded by mu_
 
     std::thread step_thread_;
 };

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <memory>
@@ -647,6 +648,62 @@ TEST(vulkan_a_failed_copy_faults_the_device_and_every_later_step_throws) {
     StepDesc step;
     CHECK_THROWS(d.backend().begin_step(step), DeviceLostError, "VK_ERROR_DEVICE_LOST (injected)");
     d.free(p);
+    check_no_validation_messages(before);
+}
+
+// Blocks are allocated when first used; one the driver refuses (injected: LMX_VK_FAIL_ALLOC_AFTER)
+// is "no space" with a note naming the bytes, and the device goes on: the held blocks serve, and
+// the same allocation succeeds once memory is there again.
+TEST(vulkan_a_refused_block_is_no_space_with_a_note_and_the_device_goes_on) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    VulkanDevice d(g->ctx, 4 << 20, 1 << 20, 64 << 10);
+    CHECK(d.n_blocks() == 4 && d.n_blocks_allocated() == 1);  // block 0 (where KV starts) at once
+    setenv("LMX_VK_FAIL_ALLOC_AFTER", "1", 1);
+    CHECK(d.alloc(512 << 10, Placement::High) == nullptr);  // the top block: refused
+    const std::string note = d.take_alloc_failure();
+    CHECK(note.find("VK_ERROR_OUT_OF_DEVICE_MEMORY") != std::string::npos);
+    CHECK(note.find("1 MiB block (1048576 bytes)") != std::string::npos && note.find("holds 1 MiB in 1 blocks") != std::string::npos);
+    CHECK(d.take_alloc_failure().empty());  // once
+    void* low = d.alloc(512 << 10, Placement::Low);  // block 0 is held: still fine
+    CHECK(low != nullptr);
+    unsetenv("LMX_VK_FAIL_ALLOC_AFTER");
+    void* high = d.alloc(512 << 10, Placement::High);
+    CHECK(high != nullptr && d.n_blocks_allocated() == 2);
+    std::vector<uint8_t> host(512 << 10, 3), back(host.size());
+    const CopyRegion r{high, host.data(), host.size()};
+    d.copy_wait(d.copy_in(&r, 1, ComputeFence{}));
+    d.copy_out(back.data(), high, back.size());
+    CHECK(back == host);
+    d.free(low);
+    d.free(high);
+    check_no_validation_messages(before);
+}
+
+// A lost device (injected: the first queue submission fails with VK_ERROR_DEVICE_LOST, and every
+// one after it): a copy faults the device without throwing, and every step throws a DeviceFaultError.
+TEST(vulkan_a_lost_device_fails_every_submission_and_step) {
+    Gpu* g = gpu();
+    if (!g) return;
+    const uint64_t before = validation_message_count();
+    Options o = Options::from_env(0);
+    o.lose_device_after = 0;
+    auto ctx = std::make_shared<Context>(o);
+    {
+        VulkanDevice d(ctx, 1 << 20, 0, 64 << 10);
+        void* p = d.alloc(4096);
+        std::vector<uint8_t> host(4096, 7);
+        const CopyRegion r{p, host.data(), host.size()};
+        CHECK(d.copy_in(&r, 1, ComputeFence{}).value == 0);  // no throw on the copy thread
+        CHECK(ctx->lost() && d.fault().find("VK_ERROR_DEVICE_LOST") != std::string::npos);
+        StepDesc step;
+        CHECK_THROWS(d.backend().begin_step(step), DeviceFaultError, "VK_ERROR_DEVICE_LOST");
+        CmdStream& s = d.compute();
+        s.begin();
+        CHECK_THROWS(s.submit({}), DeviceLostError, "vkQueueSubmit");
+        d.free(p);
+    }
     check_no_validation_messages(before);
 }
 

@@ -22,12 +22,20 @@ int host_threads() {
 }  // namespace
 
 VulkanBackend::VulkanBackend(VulkanDevice& dev)
-    : dev_(dev), ctx_(dev.ctx()), s_(dev.compute()), pool_(host_threads()) {}
+    : dev_(dev), ctx_(dev.ctx()), s_(dev.compute()), pool_(host_threads()) {
+    if (ctx_.info().timestamp_valid_bits > 0) {
+        VkQueryPoolCreateInfo qi{VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO};
+        qi.queryType = VK_QUERY_TYPE_TIMESTAMP;
+        qi.queryCount = kMaxQueries;
+        vk_check(fns().vkCreateQueryPool(ctx_.device(), &qi, nullptr, &qpool_), "vkCreateQueryPool (timestamps)");
+    }
+}
 
 VulkanBackend::~VulkanBackend() {
     abort_step();
     for (Chunk& c : chunks_) ctx_.free_host(c.hb);
     ctx_.free_host(readback_);
+    if (qpool_ != VK_NULL_HANDLE) fns().vkDestroyQueryPool(ctx_.device(), qpool_, nullptr);
 }
 
 VulkanBackend::HostSlice VulkanBackend::host_take(uint64_t n_bytes) {
@@ -45,7 +53,44 @@ VulkanBackend::HostSlice VulkanBackend::host_take(uint64_t n_bytes) {
 }
 
 void VulkanBackend::recording() {
-    if (!s_.recording()) s_.begin();
+    if (s_.recording()) return;
+    s_.begin();
+    if (qpool_ == VK_NULL_HANDLE) return;
+    if (!queries_reset_) {
+        s_.reset_queries(qpool_, 0, kMaxQueries);
+        queries_reset_ = true;
+    }
+    if (n_queries_ + 2 <= kMaxQueries) {
+        cur_query_ = n_queries_;
+        s_.timestamp(qpool_, n_queries_, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT);
+        n_queries_ += 2;
+    }
+}
+
+uint64_t VulkanBackend::submit(const std::vector<std::pair<VkSemaphore, uint64_t>>& waits, bool copy_pending) {
+    if (cur_query_ >= 0) {
+        s_.timestamp(qpool_, static_cast<uint32_t>(cur_query_ + 1), VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT);
+        submitted_.push_back({static_cast<uint32_t>(cur_query_), copy_pending});
+        cur_query_ = -1;
+    }
+    return s_.submit(waits);
+}
+
+void VulkanBackend::read_timestamps() {
+    if (submitted_.size() < 2) return;
+    std::vector<uint64_t> ts(n_queries_);
+    vk_check(fns().vkGetQueryPoolResults(ctx_.device(), qpool_, 0, n_queries_, ts.size() * 8, ts.data(), 8,
+                                         VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT),
+             "vkGetQueryPoolResults");
+    const uint32_t bits = ctx_.info().timestamp_valid_bits;
+    const uint64_t mask = bits >= 64 ? ~0ull : (1ull << bits) - 1;
+    double ticks = 0;
+    for (size_t i = 1; i < submitted_.size(); i++) {
+        if (!submitted_[i].copy_pending) continue;
+        const uint64_t gap = (ts[submitted_[i].query] - ts[submitted_[i - 1].query + 1]) & mask;
+        if (gap <= mask / 2) ticks += static_cast<double>(gap);  // else: started before the other ended
+    }
+    copy_wait_ns_ += static_cast<uint64_t>(ticks * ctx_.info().timestamp_period_ns);
 }
 
 void VulkanBackend::begin_step(const StepDesc& step) {
@@ -56,6 +101,10 @@ void VulkanBackend::begin_step(const StepDesc& step) {
     for (Chunk& c : chunks_) c.used = 0;  // the previous step's work has finished (end_step waited)
     rope_tables_.clear();
     in_unit_ = false;
+    queries_reset_ = false;
+    n_queries_ = 0;
+    cur_query_ = -1;
+    submitted_.clear();
     pos_.resize(static_cast<size_t>(step.n_tokens));
     // KV: the window of every block of the step, tables relative to its lowest block.
     const uint8_t* lo = nullptr;
@@ -103,27 +152,38 @@ void VulkanBackend::begin_step(const StepDesc& step) {
 }
 
 void VulkanBackend::begin_unit(CopyFence ready) {
-    if (s_.recording()) s_.submit({});  // ops recorded outside a unit wait for nothing
+    if (s_.recording()) submit({});  // ops recorded outside a unit wait for nothing
     ready_ = ready;
     in_unit_ = true;
+    // Its copy still in flight now: the GPU may have to wait for it (the fence is checked, not waited on).
+    unit_copy_pending_ = ready.value != 0 && dev_.xfer_completed() < ready.value;
 }
 
 ComputeFence VulkanBackend::end_unit() {
     recording();
     std::vector<std::pair<VkSemaphore, uint64_t>> waits;
     if (ready_.value != 0) waits.push_back({dev_.xfer_timeline(), ready_.value});
-    const uint64_t v = s_.submit(waits);
+    if (unit_copy_pending_ && qpool_ == VK_NULL_HANDLE) {  // no timestamps: the host waits, and is charged
+        const auto t0 = std::chrono::steady_clock::now();
+        dev_.copy_wait(ready_);
+        copy_wait_ns_ += static_cast<uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const uint64_t v = submit(waits, unit_copy_pending_);
     in_unit_ = false;
+    unit_copy_pending_ = false;
     ready_ = CopyFence{};
     return ComputeFence{v};
 }
 
 void VulkanBackend::end_step() {
-    if (s_.recording()) s_.submit({});
+    if (s_.recording()) submit({});
     const auto t0 = std::chrono::steady_clock::now();
     if (s_.last_submitted() != 0) s_.wait(s_.last_submitted());
     wait_ns_ += static_cast<uint64_t>(
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    read_timestamps();
+    submitted_.clear();
     seqs_.clear();
 }
 
@@ -134,7 +194,10 @@ void VulkanBackend::abort_step() noexcept {
     } catch (...) {  // device lost: nothing more will run
     }
     seqs_.clear();
+    submitted_.clear();
+    cur_query_ = -1;
     in_unit_ = false;
+    unit_copy_pending_ = false;
 }
 
 void VulkanBackend::embed(const WeightView& table, const int32_t* tokens, float* x) {
@@ -277,7 +340,7 @@ float* VulkanBackend::read_host(float* src, int64_t n) {
     const VkBufferCopy region{loc.offset, 0, static_cast<uint64_t>(n) * 4};
     s_.copy(loc.buf, readback_.buf, &region, 1);
     s_.barrier_to_host();
-    const uint64_t v = s_.submit({});
+    const uint64_t v = submit({});
     const auto t0 = std::chrono::steady_clock::now();
     s_.wait(v);
     wait_ns_ += static_cast<uint64_t>(

@@ -12,12 +12,23 @@
 // the submission that reads them and end_step waits for the step's work, so the next step
 // may overwrite them.
 //
+// Copy wait. How long compute waited for host->device copies (ResidencyStats::wait_ns on this
+// device, Engine::stats): every compute submission of a step is bracketed by two timestamps on
+// the compute queue (a start at the compute stage, which the batch's semaphore waits hold back,
+// and an end at the bottom of the pipe); a unit whose copy fence had not completed when the
+// unit began is charged the queue's idle gap before it: its start less the end of the step's
+// previous submission (with copies on the compute queue, their execution is inside the gap).
+// Where the compute queue has no timestamps (timestampValidBits 0, or LMX_VK_NO_TIMESTAMPS=1)
+// the step thread instead waits on the host for such a unit's copy before submitting it and is
+// charged that wait (an upper bound: the GPU may still have been busy with earlier work).
+//
 // KV. The blocks a step touches must lie in one device memory block and one binding window
 // (kv_cache books them with Placement::Low, so they pack at the bottom of block 0); the
 // tables hold each block's start relative to the lowest (in KV elements: f32, or f16 packed two
 // to a word when kv_dtype = "f16"), and a layer adds its offset.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <utility>
@@ -61,6 +72,12 @@ public:
 
     // Nanoseconds end_step / read_host spent waiting on the GPU (diagnostics).
     uint64_t wait_ns() const { return wait_ns_; }
+    // Compute's wait for copies so far (see the header); any thread.
+    bool device_copy_wait_ns(uint64_t* ns) const override {
+        *ns = copy_wait_ns_.load();
+        return true;
+    }
+    bool timestamps() const { return qpool_ != VK_NULL_HANDLE; }
 
 private:
     struct Chunk {
@@ -74,7 +91,11 @@ private:
         uint64_t offset;
     };
     HostSlice host_take(uint64_t n_bytes);
-    void recording();  // begins a command buffer when none is open
+    void recording();  // begins a command buffer when none is open (with its start timestamp)
+    // Ends and submits the open command buffer (with its end timestamp); copy_pending: it is a
+    // unit whose copy had not landed when the unit began (charged the idle gap before it).
+    uint64_t submit(const std::vector<std::pair<VkSemaphore, uint64_t>>& waits, bool copy_pending = false);
+    void read_timestamps();  // after the step's work finished: adds its copy waits
     Binding act(const void* p, int64_t n_floats) const { return dev_.bind(p, static_cast<uint64_t>(n_floats) * 4); }
     Binding kv_window(int layer) const;
     KvGeom kv_geom(int layer, const AttnParams* p) const;
@@ -96,6 +117,19 @@ private:
     std::map<std::pair<const float*, int>, Binding> rope_tables_;  // (inv_freq, head_dim) -> cos/sin
     HostBuffer readback_;
     uint64_t wait_ns_ = 0;
+    // copy wait
+    static constexpr uint32_t kMaxQueries = 1024;  // 2 per submission; a step past 512 stops measuring
+    VkQueryPool qpool_ = VK_NULL_HANDLE;           // null: no timestamps, the host-measured fallback
+    bool queries_reset_ = false;                   // this step's first command buffer reset them
+    uint32_t n_queries_ = 0;                       // used this step
+    int64_t cur_query_ = -1;                       // the open command buffer's start query, -1: none
+    struct Submitted {
+        uint32_t query;  // start; end = query + 1
+        bool copy_pending;
+    };
+    std::vector<Submitted> submitted_;  // this step's timed submissions, in queue order
+    bool unit_copy_pending_ = false;
+    std::atomic<uint64_t> copy_wait_ns_{0};
 };
 
 }  // namespace lmx::vk

@@ -130,6 +130,10 @@ Options Options::from_env(int device_index) {
     o.validation = env_flag("LMX_VK_VALIDATION");
     if (const char* v = std::getenv("LMX_VK_MAX_BINDING_BYTES")) o.max_binding_bytes = std::strtoull(v, nullptr, 10);
     o.use_transfer_queue = !env_flag("LMX_VK_NO_TRANSFER_QUEUE");
+    o.use_timestamps = !env_flag("LMX_VK_NO_TIMESTAMPS");
+    if (const char* v = std::getenv("LMX_VK_BLOCK_BYTES")) o.block_bytes = std::strtoull(v, nullptr, 10);
+    if (const char* v = std::getenv("LMX_VK_LOSE_DEVICE_AFTER"); v != nullptr && v[0] != '\0')
+        o.lose_device_after = std::strtoll(v, nullptr, 10);
     return o;
 }
 
@@ -232,6 +236,10 @@ Context::Context(const Options& opt) : opt_(opt) {
     }
     if (!opt.use_transfer_queue) xfer = -1;
     info_.compute_family = static_cast<uint32_t>(comp);
+    if (opt.use_timestamps && p.limits.timestampPeriod > 0) {
+        info_.timestamp_valid_bits = fams[static_cast<size_t>(comp)].timestampValidBits;
+        info_.timestamp_period_ns = p.limits.timestampPeriod;
+    }
     info_.dedicated_transfer_queue = xfer >= 0;
     info_.transfer_family = xfer >= 0 ? static_cast<uint32_t>(xfer) : info_.compute_family;
 
@@ -413,6 +421,13 @@ void Context::free_host(HostBuffer& h) {
     h = HostBuffer{};
 }
 
+bool Context::submit_lost() {
+    if (lost_.load()) return true;
+    if (opt_.lose_device_after < 0 || n_submits_++ < opt_.lose_device_after) return false;
+    lost_.store(true);
+    return true;
+}
+
 Binding Context::bind(VkBuffer buf, uint64_t off, uint64_t n_bytes) const {
     const uint64_t align = info_.min_storage_offset_align < 4 ? 4 : info_.min_storage_offset_align;
     Binding b;
@@ -465,6 +480,7 @@ uint64_t CmdStream::completed() const {
 }
 
 void CmdStream::wait(uint64_t value) {
+    if (ctx_.lost()) vk_check(VK_ERROR_DEVICE_LOST, "vkWaitSemaphores (injected: LMX_VK_LOSE_DEVICE_AFTER)");
     VkSemaphoreWaitInfo wi{VK_STRUCTURE_TYPE_SEMAPHORE_WAIT_INFO};
     wi.semaphoreCount = 1;
     wi.pSemaphores = &timeline_;
@@ -587,6 +603,14 @@ void CmdStream::barrier_to_host() {
                                VK_PIPELINE_STAGE_HOST_BIT, 0, 1, &mb, 0, nullptr, 0, nullptr);
 }
 
+void CmdStream::reset_queries(VkQueryPool pool, uint32_t first, uint32_t n) {
+    fns().vkCmdResetQueryPool(cmd(), pool, first, n);
+}
+
+void CmdStream::timestamp(VkQueryPool pool, uint32_t query, VkPipelineStageFlagBits stage) {
+    fns().vkCmdWriteTimestamp(cmd(), stage, pool, query);
+}
+
 void CmdStream::copy(VkBuffer src, VkBuffer dst, const VkBufferCopy* regions, uint32_t n_regions) {
     if (n_regions == 0) return;
     fns().vkCmdCopyBuffer(cmd(), src, dst, n_regions, regions);
@@ -636,6 +660,7 @@ uint64_t CmdStream::submit(const std::vector<std::pair<VkSemaphore, uint64_t>>& 
     si.pCommandBuffers = &fr.cb;
     si.signalSemaphoreCount = 1;
     si.pSignalSemaphores = &timeline_;
+    if (ctx_.submit_lost()) vk_check(VK_ERROR_DEVICE_LOST, "vkQueueSubmit (injected: LMX_VK_LOSE_DEVICE_AFTER)");
     {
         std::lock_guard<std::mutex> lk(ctx_.queue_mutex(transfer_));
         vk_check(f.vkQueueSubmit(ctx_.queue(transfer_), 1, &si, VK_NULL_HANDLE), "vkQueueSubmit");

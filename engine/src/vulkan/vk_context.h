@@ -25,14 +25,15 @@
 #include <utility>
 #include <vector>
 
+#include "backend.h"
 #include "common.h"
 #include "vulkan/vk_loader.h"
 
 namespace lmx::vk {
 
 // Typed device faults (the engine maps them to request errors, see docs/vulkan.md).
-struct DeviceLostError : Error {
-    using Error::Error;
+struct DeviceLostError : DeviceFaultError {
+    using DeviceFaultError::DeviceFaultError;
 };
 struct DeviceOutOfMemoryError : Error {
     using Error::Error;
@@ -46,7 +47,15 @@ struct Options {
     bool validation = false;        // VK_LAYER_KHRONOS_validation + synchronization validation
     uint64_t max_binding_bytes = 0; // 0: the device's maxStorageBufferRange (tests force less)
     bool use_transfer_queue = true; // a dedicated transfer queue when the device has one
-    // From the environment: LMX_VK_VALIDATION=1, LMX_VK_MAX_BINDING_BYTES=N, LMX_VK_NO_TRANSFER_QUEUE=1.
+    bool use_timestamps = true;     // measure copy waits with GPU timestamps when the compute queue has them
+    uint64_t block_bytes = 0;       // device memory block size; 0: min(1 GiB, maxMemoryAllocationSize)
+    // Fault injection (tests): the queue submission after the first lose_device_after ones fails with
+    // VK_ERROR_DEVICE_LOST, and so does every submission and wait after it, as on a GPU that was reset.
+    int64_t lose_device_after = -1;
+    // From the environment: LMX_VK_VALIDATION=1, LMX_VK_MAX_BINDING_BYTES=N, LMX_VK_NO_TRANSFER_QUEUE=1,
+    // LMX_VK_NO_TIMESTAMPS=1 (the host-measured fallback of a queue without timestamps; tests),
+    // LMX_VK_BLOCK_BYTES=N, LMX_VK_LOSE_DEVICE_AFTER=N (tests). LMX_VK_FAIL_ALLOC_AFTER=N is read by
+    // the device at each block allocation (vk_device.h).
     static Options from_env(int device_index);
 };
 
@@ -63,6 +72,10 @@ struct Info {
     uint32_t subgroup_size = 0;
     bool dedicated_transfer_queue = false;
     uint32_t compute_family = 0, transfer_family = 0;
+    // Timestamps of the compute queue: valid bits (0: none, or Options::use_timestamps off) and
+    // nanoseconds per tick (VkPhysicalDeviceLimits::timestampPeriod).
+    uint32_t timestamp_valid_bits = 0;
+    double timestamp_period_ns = 0;
 };
 
 // Every physical device the loader lists, as "0: name (type, Vulkan 1.3)"; empty with *why
@@ -110,6 +123,10 @@ public:
     void dispatch(const char* name, uint32_t spec0, const Binding* binds, int n_binds, const void* push,
                   uint32_t push_bytes, uint32_t gx, uint32_t gy = 1, uint32_t gz = 1);
     void barrier_to_host();  // transfer writes -> host reads (before a readback is read)
+    // Timestamp queries (Info::timestamp_valid_bits > 0): reset [first, first + n) of pool; write
+    // query i when every earlier command (and this batch's semaphore waits) has reached `stage`.
+    void reset_queries(VkQueryPool pool, uint32_t first, uint32_t n);
+    void timestamp(VkQueryPool pool, uint32_t query, VkPipelineStageFlagBits stage);
     // Records copies src -> dst, then a transfer -> compute|transfer barrier.
     void copy(VkBuffer src, VkBuffer dst, const VkBufferCopy* regions, uint32_t n_regions);
     void discard();  // ends the recording without submitting it (an aborted step)
@@ -161,6 +178,11 @@ public:
     void free_host(HostBuffer& b);
     void free_device_block(VkBuffer buf, VkDeviceMemory mem);
 
+    const Options& options() const { return opt_; }
+    // Fault injection: true when this submission must fail as lost (counts submissions; sticky).
+    bool submit_lost();
+    bool lost() const { return lost_.load(); }
+
     // A binding covering [buf + off, + n_bytes); throws InvalidArgument when it is longer than
     // max_binding_bytes (callers split their work below that).
     Binding bind(VkBuffer buf, uint64_t off, uint64_t n_bytes) const;
@@ -186,6 +208,8 @@ private:
     std::mutex pipe_mu_;
     std::map<std::pair<std::string, uint32_t>, VkPipeline> pipelines_;
     std::map<std::string, VkShaderModule> modules_;
+    std::atomic<int64_t> n_submits_{0};
+    std::atomic<bool> lost_{false};
 };
 
 }  // namespace lmx::vk

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 
@@ -23,18 +24,15 @@ VulkanDevice::VulkanDevice(std::shared_ptr<Context> ctx, uint64_t budget_bytes, 
     const Info& in = ctx_->info();
     capacity_ = std::min(budget_bytes, in.device_local_heap_bytes) / kDevAlign * kDevAlign;
     if (capacity_ == 0) throw InvalidArgument("device budget: expected a positive number of bytes, found 0");
+    if (block_bytes == 0) block_bytes = ctx_->options().block_bytes;
     block_bytes_ = block_bytes != 0 ? block_bytes : std::min<uint64_t>(1ull << 30, in.max_allocation_bytes);
     block_bytes_ = std::max<uint64_t>(kDevAlign, block_bytes_ / kDevAlign * kDevAlign);
     void* p = mmap(nullptr, capacity_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw Error("vulkan: could not reserve " + std::to_string(capacity_) + " bytes of address space");
     base_ = static_cast<uint8_t*>(p);
     try {
-        for (uint64_t off = 0; off < capacity_; off += block_bytes_) {
-            const uint64_t n = std::min(block_bytes_, capacity_ - off);
-            Block b;
-            ctx_->alloc_device_block(n, &b.buf, &b.mem);
-            blocks_.push_back(b);
-        }
+        blocks_.resize(static_cast<size_t>((capacity_ + block_bytes_ - 1) / block_bytes_));
+        ctx_->alloc_device_block(std::min(block_bytes_, capacity_), &blocks_[0].buf, &blocks_[0].mem);  // throws
         ranges_ = RangeAlloc(capacity_, kDevAlign, block_bytes_);
         ring_ = ctx_->alloc_host(std::max<uint64_t>(staging_bytes / kRingParts * kRingParts, kRingParts * kDevAlign));
         xfer_ = std::make_unique<CmdStream>(*ctx_, true);
@@ -54,7 +52,7 @@ void VulkanDevice::release() noexcept {
     comp_.reset();
     if (ctx_->device() != VK_NULL_HANDLE) fns().vkDeviceWaitIdle(ctx_->device());
     ctx_->free_host(ring_);
-    for (Block& b : blocks_) ctx_->free_device_block(b.buf, b.mem);
+    for (Block& b : blocks_) ctx_->free_device_block(b.buf, b.mem);  // null handles: never allocated
     blocks_.clear();
     if (base_ != nullptr) munmap(base_, capacity_);
     base_ = nullptr;
@@ -62,10 +60,55 @@ void VulkanDevice::release() noexcept {
 
 Backend& VulkanDevice::backend() { return *backend_; }
 
+bool VulkanDevice::ensure_block(size_t b) {
+    Block& blk = blocks_[b];
+    if (blk.mem != VK_NULL_HANDLE) return true;
+    const uint64_t n = std::min(block_bytes_, capacity_ - b * block_bytes_);
+    const int held = n_blocks_allocated();
+    std::string why;
+    if (const char* v = std::getenv("LMX_VK_FAIL_ALLOC_AFTER"); v != nullptr && v[0] != '\0' &&
+                                                                 held >= std::atoi(v)) {
+        why = std::string(vk_result_name(VK_ERROR_OUT_OF_DEVICE_MEMORY)) + " (injected: LMX_VK_FAIL_ALLOC_AFTER=" + v + ")";
+    } else {
+        try {
+            ctx_->alloc_device_block(n, &blk.buf, &blk.mem);
+            return true;
+        } catch (const Error& e) {
+            blk = Block{};
+            why = e.what();
+        }
+    }
+    const uint64_t held_bytes = static_cast<uint64_t>(held) * block_bytes_;
+    alloc_failure_ = "the GPU refused device memory: vkAllocateMemory of a " + std::to_string(n >> 20) + " MiB block (" +
+                     std::to_string(n) + " bytes) failed: " + why + "; layermux holds " + std::to_string(held_bytes >> 20) +
+                     " MiB in " + std::to_string(held) + " blocks of its " + std::to_string(capacity_ >> 20) +
+                     " MiB budget, the device-local heap is " + std::to_string(ctx_->info().device_local_heap_bytes >> 20) +
+                     " MiB (other processes may hold the rest): free GPU memory or lower [device] budget";
+    return false;
+}
+
+int VulkanDevice::n_blocks_allocated() const {
+    int n = 0;
+    for (const Block& b : blocks_) n += b.mem != VK_NULL_HANDLE ? 1 : 0;
+    return n;
+}
+
+std::string VulkanDevice::take_alloc_failure() {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::string s;
+    s.swap(alloc_failure_);
+    return s;
+}
+
 void* VulkanDevice::alloc(uint64_t n_bytes, Placement where) {
     std::lock_guard<std::mutex> lk(mu_);
     const std::optional<uint64_t> off = ranges_.alloc(n_bytes, where);
-    return off ? base_ + *off : nullptr;
+    if (!off) return nullptr;
+    if (!ensure_block(static_cast<size_t>(*off / block_bytes_))) {  // out of device memory: a normal "no"
+        ranges_.free(*off);
+        return nullptr;
+    }
+    return base_ + *off;
 }
 
 void VulkanDevice::free(void* p) {
@@ -90,6 +133,7 @@ Binding VulkanDevice::bind(const void* p, uint64_t n_bytes) const {
 }
 
 VkSemaphore VulkanDevice::xfer_timeline() const { return xfer_->timeline(); }
+uint64_t VulkanDevice::xfer_completed() const { return xfer_->completed(); }
 
 void VulkanDevice::copy_wait(CopyFence f) {
     if (f.value != 0) xfer_->wait(f.value);
@@ -99,6 +143,9 @@ void VulkanDevice::copy_wait(CopyFence f) {
 // waiting for `after` on the compute timeline) when full or at the end of the batch.
 void VulkanDevice::check_fault() const {
     if (faulted_.load()) throw DeviceLostError("vulkan device faulted: " + fault() + " (restart the worker)");
+    if (ctx_->lost())
+        throw DeviceLostError("vulkan device lost: VK_ERROR_DEVICE_LOST (injected: LMX_VK_LOSE_DEVICE_AFTER) "
+                              "(restart the worker)");
 }
 
 std::string VulkanDevice::fault() const {

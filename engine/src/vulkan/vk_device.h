@@ -12,6 +12,13 @@
 // Info::max_binding_bytes (maxStorageBufferRange), so a block — and a weight arena — may
 // be larger than any one binding.
 //
+// Blocks are allocated when first used (block 0, where KV pages start, at construction), so
+// memory another process holds shows up when a model loads, not as a failed start. A block
+// the driver refuses (out of device memory) makes alloc() return nullptr — running out is a
+// normal result to the ledger — and leaves a one-line note (alloc_failure) that the engine
+// adds to the load's error: the bytes asked, what the device holds, the heap. Test hook:
+// LMX_VK_FAIL_ALLOC_AFTER=N (read at each block allocation) refuses every block past N held.
+//
 // Copies. copy_in stages host bytes in a pinned (host-visible) ring, split in kRingParts parts,
 // and copies them with the transfer stream (the dedicated transfer queue when there is one),
 // on the GPU after the compute fence `after` (the slot's previous reader), and returns the
@@ -60,12 +67,17 @@ public:
     // A binding of [p, p + n_bytes) (see Context::bind).
     Binding bind(const void* p, uint64_t n_bytes) const;
     VkSemaphore xfer_timeline() const;
+    uint64_t xfer_completed() const;  // the copy timeline's value now (copies up to it have landed)
     CmdStream& compute() { return *comp_; }  // the backend's stream (step thread only)
     // Synchronous device -> host copy (tests, diagnostics) after every submitted copy and compute.
     void copy_out(void* dst, const void* src, uint64_t n_bytes);
     uint64_t block_bytes() const { return block_bytes_; }
     int n_blocks() const { return static_cast<int>(blocks_.size()); }
     uint64_t bytes_copied() const { return bytes_copied_; }
+
+    // The last refused block allocation, one line; "" when none since the last call (clears it).
+    std::string take_alloc_failure();
+    int n_blocks_allocated() const;
 
     // Faults. A copy that fails (device lost, out of memory) cannot throw: it runs on the
     // residency's copy thread. It marks the device faulted instead and returns an empty fence;
@@ -82,6 +94,7 @@ private:
         VkDeviceMemory mem = VK_NULL_HANDLE;
     };
     void release() noexcept;
+    bool ensure_block(size_t b);  // under mu_: allocates block b if needed; false (with a note) if refused
     CopyFence copy_in_locked(const CopyRegion* regions, size_t n_regions, ComputeFence after);
 
     std::shared_ptr<Context> ctx_;
@@ -102,6 +115,7 @@ private:
     uint64_t bytes_copied_ = 0;
     std::atomic<bool> faulted_{false};
     std::string fault_;  // under mu_
+    std::string alloc_failure_;  // under mu_
     std::unique_ptr<VulkanBackend> backend_;
 };
 

@@ -74,7 +74,12 @@ namespace lmx::vk {
     X(vkCreateSemaphore)             \
     X(vkDestroySemaphore)            \
     X(vkWaitSemaphores)              \
-    X(vkGetSemaphoreCounterValue)
+    X(vkGetSemaphoreCounterValue)    \
+    X(vkCreateQueryPool)             \
+    X(vkDestroyQueryPool)            \
+    X(vkCmdResetQueryPool)           \
+    X(vkCmdWriteTimestamp)           \
+    X(vkGetQueryPoolResults)
 
 struct Fns {
 #define LMX_VK_DECL(name) PFN_##name name = nullptr;

@@ -45,6 +45,16 @@ uint64_t vulkan_validation_messages() {
 #endif
 }
 
+std::string vulkan_alloc_failure(Device& dev) {
+#if LMX_HAVE_VULKAN
+    auto* v = dynamic_cast<vk::VulkanDevice*>(&dev);
+    return v == nullptr ? "" : v->take_alloc_failure();
+#else
+    (void)dev;
+    return "";
+#endif
+}
+
 std::string vulkan_device_summary(Device& dev) {
 #if LMX_HAVE_VULKAN
     auto* v = dynamic_cast<vk::VulkanDevice*>(&dev);
@@ -52,7 +62,8 @@ std::string vulkan_device_summary(Device& dev) {
     const vk::Info& in = v->ctx().info();
     return in.name + "; driver " + in.driver + "; device-local heap " +
            std::to_string(in.device_local_heap_bytes >> 20) + " MiB; " +
-           (in.dedicated_transfer_queue ? "dedicated transfer queue" : "copies on the compute queue");
+           (in.dedicated_transfer_queue ? "dedicated transfer queue" : "copies on the compute queue") +
+           (in.timestamp_valid_bits > 0 ? "; copy wait from GPU timestamps" : "; copy wait measured on the host");
 #else
     (void)dev;
     return "";

@@ -25,5 +25,8 @@ std::unique_ptr<Device> make_vulkan_device(int index, uint64_t budget_bytes);
 uint64_t vulkan_validation_messages();
 // One line for `layermux status`: name, driver, heap, transfer queue (empty for other devices).
 std::string vulkan_device_summary(Device& dev);
+// Why the Vulkan device last refused memory (the driver's out-of-device-memory, with the bytes
+// asked and held), once; "" for other devices or when it did not.
+std::string vulkan_alloc_failure(Device& dev);
 
 }  // namespace lmx
