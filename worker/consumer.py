@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -172,30 +170,15 @@ class _Entry:
 class StreamSink:
     """RunSink of the stream path: reply events through the publisher, ack after the terminal one."""
 
-    def __init__(self, consumer: ModelConsumer, entry_id: str, band: str = "normal", *, held: bool = False) -> None:
+    def __init__(self, consumer: ModelConsumer, entry_id: str, band: str = "normal") -> None:
         self._c = consumer
         self._entry_id = entry_id
         self._band = band
-        # held: the run started before its checks came back (ModelConsumer.handle); what it outputs
-        # waits here until release() replays it in order, or is dropped with the sink.
-        self._held: list[Callable[[], None]] | None = [] if held else None
-        self.abandoned = False
-
-    def release(self) -> None:
-        held, self._held = self._held, None
-        for call in held or ():
-            call()
 
     def on_tokens(self, run: Run, index: int, token_ids: list[int], text: str) -> None:
-        if self._held is not None:
-            self._held.append(functools.partial(self.on_tokens, run, index, token_ids, text))
-            return
         self._c.publisher.publish_tokens(run.request_id, index, token_ids, text)
 
     def on_finish(self, run: Run, outcome: Outcome) -> None:
-        if self._held is not None:
-            self._held.append(functools.partial(self.on_finish, run, outcome))
-            return
         c = self._c
         counters = c.metrics[c.name]
         event: DoneEvent | ErrorEvent | CancelledEvent
@@ -222,9 +205,6 @@ class StreamSink:
     def on_abandon(self, run: Run) -> None:
         # No terminal, no ack: the entry stays pending and its lease lapses, so another worker
         # (or this one, restarted) takes it over and resumes from the reply stream.
-        self.abandoned = True
-        if self._held is not None:
-            return  # never registered: nothing published, no lease, no fence
         self._c.running.pop(run.request_id, None)
         self._c.leases.pop((self._band, self._entry_id), None)
         self._c.publisher.release_fence(run.request_id)
@@ -507,12 +487,6 @@ class ModelConsumer:
             return
         if self.driver.run_for(msg.request_id) is not None:
             return  # already running here (an entry re-delivered to its live owner)
-        # A fresh entry read alone starts in the engine before its checks come back, its output held
-        # (StreamSink held=True): the prefill overlaps the round trip below. It is released when the
-        # checks say what the fast path below would start anyway; otherwise it is stopped unpublished.
-        early: tuple[request_path.Prepared | Denial, tuple[Run, StreamSink] | None] | None = None
-        if entry.fresh and entry.checked is None and (msg.deadline_at is None or time.time() < msg.deadline_at):
-            early = await self._start_held(msg, entry)
         # One round trip for a fresh request (none when the read fetched it): has anything been
         # published (then read where it stands), and was a cancel asked before the request was read?
         if entry.checked is not None and entry.checked[0] == msg.request_id:
@@ -522,15 +496,6 @@ class ModelConsumer:
                 pipe.xrange(self.keys.events(msg.request_id), count=1)
                 pipe.sismember(self.keys.cancel(self.name), msg.request_id)
                 head, cancel_asked = await pipe.execute()
-        if early is not None and early[1] is not None:
-            run, sink = early[1]
-            if sink.abandoned:
-                return  # stopped meanwhile (shutdown): the entry stays pending, like any abandoned run
-            if not head and not cancel_asked:
-                self._register(msg, run, entry, f"{self.consumer_name}#{secrets.token_hex(8)}", 1, 0, 0)
-                sink.release()
-                return
-            self.driver.abandon(msg.request_id)  # nothing of it was published; the checks decide below
         state = await read_reply_state(self.redis, self.keys, msg.request_id) if head else ReplyState()
         if state.terminal:
             self.publisher.ack(ack)
@@ -548,7 +513,7 @@ class ModelConsumer:
             self.publisher.publish(CancelledEvent(request_id=msg.request_id, completion_tokens=0), ack=ack)
             self._running_changed.set()
             return
-        prepared = early[0] if early is not None else await request_path.prepare(self.driver, msg)
+        prepared = await request_path.prepare(self.driver, msg)
         if isinstance(prepared, Denial):
             self._refuse(msg.request_id, ack, prepared)
             return
@@ -583,26 +548,9 @@ class ModelConsumer:
             self._refuse(msg.request_id, AckEntry(self.name, entry.entry_id, msg.request_id, band=entry.band), run)
             return
         # Same loop tick as the submit: no engine event can be handled before "started" is queued.
-        self._register(msg, run, entry, fence, attempt, resume_index, stream_len)
-
-    async def _start_held(self, msg: RequestMessage,
-                          entry: _Entry) -> tuple[request_path.Prepared | Denial, tuple[Run, StreamSink] | None]:
-        """Prepare and submit a fresh entry whose checks are still out; its sink holds the output.
-        (prepared or the denial, (run, sink) or None when it did not start: handle refuses it later)."""
-        prepared = await request_path.prepare(self.driver, msg)
-        if isinstance(prepared, Denial):
-            return prepared, None
-        sink = StreamSink(self, entry.entry_id, entry.band, held=True)
-        run = request_path.start(self.driver, prepared, sink)
-        return prepared, (None if isinstance(run, Denial) else (run, sink))
-
-    def _register(self, msg: RequestMessage, run: Run, entry: _Entry, fence: str, attempt: int, resume_index: int,
-                  stream_len: int) -> None:
-        """A started run is this consumer's: its fence, its started event (before any of its output),
-        its lease and the counters."""
         self.publisher.set_fence(msg.request_id, fence, stream_len)
         self.publisher.publish(StartedEvent(request_id=msg.request_id, worker=self.consumer_name,
-                                            attempt=attempt, prompt_tokens=len(run.prompt_ids)))
+                                            attempt=attempt, prompt_tokens=len(prompt_ids)))
         self.running[msg.request_id] = entry.ref
         self.leases[entry.ref] = msg.request_id
         counters = self.metrics[self.name]
