@@ -765,12 +765,17 @@ class StepTrace:
     One engine step, as the trace recorded it (trace.h); times in steady-clock us
     """
     @property
+    def borrowed(self) -> bool:
+        """
+        adaptive turns: it ran on slots borrowed from other models
+        """
+    @property
     def bytes_copied(self) -> int:
         ...
     @property
     def copy_wait_us(self) -> int:
         """
-        time this step blocked on copies
+        time this step blocked on copies (a GPU: as the device measured it)
         """
     @property
     def end_us(self) -> int:
@@ -802,6 +807,11 @@ class StepTrace:
     def n_units_copied(self) -> int:
         """
         units whose copy landed since the previous step ended, any model's
+        """
+    @property
+    def new_turn(self) -> bool:
+        """
+        the first step of a scheduler turn
         """
     @property
     def start_us(self) -> int:

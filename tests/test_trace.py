@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from engine import Engine, EngineConfig, EventKind, ModelLoadOptions, ResidencyMode, SamplingParams, Trace
+from engine import (
+    Engine,
+    EngineConfig,
+    EventKind,
+    LayermuxError,
+    ModelLoadOptions,
+    ResidencyMode,
+    SamplingParams,
+    Trace,
+)
 
 N_LAYERS = 6
 STREAMED = ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2)
@@ -113,6 +122,23 @@ def test_a_streamed_model_shows_copies_and_waits_and_a_resident_one_none_after_l
             assert N_LAYERS - 2 <= st.n_units_copied <= N_LAYERS
 
 
+def test_steps_carry_the_schedulers_turns(model_dir: Path) -> None:
+    with Engine(EngineConfig(budget_bytes=64 << 20, n_threads=2)) as eng:
+        eng.load_model("s1", model_dir, options=STREAMED)
+        eng.load_model("s2", model_dir, options=STREAMED)
+        st0 = eng.stats()
+        eng.trace_enable(10_000)
+        _serve(eng, ["s1", "s2"], n_per_model=3, max_tokens=8)
+        steps = eng.trace_take().steps
+        st1 = eng.stats()
+    assert steps[0].new_turn
+    assert sum(s.new_turn for s in steps) == st1.n_turns - st0.n_turns > 1
+    assert sum(s.new_turn and s.borrowed for s in steps) == st1.n_borrow_turns - st0.n_borrow_turns
+    for a, b in itertools.pairwise(steps):  # a turn goes on with the same model and the same loans
+        if not b.new_turn:
+            assert (b.model, b.borrowed) == (a.model, a.borrowed)
+
+
 def test_a_whole_model_swap_is_one_copy_of_every_unit_and_a_wait(model_dir: Path) -> None:
     with Engine(EngineConfig(budget_bytes=64 << 20, n_threads=2)) as eng:
         eng.load_model("a", model_dir, options=SWAP)
@@ -159,3 +185,26 @@ def test_a_full_ring_keeps_the_newest_records_and_counts_the_dropped(model_dir: 
     assert [s.index for s in t.steps] == [n0 + n_steps - 3, n0 + n_steps - 2, n0 + n_steps - 1]
     assert len(t.copies) == len(t.waits) == 3
     assert t.n_dropped == (n_steps - 3) + 2 * (n_copies - 3)
+
+
+def _no_vulkan() -> str | None:
+    try:
+        with Engine(EngineConfig(budget_bytes=16 << 20, device_kind="vulkan")):
+            return None
+    except LayermuxError as e:
+        return str(e)
+
+
+@pytest.mark.skipif(_no_vulkan() is not None, reason="no Vulkan device")
+def test_on_a_gpu_the_steps_wait_is_the_devices_own_measure(model_dir: Path) -> None:
+    with Engine(EngineConfig(budget_bytes=64 << 20, device_kind="vulkan", kv_dtype="f32")) as eng:
+        eng.load_model("s", model_dir, options=STREAMED)
+        st0 = eng.stats()
+        eng.trace_enable(10_000)
+        _serve(eng, ["s"], n_per_model=2, max_tokens=5)
+        trace = eng.trace_take()
+        st1 = eng.stats()
+    wait_us = 1000 * (st1.residency.copy_wait_ms - st0.residency.copy_wait_ms)
+    # Each step's figure is the device counter's difference over the step, truncated to whole microseconds.
+    assert wait_us - len(trace.steps) <= sum(s.copy_wait_us for s in trace.steps) <= wait_us + 1
+    assert sum(c.n_bytes for c in trace.copies) == st1.residency.bytes_copied - st0.residency.bytes_copied > 0

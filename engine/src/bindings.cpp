@@ -365,7 +365,10 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("n_units_copied", &StepTrace::n_units_copied,
                       "units whose copy landed since the previous step ended, any model's")
         .def_readonly("bytes_copied", &StepTrace::bytes_copied)
-        .def_readonly("copy_wait_us", &StepTrace::copy_wait_us, "time this step blocked on copies");
+        .def_readonly("copy_wait_us", &StepTrace::copy_wait_us,
+                      "time this step blocked on copies (a GPU: as the device measured it)")
+        .def_readonly("new_turn", &StepTrace::new_turn, "the first step of a scheduler turn")
+        .def_readonly("borrowed", &StepTrace::borrowed, "adaptive turns: it ran on slots borrowed from other models");
     py::class_<CopyTrace>(m, "CopyTrace", "One copy into device memory: a layer, or a whole-model swap-in (unit -1)")
         .def_readonly("model", &CopyTrace::model)
         .def_readonly("unit", &CopyTrace::unit)

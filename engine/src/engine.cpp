@@ -539,6 +539,8 @@ void Engine::run_plan(StepPlan& plan) {
     if (scheduler_.turns_on()) residency_.set_tenants(plan.borrow ? plan.model : -1, plan.lenders);
     residency_.set_schedule(std::move(order));
     const uint64_t wait_ns0 = residency_.stats().wait_ns;
+    uint64_t device_wait_ns0 = 0;  // the step trace: a GPU measures its own wait for copies
+    const bool device_wait = tracer_.on() && backend_.device_copy_wait_ns(&device_wait_ns0);
 
     std::vector<ForwardItem> items;
     int64_t n_tok = 0;
@@ -614,7 +616,12 @@ void Engine::run_plan(StepPlan& plan) {
         st.n_seqs = static_cast<int>(plan.items.size());
         st.n_tokens = n_tok;
         st.n_generated = static_cast<int>(sampling.size());
-        tracer_.record_step(st);
+        st.new_turn = plan.new_turn;
+        st.borrowed = plan.borrow;
+        uint64_t device_wait_ns1 = 0;
+        if (device_wait && backend_.device_copy_wait_ns(&device_wait_ns1))
+            st.copy_wait_us = static_cast<int64_t>((device_wait_ns1 - device_wait_ns0) / 1000);
+        tracer_.record_step(st, device_wait);
     }
     stats_.n_steps++;
     stats_.n_tokens_computed += static_cast<uint64_t>(n_tok);

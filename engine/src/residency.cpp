@@ -561,12 +561,15 @@ UnitHandle Residency::acquire(UnitRef u) {
                 stats_.bytes_copied += e.w->unit(u.unit).n_bytes;
                 stats_.copy_ns += static_cast<uint64_t>(
                     std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+                if (tracer_ && tracer_->on())
+                    tracer_->record_copy({u.model, u.unit, 1, e.w->unit(u.unit).n_bytes, trace_us(t0), trace_now_us()});
                 cv_ready_.notify_all();
             } else {
                 cv_ready_.wait(lk, [&] { return e.head_ready; });
             }
             stats_.wait_ns += static_cast<uint64_t>(
                 std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+            if (tracer_ && tracer_->on()) tracer_->record_wait({u.model, u.unit, trace_us(t0), trace_now_us()});
         }
         return UnitHandle{e.head, e.copied};
     }

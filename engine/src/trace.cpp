@@ -45,13 +45,13 @@ void Tracer::record_wait(const WaitTrace& w) {
     push(waits_, w);
 }
 
-void Tracer::record_step(StepTrace s) {
+void Tracer::record_step(StepTrace s, bool device_wait) {
     if (!on()) return;
     std::lock_guard<std::mutex> lk(mu_);
     if (capacity_ == 0) return;
     s.n_units_copied = pending_units_;
     s.bytes_copied = pending_bytes_;
-    s.copy_wait_us = pending_wait_us_;
+    if (!device_wait) s.copy_wait_us = pending_wait_us_;
     pending_units_ = 0;
     pending_bytes_ = 0;
     pending_wait_us_ = 0;

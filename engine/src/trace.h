@@ -56,7 +56,9 @@ struct StepTrace {
     int n_generated = 0;     // tokens sampled
     int n_units_copied = 0;  // units whose copy landed since the previous step ended (any model's)
     uint64_t bytes_copied = 0;
-    int64_t copy_wait_us = 0;  // time this step's acquires blocked on copies
+    int64_t copy_wait_us = 0;  // time this step blocked on copies (a GPU: as the device measured it)
+    bool new_turn = true;      // the first step of a scheduler turn (scheduler.h, StepPlan)
+    bool borrowed = false;     // adaptive turns: the step ran on slots borrowed from other models
 };
 
 struct Trace {
@@ -77,8 +79,9 @@ public:
     // thread; waits from the step thread.
     void record_copy(const CopyTrace& c);
     void record_wait(const WaitTrace& w);
-    // Fills s's copy and wait figures from what was recorded since the previous step, then keeps it.
-    void record_step(StepTrace s);
+    // Fills s's copy figures from what was recorded since the previous step, and its wait figure too
+    // unless the device measured it (device_wait: s.copy_wait_us is the device's), then keeps it.
+    void record_step(StepTrace s, bool device_wait = false);
 
     Trace take();
 
