@@ -4,12 +4,13 @@ for them. A reader sees the turns: which model has the device when, and what the
 
     .venv/bin/python bench/timeline.py                      # --small shapes, budget 50 %, 4 requests per model,
                                                             # link 1:20 -> bench/results/timeline.png
-    .venv/bin/python bench/timeline.py --budget 0.75 --concurrency 16 --strategies "(a) layermux" "(s) stream-min"
+    .venv/bin/python bench/timeline.py --budget 0.75 --concurrency 16 --strategies "(a) adaptive" "(s) stream-min"
 
-Each strategy is one panel, all on one time axis (ms from the first timed step). In a lane: the upper bar is the
-model's steps (shade: tokens computed in the step; red: the part of it spent blocked on a copy), the lower bar the
-copies of its units as the copy thread (or, for on-demand and whole-model swaps, the step thread) made them. On the
-right: steps, layers copied and MiB, copy wait. The cell's models, budget split and requests are multimodel.py's
+Each strategy is one panel (default: adaptive turns next to the fixed per-step policy), all on one time axis (ms
+from the start of the timed run). In a lane: the upper bar is the model's steps (shade: tokens computed in the step;
+red: the part of it spent blocked on a copy; a black strip above: the step ran on slots borrowed from the other
+models; a vertical line: a scheduler turn begins), the lower bar the copies of its units as the copy thread (or, for
+on-demand loads and whole-model swaps, the step thread) made them. On the right: steps, units copied and MiB, wait. The cell's models, budget split and requests are multimodel.py's
 (its SMALL_SHAPES, ensure_models, measure_sizes, split_budget and run_one, imported); the trace comes from the
 engine (Engine.trace_enable / trace_take, engine/src/trace.h) and covers the timed run only, not the warm-up.
 matplotlib comes with the `bench` extra (pip install -e ".[bench]").
@@ -35,6 +36,9 @@ from engine._core import read_bandwidth_gbs
 REPO = Path(__file__).resolve().parent.parent
 TRACE_CAPACITY = 1 << 16  # records of each kind; a cell of the grid makes a few thousand
 MiB = 2**20
+# Adaptive turns next to the fixed per-step policy, where multimodel.py has both; else its first strategy.
+DEFAULT_STRATEGIES: list[str] = [n for n in ("(a) adaptive", "(a') stream") if n in mm.STRATEGIES] or [
+    next(iter(mm.STRATEGIES))]
 
 
 @dataclass
@@ -112,10 +116,10 @@ def run_cell(strategy: str, dirs: dict[str, Path], sizes: dict[str, mm.Sizes], b
 # --------------------------------------------------------------------------- summary and drawing
 
 def turns(steps: list[Any]) -> list[tuple[int, int]]:
-    """Runs of consecutive steps of one model: (model id, steps in the run)."""
+    """The scheduler's turns as the steps record them (StepTrace.new_turn): (model id, steps in the turn)."""
     out: list[tuple[int, int]] = []
     for s in steps:
-        if out and out[-1][0] == s.model:
+        if out and out[-1][0] == s.model and not s.new_turn:
             out[-1] = (s.model, out[-1][1] + 1)
         else:
             out.append((s.model, 1))
@@ -139,8 +143,10 @@ def summary(c: CellTrace, order: list[str]) -> list[str]:
         mid = next((k for k, v in c.names.items() if v == name), -1)
         runs = [n for m, n in t if m == mid]
         mc = [x for x in copies if x.model == mid]
+        n_borrowed = sum(1 for s in steps if s.model == mid and s.borrowed)
         lines.append(f"  {name:<14} {sum(1 for s in steps if s.model == mid):3d} steps in {len(runs):3d} turns "
-                     f"(longest {max(runs, default=0)}), {sum(x.n_units for x in mc):4d} units copied "
+                     f"(longest {max(runs, default=0)}, {n_borrowed} steps on borrowed slots), "
+                     f"{sum(x.n_units for x in mc):4d} units copied "
                      f"({sum(x.n_bytes for x in mc) / MiB:6.1f} MiB), waited "
                      f"{sum(w.end_us - w.start_us for w in waits if w.model == mid) / 1e3:6.1f} ms")
     return lines + [f"  note: {n}" for n in c.notes]
@@ -151,6 +157,7 @@ def draw(cells: list[CellTrace], order: list[str], title: str, out: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
@@ -170,6 +177,13 @@ def draw(cells: list[CellTrace], order: list[str], title: str, out: Path) -> Non
                 alpha = 0.35 + 0.65 * s.n_tokens / max_tok
                 ax.broken_barh([((s.start_us - c.t0_us) / 1e3, (s.end_us - s.start_us) / 1e3)], (y + 0.45, 0.4),
                                facecolors=color, alpha=alpha, edgecolor="none")
+            for s in ms:
+                x0 = (s.start_us - c.t0_us) / 1e3
+                if s.borrowed:  # a dark strip over the step: it runs on slots borrowed from the other models
+                    ax.broken_barh([(x0, (s.end_us - s.start_us) / 1e3)], (y + 0.87, 0.08), facecolors="black",
+                                   edgecolor="none")
+                if s.new_turn:  # a turn begins
+                    ax.plot([x0, x0], [y + 0.02, y + 0.97], color="black", linewidth=0.7)
             wspans = [((w.start_us - c.t0_us) / 1e3, (w.end_us - w.start_us) / 1e3) for w in waits if w.model == mid]
             ax.broken_barh(wspans, (y + 0.45, 0.4), facecolors="red", alpha=0.75, edgecolor="none")
             cspans = [((x.start_us - c.t0_us) / 1e3, max((x.end_us - x.start_us) / 1e3, 0.02))
@@ -193,8 +207,10 @@ def draw(cells: list[CellTrace], order: list[str], title: str, out: Path) -> Non
     axes[-1, 0].set_xlabel("ms since the timed run began (all requests submitted at 0)")
     legend = [Patch(facecolor="grey", alpha=0.8, label="compute step (darker: more tokens)"),
               Patch(facecolor="red", alpha=0.75, label="compute blocked on a copy"),
-              Patch(facecolor="grey", hatch="////", edgecolor="black", label="copy of this model's units")]
-    fig.legend(handles=legend, loc="lower center", fontsize=8, ncol=3, frameon=False, bbox_to_anchor=(0.45, 0.0))
+              Patch(facecolor="grey", hatch="////", edgecolor="black", label="copy of this model's units"),
+              Line2D([0], [0], color="black", linewidth=0.7, label="a turn begins"),
+              Patch(facecolor="black", label="step on slots borrowed from the other models")]
+    fig.legend(handles=legend, loc="lower center", fontsize=8, ncol=5, frameon=False, bbox_to_anchor=(0.45, 0.0))
     fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0.04, 0.91, 0.95))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +222,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=0.5, help="device budget as a share of all weights")
     ap.add_argument("--concurrency", type=int, default=4, help="requests per model")
-    ap.add_argument("--strategies", nargs="+", default=["(a) layermux"], choices=list(mm.STRATEGIES),
+    ap.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES, choices=list(mm.STRATEGIES),
                     help="one panel each (multimodel.py's strategy names)")
     ap.add_argument("--link-ratio", type=float, default=20.0, help="copy:read bandwidth 1:R (0 = unthrottled)")
     ap.add_argument("--max-tokens", type=int, default=16)
