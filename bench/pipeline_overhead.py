@@ -572,7 +572,7 @@ def print_throughput(t: dict[str, Any], label: str = "") -> None:
           f"p90 {t['ttft_p90_ms']:.1f} ms; all requests started within {t['pickup_s']:.2f} s")
     if t["steady"] is not None:
         print(f"  steady state (all {t['concurrent']} running, {t['steady_s']:.2f} s): {t['steady'][0]:,.0f} tokens/s, "
-              f"{t['steady'][1]:,.0f} token events/s")
+              f"{t['steady'][1]:,.0f} token events/s written in that window (low when the writes lag behind)")
     else:
         print("  no steady state: starting all requests took longer than one request runs")
     print(f"  served twice: {t['served_twice']}; requests with a missing or repeated token index: {t['bad_tokens']}; "
@@ -584,11 +584,10 @@ def print_throughput(t: dict[str, Any], label: str = "") -> None:
 
 def print_scaling(rows: list[dict[str, Any]]) -> None:
     print(f"scaling: fixed-rate token source, same model on every worker; load average {load_average()}")
-    print(f"{'workers':>8}{'tokens/s':>11}{'steady':>11}{'us/token':>10}{'cpu s':>8}{'TTFT p50':>10}{'p90':>8}"
+    print(f"{'workers':>8}{'tokens/s':>11}{'events/s':>10}{'us/token':>10}{'cpu s':>8}{'TTFT p50':>10}{'p90':>8}"
           f"{'pickup s':>10}{'twice':>7}{'bad':>5}  requests per worker")
     for t in rows:
-        steady = f"{t['steady'][0]:,.0f}" if t["steady"] else "-"
-        print(f"{t['workers']:>8}{t['tokens_per_s']:>11,.0f}{steady:>11}{t['us_per_token']:>10.1f}"
+        print(f"{t['workers']:>8}{t['tokens_per_s']:>11,.0f}{t['entries_per_s']:>10,.0f}{t['us_per_token']:>10.1f}"
               f"{t['worker_cpu_s']:>8.2f}{t['ttft_p50_ms']:>10.1f}{t['ttft_p90_ms']:>8.1f}{t['pickup_s']:>10.2f}"
               f"{t['served_twice']:>7}{t['bad_tokens']:>5}  {sorted(t['by_worker'].values())}")
 
