@@ -6,15 +6,17 @@ model's slot (and about a third of the reply streams) dies; its replica is promo
 and clients follow. Workers are `layermux worker` processes, the producer is the SDK. Every
 accepted request must still end with exactly one terminal event, the SDK must see each token
 index once and the tokens of an undisturbed run; requests whose entry the failover lost are
-resubmitted by their handles (handle.py, "Lost entries"). The figures are printed on one
-`[faults]` line (pytest -s). Nothing asserts on time; timeouts bound waits only.
+resubmitted by their handles (handle.py, "Lost entries"). A third test cuts the replica's link
+before the kill, so that two seconds of acknowledged writes (enqueues, deliveries, acks, reply events,
+fences) are lost for sure; it once hung in about 1 run of 8 (issue 17: a run stopped by its lost
+writes after it had finished kept its entry's lease, see worker/publisher.py `_fenced`). The figures
+are printed on one `[faults]` line (pytest -s). Nothing asserts on time; timeouts bound waits only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import random
 import subprocess
 import sys
@@ -137,8 +139,9 @@ def run_and_kill(tmp: Path, target: dict[str, Any], prefix: str, specs: list[Req
         try:
             out, _ = proc.communicate(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the producer did not finish within {WAIT_S} s; requests without a terminal "
-                                 f"event:\n{stuck_report(client, keys, specs)}\n{logs()}") from None
+            raise AssertionError(f"the producer did not finish within {WAIT_S} s; requests whose stored reply "
+                                 "stream has no terminal event (some may have been read before the failover lost "
+                                 f"it):\n{stuck_report(client, keys, specs)}\n{logs()}") from None
         assert proc.returncode == 0, out.decode(errors="replace")
     finally:
         if proc.poll() is None:
@@ -245,15 +248,14 @@ def test_sentinel_master_killed_mid_run_clients_follow_and_every_request_ends_on
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LAYERMUX_FAILOVER_LAG") != "1", reason=(
-    "open: in about 1 run of 8 a request of the killed master's model never ends (its handle waits past the "
-    "test's 180 s); set LAYERMUX_FAILOVER_LAG=1 to run it"))
 def test_cluster_master_killed_while_its_replica_lags_writes_are_lost_and_every_request_still_ends_once(
         models: dict[str, Path], tmp_path: Path) -> None:
-    """The replica of one master loses its link and stalls for 3 s (CLIENT KILL TYPE master, DEBUG
-    SLEEP); the master is killed 1 s into that, while a producer keeps submitting: what the master acknowledged
-    in that second - enqueues of one model, reply events, acks - is gone after the promotion. The
-    handles resubmit the lost enqueues; every request still ends once with the undisturbed tokens."""
+    """The replica of one master loses its link and stalls for 5 s (CLIENT KILL TYPE master, DEBUG
+    SLEEP); the master is killed 2 s into that, while a producer keeps submitting: what the master acknowledged
+    in those seconds - enqueues of one model, deliveries, reply events, acks - is gone after the promotion.
+    The handles resubmit the lost enqueues, runs whose events were lost stop and are resumed; every request
+    still ends once with the undisturbed tokens. (With a 2 s window the issue 17 hang and the reader's
+    ProtocolError showed in 3 of 4 runs before their fixes; with 1 s, in about 1 of 8.)"""
     prefix = "fl"
     names = sorted(models)
     keys = Keys(prefix)
@@ -275,9 +277,9 @@ def test_cluster_master_killed_while_its_replica_lags_writes_are_lost_and_every_
                 with contextlib.suppress(redis.RedisError):
                     r = redis.Redis(host="127.0.0.1", port=replica_port, socket_timeout=10)
                     r.execute_command("CLIENT", "KILL", "TYPE", "master")
-                    r.execute_command("DEBUG", "SLEEP", 3)
+                    r.execute_command("DEBUG", "SLEEP", 5)
             threading.Thread(target=sleep_replica, daemon=True).start()
-            time.sleep(1.0)  # the master acknowledges writes its replica never gets
+            time.sleep(2.0)  # the master acknowledges writes its replica never gets
             master.kill()
             killed.append(master.port)
 
