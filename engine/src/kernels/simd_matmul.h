@@ -219,6 +219,40 @@ static void mm_rows(const WeightView& w, const float* x, int64_t n_tok, float* y
     }
 }
 
+// The exact GGUF block formats with more than one token tile: each row tile is dequantised once
+// per token tile into an f32 buffer (on the stack: kDeqShareFloats), which mm_tile then reads as
+// f32 weights for every token of the tile — the batch shares each block's decode instead of
+// redoing it per register tile of tokens. mm_tile over the buffer runs the same FMA steps in the
+// same order as mm_tile_deq (block formats have no tail step), so the result is bitwise the same.
+constexpr int64_t kDeqShareFloats = 16 * 1024;  // 64 KiB: up to S::kRows rows of n_in <= 2730 (fewer rows beyond)
+
+template <class S>
+static void mm_rows_deq_shared(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias,
+                               int64_t row0, int64_t row1) {
+    constexpr int R = S::kRows, T = S::kToks;
+    const int64_t n_in = w.n_in, stride = row_bytes(w.dtype, n_in), be = dtype_block_elems(w.dtype);
+    const int64_t bb = dtype_block_bytes(w.dtype);
+    const int nr_max = static_cast<int>(imin(R, kDeqShareFloats / n_in));
+    alignas(64) float buf[kDeqShareFloats];  // [nr_max, n_in] dequantised rows
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    int64_t tile = kTokenTileBytes / (n_in * 4) / T * T;
+    if (tile < T) tile = T;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += tile) {
+        const int64_t t1 = imin(n_tok, t0 + tile);
+        for (int64_t r = row0; r < row1; r += nr_max) {
+            const int nr = static_cast<int>(imin(nr_max, row1 - r));
+            for (int i = 0; i < nr; ++i)
+                for (int64_t b = 0; b < n_in / be; ++b)
+                    deq_any<S>(w.dtype, base + (r + i) * stride + b * bb, buf + i * n_in + b * be);
+            for (int64_t t = t0; t < t1; t += T)
+                TileByRows<S, LoadF32<S>, R, T>::run(nr, static_cast<int>(imin(T, t1 - t)),
+                                                     reinterpret_cast<const uint8_t*>(buf), n_in * 4, x + t * n_in,
+                                                     n_in, y + t * w.n_out + r, w.n_out, bias ? bias + r : nullptr,
+                                                     nullptr);
+        }
+    }
+}
+
 template <class S>
 static void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias,
                         int64_t row0, int64_t row1) {
@@ -237,7 +271,12 @@ static void matmul_rows(const WeightView& w, const float* x, int64_t n_tok, floa
         case DType::Q3_K:
         case DType::Q4_K:
         case DType::Q5_K:
-        case DType::Q6_K: mm_rows_deq<S>(w, x, n_tok, y, bias, row0, row1); break;
+        case DType::Q6_K:
+            if (n_tok > S::kToks && w.n_in <= kDeqShareFloats)
+                mm_rows_deq_shared<S>(w, x, n_tok, y, bias, row0, row1);
+            else
+                mm_rows_deq<S>(w, x, n_tok, y, bias, row0, row1);
+            break;
     }
 }
 

@@ -18,7 +18,9 @@
 // per 32 weights per token, which decode (memory-bound) does not notice.
 //
 // Batched calls (prefill, batched decode) unpack each row's chunk and its scales once per
-// tile of T tokens: the tile's tokens share every weight decode.
+// tile of T tokens: the tile's tokens share every weight decode. Tiles are D's (8 rows for one
+// token; measured with 4x4, 2x4, 4x2, 3x4, 2x8 for several: all within 10 %, the f32 work per
+// (row, token, chunk) — convert, scale, FMA — bounds them, not registers).
 #pragma once
 
 #include <immintrin.h>

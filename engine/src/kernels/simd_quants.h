@@ -52,6 +52,11 @@ static inline void deq_any(DType t, const uint8_t* blk, float* out) {
         case DType::Q4_K: deq_block<S, DType::Q4_K>(blk, out); return;
         case DType::Q5_K: deq_block<S, DType::Q5_K>(blk, out); return;
         case DType::Q6_K: deq_block<S, DType::Q6_K>(blk, out); return;
+        case DType::Q4_1: {  // (nib - 8) * d + 8 * d is exactly nib * d (see mm_tile_deq); then + m rounds once
+            const typename S::V d = S::bcast_f16(blk), m = S::bcast_f16(blk + 2), d8 = S::mul(d, S::set1(8.0f));
+            for (int h = 0; h < 2; ++h) S::store(out + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
+            return;
+        }
         default: dequantize_blocks(t, blk, 1, out); return;
     }
 }
