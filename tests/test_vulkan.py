@@ -252,6 +252,27 @@ def test_streamed_at_30_percent_of_the_weights_equals_resident(tmp_path: Path) -
     assert runs["streamed"] == runs["resident"]
 
 
+def test_kv_blocks_past_one_storage_binding_use_several_and_equal_the_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bindings forced to 256 KiB (LMX_VK_MAX_BINDING_BYTES): five sequences' KV blocks (40 KiB each) span
+    more than one binding, so attention and kv_store read and write them through several (up to four,
+    chosen per block); the tokens equal the CPU engine's."""
+    binding = 256 << 10
+    monkeypatch.setenv("LMX_VK_MAX_BINDING_BYTES", str(binding))
+    kw = dict(VARIANTS["llama_untied_rope3_gqa4"], n_layers=10)
+    path = make_model(tmp_path / "deep", init_std=INIT_STD, **kw)
+    prompts = [prompt_ids(n) for n in (40, 41, 45, 50, 60)]
+    runs = {}
+    for kind in ("cpu", "vulkan"):
+        with Engine(EngineConfig(budget_bytes=BUDGET, device_kind=kind, kv_dtype="f32", max_batch_tokens=32)) as e:
+            e.load_model("m", path)
+            block = e.kv_bytes_for("m", 16)
+            n_blocks = sum(-(-(len(p) + 12) // 16) for p in prompts)
+            assert n_blocks * block > 2 * binding, (n_blocks, block)  # the step's KV spans 3+ bindings
+            runs[kind] = _run_together(e, "m", prompts, 12)
+    assert runs["vulkan"] == runs["cpu"]
+
+
 @pytest.mark.parametrize("clock", ["gpu timestamps", "host"])
 def test_copy_wait_is_measured_streamed_and_zero_resident(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          clock: str) -> None:

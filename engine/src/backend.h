@@ -48,6 +48,7 @@ struct KvGeometry {
     int64_t layer_stride = 0;  // elements
     int64_t v_offset = 0;      // elements
     bool f16 = false;
+    int n_layer = 0;           // a block holds n_layer * layer_stride elements
 };
 
 // A device that can no longer compute (a GPU lost: reset, driver crash). Thrown by a step; every

@@ -40,7 +40,7 @@ public:
     // block_start(b) + layer * layer_stride is layer's K, v_offset further its V.
     KvGeometry geometry() const {
         return KvGeometry{block_tokens_, kv_dim_, static_cast<int64_t>(2) * block_tokens_ * kv_dim_,
-                          static_cast<int64_t>(block_tokens_) * kv_dim_, elem_bytes_ == 2};
+                          static_cast<int64_t>(block_tokens_) * kv_dim_, elem_bytes_ == 2, n_layer_};
     }
     // A block's device address (its rows are elem_bytes wide; typed float* as the backend's StepSeq is).
     float* block_start(int32_t block) { return reinterpret_cast<float*>(blocks_[static_cast<size_t>(block)].ptr); }

@@ -405,6 +405,7 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_win
     if (!g) return;
     const uint64_t before = validation_message_count();
     Rng rng(9);
+    for (const int n_win : {1, 3})  // the blocks in 1 or 3 KV bindings (block b in binding b % n_win)
     for (const bool f16 : {false, true}) for (const int window : {0, 1, 40}) for (const int n_kv_heads : {1, 2}) {
         const int n_heads = 4, head_dim = 40, bt = 16, n_layer = 2, layer = 1;
         const int kv_dim = n_kv_heads * head_dim;
@@ -434,7 +435,9 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_win
         std::vector<uint32_t> tok, tables;
         for (auto& it : items) {
             const uint32_t start = static_cast<uint32_t>(tables.size());
-            for (int32_t b : it.table) tables.push_back(static_cast<uint32_t>(b * block_floats));
+            for (int32_t b : it.table)
+                tables.push_back(static_cast<uint32_t>(b % n_win) << kKvEntryOffsetBits |
+                                 static_cast<uint32_t>(b / n_win * block_floats));
             for (int64_t i = 0; i < it.n_q; i++) {
                 tok.push_back(start);
                 tok.push_back(static_cast<uint32_t>(it.pos0 + i + 1));
@@ -442,12 +445,27 @@ TEST(vulkan_paged_attention_matches_reference_for_decode_prefill_and_sliding_win
         }
         DevBuf dq(*g->dev, q), dtok(*g->dev, tok.data(), tok.size() * 4),
             dtab(*g->dev, tables.data(), tables.size() * 4), dout(*g->dev, nullptr, q.size() * 4);
-        DevBuf dpool = f16 ? DevBuf(*g->dev, pool16.data(), pool16.size() * 2) : DevBuf(*g->dev, pool);
+        const size_t el = f16 ? 2 : 4;
+        std::vector<std::vector<uint8_t>> win(static_cast<size_t>(n_win));
+        for (int b = 0; b < n_blocks; b++) {
+            auto& w = win[static_cast<size_t>(b % n_win)];
+            const uint8_t* src = f16 ? reinterpret_cast<const uint8_t*>(pool16.data()) + b * block_floats * 2
+                                     : reinterpret_cast<const uint8_t*>(pool.data()) + b * block_floats * 4;
+            w.insert(w.end(), src, src + block_floats * static_cast<int64_t>(el));
+        }
+        std::vector<std::unique_ptr<DevBuf>> dwin;
+        KvBindings kvb;
+        std::vector<const DevBuf*> srcs = {&dq, &dtok, &dtab};
+        for (auto& w : win) {
+            dwin.push_back(std::make_unique<DevBuf>(*g->dev, w.data(), w.size()));
+            kvb.b[kvb.n++] = dwin.back()->b();
+            srcs.push_back(dwin.back().get());
+        }
         const KvGeom geom{n_heads, n_kv_heads, head_dim, bt, static_cast<uint32_t>(layer * 2 * bt * kv_dim),
                           static_cast<uint32_t>(bt * kv_dim), static_cast<uint32_t>(window), f16};
         const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-        run_after(*g, {&dq, &dpool, &dtok, &dtab}, [&](CmdStream& s) {
-            op_attention(s, dq.b(), dpool.b(), dtok.b(), dtab.b(), dout.b(), n_tok, geom, scale);
+        run_after(*g, srcs, [&](CmdStream& s) {
+            op_attention(s, dq.b(), kvb, dtok.b(), dtab.b(), dout.b(), n_tok, geom, scale);
         });
         const auto got = dout.read();
         std::vector<float> want(q.size()), scratch(200);
@@ -484,23 +502,30 @@ TEST(vulkan_kv_store_writes_f16_rows_rounded_as_the_cpu_does) {
                              -1e9f,    1e-6f,   -3e-5f,          0x1p-25f,            0x1p-24f, 1.5f * 0x1p-24f,
                              0x1p-14f, 5.96e-8f, 1e-30f};
     for (size_t i = 0; i < std::size(special); i++) k[i] = special[i];
-    // Tokens at positions 1..3 of a sequence whose table is {1, 0}: position 3 is in block 0.
+    // Tokens at positions 1..3 of a sequence whose table is {1, 0}: position 5 is in block 0. Block 0
+    // lies in a second KV binding (the first block of its own buffer), block 1 in the first.
     std::vector<uint32_t> dst;
-    const int32_t table[2] = {1, 0};
+    std::vector<int64_t> flat;  // where each row lands in `pool` order (block 0, then block 1)
     for (int i = 0; i < n_tok; i++) {
         const int pos = 1 + i + (i == 2 ? 2 : 0);  // 1, 2, 5
-        dst.push_back(static_cast<uint32_t>(table[pos / bt] * block_elems + (pos % bt) * kv_dim));
+        dst.push_back(static_cast<uint32_t>(pos / bt == 0 ? block_elems : 1u << kKvEntryOffsetBits) +
+                      static_cast<uint32_t>((pos % bt) * kv_dim));
+        flat.push_back((pos / bt == 0 ? block_elems : 0) + (pos % bt) * kv_dim);
     }
     DevBuf dk(*g->dev, k), dv(*g->dev, v), dp(*g->dev, pool.data(), pool.size() * 2),
-        dd(*g->dev, dst.data(), dst.size() * 4);
+        dp1(*g->dev, pool.data(), pool.size() * 2), dd(*g->dev, dst.data(), dst.size() * 4);
     KvGeom geom{2, 1, kv_dim, bt, static_cast<uint32_t>(layer * 2 * bt * kv_dim), static_cast<uint32_t>(bt * kv_dim)};
     geom.f16 = true;
-    run_after(*g, {&dk, &dv, &dp, &dd}, [&](CmdStream& s) { op_kv_store(s, dk.b(), dv.b(), dp.b(), dd.b(), n_tok, geom); });
-    std::vector<uint16_t> got(pool.size());
+    KvBindings kvb(dp.b());
+    kvb.b[kvb.n++] = dp1.b();
+    run_after(*g, {&dk, &dv, &dp, &dp1, &dd}, [&](CmdStream& s) { op_kv_store(s, dk.b(), dv.b(), kvb, dd.b(), n_tok, geom); });
+    std::vector<uint16_t> got(pool.size()), got1(pool.size());
     g->dev->copy_out(got.data(), dp.p, got.size() * 2);
+    g->dev->copy_out(got1.data(), dp1.p, got1.size() * 2);
+    for (size_t i = 0; i < static_cast<size_t>(block_elems); i++) got[i] = got1[i];  // block 0 of binding 1
     std::vector<uint16_t> want = pool;
     for (int i = 0; i < n_tok; i++) {
-        const int64_t o = dst[static_cast<size_t>(i)] + geom.layer_off;
+        const int64_t o = flat[static_cast<size_t>(i)] + geom.layer_off;
         for (int e = 0; e < kv_dim; e++) {
             const size_t x = static_cast<size_t>(i * kv_dim + e);
             want[static_cast<size_t>(o + e)] = f32_to_f16(std::clamp(k[x], -65504.0f, 65504.0f));

@@ -106,22 +106,43 @@ void VulkanBackend::begin_step(const StepDesc& step) {
     cur_query_ = -1;
     submitted_.clear();
     pos_.resize(static_cast<size_t>(step.n_tokens));
-    // KV: the window of every block of the step, tables relative to its lowest block.
-    const uint8_t* lo = nullptr;
-    const uint8_t* hi = nullptr;
-    size_t n_entries = 0;
+    // KV: the step's blocks grouped into at most KvBindings::kMax windows (a binding each), each
+    // inside one device memory block and no longer than one binding (nor 2^30 elements: a table
+    // entry keeps the window in its top 2 bits). Blocks are taken in address order; KV is booked
+    // from the bottom of the device, so a step's blocks are usually one window.
+    const int64_t elem_bytes = step.kv.f16 ? 2 : 4;
+    std::vector<const uint8_t*> starts;
     for (const StepSeq& s : seqs_)
-        for (int32_t b = 0; b < s.n_blocks; b++) {
-            const uint8_t* p = reinterpret_cast<const uint8_t*>(s.kv_blocks[b]);
-            lo = lo == nullptr ? p : std::min(lo, p);
-            hi = hi == nullptr ? p : std::max(hi, p);
-            n_entries++;
+        for (int32_t b = 0; b < s.n_blocks; b++) starts.push_back(reinterpret_cast<const uint8_t*>(s.kv_blocks[b]));
+    const size_t n_entries = starts.size();
+    std::sort(starts.begin(), starts.end());
+    starts.erase(std::unique(starts.begin(), starts.end()), starts.end());
+    const uint64_t block_bytes =
+        static_cast<uint64_t>(std::max(step.kv.n_layer, 1) * step.kv.layer_stride * elem_bytes);
+    const uint64_t align = std::max<uint64_t>(ctx_.info().min_storage_offset_align, 4);
+    const uint64_t limit = std::min<uint64_t>(ctx_.info().max_binding_bytes - align,
+                                              (uint64_t{1} << kKvEntryOffsetBits) * static_cast<uint64_t>(elem_bytes));
+    kv_windows_.clear();
+    for (const uint8_t* p : starts) {
+        if (!kv_windows_.empty() && dev_.locate(p).buf == dev_.locate(kv_windows_.back().lo).buf &&
+            static_cast<uint64_t>(p - kv_windows_.back().lo) + block_bytes <= limit) {
+            kv_windows_.back().hi = p;
+            continue;
         }
-    kv_base_ = lo;
-    kv_span_bytes_ = lo != nullptr ? static_cast<uint64_t>(hi - lo) : 0;
-    if (lo != nullptr && dev_.locate(lo).buf != dev_.locate(hi).buf)
-        throw UnsupportedError("vulkan: this step's KV blocks lie in two device memory blocks; raise the device block "
-                               "size or lower kv_reserve_fraction");
+        if (kv_windows_.size() == static_cast<size_t>(KvBindings::kMax) || block_bytes > limit)
+            throw UnsupportedError("vulkan: this step's KV blocks need more than " + std::to_string(KvBindings::kMax) +
+                                   " storage bindings (each inside one device memory block and at most " +
+                                   std::to_string(limit) + " bytes); lower max_seqs_per_step or max_batch_tokens");
+        kv_windows_.push_back({p, p});
+    }
+    // Entry of a block: its window (top bits) and its start there (elements).
+    auto kv_entry = [&](const float* block) {
+        const uint8_t* p = reinterpret_cast<const uint8_t*>(block);
+        size_t w = 0;
+        while (w + 1 < kv_windows_.size() && kv_windows_[w + 1].lo <= p) w++;
+        return static_cast<uint32_t>(w << kKvEntryOffsetBits) |
+               static_cast<uint32_t>((p - kv_windows_[w].lo) / elem_bytes);
+    };
     const int64_t T = step.n_tokens;
     HostSlice tok = host_take(static_cast<uint64_t>(std::max<int64_t>(T, 1)) * 8);
     HostSlice tables = host_take(std::max<size_t>(n_entries, 1) * 4);
@@ -130,13 +151,12 @@ void VulkanBackend::begin_step(const StepDesc& step) {
     auto* tab_u = reinterpret_cast<uint32_t*>(tables.p);
     auto* dst_u = reinterpret_cast<uint32_t*>(dst.p);
     const int bt = step.kv.block_tokens;
-    const int64_t elem_bytes = step.kv.f16 ? 2 : 4;
     uint32_t entry = 0;
     int64_t t = 0;
     for (const StepSeq& s : seqs_) {
         const uint32_t start = entry;
         for (int32_t b = 0; b < s.n_blocks; b++)
-            tab_u[entry++] = static_cast<uint32_t>((reinterpret_cast<const uint8_t*>(s.kv_blocks[b]) - lo) / elem_bytes);
+            tab_u[entry++] = kv_entry(s.kv_blocks[b]);
         for (int32_t j = 0; j < s.n_tokens; j++, t++) {
             const int64_t pos = s.pos0 + j;
             pos_[static_cast<size_t>(t)] = pos;
@@ -260,24 +280,21 @@ KvGeom VulkanBackend::kv_geom(int layer, const AttnParams* p) const {
     return g;
 }
 
-Binding VulkanBackend::kv_window(int layer) const {
+KvBindings VulkanBackend::kv_windows(int layer) const {
     const uint64_t tail = static_cast<uint64_t>(layer * step_.kv.layer_stride + step_.kv.v_offset +
                                                 static_cast<int64_t>(step_.kv.block_tokens) * step_.kv.kv_dim) *
                           (step_.kv.f16 ? 2 : 4);
-    const uint64_t n = kv_span_bytes_ + tail;
-    if (n > ctx_.info().max_binding_bytes)
-        throw UnsupportedError("vulkan: this step's KV blocks span " + std::to_string(n) +
-                               " bytes, more than one storage binding (" + std::to_string(ctx_.info().max_binding_bytes) +
-                               "); lower max_running or the KV reserve");
-    return dev_.bind(kv_base_, n);
+    KvBindings out;
+    for (const KvWindow& w : kv_windows_) out.b[out.n++] = dev_.bind(w.lo, static_cast<uint64_t>(w.hi - w.lo) + tail);
+    return out;
 }
 
 void VulkanBackend::kv_append(int layer, const float* k, const float* v) {
     const int64_t T = step_.n_tokens;
-    if (T == 0 || kv_base_ == nullptr) return;
+    if (T == 0 || kv_windows_.empty()) return;
     recording();
     const int64_t kvd = step_.kv.kv_dim;
-    op_kv_store(s_, act(k, T * kvd), act(v, T * kvd), kv_window(layer), dst_b_, T, kv_geom(layer, nullptr));
+    op_kv_store(s_, act(k, T * kvd), act(v, T * kvd), kv_windows(layer), dst_b_, T, kv_geom(layer, nullptr));
 }
 
 void VulkanBackend::attention(int layer, const float* q, const AttnParams& p, float* out) {
@@ -287,7 +304,7 @@ void VulkanBackend::attention(int layer, const float* q, const AttnParams& p, fl
     const int64_t qd = static_cast<int64_t>(p.n_heads) * p.head_dim;
     KvGeom g = kv_geom(layer, &p);
     g.window = static_cast<uint32_t>(std::max<int64_t>(p.window, 0));
-    op_attention(s_, act(q, T * qd), kv_window(layer), tok_b_, tables_b_, act(out, T * qd), T, g, p.scale);
+    op_attention(s_, act(q, T * qd), kv_windows(layer), tok_b_, tables_b_, act(out, T * qd), T, g, p.scale);
 }
 
 void VulkanBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {

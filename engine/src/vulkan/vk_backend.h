@@ -22,10 +22,11 @@
 // the step thread instead waits on the host for such a unit's copy before submitting it and is
 // charged that wait (an upper bound: the GPU may still have been busy with earlier work).
 //
-// KV. The blocks a step touches must lie in one device memory block and one binding window
-// (kv_cache books them with Placement::Low, so they pack at the bottom of block 0); the
-// tables hold each block's start relative to the lowest (in KV elements: f32, or f16 packed two
-// to a word when kv_dtype = "f16"), and a layer adds its offset.
+// KV. The blocks a step touches are grouped into at most four windows, each inside one device
+// memory block and no longer than one storage binding (kv_cache books them with Placement::Low,
+// so they pack at the bottom of the device: usually one window); a table entry holds its block's
+// window (top 2 bits) and start there (in KV elements: f32, or f16 packed two to a word when
+// kv_dtype = "f16"), and a layer adds its offset.
 #pragma once
 
 #include <atomic>
@@ -97,7 +98,7 @@ private:
     uint64_t submit(const std::vector<std::pair<VkSemaphore, uint64_t>>& waits, bool copy_pending = false);
     void read_timestamps();  // after the step's work finished: adds its copy waits
     Binding act(const void* p, int64_t n_floats) const { return dev_.bind(p, static_cast<uint64_t>(n_floats) * 4); }
-    Binding kv_window(int layer) const;
+    KvBindings kv_windows(int layer) const;  // the step's KV windows, each long enough for `layer`
     KvGeom kv_geom(int layer, const AttnParams* p) const;
 
     VulkanDevice& dev_;
@@ -111,8 +112,11 @@ private:
     CopyFence ready_{};
     bool in_unit_ = false;
     // KV of the step
-    const uint8_t* kv_base_ = nullptr;  // lowest block start
-    uint64_t kv_span_bytes_ = 0;        // highest block start - lowest
+    struct KvWindow {
+        const uint8_t* lo;  // its lowest block start
+        const uint8_t* hi;  // its highest block start
+    };
+    std::vector<KvWindow> kv_windows_;  // ascending, at most KvBindings::kMax
     Binding tok_b_{}, tables_b_{}, dst_b_{};
     std::map<std::pair<const float*, int>, Binding> rope_tables_;  // (inv_freq, head_dim) -> cos/sin
     HostBuffer readback_;

@@ -115,22 +115,29 @@ void op_gelu_tanh_mul(CmdStream& s, const Binding& gate, const Binding& up, cons
 void op_softcap(CmdStream& s, const Binding& x, int64_t n, float cap) { eltwise(s, 3, x, x, x, n, cap); }
 void op_scale(CmdStream& s, const Binding& x, int64_t n, float a) { eltwise(s, 4, x, x, x, n, a); }
 
-void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
+void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const KvBindings& cache, const Binding& dst,
                  int64_t n_tok, const KvGeom& g) {
     if (n_tok == 0) return;
+    assert(cache.n >= 1 && cache.n <= KvBindings::kMax);
     const int64_t kv_dim = static_cast<int64_t>(g.n_kv_heads) * g.head_dim;
     assert(!g.f16 || (kv_dim % 2 == 0 && g.layer_off % 2 == 0 && g.v_off % 2 == 0));
-    const uint32_t push[8] = {fl(k), fl(v), kv_el(cache, g.f16), fl(dst), u32(n_tok), u32(kv_dim), g.layer_off, g.v_off};
-    const Binding binds[4] = {k, v, cache, dst};
+    const Binding& c0 = cache.b[0];
+    auto c = [&](int i) -> const Binding& { return cache.b[i < cache.n ? i : 0]; };  // unused: repeat the first
+    const uint32_t push[11] = {fl(k),    fl(v),          kv_el(c0, g.f16),     fl(dst),
+                               u32(n_tok), u32(kv_dim),   g.layer_off,          g.v_off,
+                               kv_el(c(1), g.f16), kv_el(c(2), g.f16), kv_el(c(3), g.f16)};
+    const Binding binds[7] = {k, v, c0, dst, c(1), c(2), c(3)};
     uint32_t gx, gy;
     const uint64_t n_items = static_cast<uint64_t>(n_tok * kv_dim) / (g.f16 ? 2 : 1);  // f16: a thread per word
     grid((n_items + kGroup - 1) / kGroup, &gx, &gy);
-    s.dispatch("kv_store", g.f16 ? 1 : 0, binds, 4, push, sizeof(push), gx, gy);
+    s.dispatch("kv_store", g.f16 ? 1 : 0, binds, 7, push, sizeof(push), gx, gy);
 }
 
-void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Binding& tok, const Binding& tables,
+void op_attention(CmdStream& s, const Binding& q, const KvBindings& cache, const Binding& tok, const Binding& tables,
                   const Binding& out, int64_t n_tok, const KvGeom& g, float scale) {
     if (n_tok == 0) return;
+    assert(cache.n >= 1 && cache.n <= KvBindings::kMax);
+    auto c = [&](int i) -> const Binding& { return cache.b[i < cache.n ? i : 0]; };
     if (g.head_dim > 256 || g.n_heads % g.n_kv_heads != 0 || (g.f16 && g.head_dim % 2 != 0))
         throw UnsupportedError("vulkan attention: expected head_dim <= 256 (even with f16 KV) and n_heads % n_kv_heads "
                                "== 0, found " +
@@ -142,10 +149,12 @@ void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Bi
         uint32_t n_tok, n_heads, n_kv_heads, head_dim, block_tokens, layer_off, v_off;
         float scale;
         uint32_t window;
-    } push{fl(q), kv_el(cache, g.f16), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
-           u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale, g.window};
-    const Binding binds[5] = {q, cache, tok, tables, out};
-    s.dispatch("attention", g.f16 ? 1 : 0, binds, 5, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
+        uint32_t cache_skip1, cache_skip2, cache_skip3;
+    } push{fl(q), kv_el(c(0), g.f16), fl(tok), fl(tables), fl(out), u32(n_tok), u32(g.n_heads), u32(g.n_kv_heads),
+           u32(g.head_dim), u32(g.block_tokens), g.layer_off, g.v_off, scale, g.window,
+           kv_el(c(1), g.f16), kv_el(c(2), g.f16), kv_el(c(3), g.f16)};
+    const Binding binds[8] = {q, c(0), tok, tables, out, c(1), c(2), c(3)};
+    s.dispatch("attention", g.f16 ? 1 : 0, binds, 8, &push, sizeof(push), u32(n_tok), u32(g.n_heads));
 }
 
 }  // namespace lmx::vk

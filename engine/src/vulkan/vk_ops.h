@@ -30,9 +30,11 @@ void op_silu_mul(CmdStream& s, const Binding& gate, const Binding& up, const Bin
 void op_gelu_tanh_mul(CmdStream& s, const Binding& gate, const Binding& up, const Binding& out, int64_t n);
 void op_softcap(CmdStream& s, const Binding& x, int64_t n, float cap);  // x = tanh(x / cap) * cap
 void op_scale(CmdStream& s, const Binding& x, int64_t n, float a);      // x *= a
-// Paged KV of one layer. cache: the binding holding every block the step touches; dst: [n_tok]
-// uint32, each token's K row in cache (elements from the binding's data start, before layer_off);
-// tok: [n_tok] {table start, n_keys}; tables: block starts (elements, as dst). An element is an
+// Paged KV of one layer. cache: the bindings holding every block the step touches (1 to 4: the
+// blocks may lie in several device memory blocks); dst: [n_tok] uint32, each token's K row: its
+// binding in the top 2 bits, its start in that binding in the low 30 (elements from the binding's
+// data start, before layer_off); tok: [n_tok] {table start, n_keys}; tables: block starts
+// (encoded as dst). An element is an
 // f32, or with f16 an IEEE half packed two to a 32-bit word (no 16-bit storage feature needed);
 // f16 needs even head_dim, layer_off, v_off and row starts (always so: head_dim is even for RoPE).
 struct KvGeom {
@@ -42,9 +44,17 @@ struct KvGeom {
     uint32_t window = 0; // > 0: a query at position p sees keys p - window + 1 .. p only
     bool f16 = false;    // elements are f16 (EngineConfig.kv_dtype)
 };
-void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const Binding& cache, const Binding& dst,
+struct KvBindings {
+    static constexpr int kMax = 4;
+    Binding b[kMax];
+    int n = 0;
+    KvBindings() = default;
+    KvBindings(const Binding& one) : n(1) { b[0] = one; }  // NOLINT: one binding is the common case
+};
+constexpr uint32_t kKvEntryOffsetBits = 30;  // entry = binding << 30 | element offset
+void op_kv_store(CmdStream& s, const Binding& k, const Binding& v, const KvBindings& cache, const Binding& dst,
                  int64_t n_tok, const KvGeom& g);
-void op_attention(CmdStream& s, const Binding& q, const Binding& cache, const Binding& tok, const Binding& tables,
+void op_attention(CmdStream& s, const Binding& q, const KvBindings& cache, const Binding& tok, const Binding& tables,
                   const Binding& out, int64_t n_tok, const KvGeom& g, float scale);
 
 }  // namespace lmx::vk
