@@ -154,10 +154,10 @@ def test_each_denial_code_carries_its_numbers_and_the_entry_is_acked(redis_url: 
         cases["prompt_too_long+max_tokens"] = (h, {"needed_tokens": 150, "limit_tokens": 128})
         h = await producer.submit("tiny", prompt_ids=[5, 100_000], max_tokens=4)
         cases["invalid_request"] = (h, {})
-        h = await producer.submit("long", prompt_ids=[5] * 16, max_tokens=8000)
+        h = await producer.submit("long", prompt_ids=[5] * 16, max_tokens=16000)
         ledger = rt.driver.ledger()
         fixed = sum(b["weights_bytes"] + b["workspace_bytes"] for b in ledger["models"].values())
-        cases["kv_exceeds_budget"] = (h, {"needed_bytes": rt.driver.kv_bytes_for("long", 8016),
+        cases["kv_exceeds_budget"] = (h, {"needed_bytes": rt.driver.kv_bytes_for("long", 16016),
                                           "available_bytes": ledger["cap_bytes"] - fixed,
                                           "limit_bytes": ledger["cap_bytes"]})
         for case, (handle, numbers) in cases.items():
