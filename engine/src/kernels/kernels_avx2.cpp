@@ -105,6 +105,10 @@ struct Avx2 {
         return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
     }
     static V load_q8(const uint8_t* qs, V d) { return {q8_8(qs, d.lo), q8_8(qs + 8, d.hi)}; }
+    static V from_i8(__m128i q16, V d) {
+        return {_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q16)), d.lo),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(q16, q16))), d.hi)};
+    }
     static __m256 q4_8(const uint8_t* qs, int h, __m256 d) {
         __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));
         q = h ? _mm256_srli_epi32(q, 4) : _mm256_and_si256(q, _mm256_set1_epi32(15));

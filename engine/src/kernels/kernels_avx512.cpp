@@ -96,6 +96,7 @@ struct Avx512 {
         const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
         return _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
     }
+    static V from_i8(__m128i q16, V d) { return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q16)), d); }
     static V load_q4(const uint8_t* qs, int h, V d) {
         __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
         q = h ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, _mm512_set1_epi32(15));

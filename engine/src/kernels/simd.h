@@ -21,6 +21,7 @@
 //   V load_f16(const uint8_t*), load_bf16(const uint8_t*)  (16 elements each)
 //   V bcast_f16(const uint8_t* p)  (the f16 at p, widened, in every lane)
 //   V load_q8(const uint8_t* qs16, V d)  (16 int8 times d; exact)
+//   V from_i8(__m128i q16, V d)  (the 16 int8 of q16 times d; exact; load_q8 from a register)
 //   V load_q4(const uint8_t* qs16, int h, V d)  (the 16 low (h=0) or high (h=1) nibbles
 //             of qs16[0..15], minus 8, times d; exact)
 //   constants kRows, kToks: matmul register tile (rows x tokens) for n_tok > 1,

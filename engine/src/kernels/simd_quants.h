@@ -101,10 +101,67 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
         }
 }
 
+// mm_tile_deq for one format kT (not Q4_1) without the buffer: each 16-value step of a row is
+// dequantised in registers (deq_block's operations, so the same values) and goes straight into
+// the FMA steps, in the same order. For one token, where nothing else reuses a decoded block.
+template <class S, DType kT, int R>
+static inline void mm_tile_deq_1(const uint8_t* wrow, int64_t w_stride, int64_t n_in, const float* x, float* y,
+                                 const float* bias) {
+    using V = typename S::V;
+    using G = GgufFmt<kT>;
+    constexpr int64_t be = 32 * G::kChunks;
+    const int64_t bb = dtype_block_bytes(kT);
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = S::zero();
+    for (int64_t b = 0; b < n_in / be; ++b) {
+        float a[R][G::kSubs], m[R][G::kSubs];
+        for (int r = 0; r < R; ++r) G::scales(wrow + r * w_stride + b * bb, a[r], m[r]);
+        for (int c = 0; c < G::kChunks; ++c) {
+            const V x0 = S::load(x + b * be + 32 * c), x1 = S::load(x + b * be + 32 * c + kLanes);
+            for (int r = 0; r < R; ++r) {
+                const __m256i q = _mm256_sub_epi8(G::quants(wrow + r * w_stride + b * bb, c), _mm256_set1_epi8(G::kOff));
+                V w0 = S::from_i8(_mm256_castsi256_si128(q), S::set1(G::sub(a[r], c, 0)));
+                V w1 = S::from_i8(_mm256_extracti128_si256(q, 1), S::set1(G::sub(a[r], c, 1)));
+                if constexpr (G::kMin) {
+                    w0 = S::add(w0, S::set1(G::sub(m[r], c, 0)));
+                    w1 = S::add(w1, S::set1(G::sub(m[r], c, 1)));
+                }
+                acc[r] = S::fmadd(x1, w1, S::fmadd(x0, w0, acc[r]));
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float v = S::hsum(acc[r]);
+        if (bias) v += bias[r];
+        y[r] = v;
+    }
+}
+
+template <class S, DType kT>
+static void mm_rows_deq_1(const WeightView& w, const float* x, float* y, const float* bias, int64_t row0, int64_t row1) {
+    constexpr int kR = 4;
+    const int64_t stride = row_bytes(w.dtype, w.n_in);
+    const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    int64_t r = row0;
+    for (; r + kR <= row1; r += kR)
+        mm_tile_deq_1<S, kT, kR>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr);
+    for (; r < row1; ++r) mm_tile_deq_1<S, kT, 1>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr);
+}
+
 // y[:, row0:row1] for all tokens, tiles of up to kR rows x kT tokens (ragged edges one by one).
 template <class S>
 static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
                         int64_t row1) {
+    if (n_tok == 1) switch (w.dtype) {
+            case DType::Q5_0: return mm_rows_deq_1<S, DType::Q5_0>(w, x, y, bias, row0, row1);
+            case DType::Q5_1: return mm_rows_deq_1<S, DType::Q5_1>(w, x, y, bias, row0, row1);
+            case DType::Q2_K: return mm_rows_deq_1<S, DType::Q2_K>(w, x, y, bias, row0, row1);
+            case DType::Q3_K: return mm_rows_deq_1<S, DType::Q3_K>(w, x, y, bias, row0, row1);
+            case DType::Q4_K: return mm_rows_deq_1<S, DType::Q4_K>(w, x, y, bias, row0, row1);
+            case DType::Q5_K: return mm_rows_deq_1<S, DType::Q5_K>(w, x, y, bias, row0, row1);
+            case DType::Q6_K: return mm_rows_deq_1<S, DType::Q6_K>(w, x, y, bias, row0, row1);
+            default: break;  // Q4_1: mm_tile_deq
+        }
     constexpr int kR = 4, kT = 4;
     const int64_t stride = row_bytes(w.dtype, w.n_in);
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
