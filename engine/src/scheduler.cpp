@@ -238,7 +238,8 @@ void Scheduler::queue_fields(int model, const ModelQueue& q, double now_ms, Turn
     };
     for (const Sequence* s : q.running) count(s);
     for (const Sequence* s : q.waiting) count(s);
-    const int64_t prefill_steps = (prompt_left + max_batch_tokens_ - 1) / max_batch_tokens_;
+    // Decodes of the sequences already in take a token of the budget each step: about one per sequence.
+    const int64_t prefill_steps = prompt_left == 0 ? 0 : (prompt_left + t.n_seqs + max_batch_tokens_ - 1) / max_batch_tokens_;
     t.prefill_steps = static_cast<int>(std::min<int64_t>(prefill_steps, 1 << 30));
     const int64_t steps = gen_left + prefill_steps;
     t.n_steps_left = static_cast<int>(std::min<int64_t>(steps, 1 << 30));

@@ -44,6 +44,7 @@ TurnState turn_advance(const TurnState& state, const TurnDecision& d) {
     if (d.continues && state.owner == d.model) {
         TurnState s = state;
         s.n_steps++;
+        s.borrow = d.borrow;
         return s;
     }
     return TurnState{d.model, 1, d.n_steps, d.borrow};
@@ -77,33 +78,34 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     };
 
     // 1. The turn in progress goes on while it has work, steps left and no one else is overdue.
-    //    Its cap is re-read: a model that was alone may have company now.
+    //    Its cap is re-read: a model that was alone may have company now. A prefill turn (another
+    //    model waits for first tokens) runs until its model's prompts are in, however many steps its
+    //    decodes stretch that to; any other turn runs its planned steps.
+    const TurnModel* next = nullptr;
+    int cont_cap = 0;
     for (const TurnModel* m : live) {
         if (m->model != state.owner) continue;
-        const int cap = std::min(state.n_planned, turn_cap(*m));
-        const bool yield_to_first_tokens = m->n_prefilling == 0 && unstarted_other(m->model);
-        if (state.n_steps < cap && !overdue_other(m->model) && !yield_to_first_tokens) {
-            d.model = m->model;
-            d.n_steps = cap;
-            d.borrow = state.borrow;
-            d.continues = true;
-            if (d.borrow)
-                for (const TurnModel& o : models)
-                    if (o.model != m->model && !o.resident && o.region_bytes > 0) d.lenders.push_back(o.model);
-            return d;
+        const int cap = unstarted_other(m->model) ? (m->n_prefilling > 0 ? turn_cap(*m) : 0)
+                                                  : std::min(state.n_planned, turn_cap(*m));
+        if (state.n_steps < cap && !overdue_other(m->model)) {
+            next = m;
+            cont_cap = cap;
         }
     }
-
-    // 2. A new turn for the longest waiter; the previous owner, if it still has work, waits for the others.
-    const TurnModel* next = nullptr;
-    for (const TurnModel* m : live) {
-        if (live.size() > 1 && m->model == state.owner) continue;
-        if (next == nullptr || waited_longer(*m, *next)) next = m;
+    // 2. Else a new turn for the longest waiter; the previous owner, if it still has work, waits for the others.
+    if (next == nullptr) {
+        for (const TurnModel* m : live) {
+            if (live.size() > 1 && m->model == state.owner) continue;
+            if (next == nullptr || waited_longer(*m, *next)) next = m;
+        }
     }
+    // 3. Price the turn's remaining steps both ways, at every step: new work or a finished sequence can
+    //    tip the balance within a turn.
     const TurnModel& m = *next;
     d.model = m.model;
+    d.continues = cont_cap > 0;
     const int depth = cfg.prefetch_depth;
-    int k = std::max(1, std::min(turn_cap(m), m.n_steps_left));
+    int k = std::max(1, std::min(d.continues ? cont_cap - state.n_steps : turn_cap(m), m.n_steps_left));
     const bool first_tokens = unstarted_other(m.model);
     if (first_tokens) k = std::max(1, std::min(k, m.prefill_steps));  // its prefill only
     const double tokens = static_cast<double>(k) * std::max(1, m.gen_per_step);
@@ -134,7 +136,9 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     d.borrow = borrow_bytes < stream_bytes;
     // A streamed turn runs one step per weight unit (stride's proportion); a borrowed one, or a prefill
     // turn, its full k.
-    d.n_steps = d.borrow || first_tokens ? k : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
+    d.n_steps = d.continues ? cont_cap
+                : d.borrow || first_tokens ? k
+                                           : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
     if (d.borrow)
         for (const TurnModel& o : models)
             if (o.model != m.model && !o.resident && o.region_bytes > 0) d.lenders.push_back(o.model);

@@ -28,8 +28,8 @@
 // A model alone with work keeps the device as long as it has work.
 //
 // First tokens first (time to first token). While another model with work has sequences that have not
-// started (none of their prompt computed yet), a turn ends when its model has no prompt left to compute,
-// and it is priced over those prefill steps only: every queued request gets its first token after one
+// started (none of their prompt computed yet), a turn lasts until its model has no prompt left to compute
+// (at most its turn cap), and it is priced over those prefill steps only: every queued request gets its first token after one
 // round of prefill turns, not after whole drained turns of the models ahead of it. The model that starts
 // last keeps its turn into its decode steps. Turns only get shorter by this, so the bounds above hold.
 #pragma once
