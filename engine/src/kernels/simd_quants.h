@@ -101,7 +101,7 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
         }
 }
 
-// mm_tile_deq for one format kT (not Q4_1) without the buffer: each 16-value step of a row is
+// mm_tile_deq for one format kT without the buffer: each 16-value step of a row is
 // dequantised in registers (deq_block's operations, so the same values) and goes straight into
 // the FMA steps, in the same order. For one token, where nothing else reuses a decoded block.
 template <class S, DType kT, int R>
@@ -160,7 +160,8 @@ static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, floa
             case DType::Q4_K: return mm_rows_deq_1<S, DType::Q4_K>(w, x, y, bias, row0, row1);
             case DType::Q5_K: return mm_rows_deq_1<S, DType::Q5_K>(w, x, y, bias, row0, row1);
             case DType::Q6_K: return mm_rows_deq_1<S, DType::Q6_K>(w, x, y, bias, row0, row1);
-            default: break;  // Q4_1: mm_tile_deq
+            case DType::Q4_1: return mm_rows_deq_1<S, DType::Q4_1>(w, x, y, bias, row0, row1);
+            default: break;
         }
     constexpr int kR = 4, kT = 4;
     const int64_t stride = row_bytes(w.dtype, w.n_in);
