@@ -57,7 +57,9 @@ from engine import (
 from engine.errors import CapacityError, LayermuxError
 from engine.text import Tokenizer
 from producer_sdk.client import AsyncProducer
+from producer_sdk.errors import WorkerFailureError
 from producer_sdk.keys import Keys
+from producer_sdk.protocol import decode_event
 from tools.model_factory import make_model, tokenizer_size
 
 # The random architectures are tests/test_parity.py's (same seeds, so HF's greedy margins are >= 2e-3).
@@ -504,6 +506,63 @@ def test_a_lost_device_ends_every_request_once_and_a_new_engine_serves(
         fresh.load_model(names[0], model_dirs[names[0]])
         assert len(fresh.generate(names[0], prompt_ids(5), greedy(4))) == 4
         assert fresh.health().device_fault == ""
+
+
+def test_a_worker_whose_gpu_is_lost_answers_every_request_once_with_worker_failure(
+        model_dirs: dict[str, Path], redis_url: str, tmp_path: Path) -> None:
+    """A real worker on the Vulkan device, fed through Redis, loses its GPU mid-generation (injected,
+    LMX_VK_LOSE_DEVICE_AFTER): every request in flight, and one sent afterwards, gets exactly one terminal
+    event in its reply stream, an error with code worker_failure naming the loss; the worker stays up (it
+    has no engine restart: a restart is the operator's, docs/vulkan.md) and exits 0 on SIGTERM."""
+    name = "smol_tied_gqa1"
+    lines = [f'redis_url = "{redis_url}"', 'key_prefix = "vkl"', 'worker_id = "vkl1"', "[device]", 'kind = "vulkan"',
+             f'budget = "{BUDGET >> 20}MiB"', "[[models]]", f'name = "{name}"', f'path = "{model_dirs[name]}"']
+    config = tmp_path / "worker.toml"
+    config.write_text("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERMUX_")}
+    env["LMX_VK_LOSE_DEVICE_AFTER"] = "40"
+    log = tmp_path / "worker.log"
+    client = redis.Redis.from_url(redis_url)
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", f"import worker.arq_app as a; a.run({str(config)!r})"],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not client.hexists(Keys("vkl").workers(), "vkl1"):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+
+            async def submit_all(n: int) -> list[tuple[str, BaseException | None]]:
+                async with AsyncProducer(redis_url, prefix="vkl") as producer:
+                    handles = [await producer.submit(name, prompt=f"Hello {i}", max_tokens=200, temperature=0.0)
+                               for i in range(n)]
+                    out: list[tuple[str, BaseException | None]] = []
+                    for h in handles:
+                        try:
+                            await asyncio.wait_for(h.result(), 300)
+                            out.append((h.request_id, None))
+                        except WorkerFailureError as e:
+                            out.append((h.request_id, e))
+                    return out
+
+            results = asyncio.run(submit_all(4)) + asyncio.run(submit_all(1))  # in flight, then after the loss
+            for request_id, err in results:
+                assert err is not None and "VK_ERROR_DEVICE_LOST" in str(err), (request_id, err)
+                events = [decode_event(f[b"data"]) for _, f in client.xrange(Keys("vkl").events(request_id))]
+                terminal = [ev for ev in events if ev.type in ("done", "error", "cancelled")]
+                assert len(terminal) == 1 and terminal[0].type == "error", events
+                assert terminal[0].code == "worker_failure", terminal[0]
+            assert proc.poll() is None, log.read_text()  # still up, answering
+        finally:
+            client.close()
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    assert "[vulkan validation" not in log.read_text()
 
 
 def test_asking_for_a_missing_vulkan_device_names_what_was_found() -> None:

@@ -35,7 +35,10 @@ VulkanBackend::~VulkanBackend() {
     abort_step();
     for (Chunk& c : chunks_) ctx_.free_host(c.hb);
     ctx_.free_host(readback_);
-    if (qpool_ != VK_NULL_HANDLE) fns().vkDestroyQueryPool(ctx_.device(), qpool_, nullptr);
+    if (qpool_ != VK_NULL_HANDLE) {
+        fns().vkDeviceWaitIdle(ctx_.device());  // abort_step's wait may have thrown (lost): nothing may use it
+        fns().vkDestroyQueryPool(ctx_.device(), qpool_, nullptr);
+    }
 }
 
 VulkanBackend::HostSlice VulkanBackend::host_take(uint64_t n_bytes) {
