@@ -512,8 +512,9 @@ def test_a_worker_whose_gpu_is_lost_answers_every_request_once_with_worker_failu
         model_dirs: dict[str, Path], redis_url: str, tmp_path: Path) -> None:
     """A real worker on the Vulkan device, fed through Redis, loses its GPU mid-generation (injected,
     LMX_VK_LOSE_DEVICE_AFTER): every request in flight, and one sent afterwards, gets exactly one terminal
-    event in its reply stream, an error with code worker_failure naming the loss; the worker stays up (it
-    has no engine restart: a restart is the operator's, docs/vulkan.md) and exits 0 on SIGTERM."""
+    event in its reply stream, an error with code worker_failure naming the loss; the worker stays up, answering,
+    but its heartbeat stops, so `status --alive` (the liveness probe) exits 1 and the orchestrator restarts
+    it (docs/vulkan.md); it exits 0 on SIGTERM."""
     name = "smol_tied_gqa1"
     lines = [f'redis_url = "{redis_url}"', 'key_prefix = "vkl"', 'worker_id = "vkl1"', "[device]", 'kind = "vulkan"',
              f'budget = "{BUDGET >> 20}MiB"', "[[models]]", f'name = "{name}"', f'path = "{model_dirs[name]}"']
@@ -553,6 +554,16 @@ def test_a_worker_whose_gpu_is_lost_answers_every_request_once_with_worker_failu
                 assert len(terminal) == 1 and terminal[0].type == "error", events
                 assert terminal[0].code == "worker_failure", terminal[0]
             assert proc.poll() is None, log.read_text()  # still up, answering
+            # ... but no longer alive to the liveness probe: the heartbeat stops on a device fault.
+            deadline = time.monotonic() + 60
+            while client.exists(Keys("vkl").heartbeat("vkl1")):
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            probe = subprocess.run([sys.executable, "-m", "worker.cli", "status", "--alive", "vkl1", "--redis-url",
+                                    redis_url, "--prefix", "vkl"], env=env, capture_output=True, text=True, timeout=60,
+                                   check=False)
+            assert probe.returncode == 1, probe
+            assert "heartbeat stopped so the liveness probe restarts this worker" in log.read_text()
         finally:
             client.close()
             proc.send_signal(signal.SIGTERM)

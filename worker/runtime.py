@@ -96,6 +96,7 @@ class Runtime:
         self._drained = asyncio.Event()
         self.started_at = time.time()
         self._heartbeat_loops: int | None = None  # the engine's n_loops at the last heartbeat check
+        self._device_fault_said = False  # the device-fault line is logged once
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -274,6 +275,17 @@ class Runtime:
         if eng is None:
             return False
         health = eng.health()
+        if health.device_fault:
+            # A lost GPU never computes again in this process (docs/vulkan.md): stop the heartbeat at
+            # once so the liveness probe fails and the orchestrator restarts the worker; the requests
+            # it holds are reclaimed from Redis as for any dead worker.
+            if not self._device_fault_said:
+                self._device_fault_said = True
+                log.error("engine device fault: %s; heartbeat stopped so the liveness probe restarts this "
+                          "worker (layermux status --alive %s now exits 1)", health.device_fault,
+                          self.settings.worker_id)
+            await self.redis.delete(self.keys.heartbeat(self.settings.worker_id))
+            return False
         alive = not health.busy or health.n_loops != self._heartbeat_loops
         self._heartbeat_loops = health.n_loops
         if alive:
