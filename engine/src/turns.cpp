@@ -119,18 +119,46 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     const double stream_bytes = head + (static_cast<double>(c_own) * k + cold) * L;
     d.stream_bytes_per_token = stream_bytes / tokens;
 
-    // Borrowing: every other streamed model's region, for k steps.
-    const int s_b = turn_borrowable_slots(m, models);
-    double borrow_bytes = std::numeric_limits<double>::infinity();
-    if (!m.resident && s_b > m.n_slots) {
-        const int first = std::max(0, m.n_layer - m.n_cached);
-        double lend = 0;
+    // Borrowing: the regions of other streamed models, for k steps. Every set of lenders is priced (each
+    // lender must copy back its head and cache) and the cheapest wins: a model a few slots short borrows
+    // one idle region, not every model's cache. Past kMaxLenders candidates, the cheapest per slot first.
+    struct Loan {
+        int model;
+        int slots;
+        double cost;
+    };
+    std::vector<Loan> loans;
+    if (!m.resident && m.layer_bytes > 0)
         for (const TurnModel& o : models) {
             if (o.model == m.model || o.resident || o.region_bytes == 0) continue;
-            lend += (o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
-                    static_cast<double>(o.n_cached) * static_cast<double>(o.layer_bytes);
+            const int slots = static_cast<int>(o.region_bytes / m.layer_bytes);
+            if (slots == 0) continue;
+            loans.push_back({o.model, slots,
+                             (o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
+                                 static_cast<double>(o.n_cached) * static_cast<double>(o.layer_bytes)});
         }
-        borrow_bytes = head + (first + static_cast<double>(step_copies(m, s_b, depth)) * (k - 1)) * L + lend;
+    constexpr size_t kMaxLenders = 10;
+    if (loans.size() > kMaxLenders) {
+        std::stable_sort(loans.begin(), loans.end(),
+                         [](const Loan& a, const Loan& b) { return a.cost * b.slots < b.cost * a.slots; });
+        loans.resize(kMaxLenders);
+    }
+    const int first = std::max(0, m.n_layer - m.n_cached);
+    double borrow_bytes = std::numeric_limits<double>::infinity();
+    uint32_t best_set = 0;
+    for (uint32_t set = 1; set < (1u << loans.size()); set++) {
+        int s_b = m.n_slots;
+        double lend = 0;
+        for (size_t i = 0; i < loans.size(); i++)
+            if (set & (1u << i)) {
+                s_b += loans[i].slots;
+                lend += loans[i].cost;
+            }
+        const double b = head + (first + static_cast<double>(step_copies(m, s_b, depth)) * (k - 1)) * L + lend;
+        if (b < borrow_bytes) {
+            borrow_bytes = b;
+            best_set = set;
+        }
     }
     d.borrow_bytes_per_token = borrow_bytes / tokens;
     d.borrow = borrow_bytes < stream_bytes;
@@ -139,9 +167,11 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     d.n_steps = d.continues ? cont_cap
                 : d.borrow || first_tokens ? k
                                            : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
-    if (d.borrow)
-        for (const TurnModel& o : models)
-            if (o.model != m.model && !o.resident && o.region_bytes > 0) d.lenders.push_back(o.model);
+    if (d.borrow) {
+        for (size_t i = 0; i < loans.size(); i++)
+            if (best_set & (1u << i)) d.lenders.push_back(loans[i].model);
+        std::sort(d.lenders.begin(), d.lenders.end());
+    }
     return d;
 }
 

@@ -9,8 +9,8 @@
 //   stream  the model runs on its own slots. Each step copies the layers its slots cannot keep:
 //           n_layer - (n_slots - prefetch_depth) (a copy in flight holds a slot that cannot cache),
 //           none when it is resident or its slots hold every layer.
-//   borrow  the model also takes the slot regions of every other streamed model (their slots are idle
-//           while it runs, heads included) for a turn of k steps. The first step copies what is not on
+//   borrow  the model also takes the slot regions of other streamed models (their slots are idle while
+//           it runs, heads included; the cheapest set of lenders) for a turn of k steps. The first step copies what is not on
 //           device; later steps copy what even the borrowed slots cannot keep; and each lender must copy
 //           its lost cache back (its head and cached layers) when it next runs: a cost of the turn.
 // Bytes per token = the turn's copies / (k * tokens the model generates per step). Borrowing wins when

@@ -92,6 +92,16 @@ TEST(turns_borrow_for_a_deep_queue_when_the_borrowed_regions_hold_the_whole_mode
     CHECK_NEAR(d.borrow_bytes_per_token, (70.0 + 27 + 34) * MiB / (20 * 16), 1.0);
 }
 
+TEST(turns_borrow_the_cheapest_regions_that_hold_the_model_not_every_cache) {
+    // The 100 % cell: the Qwen-like model is 3 layers short. The SmolLM-like region (9 of its layers, 42 MiB of
+    // head and cache to copy back) is enough; taking the Llama-like one too would cost its 86 MiB for nothing.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 14, 6), streamed(1, 12, 5, 9, 14), streamed(2, 16, 7, 12, 16)};
+    busy(ms[1], 1, 17);
+    TurnDecision d = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(d.model == 1 && d.borrow && (d.lenders == std::vector<int>{0}));
+    CHECK_NEAR(d.borrow_bytes_per_token, (5.0 * 5 + 6 + 12 * 3) * MiB / 17, 1.0);
+}
+
 TEST(turns_stream_a_one_step_turn_and_a_model_its_own_slots_hold) {
     std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
     busy(ms[0], 1, 16);
