@@ -10,6 +10,7 @@
 //   g++ $F ../../bench/kernels_bench.cpp $S/kernels/dispatch.cpp $S/kernels/reference.cpp $S/kernels/quants.cpp
 //       $S/threadpool.cpp $S/common.cpp kernels_avx2.o kernels_avx512.o -pthread -o kernels_bench   (one line)
 // Run: ./kernels_bench [n_threads=all] [cold|hot] [passes=3]   (LMX_KERNELS=avx2 forces the AVX2 table)
+// One command (the build above into build/bench, then a run with these arguments): bench/kernels_bench.sh
 //
 // What it prints. For y[n_tok, n_out] = x[n_tok, n_in] W^T, per format and n_tok:
 // time per call, GFLOP/s (2 n_out n_in n_tok / t) and GB/s of weights streamed (each
