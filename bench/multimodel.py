@@ -13,7 +13,11 @@ speed through the same DRAM compute reads). --small: the three models scaled dow
 architectures, GQA ratios and relative sizes, about 1/16 of the bytes) so a grid runs in minutes on 2 cores.
 
 Strategies (same engine, same kernels, same requests, same per-model slot split):
-  (a) layermux    layer streaming with prefetch overlap (depth 2) and next-use (Belady) eviction
+  (a) adaptive    layermux as it ships: adaptive turns (engine/src/turns.h, EngineConfig.max_turn_steps = 32): each
+                  turn streams on the model's own slots or borrows the other models' slot regions for up to
+                  max_turn_steps steps, whichever copies fewer bytes per generated token; prefetch depth 2, Belady
+  (a') stream     the fixed policy before adaptive turns (max_turn_steps = 0): every step re-picks a model by stride,
+                  each streamed model keeps its own slots (layer streaming with prefetch overlap and Belady eviction)
   (b) swap        whole-model swapping: a model is copied in whole when scheduled, evicting others. The engine
                   interleaves models step by step, so with three busy models this swaps on (almost) every step.
   (b') swap-drain what Ollama does with queued requests for several models: one model's requests run to completion
@@ -72,7 +76,9 @@ from tools.model_factory import REFERENCE_SHAPES, make_model
 
 MODELS = ("smollm2-360m", "qwen2-0.5b", "llama-3.2-1b")
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "(a) layermux": {"residency": "split", "prefetch_depth": 2, "eviction": "belady"},
+    "(a) adaptive": {"residency": "split", "prefetch_depth": 2, "eviction": "belady",
+                     "max_turn_steps": EngineConfig().max_turn_steps},
+    "(a') stream": {"residency": "split", "prefetch_depth": 2, "eviction": "belady"},
     "(b) swap": {"residency": "swap", "prefetch_depth": 2, "eviction": "belady"},
     "(b') swap-drain": {"residency": "swap", "prefetch_depth": 2, "eviction": "belady", "drain": True},
     "(c) no-overlap": {"residency": "split", "prefetch_depth": 0, "eviction": "belady"},
@@ -220,7 +226,7 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
             max_batch_tokens: int, link_gbps: float = 0.0, kv_dtype: str = "f32") -> dict[str, Any]:
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
                        eviction=Eviction.__members__[strategy["eviction"]], max_batch_tokens=max_batch_tokens,
-                       link_gbps=link_gbps, kv_dtype=kv_dtype)
+                       link_gbps=link_gbps, kv_dtype=kv_dtype, max_turn_steps=strategy.get("max_turn_steps", 0))
     max_context = prompt_len + max_tokens + 16
     with Engine(cfg) as eng:
         for name, d in dirs.items():
@@ -281,7 +287,8 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
           "step_ms_total": st1.step_ms_total - st0.step_ms_total,
           "n_hits": st1.residency.n_hits - st0.residency.n_hits,
           "n_misses": st1.residency.n_misses - st0.residency.n_misses,
-          "n_preemptions": st1.n_preemptions - st0.n_preemptions, "n_steps": st1.n_steps - st0.n_steps}
+          "n_preemptions": st1.n_preemptions - st0.n_preemptions, "n_steps": st1.n_steps - st0.n_steps,
+          "n_turns": st1.n_turns - st0.n_turns, "n_borrow_turns": st1.n_borrow_turns - st0.n_borrow_turns}
     ttft = [1000 * (t - t0) for t in t_first.values()]
     n_acq = st["n_hits"] + st["n_misses"]
     return {
@@ -293,6 +300,8 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
         "ready": st["n_hits"] / n_acq if n_acq and strategy["residency"] != "swap" else float("nan"),
         "n_steps": st["n_steps"],
         "n_preemptions": st["n_preemptions"],
+        "n_turns": st["n_turns"],
+        "n_borrow_turns": st["n_borrow_turns"],
         "wall_s": wall,
         "copy_ms": st["copy_ms"],
         "kv_tokens": kv_tokens,
@@ -333,15 +342,17 @@ def median_of(rs: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- tables
 
 HEADER = (f"{'strategy':<16}{'req/model':>10}{'tok/s':>8}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
-          f"{'MiB copied/tok':>16}{'copy wait':>11}{'ready':>7}{'steps':>7}{'wall s':>8}")
+          f"{'MiB copied/tok':>16}{'copy wait':>11}{'ready':>7}{'steps':>7}{'turns':>8}{'wall s':>8}")
+LAYERMUX = ("(a) adaptive", "(a') stream")
 
 
 def row(sname: str, conc: int, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{sname:<16}{conc:>10}     n/a — {r['error']}"
     ready = "-" if math.isnan(r["ready"]) else f"{r['ready']:.0%}"
+    turns = f"{r.get('n_turns', 0):.0f}/{r.get('n_borrow_turns', 0):.0f}" if r.get("n_turns") else "-"
     return (f"{sname:<16}{conc:>10}{r['tok_s']:>8.2f}{r['ttft_p50']:>13.0f}{r['ttft_p99']:>13.0f}"
-            f"{r['copied_per_tok'] / MiB:>16.1f}{r['wait_frac']:>11.1%}{ready:>7}{r['n_steps']:>7.0f}"
+            f"{r['copied_per_tok'] / MiB:>16.1f}{r['wait_frac']:>11.1%}{ready:>7}{r['n_steps']:>7.0f}{turns:>8}"
             f"{r['wall_s']:>8.1f}" + (f"  ({r['n_preemptions']:.0f} preemptions)" if r["n_preemptions"] else "")
             + ("  tok/s runs " + " ".join(f"{x:.1f}" for x in r["tok_s_runs"]) if len(r["tok_s_runs"]) > 1 else ""))
 
@@ -385,13 +396,28 @@ def run_table(title: str, dirs: dict[str, Path], sizes: dict[str, Sizes], budget
             results[(sname, conc)] = median_of(runs[sname])
             print(row(sname, conc, results[(sname, conc)]), flush=True)
     for conc in args.concurrency:
-        a = results.get(("(a) layermux", conc))
-        for b_name in ("(b) swap", "(b') swap-drain"):
-            b = results.get((b_name, conc))
-            if a and b and "error" not in a and "error" not in b:
-                print(f"(a) / {b_name.split()[0]} tokens/s at {conc:>2} requests per model: "
-                      f"{a['tok_s'] / b['tok_s']:.2f}x  (TTFT p50 {a['ttft_p50']:.0f} vs {b['ttft_p50']:.0f} ms)")
+        print(dominance(results, conc))
     return results
+
+
+def dominance(results: dict[tuple[str, int], dict[str, Any]], conc: int) -> str:
+    """Issue 16's target for one cell: (a)'s tok/s >= the best baseline's and its TTFT p99 <= 1.2x the best
+    baseline's, read two ways: against the baseline with the highest tok/s (its p99), and against each metric's
+    best baseline (the highest tok/s of any, the lowest p99 of any). Baselines: every strategy but layermux's."""
+    a = results.get(("(a) adaptive", conc))
+    base = {n: r for (n, c), r in results.items() if c == conc and n not in LAYERMUX and "error" not in r}
+    if not a or "error" in a or not base:
+        return f"target at {conc:>2} req/model: n/a"
+    top = max(base, key=lambda n: base[n]["tok_s"])
+    low = min(base, key=lambda n: base[n]["ttft_p99"])
+    tput = a["tok_s"] / base[top]["tok_s"]
+    p99_top = a["ttft_p99"] / base[top]["ttft_p99"]
+    p99_low = a["ttft_p99"] / base[low]["ttft_p99"]
+    ok1 = tput >= 1.0 and p99_top <= 1.2
+    ok2 = tput >= 1.0 and p99_low <= 1.2
+    return (f"target at {conc:>2} req/model: (a) tok/s = {tput:.2f}x best baseline {top.split()[0]}; TTFT p99 = "
+            f"{p99_top:.2f}x {top.split()[0]}'s -> {'MET' if ok1 else 'not met'}; vs lowest p99 "
+            f"{low.split()[0]} {p99_low:.2f}x -> {'MET' if ok2 else 'not met'} (both metrics' best)")
 
 
 def kv_table(dirs: dict[str, Path], args: argparse.Namespace) -> None:
@@ -419,7 +445,7 @@ def kv_table(dirs: dict[str, Path], args: argparse.Namespace) -> None:
         elif label == "f16 same slots":
             sp.slots = dict(first_slots)
         spec = {"dirs": {n: str(d) for n, d in dirs.items()}, "sizes": {n: asdict(s) for n, s in sizes.items()},
-                "budget": budget, "slots": sp.slots, "strategy": "(a) layermux", "conc": conc,
+                "budget": budget, "slots": sp.slots, "strategy": "(a) adaptive", "conc": conc,
                 "max_tokens": args.max_tokens, "prompt_len": args.prompt_len, "threads": args.threads,
                 "max_batch_tokens": args.max_batch_tokens, "link_gbps": args.link_gbps, "kv_dtype": kv}
         r = median_of([run_cell(spec) for _ in range(args.repeats)])
