@@ -40,17 +40,19 @@ def _run(model_dir: Path, link_gbps: float, prefetch_depth: int) -> tuple[list[l
     with Engine(cfg) as eng:
         eng.load_model("m", model_dir, options=ModelLoadOptions(residency=ResidencyMode.streamed, stream_slots=2))
         prompts = [[(5 * i + j) % 200 + 3 for j in range(n)] for i, n in enumerate([4, 11])]
+        out: dict[int, list[int]] = {1: [], 2: []}
+        # One request after the other: submitted together, whether the second joins the first's first
+        # step depends on how long that step takes, and so would the layers copied.
         for i, p in enumerate(prompts):
             eng.submit(i + 1, "m", p, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
-        out: dict[int, list[int]] = {1: [], 2: []}
-        open_ids = {1, 2}
-        while open_ids:
-            for ev in eng.wait_events(5.0):
-                assert ev.kind != EventKind.error, ev.message
-                if ev.kind == EventKind.token:
-                    out[ev.req_id].append(ev.token_id)
-                elif ev.kind == EventKind.done:
-                    open_ids.discard(ev.req_id)
+            done = False
+            while not done:
+                for ev in eng.wait_events(5.0):
+                    assert ev.kind != EventKind.error, ev.message
+                    if ev.kind == EventKind.token:
+                        out[ev.req_id].append(ev.token_id)
+                    elif ev.kind == EventKind.done:
+                        done = True
         r = eng.stats().residency
         return [out[1], out[2]], r.bytes_copied, r.copy_ms, r.copy_wait_ms
 

@@ -587,6 +587,36 @@ void Engine::run_plan(StepPlan& plan) {
         chosen[static_cast<size_t>(r)] = sample(logits, spec.n_vocab, s->params, prompt, gen,
                                                 static_cast<uint64_t>(s->n_generated()), scratch_[static_cast<size_t>(thread)]);
     });
+    // The step is counted (and traced) before its events go out, so whoever reads stats() after a
+    // request's done event sees the step that produced it.
+    {
+        std::lock_guard<std::mutex> lk(stats_mu_);
+        if (tracer_.on()) {
+            StepTrace st;
+            st.index = stats_.n_steps;
+            st.model = plan.model;
+            st.start_us = trace_us(t0);
+            st.end_us = trace_now_us();
+            st.n_seqs = static_cast<int>(plan.items.size());
+            st.n_tokens = n_tok;
+            st.n_generated = static_cast<int>(sampling.size());
+            st.new_turn = plan.new_turn;
+            st.borrowed = plan.borrow;
+            uint64_t device_wait_ns1 = 0;
+            if (device_wait && backend_.device_copy_wait_ns(&device_wait_ns1))
+                st.copy_wait_us = static_cast<int64_t>((device_wait_ns1 - device_wait_ns0) / 1000);
+            tracer_.record_step(st, device_wait);
+        }
+        stats_.n_steps++;
+        stats_.n_tokens_computed += static_cast<uint64_t>(n_tok);
+        stats_.n_tokens_generated += sampling.size();
+        stats_.n_preemptions += plan.preempted.size();
+        if (scheduler_.turns_on()) {
+            stats_.n_turns += plan.new_turn ? 1 : 0;
+            stats_.n_borrow_turns += plan.new_turn && plan.borrow ? 1 : 0;
+        }
+        stats_.step_ms_total += ms_since(t0);
+    }
     for (size_t r = 0; r < sampling.size(); r++) {
         Sequence* s = sampling[r]->seq;
         const int32_t tok = chosen[r];
@@ -606,32 +636,6 @@ void Engine::run_plan(StepPlan& plan) {
             finish(s, EventKind::Done, FinishReason::Length);
         }
     }
-    std::lock_guard<std::mutex> lk(stats_mu_);
-    if (tracer_.on()) {
-        StepTrace st;
-        st.index = stats_.n_steps;
-        st.model = plan.model;
-        st.start_us = trace_us(t0);
-        st.end_us = trace_now_us();
-        st.n_seqs = static_cast<int>(plan.items.size());
-        st.n_tokens = n_tok;
-        st.n_generated = static_cast<int>(sampling.size());
-        st.new_turn = plan.new_turn;
-        st.borrowed = plan.borrow;
-        uint64_t device_wait_ns1 = 0;
-        if (device_wait && backend_.device_copy_wait_ns(&device_wait_ns1))
-            st.copy_wait_us = static_cast<int64_t>((device_wait_ns1 - device_wait_ns0) / 1000);
-        tracer_.record_step(st, device_wait);
-    }
-    stats_.n_steps++;
-    stats_.n_tokens_computed += static_cast<uint64_t>(n_tok);
-    stats_.n_tokens_generated += sampling.size();
-    stats_.n_preemptions += plan.preempted.size();
-    if (scheduler_.turns_on()) {
-        stats_.n_turns += plan.new_turn ? 1 : 0;
-        stats_.n_borrow_turns += plan.new_turn && plan.borrow ? 1 : 0;
-    }
-    stats_.step_ms_total += ms_since(t0);
 }
 
 std::vector<TurnModel> Engine::turn_view() const {
