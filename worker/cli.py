@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--matmul-precision", choices=("exact", "fast"), default="exact",
         help="exact: the same tokens on every CPU (default); fast: bf16 dot products where the CPU has them, "
-             "int8 dot products for q8_0 / q4_0")
+             "int8 dot products for q8_0 / q4_0 and the GGUF block formats (Q4_K, Q6_K, Q5_0, ...)")
     g.add_argument("--device", choices=("cpu", "vulkan"), default="cpu",
                    help="cpu (default) or vulkan: a GPU through Vulkan compute (docs/vulkan.md)")
     g.add_argument("--device-index", type=_non_negative_int, default=0, help="which Vulkan device (default 0)")

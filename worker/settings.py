@@ -138,7 +138,8 @@ class DeviceSettings(_Section):
     matmul_precision: PrecisionName = Field(
         default=cast(PrecisionName, _ENGINE.matmul_precision.name),
         description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "
-                    "q8_0 / q4_0 models repacked for int8 dot products (activations rounded to int8 per block)")
+                    "int8 dot products for q8_0 / q4_0 and every GGUF block format (activations rounded to int8 per "
+                    "32 values)")
 
 
 class ModelSettings(_Section):
