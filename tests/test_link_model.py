@@ -90,3 +90,51 @@ def test_worker_setting_reaches_the_engine_and_status(model_dir: Path) -> None:
     entry = {"ledger": {}, "link_gbps": 12.0}
     assert "link GB/s 12.0" in render_ledger("w1", entry)
     assert "link GB/s unthrottled" in render_ledger("w1", {"ledger": {}, "link_gbps": None})
+
+
+def test_worker_status_shows_what_streaming_cost(model_dir: Path, redis_url: str) -> None:
+    """A worker serving a streamed model over a throttled link publishes the engine's totals (bytes copied,
+    copy wait, steps, turns) in its status entry, equal to the engine's own stats, and `layermux status`
+    prints them per token."""
+    import asyncio
+
+    import orjson
+
+    from producer_sdk.client import AsyncProducer
+    from producer_sdk.keys import Keys
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    prefix = "linkstatus"
+    settings = load_settings(None, redis_url=redis_url, key_prefix=prefix, worker_id="ls1",
+                             device={"budget": "64MiB", "n_threads": 2, "link_gbps": LINK_GBPS},
+                             models=[{"name": "m", "path": str(model_dir), "residency": "streamed"}])
+
+    async def body() -> tuple[dict[str, object], dict[str, float]]:
+        runtime = Runtime(settings)
+        await runtime.start()
+        try:
+            async with AsyncProducer(redis_url, prefix=prefix) as producer:
+                handle = await producer.submit("m", prompt_ids=[5, 17, 99], max_tokens=6, temperature=0.0,
+                                               ignore_eos=True)
+                await asyncio.wait_for(handle.result(), 120)
+            await runtime.report_stats_once()
+            assert runtime.driver.eng is not None
+            st = runtime.driver.eng.stats()
+            raw = await runtime.redis.hget(Keys(prefix).workers(), "ls1")  # type: ignore[union-attr]
+            truth = {"bytes_copied": st.residency.bytes_copied, "n_steps": st.n_steps,
+                     "copy_wait_ms": st.residency.copy_wait_ms}
+            return orjson.loads(raw), truth
+        finally:
+            await runtime.drain(timeout_s=10)
+
+    entry, truth = asyncio.run(body())
+    engine_doc = entry["engine"]
+    assert isinstance(engine_doc, dict)
+    assert engine_doc["bytes_copied"] == truth["bytes_copied"] > 0
+    assert engine_doc["n_steps"] == truth["n_steps"] > 0
+    assert engine_doc["copy_wait_ms"] == truth["copy_wait_ms"] > 0.0
+    assert engine_doc["n_tokens_generated"] == 6
+    text = render_ledger("ls1", entry)
+    assert f"engine: {truth['n_steps']} steps  6 tokens  copied " in text and "/token)" in text
+    assert "% of step time" in text

@@ -371,9 +371,23 @@ class Runtime:
                 "n_threads": s.device.n_threads, "matmul_precision": s.device.matmul_precision,
                 "link_gbps": s.device.link_gbps,
                 "priority_aging_s": s.priority_aging_s, "started_at": self.started_at, "updated_at": now,
+                "engine": self._engine_doc(),
             }
             pipe.hset(self.keys.workers(), s.worker_id, orjson.dumps(doc).decode())
             await pipe.execute()
+
+    def _engine_doc(self) -> dict[str, Any] | None:
+        """The engine's running totals since it started: steps, tokens, turns, and what streaming cost
+        (bytes copied, time compute waited for copies; on a GPU the device's own measure)."""
+        if self.driver.eng is None:
+            return None
+        st = self.driver.eng.stats()
+        r = st.residency
+        return {"n_steps": st.n_steps, "n_tokens_computed": st.n_tokens_computed,
+                "n_tokens_generated": st.n_tokens_generated, "n_preemptions": st.n_preemptions,
+                "n_turns": st.n_turns, "n_borrow_turns": st.n_borrow_turns, "step_ms_total": st.step_ms_total,
+                "bytes_copied": r.bytes_copied, "copy_ms": r.copy_ms, "copy_wait_ms": r.copy_wait_ms,
+                "n_loads": r.n_loads}
 
     def _gauges(self) -> Gauges:
         return Gauges(backlog=dict(self.backlog),

@@ -281,6 +281,17 @@ def render_ledger(worker_id: str, entry: Mapping[str, Any]) -> str:
             settings.append(f"{label} {value}")
     if settings:
         lines.append("  " + "  ".join(settings))
+    engine = _mapping(entry.get("engine"))
+    if engine.get("n_steps"):
+        generated = engine.get("n_tokens_generated") or 0
+        copied = engine.get("bytes_copied") or 0
+        per_token = f" ({humanize_bytes(copied // generated)}/token)" if generated else ""
+        step_ms = engine.get("step_ms_total") or 0.0
+        wait_ms = engine.get("copy_wait_ms") or 0.0
+        wait_pct = f" ({100.0 * wait_ms / step_ms:.1f} % of step time)" if step_ms else ""
+        lines.append(f"  engine: {engine['n_steps']} steps  {generated} tokens  copied {humanize_bytes(copied)}"
+                     f"{per_token}  copy wait {wait_ms:.0f} ms{wait_pct}  turns {engine.get('n_turns', 0)}"
+                     f" ({engine.get('n_borrow_turns', 0)} borrowing)")
     per_model: Mapping[str, Any] = ledger.get("models") or {}
     info = _mapping(entry.get("models"))
     queues = _mapping(entry.get("queues"))
