@@ -508,6 +508,16 @@ def test_a_lost_device_ends_every_request_once_and_a_new_engine_serves(
         assert fresh.health().device_fault == ""
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a worker and give it two minutes to drain before killing it."""
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+
+
 def test_a_worker_whose_gpu_is_lost_answers_every_request_once_with_worker_failure(
         model_dirs: dict[str, Path], redis_url: str, tmp_path: Path) -> None:
     """A real worker on the Vulkan device, fed through Redis, loses its GPU mid-generation (injected,
@@ -566,12 +576,7 @@ def test_a_worker_whose_gpu_is_lost_answers_every_request_once_with_worker_failu
             assert "heartbeat stopped so the liveness probe restarts this worker" in log.read_text()
         finally:
             client.close()
-            proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if proc.poll() is None:
-                proc.kill()
+            _stop(proc)
     assert proc.returncode == 0, log.read_text()
     assert "[vulkan validation" not in log.read_text()
 
@@ -642,12 +647,7 @@ def test_three_models_through_a_worker_and_redis_on_vulkan_equal_direct_generati
                 assert time.monotonic() < deadline, st.stdout + st.stderr
                 time.sleep(0.2)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if proc.poll() is None:
-                proc.kill()
+            _stop(proc)
     assert proc.returncode == 0, log.read_text()
     assert "[vulkan validation" not in log.read_text()
     want = []
