@@ -10,6 +10,11 @@ namespace lmx {
 
 namespace {
 constexpr int kAttnChunk = 16;  // queries per attention task
+// Row-wise and element-wise ops smaller than this run on the calling thread: waking the
+// workers costs more than they save (a decode step's norms and adds are a few thousand floats).
+constexpr int64_t kMinSplitElems = 16 * 1024;
+constexpr int64_t kSplitTasksPerThread = 4;
+constexpr int64_t kElemQuantum = 256;  // split_elems' chunks: a multiple of every kernel's 16 lanes
 }
 
 CpuBackend::CpuBackend(int n_threads) : pool_(n_threads) {}
@@ -19,9 +24,13 @@ void CpuBackend::begin_step(const StepDesc& step) {
     seqs_.assign(step.seqs, step.seqs + step.n_seqs);
     step_.seqs = seqs_.data();
     pos_.resize(static_cast<size_t>(step.n_tokens));
+    tok_seq_.resize(static_cast<size_t>(step.n_tokens));
     int64_t t = 0;
-    for (const StepSeq& s : seqs_)
-        for (int32_t j = 0; j < s.n_tokens; j++) pos_[static_cast<size_t>(t++)] = s.pos0 + j;
+    for (size_t i = 0; i < seqs_.size(); i++)
+        for (int32_t j = 0; j < seqs_[i].n_tokens; j++, t++) {
+            pos_[static_cast<size_t>(t)] = seqs_[i].pos0 + j;
+            tok_seq_[static_cast<size_t>(t)] = static_cast<int32_t>(i);
+        }
     assert(t == step.n_tokens);
     tasks_.clear();
     tasks_kv_heads_ = -1;
@@ -35,12 +44,32 @@ void CpuBackend::end_step() { seqs_.clear(); }
 
 void CpuBackend::abort_step() noexcept { seqs_.clear(); }
 
+void CpuBackend::split_rows(int64_t n_rows, int64_t row_elems, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t n_threads = pool_.n_threads();
+    if (n_threads <= 1 || n_rows < 2 || n_rows * row_elems < kMinSplitElems) {
+        fn(0, n_rows);
+        return;
+    }
+    const int64_t per = (n_rows + n_threads * kSplitTasksPerThread - 1) / (n_threads * kSplitTasksPerThread);
+    pool_.parallel_for((n_rows + per - 1) / per,
+                       [&](int64_t i, int) { fn(i * per, std::min(n_rows, (i + 1) * per)); });
+}
+
+void CpuBackend::split_elems(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+    split_rows((n + kElemQuantum - 1) / kElemQuantum, kElemQuantum,
+               [&](int64_t c0, int64_t c1) { fn(c0 * kElemQuantum, std::min(n, c1 * kElemQuantum)); });
+}
+
 void CpuBackend::embed(const WeightView& table, const int32_t* tokens, float* x) {
-    for (int64_t t = 0; t < step_.n_tokens; t++) dequantize_row(table, tokens[t], x + t * table.n_in);
+    split_rows(step_.n_tokens, table.n_in, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++) dequantize_row(table, tokens[t], x + t * table.n_in);
+    });
 }
 
 void CpuBackend::rmsnorm(const float* x, const float* weight, float eps, int64_t n_rows, int64_t dim, float* y) {
-    lmx::rmsnorm(x, weight, eps, n_rows, dim, y);
+    split_rows(n_rows, dim, [&](int64_t r0, int64_t r1) {
+        lmx::rmsnorm(x + r0 * dim, weight, eps, r1 - r0, dim, y + r0 * dim);
+    });
 }
 
 void CpuBackend::matmul_many(const MatmulOut* outs, int n_outs, const float* x, int64_t n_rows) {
@@ -49,7 +78,10 @@ void CpuBackend::matmul_many(const MatmulOut* outs, int n_outs, const float* x, 
 
 void CpuBackend::rope(float* x, int n_heads, int head_dim, const float* inv_freq) {
     const int64_t row = static_cast<int64_t>(n_heads) * head_dim;
-    for (int64_t t = 0; t < step_.n_tokens; t++) lmx::rope(x + t * row, n_heads, head_dim, pos_[static_cast<size_t>(t)], inv_freq);
+    split_rows(step_.n_tokens, row, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++)
+            lmx::rope(x + t * row, n_heads, head_dim, pos_[static_cast<size_t>(t)], inv_freq);
+    });
 }
 
 uint8_t* CpuBackend::kv_row(int seq, int64_t pos, int layer) {
@@ -64,11 +96,9 @@ uint8_t* CpuBackend::kv_row(int seq, int64_t pos, int layer) {
 void CpuBackend::kv_append(int layer, const float* k, const float* v) {
     const int64_t kvd = step_.kv.kv_dim;
     const bool f16 = step_.kv.f16;
-    int64_t t = 0;
-    for (int i = 0; i < step_.n_seqs; i++) {
-        const StepSeq& s = seqs_[static_cast<size_t>(i)];
-        for (int32_t j = 0; j < s.n_tokens; j++, t++) {
-            uint8_t* kr = kv_row(i, s.pos0 + j, layer);
+    split_rows(step_.n_tokens, 2 * kvd, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++) {
+            uint8_t* kr = kv_row(tok_seq_[static_cast<size_t>(t)], pos_[static_cast<size_t>(t)], layer);
             if (f16) {  // rounded to nearest even, saturated at the f16 range; attention widens them exactly
                 uint16_t* kh = reinterpret_cast<uint16_t*>(kr);
                 uint16_t* vh = kh + step_.kv.v_offset;
@@ -79,10 +109,11 @@ void CpuBackend::kv_append(int layer, const float* k, const float* v) {
                 }
             } else {
                 std::memcpy(kr, k + t * kvd, static_cast<size_t>(kvd) * 4);
-                std::memcpy(reinterpret_cast<float*>(kr) + step_.kv.v_offset, v + t * kvd, static_cast<size_t>(kvd) * 4);
+                std::memcpy(reinterpret_cast<float*>(kr) + step_.kv.v_offset, v + t * kvd,
+                            static_cast<size_t>(kvd) * 4);
             }
         }
-    }
+    });
 }
 
 // Tasks: (sequence, chunk of queries, KV heads); each runs the kernel on its own thread's
@@ -152,20 +183,26 @@ void CpuBackend::attention(int layer, const float* q, const AttnParams& p, float
     });
 }
 
-void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) { lmx::silu_mul(gate, up, out, n); }
+void CpuBackend::silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+    split_elems(n, [&](int64_t i0, int64_t i1) { lmx::silu_mul(gate + i0, up + i0, out + i0, i1 - i0); });
+}
 
 void CpuBackend::gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
-    lmx::gelu_tanh_mul(gate, up, out, n);
+    split_elems(n, [&](int64_t i0, int64_t i1) { lmx::gelu_tanh_mul(gate + i0, up + i0, out + i0, i1 - i0); });
 }
 
 void CpuBackend::softcap(float* x, int64_t n, float cap) { lmx::softcap(x, n, cap); }
 
 void CpuBackend::scale(float* x, float s, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) x[i] *= s;
+    split_elems(n, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) x[i] *= s;
+    });
 }
 
 void CpuBackend::add(float* x, const float* y, int64_t n) {
-    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+    split_elems(n, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i++) x[i] += y[i];
+    });
 }
 
 void CpuBackend::gather_rows(const float* x, int64_t dim, float* rows) {

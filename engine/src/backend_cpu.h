@@ -4,11 +4,14 @@
 //
 // Every op runs when it is called, so every fence is 0 (complete) and begin_unit /
 // end_unit only mark the bracket. What this backend adds to the bare kernels is the
-// step: token positions for rope, block addresses per layer for the KV ops, and the
-// split of attention into tasks (below).
+// step: token positions for rope, block addresses per layer for the KV ops, the split
+// of attention into tasks (below), and the split of the row-wise and element-wise ops
+// (norms, rope, KV stores, activations, adds) over the pool by whole rows, which never
+// changes a bit (split_rows).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "backend.h"
@@ -56,11 +59,17 @@ private:
     void plan_attention(int n_kv_heads);
     // K row of position pos (f32 or f16 elements, step_.kv.f16); V is kv.v_offset elements further.
     uint8_t* kv_row(int seq, int64_t pos, int layer);
+    // fn(r0, r1) over rows [0, n_rows) in contiguous chunks on the pool; on the calling thread
+    // alone when the op is small (n_rows * row_elems below a threshold: a decode step's).
+    void split_rows(int64_t n_rows, int64_t row_elems, const std::function<void(int64_t, int64_t)>& fn);
+    // The same over n elements of a flat array, in chunks of a multiple of 16 (the kernels' vector width).
+    void split_elems(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
 
     ThreadPool pool_;
     StepDesc step_;
     std::vector<StepSeq> seqs_;
     std::vector<int64_t> pos_;        // [n_tokens] position of each token of the step
+    std::vector<int32_t> tok_seq_;    // [n_tokens] the sequence (index in seqs_) of each token
     std::vector<AttnTask> tasks_;     // planned at the step's first attention call
     int tasks_kv_heads_ = -1;         // the n_kv_heads tasks_ were planned for
     std::vector<std::vector<const float*>> kptr_, vptr_;  // per sequence: this layer's block rows

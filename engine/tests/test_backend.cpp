@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "backend_cpu.h"
 #include "backend_checks.h"
 #include "check.h"
 #include "forward.h"
@@ -23,6 +24,7 @@
 #include "kv_cache.h"
 #include "ledger.h"
 #include "residency.h"
+#include "test_rand.h"
 #include "tiny_model.h"
 
 using namespace lmx;
@@ -195,6 +197,75 @@ void check_forward_against_naive(const std::function<std::unique_ptr<Device>()>&
 
 TEST(backend_forward_matches_the_naive_model_resident_and_streamed) {
     lmx_test::check_forward_against_naive([] { return std::make_unique<CpuDevice>(16 << 20, 2); }, 1e-5);
+}
+
+// The CPU backend splits its row-wise and element-wise ops over the pool once a step is large
+// (a prefill's); the split must not change a bit. Every such op on a 2-sequence, 300-token step,
+// on 1 thread and on 3, f16 and f32 KV: equal bits, and equal to the kernels called on the whole.
+TEST(backend_cpu_split_ops_are_thread_count_invariant_bitwise) {
+    constexpr int kDim = 320, kHeads = 5, kHeadDim = 64, kKvDim = 128, kFfn = 1100, kBlock = 16, kVocab = 50;
+    const int32_t n_tok[2] = {217, 83};
+    const int64_t pos0[2] = {0, 40};
+    constexpr int64_t T = 300;
+    lmx_test::Rng rng(31);
+    using lmx_test::random_vec;
+    const std::vector<float> x0 = random_vec(rng, T * kDim), nw = random_vec(rng, kDim), add0 = random_vec(rng, T * kDim);
+    const std::vector<float> q0 = random_vec(rng, T * kHeads * kHeadDim), k0 = random_vec(rng, T * kKvDim, -4, 4);
+    const std::vector<float> v0 = random_vec(rng, T * kKvDim), g0 = random_vec(rng, T * kFfn, -12, 12);
+    const std::vector<float> u0 = random_vec(rng, T * kFfn), table = random_vec(rng, kVocab * kDim);
+    std::vector<float> inv_freq(kHeadDim / 2);
+    for (int i = 0; i < kHeadDim / 2; i++) inv_freq[static_cast<size_t>(i)] = std::pow(10000.0f, -2.0f * i / kHeadDim);
+    std::vector<int32_t> tokens(T);
+    for (int64_t t = 0; t < T; t++) tokens[static_cast<size_t>(t)] = static_cast<int32_t>((t * 7) % kVocab);
+    for (const bool f16 : {false, true}) {
+        std::vector<std::vector<float>> runs;
+        for (const int n_threads : {1, 3}) {
+            CpuBackend be(n_threads);
+            const int64_t esz = f16 ? 2 : 4, block_floats = 2 * kBlock * kKvDim * esz / 4;  // one layer
+            std::vector<std::vector<float>> mem(2);
+            std::vector<std::vector<float*>> blocks(2);
+            StepSeq seqs[2];
+            for (int i = 0; i < 2; i++) {
+                const int n_blocks = static_cast<int>((pos0[i] + n_tok[i] + kBlock - 1) / kBlock);
+                mem[static_cast<size_t>(i)].assign(static_cast<size_t>(n_blocks * block_floats), 0.0f);
+                for (int b = 0; b < n_blocks; b++)
+                    blocks[static_cast<size_t>(i)].push_back(mem[static_cast<size_t>(i)].data() + b * block_floats);
+                seqs[i] = StepSeq{n_tok[i], pos0[i], blocks[static_cast<size_t>(i)].data(), n_blocks, true};
+            }
+            StepDesc d;
+            d.seqs = seqs;
+            d.n_seqs = 2;
+            d.n_tokens = T;
+            d.n_logit_rows = 2;
+            d.kv = KvGeometry{kBlock, kKvDim, 2 * kBlock * kKvDim, kBlock * kKvDim, f16, 1};
+            be.begin_step(d);
+            std::vector<float> out, x = x0, q = q0, g = g0, emb(static_cast<size_t>(T * kDim));
+            be.embed(WeightView{table.data(), DType::F32, kVocab, kDim}, tokens.data(), emb.data());
+            be.rmsnorm(x.data(), nw.data(), 1e-6f, T, kDim, x.data());
+            be.rmsnorm(q.data(), nw.data(), 1e-6f, T * kHeads, kHeadDim, q.data());  // per head, as QK-norm
+            be.rope(q.data(), kHeads, kHeadDim, inv_freq.data());
+            be.add(x.data(), add0.data(), T * kDim);
+            be.scale(x.data(), 25.3f, T * kDim);
+            be.kv_append(0, k0.data(), v0.data());
+            std::vector<float> s = g;
+            be.silu_mul(s.data(), u0.data(), s.data(), T * kFfn);
+            be.gelu_tanh_mul(g.data(), u0.data(), g.data(), T * kFfn);
+            be.end_step();
+            for (const std::vector<float>* part : {&emb, &x, &q, &s, &g, &mem[0], &mem[1]})
+                out.insert(out.end(), part->begin(), part->end());
+            runs.push_back(out);
+            if (n_threads == 1) {  // the kernels on the whole arrays, no backend
+                std::vector<float> xw = x0, gw = g0;
+                lmx::rmsnorm(xw.data(), nw.data(), 1e-6f, T, kDim, xw.data());
+                lmx::gelu_tanh_mul(gw.data(), u0.data(), gw.data(), T * kFfn);
+                CHECK(std::memcmp(gw.data(), g.data(), gw.size() * 4) == 0);
+                for (size_t i = 0; i < xw.size(); i++) xw[i] = (xw[i] + add0[i]) * 25.3f;
+                CHECK(std::memcmp(xw.data(), x.data(), xw.size() * 4) == 0);
+            }
+        }
+        CHECK(runs[0].size() == runs[1].size());
+        CHECK(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * 4) == 0);
+    }
 }
 
 TEST(backend_streamed_forward_equals_resident_bit_for_bit) {

@@ -358,6 +358,9 @@ TEST(kernel_avx2_and_avx512_give_bitwise_identical_results) {
         a2->silu_mul(g.data(), u.data(), o2.data(), n);
         a5->silu_mul(g.data(), u.data(), o5.data(), n);
         CHECK(same_bits(o2, o5));
+        a2->gelu_tanh_mul(g.data(), u.data(), o2.data(), n);
+        a5->gelu_tanh_mul(g.data(), u.data(), o5.data(), n);
+        CHECK(same_bits(o2, o5));
         std::vector<float> s2 = g, s5 = g;
         a2->softmax(s2.data(), n);
         a5->softmax(s5.data(), n);
@@ -1000,6 +1003,19 @@ TEST(kernel_gelu_tanh_mul_matches_reference_within_1e_6_relative) {
         std::vector<float> aliased = g;  // out may alias gate
         gelu_tanh_mul(aliased.data(), u.data(), aliased.data(), n);
         CHECK(same_bits(aliased, got));
+    }
+    // Every ISA's vector version (x * logistic(2y)) against the reference, over the whole range:
+    // saturation below -9, the cubic's growth above, and the lanes of a ragged tail.
+    for (const KernelTable* k : {kernels_table_avx2(), kernels_table_avx512()}) {
+        if (k == nullptr) continue;
+        CHECK(k->gelu_tanh_mul != nullptr);
+        for (int64_t n : {1, 17, 4096}) {
+            const std::vector<float> g = random_vec(rng, n, -40.0f, 40.0f), u = random_vec(rng, n);
+            std::vector<float> want(static_cast<size_t>(n)), got(want.size());
+            ref::gelu_tanh_mul(g.data(), u.data(), want.data(), n);
+            k->gelu_tanh_mul(g.data(), u.data(), got.data(), n);
+            for (size_t i = 0; i < want.size(); ++i) CHECK_NEAR(got[i], want[i], 1e-6 * std::fabs(want[i]) + 1e-7);
+        }
     }
     // torch.nn.functional.gelu(torch.tensor([-3., -1., 0., 0.5, 2.]), approximate="tanh")
     const float x[5] = {-3.0f, -1.0f, 0.0f, 0.5f, 2.0f};

@@ -1,16 +1,17 @@
 // kernels/activation.cpp — Gemma's element-wise ops: GeGLU with tanh GELU, logit soft-capping.
 // Owner: kernels. Thread-safety: pure functions.
 //
-// Both ops are element-wise and cheap next to the matmuls around them (one pass over
-// [n_tok, ffn_dim] or over one row of logits), so the dispatched versions are plain
-// float loops built for baseline x86-64 and do not go through the ISA tables. The
-// references compute in double: the fast versions are tested against them with a
-// stated tolerance (engine/tests/test_kernels.cpp). Every element is its own
-// computation, so both are batch invariant trivially.
+// gelu_tanh_mul runs over [n_tok, ffn_dim] on every layer, so the ISA tables carry a vector
+// version (simd_elementwise.h: x * logistic(2y), one exp per element); a table without one
+// (scalar) uses the float loop below, PyTorch's own order of operations. softcap touches one
+// row of logits per sampled token and stays a float loop. The references compute in double:
+// the fast versions are tested against them with a stated tolerance
+// (engine/tests/test_kernels.cpp). Every element is its own computation, so both are batch
+// invariant trivially.
 #include <cassert>
 #include <cmath>
 
-#include "kernels.h"
+#include "kernels_impl.h"
 
 namespace lmx {
 
@@ -39,6 +40,10 @@ void softcap(float* x, int64_t n, float cap) {
 
 // PyTorch's own order of operations, in float: 0.5 x (1 + tanh(beta (x + kappa x^3))).
 void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
+    if (const auto vec = kernels_active().gelu_tanh_mul) {
+        vec(gate, up, out, n);
+        return;
+    }
     const float beta = static_cast<float>(kGeluBeta), kappa = static_cast<float>(kGeluKappa);
     for (int64_t i = 0; i < n; ++i) {
         const float x = gate[i];

@@ -32,6 +32,7 @@ bool cpu_has_avx512() {
 const KernelTable kScalar = {
     "scalar",      &ref::matmul_rows, &ref::rmsnorm, &ref::silu_mul, &ref::softmax, &ref::attention_kv_heads, nullptr, nullptr,
     &ref::act_to_q8, &ref::matmul_rows_q8act, &ref::matmul_rows_x16, &ref::attention_kv_heads_f16,
+    nullptr,  // gelu_tanh_mul: the baseline float loop
 };
 
 

@@ -141,6 +141,7 @@ const KernelTable kTable = {
     &simd::matmul_rows_q8act_any<Avx2Dot>,
     &simd::matmul_rows_x16_ymm<Avx2Dot>,
     &simd::attention<Avx2, uint16_t>,
+    &simd::gelu_tanh_mul<Avx2>,
 };
 
 }  // namespace

@@ -376,6 +376,7 @@ constexpr KernelTable make_table(bool with_bf16, bool with_vnni) {
         with_vnni ? &simd::matmul_rows_q8act_any<VnniDot> : &simd::matmul_rows_q8act_any<BwDot>,
         with_vnni ? &matmul_rows_x16_vnni : &simd::matmul_rows_x16_ymm<BwDot>,
         &simd::attention<Avx512, uint16_t>,
+        &simd::gelu_tanh_mul<Avx512>,
     };
 }
 

@@ -49,6 +49,8 @@ struct KernelTable {
     void (*attention_f16)(const float* q, int64_t n_q, int64_t pos0, const uint16_t* const* k_blocks,
                           const uint16_t* const* v_blocks, int block_tokens, int n_heads, int n_kv_heads, int head_dim,
                           float scale, float* out, float* scratch, int kv0, int kv1, int64_t window);
+    // kernels.h gelu_tanh_mul; nullptr: the baseline float loop (activation.cpp).
+    void (*gelu_tanh_mul)(const float* gate, const float* up, float* out, int64_t n);
 };
 
 // Row stride, in elements, of bf16 activations: n_in rounded up to a whole 32-element step.

@@ -1,4 +1,4 @@
-// kernels/simd_elementwise.h — rmsnorm, silu_mul, softmax on 16-lane vectors.
+// kernels/simd_elementwise.h — rmsnorm, silu_mul, gelu_tanh_mul, softmax on 16-lane vectors.
 // Owner: kernels (internal). Included only by the ISA files (see simd.h).
 // Thread-safety: pure functions.
 #pragma once
@@ -61,6 +61,33 @@ static void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
         const int64_t o = n_steps * kLanes;
         store_tail<S>(out + o, n_tail,
                       silu_mul_v<S>(load_tail<S>(gate + o, n_tail, 0.0f), load_tail<S>(up + o, n_tail, 0.0f)));
+    }
+}
+
+// Gemma's GeGLU. 0.5 x (1 + tanh(y)) = x / (1 + exp(-2y)) exactly, so the tanh-GELU is x times the
+// logistic of 2y: one exp_v and one division, no cancellation near y = 0 (where 1 + tanh would be
+// computed as a difference). y = beta (x + kappa x^3) as PyTorch forms it. For x < -9 the exp saturates
+// and the product is 0 or a denormal, as the reference's tanh gives.
+template <class S>
+static inline typename S::V gelu_tanh_mul_v(typename S::V g, typename S::V u) {
+    using V = typename S::V;
+    const V x3 = S::mul(S::mul(g, g), g);
+    const V y = S::mul(S::set1(0.7978845608028654f), S::fmadd(S::set1(0.044715f), x3, g));
+    const V e = exp_v<S>(S::mul(S::set1(-2.0f), y));
+    return S::mul(S::div(g, S::add(S::set1(1.0f), e)), u);
+}
+
+template <class S>
+static void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
+    const int64_t n_steps = n / kLanes, n_tail = n % kLanes;
+    for (int64_t s = 0; s < n_steps; ++s) {
+        const int64_t o = s * kLanes;
+        S::store(out + o, gelu_tanh_mul_v<S>(S::load(gate + o), S::load(up + o)));
+    }
+    if (n_tail) {
+        const int64_t o = n_steps * kLanes;
+        store_tail<S>(out + o, n_tail,
+                      gelu_tanh_mul_v<S>(load_tail<S>(gate + o, n_tail, 0.0f), load_tail<S>(up + o, n_tail, 0.0f)));
     }
 }
 
