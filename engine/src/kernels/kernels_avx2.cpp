@@ -26,6 +26,7 @@ struct Avx2 {
         __m256 lo, hi;  // lanes 0-7, 8-15
     };
     static constexpr int kRows = 4, kToks = 1, kRows1 = 4;
+    static constexpr bool kZmm = false;
 
     static V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
     static V set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }

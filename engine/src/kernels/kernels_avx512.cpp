@@ -29,6 +29,7 @@ namespace {
 struct Avx512 {
     using V = __m512;
     static constexpr int kRows = 6, kToks = 4, kRows1 = 8;
+    static constexpr bool kZmm = true;  // simd_quants.h unpacks Q5_0 on zmm (deq_chunk_zmm)
 
     static V zero() { return _mm512_setzero_ps(); }
     static V set1(float v) { return _mm512_set1_ps(v); }

@@ -39,6 +39,16 @@ constexpr int kLanes = 16;
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// How many row tiles ahead the matmuls prefetch weights (simd_matmul.h mm_rows explains why).
+constexpr int64_t kPrefetchTiles = 2;
+
+// The weights the first kPrefetchTiles row tiles of a task read, which no earlier tile
+// prefetched: asked for all at once, so they arrive in parallel rather than one tile's
+// worth of demand misses at a time.
+static inline void prefetch_task_head(const uint8_t* p, int64_t n_bytes) {
+    for (int64_t off = 0; off < n_bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
+
 // ---------------------------------------------------------------------------------------
 // exp: Cephes expf. x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, times 2^n.
 // Max error ~2 ulp over the range. Below ln(FLT_MIN) the result is 0 (so -inf -> 0);

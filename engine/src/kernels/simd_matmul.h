@@ -159,16 +159,6 @@ struct TileByRows<S, L, 0, T> {
 
 // Bytes of activations kept hot in L2 while a task walks its rows (see mm_rows).
 constexpr int64_t kTokenTileBytes = 192 * 1024;
-// How many row tiles ahead mm_rows prefetches weights.
-constexpr int64_t kPrefetchTiles = 2;
-
-// The weights the first kPrefetchTiles row tiles of a task read, which no earlier tile
-// prefetched: asked for all at once, so they arrive in parallel rather than one tile's
-// worth of demand misses at a time.
-static inline void prefetch_task_head(const uint8_t* p, int64_t n_bytes) {
-    for (int64_t off = 0; off < n_bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
-}
-
 // y[:, row0:row1] for all tokens. Loop nest, outer to inner:
 //   token tile (<= kTokenTileBytes of x, stays in L2)
 //     R rows (their weights stay in L1/L2 while the token blocks stream past)

@@ -12,7 +12,10 @@
 // Dequantisation costs once per (row, token tile); the FMA work is that of f32.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "quants.h"
 #include "simd.h"
@@ -23,6 +26,32 @@ namespace simd {
 
 constexpr int64_t kDeqMaxBlock = 256;  // values per block of the largest format (the K quants)
 
+// The formats deq_chunk_zmm unpacks. Measured one Zen 5 core, weights from DRAM, one token
+// (bench/kernels_bench.sh): Q5_0 60 vs 65 us (640x2048); the same scheme for Q4_K (57 vs 52 us)
+// and Q6_K (89 vs 62 us) lost to the byte-vector path, so they keep it.
+template <DType kT>
+constexpr bool kZmmDeq = kT == DType::Q5_0;
+
+// AVX-512 only (S::kZmm): one Q5_0 block as its two halves of 16 f32 weights, straight from the
+// packed bytes (vpmovzxbd, the fifth bit through a mask register) instead of through a vector of
+// 32 bytes widened twice, and d * (q - 16) as one fmsub. Bitwise deq_block's values: d * q and
+// 16 * d are exact, so the one rounding of d * q - 16 * d is the rounding of d * (q - 16).
+// Instantiated only for S::kZmm (the AVX2 build never compiles it).
+template <class S, DType kT>
+static inline void deq_chunk_zmm(const uint8_t* blk, const float* a, __m512& w0, __m512& w1) {
+    static_assert(kZmmDeq<kT>, "deq_chunk_zmm: Q5_0 only");
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 6)));
+    uint32_t qh;
+    std::memcpy(&qh, blk + 2, 4);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __m512i q0 = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), q1 = _mm512_srli_epi32(bytes, 4);
+    q0 = _mm512_mask_or_epi32(q0, static_cast<__mmask16>(qh & 0xffffu), q0, sixteen);
+    q1 = _mm512_mask_or_epi32(q1, static_cast<__mmask16>(qh >> 16), q1, sixteen);
+    const __m512 av = _mm512_set1_ps(a[0]), off = _mm512_set1_ps(16.0f * a[0]);
+    w0 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(q0), av, off);
+    w1 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(q1), av, off);
+}
+
 // One block of format kT into out[dtype_block_elems], bitwise dequantize_blocks: the integer form
 // (simd_gguf.h) q - off as int8, then S::load_q8 (one rounding: a * (q - off)), then + b for the
 // formats with a min (quants.h shows a * (q - off) + b is quants.cpp's value, bit for bit).
@@ -31,6 +60,13 @@ static inline void deq_block(const uint8_t* blk, float* out) {
     using G = GgufFmt<kT>;
     float a[G::kSubs], b[G::kSubs];
     G::scales(blk, a, b);
+    if constexpr (S::kZmm && kZmmDeq<kT>) {
+        __m512 w0, w1;
+        deq_chunk_zmm<S, kT>(blk, a, w0, w1);
+        S::store(out, w0);
+        S::store(out + 16, w1);
+        return;
+    }
     alignas(32) int8_t q[32];
     for (int c = 0; c < G::kChunks; ++c) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_sub_epi8(G::quants(blk, c), _mm256_set1_epi8(G::kOff)));
@@ -63,7 +99,7 @@ static inline void deq_any(DType t, const uint8_t* blk, float* out) {
 
 template <class S, int R, int T>
 static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t w_stride, const float* x,
-                               float* y, int64_t y_stride, const float* bias) {
+                               float* y, int64_t y_stride, const float* bias, const uint8_t* pf = nullptr) {
     using V = typename S::V;
     const int64_t n_in = w.n_in, be = dtype_block_elems(w.dtype), bb = dtype_block_bytes(w.dtype);
     alignas(64) float buf[R][kDeqMaxBlock];
@@ -71,6 +107,9 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = S::zero();
     for (int64_t b = 0; b < n_in / be; ++b) {
+        if (pf)  // the rows of a tile further on (see mm_rows_deq_1)
+            for (int r = 0; r < R; ++r)
+                for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(pf + r * w_stride + b * bb + off, 0, 2);
         if (w.dtype == DType::Q4_1) {
             // Vector dequantisation, bitwise the scalar one: (nib - 8) * d and 8 * d are exact
             // (an 11-bit d times a 4-bit integer), so their sum is exactly nib * d; then + m
@@ -106,7 +145,7 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
 // the FMA steps, in the same order. For one token, where nothing else reuses a decoded block.
 template <class S, DType kT, int R>
 static inline void mm_tile_deq_1(const uint8_t* wrow, int64_t w_stride, int64_t n_in, const float* x, float* y,
-                                 const float* bias) {
+                                 const float* bias, const uint8_t* pf) {
     using V = typename S::V;
     using G = GgufFmt<kT>;
     constexpr int64_t be = 32 * G::kChunks;
@@ -114,10 +153,21 @@ static inline void mm_tile_deq_1(const uint8_t* wrow, int64_t w_stride, int64_t 
     V acc[R];
     for (int r = 0; r < R; ++r) acc[r] = S::zero();
     for (int64_t b = 0; b < n_in / be; ++b) {
+        if (pf)  // the rows of a tile further on (see mm_rows_deq_1)
+            for (int r = 0; r < R; ++r)
+                for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(pf + r * w_stride + b * bb + off, 0, 2);
         float a[R][G::kSubs], m[R][G::kSubs];
         for (int r = 0; r < R; ++r) G::scales(wrow + r * w_stride + b * bb, a[r], m[r]);
         for (int c = 0; c < G::kChunks; ++c) {
             const V x0 = S::load(x + b * be + 32 * c), x1 = S::load(x + b * be + 32 * c + kLanes);
+            if constexpr (S::kZmm && kZmmDeq<kT>) {
+                for (int r = 0; r < R; ++r) {
+                    __m512 w0, w1;
+                    deq_chunk_zmm<S, kT>(wrow + r * w_stride + b * bb, a[r], w0, w1);
+                    acc[r] = S::fmadd(x1, w1, S::fmadd(x0, w0, acc[r]));
+                }
+                continue;
+            }
             for (int r = 0; r < R; ++r) {
                 const __m256i q = _mm256_sub_epi8(G::quants(wrow + r * w_stride + b * bb, c), _mm256_set1_epi8(G::kOff));
                 V w0 = S::from_i8(_mm256_castsi256_si128(q), S::set1(G::sub(a[r], c, 0)));
@@ -137,15 +187,23 @@ static inline void mm_tile_deq_1(const uint8_t* wrow, int64_t w_stride, int64_t 
     }
 }
 
+// Decode reads every weight from DRAM once: like simd_matmul.h's mm_rows, each tile prefetches
+// the rows kPrefetchTiles tiles further on (inside the task) while it computes, or the unpacking
+// waits on demand misses (Q5_0 640x2048 on one Zen 5 core: 132 us from DRAM vs 53 us from cache).
 template <class S, DType kT>
 static void mm_rows_deq_1(const WeightView& w, const float* x, float* y, const float* bias, int64_t row0, int64_t row1) {
     constexpr int kR = 4;
     const int64_t stride = row_bytes(w.dtype, w.n_in);
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    prefetch_task_head(base + row0 * stride, imin(row1 - row0, kPrefetchTiles * kR) * stride);
     int64_t r = row0;
-    for (; r + kR <= row1; r += kR)
-        mm_tile_deq_1<S, kT, kR>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr);
-    for (; r < row1; ++r) mm_tile_deq_1<S, kT, 1>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr);
+    for (; r + kR <= row1; r += kR) {
+        const int64_t ahead = r + kPrefetchTiles * kR;
+        mm_tile_deq_1<S, kT, kR>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr,
+                                 ahead + kR <= row1 ? base + ahead * stride : nullptr);
+    }
+    for (; r < row1; ++r)
+        mm_tile_deq_1<S, kT, 1>(base + r * stride, stride, w.n_in, x, y + r, bias ? bias + r : nullptr, nullptr);
 }
 
 // y[:, row0:row1] for all tokens, tiles of up to kR rows x kT tokens (ragged edges one by one).
@@ -166,13 +224,16 @@ static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, floa
     constexpr int kR = 4, kT = 4;
     const int64_t stride = row_bytes(w.dtype, w.n_in);
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
+    prefetch_task_head(base + row0 * stride, imin(row1 - row0, kPrefetchTiles * kR) * stride);
     for (int64_t r = row0; r < row1; r += kR) {
         const bool full_r = r + kR <= row1;
+        const int64_t ahead = r + kPrefetchTiles * kR;  // the first token tile prefetches the rows ahead
+        const uint8_t* pf = ahead + kR <= row1 ? base + ahead * stride : nullptr;
         for (int64_t t = 0; t < n_tok; t += kT) {
             const bool full_t = t + kT <= n_tok;
             if (full_r && full_t) {
                 mm_tile_deq<S, kR, kT>(w, base + r * stride, stride, x + t * w.n_in, y + t * w.n_out + r, w.n_out,
-                                       bias ? bias + r : nullptr);
+                                       bias ? bias + r : nullptr, t == 0 ? pf : nullptr);
             } else if (full_r && n_tok == 1) {
                 mm_tile_deq<S, kR, 1>(w, base + r * stride, stride, x, y + r, w.n_out, bias ? bias + r : nullptr);
             } else {
