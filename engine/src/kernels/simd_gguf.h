@@ -51,12 +51,24 @@ struct GgufFmt {
         return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(16));
     }
 
+    // nib32 with the fifth bit of Q5_0 / Q5_1 (bit i of the u32 at p) added to byte i: with AVX-512 BW
+    // the u32 is the byte mask of one masked add; without, bits32's shuffle and compare.
+    static __m256i with_bit5(__m256i nib32, const uint8_t* p) {
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+        uint32_t qh;
+        std::memcpy(&qh, p, 4);
+        return _mm256_mask_add_epi8(nib32, static_cast<__mmask32>(qh), nib32, _mm256_set1_epi8(16));
+#else
+        return _mm256_or_si256(nib32, bits32(p));
+#endif
+    }
+
     // The unsigned quants of chunk c (elements 32c .. 32c + 31) of one block: quant_block_uint's.
     static __m256i quants(const uint8_t* blk, int c) {
         const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
         if constexpr (kT == DType::Q4_1) return nibbles32(blk + 4);
-        if constexpr (kT == DType::Q5_0) return _mm256_or_si256(nibbles32(blk + 6), bits32(blk + 2));
-        if constexpr (kT == DType::Q5_1) return _mm256_or_si256(nibbles32(blk + 8), bits32(blk + 4));
+        if constexpr (kT == DType::Q5_0) return with_bit5(nibbles32(blk + 6), blk + 2);
+        if constexpr (kT == DType::Q5_1) return with_bit5(nibbles32(blk + 8), blk + 4);
         if constexpr (kT == DType::Q4_K || kT == DType::Q5_K) {
             const uint8_t* qs = blk + (kT == DType::Q4_K ? 16 : 48);
             __m256i q = _mm256_and_si256(srl16(load32(qs + (c / 2) * 32), 4 * (c % 2)), m15);
