@@ -7,9 +7,12 @@ definition and within the activations' rounding of exact). Here the whole model:
 SmolLM2-135M-Instruct (Q4_1, q8_0 embedding) and Gemma 3 270M (Q4_K_M: q4_K, q6_K, q5_0 and
 q8_0 tensors, one layer's q5_0 q / k and q8_0 v in one matmul), 32 greedy steps under fast
 equal exact's on chat prompts, unless they part where exact's own logits are a near tie: its
-top-1 within NEAR_TIE of fast's token. Int8 activations move these models' logits by 2-5 % of
-their largest (up to ~0.7 in absolute terms; llama.cpp's q8_0 / q8_1 activations do the same),
-checked against FAST_REL_TOL on every prompt; measured splits sit at gaps of 0.02 - 0.11.
+top-1 within NEAR_TIE of fast's token, and fast's logits on that row within FAST_REL_TOL of exact's
+(the split comes from the activations' rounding, not from a wrong value). Int8 activations move
+these models' logits by 2-5 % of their largest (0.5-1.2 in absolute terms on SmolLM2, whose logits
+reach 25-32; llama.cpp's q8_0 / q8_1 activations do the same), checked against FAST_REL_TOL on every
+prompt; a tie closer than half that error can go either way. Measured splits (2026-12-05, fast's
+16-lane definition): gaps 0.07, 0.11 and 0.39 on SmolLM2 (max error on those rows 0.62, 0.56, 1.20).
 `pytest -s` prints the table (model x prompt -> matching tokens).
 """
 
@@ -27,7 +30,7 @@ from tests.real_models import gemma3_270m_q4_k_m, smollm2_q4_1
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS = 32
-NEAR_TIE = 0.25  # logits
+NEAR_TIE = 0.5  # logits: half the largest error int8 activations put on a SmolLM2 row (1.2)
 FAST_REL_TOL = 0.08  # max |fast - exact| / max |exact|, next-token logits (measured: SmolLM2 <= 0.048, Gemma <= 0.028)
 PROMPTS = [
     "What is the capital of France?",
@@ -68,6 +71,9 @@ def test_fast_precision_keeps_exacts_greedy_tokens_on_the_real_gguf_files(which:
             if n_same < STEPS:  # exact's logits where they part: how far fast's token is from exact's top-1
                 logits = exact.debug_logits("m", ids + want[:n_same])
                 gap = float(logits[want[n_same]] - logits[got[n_same]])
+                at_split = float(np.abs(fast.debug_logits("m", ids + want[:n_same]) - logits).max()
+                                 / np.abs(logits).max())
+                assert at_split <= FAST_REL_TOL, f"{prompt!r}: fast logits {at_split:.3g} of their scale from exact's at the split"
             rows.append((prompt, n_same, gap, rel))
     print(f"\nmodel | prompt | greedy tokens equal fast vs exact (of {STEPS}) | exact's gap at the split | logit error")
     for prompt, n_same, gap, rel in rows:

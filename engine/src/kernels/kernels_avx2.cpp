@@ -124,6 +124,7 @@ struct Avx2 {
 struct Avx2Dot {
     static constexpr bool kWideU = false;  // vpmaddubsw would saturate on x + 128
     static constexpr int kRows1 = 4, kRows = 3, kToks = 2;
+    static constexpr bool kZmm = false;
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
         return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
     }

@@ -216,13 +216,19 @@ void matmul_rows_bf16act(const WeightView& w, const uint16_t* act, int64_t n_tok
 struct VnniDot {
     static constexpr bool kWideU = true;  // vpdpbusd takes u up to 255: x + 128 for q8_0
     static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
+    static constexpr bool kZmm = true;  // simd_q8act_gguf.h tile_zmm
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+    static __m512i dot_acc512(__m512i acc, __m512i u, __m512i s) { return _mm512_dpbusd_epi32(acc, u, s); }
 };
 struct BwDot {
     static constexpr bool kWideU = false;
     static constexpr int kRows1 = 8, kRows = 4, kToks = 4;
+    static constexpr bool kZmm = true;  // simd_q8act_gguf.h tile_zmm
     static __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
         return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+    }
+    static __m512i dot_acc512(__m512i acc, __m512i u, __m512i s) {
+        return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
     }
 };
 

@@ -335,11 +335,12 @@ void act_to_q8(const float* x, int64_t n_tok, int64_t n_in, uint8_t* act) {
 }
 
 // The GGUF block formats, in their integer form (quants.h: value = a * (q - off) + b per 16
-// elements): the same eight lanes, lane j of chunk c (elements 32c + 4j .. +3, sub-block
-// s = 2c + j / 4) taking
-//   lane[j] = fma(float(sum of (q - off) * x_q), a[s] * d_x[c], lane[j])
-//   lane[j] = fma(float(sum of x_q) * d_x[c], b[s], lane[j])      (formats with a min only)
-// then the same tree and bias. For q4_0 (a = d, off 8) this is the rule above, bit for bit.
+// elements): two sets of eight lanes, one for the even chunks of 32 of the row and one for the
+// odd ones (a 16-lane vector holds a pair of chunks), lane j of chunk c (elements 32c + 4j .. +3,
+// sub-block s = 2c + j / 4) taking, in set p = c % 2 (c counted along the row),
+//   lane[p][j] = fma(float(sum of (q - off) * x_q), a[s] * d_x[c], lane[p][j])
+//   lane[p][j] = fma(float(sum of x_q) * d_x[c], b[s], lane[p][j])      (formats with a min only)
+// then lane[0][j] + lane[1][j], the same tree and bias.
 static void matmul_rows_q8act_gguf(const WeightView& w, const uint8_t* act, int64_t n_tok, float* y,
                                    const float* bias, int64_t row0, int64_t row1) {
     const DType t = w.dtype;
@@ -352,7 +353,7 @@ static void matmul_rows_q8act_gguf(const WeightView& w, const uint8_t* act, int6
         const uint8_t* row = weight_row(w, o);
         for (int64_t tok = 0; tok < n_tok; ++tok) {
             const uint8_t* at = act + tok * q8_act_row_bytes(w.n_in);
-            float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            float lanes[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
             for (int64_t blk = 0; blk < n_blocks; ++blk) {
                 quant_block_uint(t, row + blk * dtype_block_bytes(t), q);
                 quant_sub_scales(t, row + blk * dtype_block_bytes(t), a, b);
@@ -361,6 +362,7 @@ static void matmul_rows_q8act_gguf(const WeightView& w, const uint8_t* act, int6
                     float dx;
                     std::memcpy(&dx, at + w.n_in + 4 * chunk, 4);
                     const int8_t* xq = reinterpret_cast<const int8_t*>(at + chunk * kQ8BlockElems);
+                    float* lane = lanes[chunk % 2];
                     for (int j = 0; j < 8; ++j) {
                         int32_t isum = 0, xsum = 0;
                         for (int k = 0; k < 4; ++k) {
@@ -373,6 +375,8 @@ static void matmul_rows_q8act_gguf(const WeightView& w, const uint8_t* act, int6
                     }
                 }
             }
+            float lane[8];
+            for (int j = 0; j < 8; ++j) lane[j] = lanes[0][j] + lanes[1][j];
             const float l4[4] = {lane[0] + lane[4], lane[1] + lane[5], lane[2] + lane[6], lane[3] + lane[7]};
             const float l2[2] = {l4[0] + l4[2], l4[1] + l4[3]};
             float v = l2[0] + l2[1];
