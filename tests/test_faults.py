@@ -103,11 +103,15 @@ def in_flight(client: redis.Redis, keys: Keys, request_ids: list[str]) -> tuple[
 
 
 def generating_models(client: redis.Redis, keys: Keys, specs: list[RequestSpec]) -> list[str]:
-    """Models of the requests that have started, published a token and not ended (sorted)."""
+    """Models of the requests that have started, published a token and not ended (sorted).
+
+    One XREVRANGE per request (its last event is a token event): a poll reads 8 entries, not the
+    thousands of a batch's whole streams, so it cannot take as long as a tiny model's generation
+    (a slow poll once missed a whole batch: it started and finished between two polls)."""
     out = set()
     for s in specs:
-        v = stream_view(raw_events(client, keys, s.request_id))
-        if v.attempts and v.token_ids and not v.n_terminal:
+        last = client.xrevrange(keys.events(s.request_id), count=1)
+        if last and isinstance(decode_event(last[0][1][b"data"]), TokenEvent):
             out.add(s.model)
     return sorted(out)
 
@@ -262,7 +266,9 @@ def test_redis_restart_mid_generation_every_request_ends_once(models: dict[str, 
             w.wait_ready(client)
         producer = Producer(server.url, prefix=prefix)
         outages_s = [0.0, 2.0, 3.0, None]  # seconds down: a quick restart, longer outages; None: group lost
-        batches = [random_specs(rng, 8, names, f"rr{i}", min_tokens=200, max_tokens=500)
+        # Long completions (n_ctx is 1024, prompts <= 24 tokens): a batch generates for about a second, a
+        # window the polls below cannot miss (at 200-500 tokens it was 0.4 s, and a stalled poll missed it).
+        batches = [random_specs(rng, 8, names, f"rr{i}", min_tokens=600, max_tokens=990)
                    for i in range(len(outages_s))]
         specs = [s for batch in batches for s in batch]
         results: dict[str, Any] = {}
@@ -277,13 +283,21 @@ def test_redis_restart_mid_generation_every_request_ends_once(models: dict[str, 
 
         reader = threading.Thread(target=read_all, name="sdk-reader", daemon=True)
         reader.start()  # it waits on reply streams of requests not submitted yet as well
-        for batch, down_s in zip(batches, outages_s):
+        for i, (batch, down_s) in enumerate(zip(batches, outages_s)):
             for s in batch:
                 producer.submit(s.model, **s.submit_kwargs())
-            wait_until(lambda b=batch: bool(generating_models(client, keys, b)), 60, "a request in generation")
+            try:
+                wait_until(lambda b=batch: bool(generating_models(client, keys, b)), 60, "a request in generation")
+            except AssertionError as e:
+                views = {s.request_id: (v.attempts, len(v.token_ids), v.n_terminal)
+                         for s in batch for v in [stream_view(raw_events(client, keys, s.request_id))]}
+                raise AssertionError(f"batch {i} (after {tally.figures}): {e}; its requests' (attempts, tokens, "
+                                     f"terminal events): {views}\n"
+                                     + fleet.logs()) from e
             if down_s is None:
                 # A lost consumer group (a failover to a server without it, a careless XGROUP DESTROY).
-                client.xgroup_destroy(keys.req(generating_models(client, keys, batch)[0]), CONSUMER_GROUP)
+                busy = generating_models(client, keys, batch) or [batch[0].model]  # (it may have finished since)
+                client.xgroup_destroy(keys.req(busy[0]), CONSUMER_GROUP)
                 tally.add("groups_destroyed")
                 continue
             server.stop()
