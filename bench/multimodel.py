@@ -223,10 +223,12 @@ def pct(xs: list[float], q: float) -> float:
 
 def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: dict[str, int],
             strategy: dict[str, Any], conc: int, max_tokens: int, prompt_len: int, threads: int,
-            max_batch_tokens: int, link_gbps: float = 0.0, kv_dtype: str = "f32") -> dict[str, Any]:
+            max_batch_tokens: int, link_gbps: float = 0.0, kv_dtype: str = "f32",
+            first_token_ms: float = EngineConfig().first_token_ms) -> dict[str, Any]:
     cfg = EngineConfig(budget_bytes=budget, n_threads=threads, prefetch_depth=strategy["prefetch_depth"],
                        eviction=Eviction.__members__[strategy["eviction"]], max_batch_tokens=max_batch_tokens,
-                       link_gbps=link_gbps, kv_dtype=kv_dtype, max_turn_steps=strategy.get("max_turn_steps", 0))
+                       link_gbps=link_gbps, kv_dtype=kv_dtype, max_turn_steps=strategy.get("max_turn_steps", 0),
+                       first_token_ms=first_token_ms)
     max_context = prompt_len + max_tokens + 16
     with Engine(cfg) as eng:
         for name, d in dirs.items():
@@ -312,7 +314,8 @@ def cell_main(spec: dict[str, Any]) -> int:
     sizes = {n: Sizes(**s) for n, s in spec["sizes"].items()}
     r = run_one({n: Path(d) for n, d in spec["dirs"].items()}, sizes, spec["budget"], spec["slots"],
                 STRATEGIES[spec["strategy"]], spec["conc"], spec["max_tokens"], spec["prompt_len"], spec["threads"],
-                spec["max_batch_tokens"], spec.get("link_gbps", 0.0), spec.get("kv_dtype", "f32"))
+                spec["max_batch_tokens"], spec.get("link_gbps", 0.0), spec.get("kv_dtype", "f32"),
+                spec.get("first_token_ms", EngineConfig().first_token_ms))
     print(json.dumps(r))
     return 0
 
@@ -389,7 +392,7 @@ def run_table(title: str, dirs: dict[str, Path], sizes: dict[str, Sizes], budget
                         "strategy": sname, "conc": conc, "max_tokens": args.max_tokens,
                         "prompt_len": args.prompt_len, "threads": args.threads,
                         "max_batch_tokens": args.max_batch_tokens, "link_gbps": args.link_gbps,
-                        "kv_dtype": args.kv_dtype}
+                        "kv_dtype": args.kv_dtype, "first_token_ms": args.first_token_ms}
                 log(f"  [{time.strftime('%H:%M:%S')}] {title} | {sname} | {conc} req/model | run {rep + 1} ...")
                 runs[sname].append(run_cell(spec))
         for sname in args.strategies:
@@ -478,6 +481,9 @@ def main() -> int:
     ap.add_argument("--link-ratio", type=float, default=0.0,
                     help="copy:read bandwidth 1:R through the CPU device's link model (20 ~ a GPU on PCIe 3.0); 0 = off")
     ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"])
+    ap.add_argument("--first-token-ms", type=float, default=EngineConfig().first_token_ms,
+                    help="(a)'s EngineConfig.first_token_ms: the longest expected wait for a first token behind "
+                         "another model's drained turn before a prefill round runs first (0 = always)")
     ap.add_argument("--kv-table", action="store_true", help="only the KV f32 vs f16 table (--budget-fraction)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one measurement, print it as JSON
     args = ap.parse_args()

@@ -329,7 +329,7 @@ class EngineConfig:
     eviction: Eviction
     kv_dtype: str
     matmul_precision: MatmulPrecision
-    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0, kv_dtype: str = 'f16', max_turn_steps: typing.SupportsInt | typing.SupportsIndex = 32, max_wait_ms: typing.SupportsFloat | typing.SupportsIndex = 2000.0) -> None:
+    def __init__(self, *, budget_bytes: typing.SupportsInt | typing.SupportsIndex = 2147483648, cap_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.9, n_threads: typing.SupportsInt | typing.SupportsIndex = 0, prefetch_depth: typing.SupportsInt | typing.SupportsIndex = 2, eviction: Eviction = Eviction.belady, kv_block_tokens: typing.SupportsInt | typing.SupportsIndex = 16, max_batch_tokens: typing.SupportsInt | typing.SupportsIndex = 512, max_seqs_per_step: typing.SupportsInt | typing.SupportsIndex = 64, kv_reserve_fraction: typing.SupportsFloat | typing.SupportsIndex = 0.25, matmul_precision: MatmulPrecision = MatmulPrecision.exact, device_kind: str = 'cpu', device_index: typing.SupportsInt | typing.SupportsIndex = 0, link_gbps: typing.SupportsFloat | typing.SupportsIndex = 0.0, kv_dtype: str = 'f16', max_turn_steps: typing.SupportsInt | typing.SupportsIndex = 32, max_wait_ms: typing.SupportsFloat | typing.SupportsIndex = 2000.0, first_token_ms: typing.SupportsFloat | typing.SupportsIndex = 100.0) -> None:
         ...
     def __repr__(self) -> str:
         ...
@@ -350,6 +350,12 @@ class EngineConfig:
         ...
     @device_index.setter
     def device_index(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def first_token_ms(self) -> float:
+        ...
+    @first_token_ms.setter
+    def first_token_ms(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
     def kv_block_tokens(self) -> int:

@@ -158,7 +158,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_block_tokens=d.kv_block_tokens, max_batch_tokens=d.max_batch_tokens,
         matmul_precision=MatmulPrecision.__members__[d.matmul_precision], device_kind=d.kind, device_index=d.index,
         link_gbps=d.link_gbps or 0.0, kv_dtype=d.kv_dtype, max_turn_steps=d.max_turn_steps,
-        max_wait_ms=d.max_wait_ms)
+        max_wait_ms=d.max_wait_ms, first_token_ms=d.first_token_ms)
 
 
 def _default_engine_factory(settings: Settings) -> Engine:

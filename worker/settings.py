@@ -135,6 +135,13 @@ class DeviceSettings(_Section):
     max_wait_ms: float = Field(
         default=_ENGINE.max_wait_ms, gt=0.0,
         description="adaptive turns: a turn ends once another model with work has waited this long")
+    first_token_ms: float = Field(
+        default=_ENGINE.first_token_ms, ge=0.0,
+        description="adaptive turns: while a model has requests that have not started, another model's turn "
+                    "drains only if its timed length (copies over the link, steps at its recent step time) plus "
+                    "their wait so far stays within this; else it runs only its prefill, so every model gets "
+                    "first tokens after one round. Lower: lower time to first token; higher: fewer copies. "
+                    "0 = always first tokens first")
     matmul_precision: PrecisionName = Field(
         default=cast(PrecisionName, _ENGINE.matmul_precision.name),
         description="exact: same tokens on every CPU; fast: bf16 dot products where the CPU has them, and "

@@ -148,11 +148,11 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init([](uint64_t budget_bytes, double cap_fraction, int n_threads, int prefetch_depth, Eviction eviction,
                          int kv_block_tokens, int max_batch_tokens, int max_seqs_per_step, double kv_reserve_fraction,
                          MatmulPrecision matmul_precision, std::string device_kind, int device_index, double link_gbps,
-                         std::string kv_dtype, int max_turn_steps, double max_wait_ms) {
+                         std::string kv_dtype, int max_turn_steps, double max_wait_ms, double first_token_ms) {
                  return EngineConfig{budget_bytes,    cap_fraction,      n_threads,           prefetch_depth, eviction,
                                      kv_block_tokens, max_batch_tokens, max_seqs_per_step, kv_reserve_fraction,
                                      matmul_precision, std::move(device_kind), device_index, link_gbps,
-                                     std::move(kv_dtype), max_turn_steps, max_wait_ms};
+                                     std::move(kv_dtype), max_turn_steps, max_wait_ms, first_token_ms};
              }),
              py::kw_only(), py::arg("budget_bytes") = dc.budget_bytes, py::arg("cap_fraction") = dc.cap_fraction,
              py::arg("n_threads") = dc.n_threads, py::arg("prefetch_depth") = dc.prefetch_depth,
@@ -161,7 +161,8 @@ PYBIND11_MODULE(_core, m) {
              py::arg("kv_reserve_fraction") = dc.kv_reserve_fraction, py::arg("matmul_precision") = dc.matmul_precision,
              py::arg("device_kind") = dc.device_kind, py::arg("device_index") = dc.device_index,
              py::arg("link_gbps") = dc.link_gbps, py::arg("kv_dtype") = dc.kv_dtype,
-             py::arg("max_turn_steps") = dc.max_turn_steps, py::arg("max_wait_ms") = dc.max_wait_ms)
+             py::arg("max_turn_steps") = dc.max_turn_steps, py::arg("max_wait_ms") = dc.max_wait_ms,
+             py::arg("first_token_ms") = dc.first_token_ms)
         .def_readwrite("budget_bytes", &EngineConfig::budget_bytes)
         .def_readwrite("cap_fraction", &EngineConfig::cap_fraction)
         .def_readwrite("n_threads", &EngineConfig::n_threads)
@@ -178,12 +179,13 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("kv_dtype", &EngineConfig::kv_dtype)
         .def_readwrite("max_turn_steps", &EngineConfig::max_turn_steps)
         .def_readwrite("max_wait_ms", &EngineConfig::max_wait_ms)
+        .def_readwrite("first_token_ms", &EngineConfig::first_token_ms)
         .def("__repr__", [](const py::object& self) {
             return repr_fields("EngineConfig", self,
                                {"budget_bytes", "cap_fraction", "n_threads", "prefetch_depth", "eviction", "kv_block_tokens",
                                 "max_batch_tokens", "max_seqs_per_step", "kv_reserve_fraction", "matmul_precision",
                                 "device_kind", "device_index", "link_gbps", "kv_dtype", "max_turn_steps",
-                                "max_wait_ms"});
+                                "max_wait_ms", "first_token_ms"});
         });
 
     const SamplingParams dp;

@@ -100,7 +100,7 @@ Engine::Engine(const EngineConfig& cfg)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
     if (cfg.prefetch_depth < 0)
         throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(cfg.prefetch_depth));
-    scheduler_.set_turns(TurnConfig{cfg.max_turn_steps, cfg.max_wait_ms, cfg.prefetch_depth});
+    scheduler_.set_turns(TurnConfig{cfg.max_turn_steps, cfg.max_wait_ms, cfg.prefetch_depth, cfg.first_token_ms});
     if (!(cfg.kv_reserve_fraction >= 0.0 && cfg.kv_reserve_fraction < 1.0))
         throw InvalidArgument("kv_reserve_fraction: expected a value in [0, 1), found " +
                               std::to_string(cfg.kv_reserve_fraction));
@@ -557,9 +557,11 @@ void Engine::run_plan(StepPlan& plan) {
         const double compute_ms = std::max(0.0, ms_since(t0) - static_cast<double>(rs.wait_ns - wait_ns0) / 1e6);
         const double per_tok = compute_ms / static_cast<double>(n_tok);
         m->compute_ms_per_token = m->compute_ms_per_token > 0 ? 0.8 * m->compute_ms_per_token + 0.2 * per_tok : per_tok;
+        m->compute_ms_per_step = m->compute_ms_per_step > 0 ? 0.8 * m->compute_ms_per_step + 0.2 * compute_ms : compute_ms;
         const double link_bytes_per_ms = cfg_.link_gbps > 0 ? cfg_.link_gbps * 1e6
                                          : rs.copy_ns > 0 ? static_cast<double>(rs.bytes_copied) / (static_cast<double>(rs.copy_ns) / 1e6)
                                                           : 0.0;
+        link_bytes_per_ms_ = link_bytes_per_ms;
         const ModelResidency r = residency_.model_info(m->id);
         TurnModel t;
         t.n_layer = spec.n_layer;
@@ -657,6 +659,8 @@ std::vector<TurnModel> Engine::turn_view() const {
         t.n_cached = r.n_cached;
         t.head_ready = r.head_ready;
         t.region_bytes = t.resident ? 0 : r.region_bytes;
+        t.step_ms = m->compute_ms_per_step;
+        t.link_bytes_per_ms = link_bytes_per_ms_;
         out.push_back(t);
     }
     return out;

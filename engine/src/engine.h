@@ -73,6 +73,12 @@ struct EngineConfig {
     // streamed models keep their own slots: the fixed policy before turns).
     int max_turn_steps = 32;
     double max_wait_ms = 2000.0;
+    // First tokens first (turns.h): while a model has requests that have not started, another model's
+    // turn drains only if that (its copies over the link, its steps at its recent step time), plus the
+    // wait so far, stays within first_token_ms; else the turn is its prefill steps only, and every model
+    // gets its first tokens after one round. Lower: lower time to first token; higher: fewer copies
+    // (each model of a prefill round copies its layers again to decode). 0: always first tokens first.
+    double first_token_ms = 100.0;
 };
 
 enum class ResidencyMode : uint8_t { Auto = 0, Resident = 1, Streamed = 2, Swap = 3 };
@@ -225,6 +231,7 @@ private:
         ModelLoadOptions opt;
         ModelFootprint footprint;
         double compute_ms_per_token = 0;  // step thread: recent compute per token (prefill chunk sizing)
+        double compute_ms_per_step = 0;   // step thread: recent compute of one step (turn timing)
     };
     struct Command {
         enum Kind { Submit, Cancel, AddModel, RemoveModel } kind;
@@ -252,6 +259,7 @@ private:
     Tracer tracer_;  // before residency_, which records into it from its copy thread
     Residency residency_;
     Scheduler scheduler_;  // step thread only
+    double link_bytes_per_ms_ = 0;  // step thread: the link as the last step saw it (turn timing)
     int event_fd_ = -1;
 
     mutable std::mutex mu_;

@@ -212,6 +212,9 @@ void Scheduler::set_turns(const TurnConfig& cfg) {
     if (cfg.max_turn_steps < 0)
         throw InvalidArgument("max_turn_steps: expected >= 0 (0 = no turns), found " + std::to_string(cfg.max_turn_steps));
     if (!(cfg.max_wait_ms > 0)) throw InvalidArgument("max_wait_ms: expected > 0, found " + std::to_string(cfg.max_wait_ms));
+    if (!(cfg.first_token_ms >= 0))
+        throw InvalidArgument("first_token_ms: expected >= 0 (0 = always first tokens first), found " +
+                              std::to_string(cfg.first_token_ms));
     turn_cfg_ = cfg;
     turns_on_ = cfg.max_turn_steps >= 1;
 }

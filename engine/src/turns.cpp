@@ -45,79 +45,28 @@ TurnState turn_advance(const TurnState& state, const TurnDecision& d) {
         TurnState s = state;
         s.n_steps++;
         s.borrow = d.borrow;
+        s.first_tokens = d.first_tokens;
         return s;
     }
-    return TurnState{d.model, 1, d.n_steps, d.borrow};
+    return TurnState{d.model, 1, d.n_steps, d.borrow, d.first_tokens};
 }
 
-TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& state, const TurnConfig& cfg) {
-    assert(cfg.max_turn_steps >= 1);
-    TurnDecision d;
-    std::vector<const TurnModel*> live;
-    double w_max = 0, w_min = std::numeric_limits<double>::infinity();
-    for (const TurnModel& m : models)
-        if (busy(m)) {
-            live.push_back(&m);
-            w_max = std::max(w_max, m.weight);
-            w_min = std::min(w_min, m.weight);
-        }
-    if (live.empty()) return d;
-    auto turn_cap = [&](const TurnModel& m) {
-        if (live.size() == 1) return std::numeric_limits<int>::max();  // alone: as long as it has work
-        return std::max(1, static_cast<int>(std::floor(cfg.max_turn_steps * m.weight / w_max)));
-    };
-    auto overdue_other = [&](int owner) {
-        for (const TurnModel* m : live)
-            if (m->model != owner && m->waited_ms >= cfg.max_wait_ms) return true;
-        return false;
-    };
-    auto unstarted_other = [&](int owner) {  // first tokens first
-        for (const TurnModel* m : live)
-            if (m->model != owner && m->n_unstarted > 0) return true;
-        return false;
-    };
+namespace {
+// A turn of k steps of m priced both ways, in bytes (turns.h), with the cheapest set of lenders.
+struct Price {
+    double stream = 0, borrow = std::numeric_limits<double>::infinity();
+    std::vector<int> lenders;  // of the cheapest borrowing (sorted)
+};
 
-    // 1. The turn in progress goes on while it has work, steps left and no one else is overdue.
-    //    Its cap is re-read: a model that was alone may have company now. A prefill turn (another
-    //    model waits for first tokens) runs until its model's prompts are in, however many steps its
-    //    decodes stretch that to; any other turn runs its planned steps.
-    const TurnModel* next = nullptr;
-    int cont_cap = 0;
-    for (const TurnModel* m : live) {
-        if (m->model != state.owner) continue;
-        const int cap = unstarted_other(m->model) ? (m->n_prefilling > 0 ? turn_cap(*m) : 0)
-                                                  : std::min(state.n_planned, turn_cap(*m));
-        if (state.n_steps < cap && !overdue_other(m->model)) {
-            next = m;
-            cont_cap = cap;
-        }
-    }
-    // 2. Else a new turn for the longest waiter; the previous owner, if it still has work, waits for the others.
-    if (next == nullptr) {
-        for (const TurnModel* m : live) {
-            if (live.size() > 1 && m->model == state.owner) continue;
-            if (next == nullptr || waited_longer(*m, *next)) next = m;
-        }
-    }
-    // 3. Price the turn's remaining steps both ways, at every step: new work or a finished sequence can
-    //    tip the balance within a turn.
-    const TurnModel& m = *next;
-    d.model = m.model;
-    d.continues = cont_cap > 0;
-    const int depth = cfg.prefetch_depth;
-    int k = std::max(1, std::min(d.continues ? cont_cap - state.n_steps : turn_cap(m), m.n_steps_left));
-    const bool first_tokens = unstarted_other(m.model);
-    if (first_tokens) k = std::max(1, std::min(k, m.prefill_steps));  // its prefill only
-    const double tokens = static_cast<double>(k) * std::max(1, m.gen_per_step);
+Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k, int depth) {
+    Price p;
     const double L = static_cast<double>(m.layer_bytes);
-
     // Streaming: its own slots; the first step also refills what a loan took (its head, its cache).
     const int c_own = step_copies(m, m.n_slots, depth);
     const int stable = m.n_slots >= m.n_layer ? m.n_layer : std::max(0, m.n_slots - depth);
     const int cold = m.resident ? 0 : std::max(0, stable - m.n_cached);
     const double head = m.head_ready ? 0.0 : static_cast<double>(m.head_bytes);
-    const double stream_bytes = head + (static_cast<double>(c_own) * k + cold) * L;
-    d.stream_bytes_per_token = stream_bytes / tokens;
+    p.stream = head + (static_cast<double>(c_own) * k + cold) * L;
 
     // Borrowing: the regions of other streamed models, for k steps. Every set of lenders is priced (each
     // lender must copy back its head and cache) and the cheapest wins: a model a few slots short borrows
@@ -144,7 +93,6 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
         loans.resize(kMaxLenders);
     }
     const int first = std::max(0, m.n_layer - m.n_cached);
-    double borrow_bytes = std::numeric_limits<double>::infinity();
     uint32_t best_set = 0;
     for (uint32_t set = 1; set < (1u << loans.size()); set++) {
         int s_b = m.n_slots;
@@ -155,23 +103,122 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
                 lend += loans[i].cost;
             }
         const double b = head + (first + static_cast<double>(step_copies(m, s_b, depth)) * (k - 1)) * L + lend;
-        if (b < borrow_bytes) {
-            borrow_bytes = b;
+        if (b < p.borrow) {
+            p.borrow = b;
             best_set = set;
         }
     }
-    d.borrow_bytes_per_token = borrow_bytes / tokens;
-    d.borrow = borrow_bytes < stream_bytes;
+    for (size_t i = 0; i < loans.size(); i++)
+        if (best_set & (1u << i)) p.lenders.push_back(loans[i].model);
+    std::sort(p.lenders.begin(), p.lenders.end());
+    return p;
+}
+
+// A turn of k steps of m, timed: its cheaper bytes over the link plus k steps at its recent step time.
+// Infinity while either is unmeasured (and needed).
+double turn_ms(const TurnModel& m, const Price& p, int k) {
+    const double bytes = std::min(p.stream, p.borrow);
+    if (m.step_ms <= 0 || (bytes > 0 && !(m.link_bytes_per_ms > 0))) return std::numeric_limits<double>::infinity();
+    return (bytes > 0 ? bytes / m.link_bytes_per_ms : 0.0) + k * m.step_ms;
+}
+}  // namespace
+
+TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& state, const TurnConfig& cfg) {
+    assert(cfg.max_turn_steps >= 1);
+    TurnDecision d;
+    std::vector<const TurnModel*> live;
+    double w_max = 0, w_min = std::numeric_limits<double>::infinity();
+    for (const TurnModel& m : models)
+        if (busy(m)) {
+            live.push_back(&m);
+            w_max = std::max(w_max, m.weight);
+            w_min = std::min(w_min, m.weight);
+        }
+    if (live.empty()) return d;
+    const int depth = cfg.prefetch_depth;
+    auto turn_cap = [&](const TurnModel& m) {
+        if (live.size() == 1) return std::numeric_limits<int>::max();  // alone: as long as it has work
+        return std::max(1, static_cast<int>(std::floor(cfg.max_turn_steps * m.weight / w_max)));
+    };
+    auto overdue_other = [&](int owner) {
+        for (const TurnModel* m : live)
+            if (m->model != owner && m->waited_ms >= cfg.max_wait_ms) return true;
+        return false;
+    };
+    // The longest wait for a first token among the other models; negative when none waits for one.
+    auto first_token_wait = [&](int owner) {
+        double w = -1;
+        for (const TurnModel* m : live)
+            if (m->model != owner && m->n_unstarted > 0) w = std::max(w, m->waited_ms);
+        return w;
+    };
+    // First tokens first when draining k more steps of m would keep an unstarted model waiting past
+    // first_token_ms; returns the drained turn's timed length plus that wait (0 when no one waits).
+    auto drained_wait_ms = [&](const TurnModel& m, int k) {
+        const double w = first_token_wait(m.model);
+        if (w < 0) return 0.0;
+        return w + turn_ms(m, price_turn(m, models, k, depth), k);
+    };
+    auto wants_prefill_round = [&](double drained) {
+        return drained > 0 && (cfg.first_token_ms <= 0 || drained > cfg.first_token_ms);
+    };
+
+    // 1. The turn in progress goes on while it has work, steps left and no one else is overdue. Its cap
+    //    is re-read: a model that was alone may have company now. A prefill turn runs until its model's
+    //    prompts are in, however many steps its decodes stretch that to, while another model waits for
+    //    first tokens; a drained turn runs its planned steps unless a first token would wait too long
+    //    behind them (a request that came mid-turn): then it becomes a prefill turn.
+    const TurnModel* next = nullptr;
+    int cont_cap = 0;
+    bool first_tokens = false;
+    double drained = 0;
+    for (const TurnModel* m : live) {
+        if (m->model != state.owner) continue;
+        const int planned = std::min(state.n_planned, turn_cap(*m));
+        bool prefill = first_token_wait(m->model) >= 0 && state.first_tokens;
+        if (!prefill && state.n_steps < planned) {
+            drained = drained_wait_ms(*m, std::max(1, std::min(planned - state.n_steps, m->n_steps_left)));
+            prefill = wants_prefill_round(drained);
+        }
+        const int cap = prefill ? (m->n_prefilling > 0 ? turn_cap(*m) : 0) : planned;
+        if (state.n_steps < cap && !overdue_other(m->model)) {
+            next = m;
+            cont_cap = cap;
+            first_tokens = prefill;
+        }
+    }
+    // 2. Else a new turn for the longest waiter; the previous owner, if it still has work, waits for the others.
+    if (next == nullptr) {
+        for (const TurnModel* m : live) {
+            if (live.size() > 1 && m->model == state.owner) continue;
+            if (next == nullptr || waited_longer(*m, *next)) next = m;
+        }
+    }
+    // 3. Price the turn's remaining steps both ways, at every step: new work or a finished sequence can
+    //    tip the balance within a turn. A new turn is timed drained first; too long for a waiting first
+    //    token, it becomes its prefill steps only.
+    const TurnModel& m = *next;
+    d.model = m.model;
+    d.continues = cont_cap > 0;
+    int k = std::max(1, std::min(d.continues ? cont_cap - state.n_steps : turn_cap(m), m.n_steps_left));
+    if (!d.continues) {
+        drained = drained_wait_ms(m, k);
+        first_tokens = wants_prefill_round(drained);
+    }
+    if (first_tokens) k = std::max(1, std::min(k, m.prefill_steps));  // its prefill only
+    d.first_tokens = first_tokens;
+    d.drained_ms = drained;
+    const double tokens = static_cast<double>(k) * std::max(1, m.gen_per_step);
+    Price p = price_turn(m, models, k, depth);
+    d.stream_bytes_per_token = p.stream / tokens;
+    d.borrow_bytes_per_token = p.borrow / tokens;
+    d.borrow = p.borrow < p.stream;
     // A streamed turn runs one step per weight unit (stride's proportion); a borrowed one, or a prefill
     // turn, its full k.
     d.n_steps = d.continues ? cont_cap
                 : d.borrow || first_tokens ? k
                                            : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
-    if (d.borrow) {
-        for (size_t i = 0; i < loans.size(); i++)
-            if (best_set & (1u << i)) d.lenders.push_back(loans[i].model);
-        std::sort(d.lenders.begin(), d.lenders.end());
-    }
+    if (d.borrow) d.lenders = std::move(p.lenders);
     return d;
 }
 

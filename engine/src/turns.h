@@ -27,11 +27,18 @@
 //      which all end after one step while it is overdue).
 // A model alone with work keeps the device as long as it has work.
 //
-// First tokens first (time to first token). While another model with work has sequences that have not
-// started (none of their prompt computed yet), a turn lasts until its model has no prompt left to compute
-// (at most its turn cap), and it is priced over those prefill steps only: every queued request gets its first token after one
-// round of prefill turns, not after whole drained turns of the models ahead of it. The model that starts
-// last keeps its turn into its decode steps. Turns only get shorter by this, so the bounds above hold.
+// First tokens first (time to first token), when a drained turn would make them wait. While another
+// model with work has sequences that have not started (none of their prompt computed yet), the turn's
+// drained length is timed: its bytes over the link plus its steps at the model's recent step time. When
+// that, plus what the unstarted model has already waited, exceeds first_token_ms, the turn becomes a
+// prefill turn: it lasts until its model has no prompt left to compute (at most its turn cap) and is
+// priced over those prefill steps only, so every queued request gets its first token after one round of
+// prefill turns. A drained turn in progress is re-timed at every step, so a request that arrives
+// mid-turn cuts it to a prefill turn too. A prefill round costs throughput: each model that ran only its
+// prefill copies its layers again when it comes back to decode; where turns are short (the models nearly
+// fit, a fast link) the round is not worth its copies and turns drain (Ollama's order). An estimate not
+// measured yet (no step run, no copy timed) counts as too long. Turns only get shorter by this, so the
+// bounds above hold.
 #pragma once
 
 #include <cstdint>
@@ -43,6 +50,8 @@ struct TurnConfig {
     int max_turn_steps = 32;     // the longest turn while another model has work
     double max_wait_ms = 2000;   // a model with work never waits longer (plus one step per turn ahead of it)
     int prefetch_depth = 2;      // slots a copy in flight occupies (the residency's depth)
+    double first_token_ms = 100; // an unstarted model's wait behind a drained turn past this: a prefill round
+                                 // first (0: always first tokens first)
 };
 
 // One model as the policy sees it.
@@ -66,6 +75,8 @@ struct TurnModel {
     uint64_t region_bytes = 0;  // bytes it can lend (its head and slots as one region); 0: cannot lend
     int waited_steps = 0;       // steps other models ran since it last ran, while it had work
     double waited_ms = 0;       // time since it last ran (or got work), while it had work
+    double step_ms = 0;         // compute of one of its recent steps, copy waits excluded (0: not measured)
+    double link_bytes_per_ms = 0;  // the host->device link's speed (0: not measured)
 };
 
 // The turn in progress (the scheduler keeps it between steps).
@@ -74,6 +85,7 @@ struct TurnState {
     int n_steps = 0;    // steps it has run in this turn
     int n_planned = 0;  // the turn's planned length
     bool borrow = false;
+    bool first_tokens = false;  // a prefill turn: it ends when its model's prompts are in
 };
 
 struct TurnDecision {
@@ -81,6 +93,8 @@ struct TurnDecision {
     int n_steps = 0;             // planned length of the turn (this step included)
     bool borrow = false;         // run on the borrowed regions of `lenders`
     bool continues = false;      // the turn in progress goes on (nothing to re-plan)
+    bool first_tokens = false;   // a prefill turn (another model waits for first tokens)
+    double drained_ms = 0;       // the drained turn's timed length (+ the longest first-token wait), when priced
     std::vector<int> lenders;    // models whose regions the turn borrows (empty when streaming)
     double stream_bytes_per_token = 0, borrow_bytes_per_token = 0;  // the two prices (new turns)
 };

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <thread>
@@ -149,7 +150,8 @@ TEST(turns_serve_first_tokens_first_then_drain) {
     }
     TurnState st;
     TurnDecision d = plan_turn(ms, st, TurnConfig{});
-    CHECK(d.model == 0 && d.n_steps == 4);  // priced over its 4 prefill steps only
+    CHECK(d.model == 0 && d.n_steps == 4 && d.first_tokens);  // priced over its 4 prefill steps only
+                                                              // (step time unmeasured: too long to drain)
     st = turn_advance(st, d);
     ms[0].n_unstarted = 0;  // its prompts have started; one is still in prefill
     ms[0].n_prefilling = 1;
@@ -168,6 +170,68 @@ TEST(turns_serve_first_tokens_first_then_drain) {
     st.n_steps = 4;  // model 1's prefill turn is over
     d = plan_turn(ms, st, TurnConfig{});
     CHECK(d.model == 2 && d.n_steps == 20 && d.borrow);  // no one else waits for a first token: the whole queue
+}
+
+TEST(turns_drain_when_the_first_tokens_can_wait_and_run_a_prefill_round_when_they_cannot) {
+    // The three queues of the test above, with their step time and the link measured: model 0's drained
+    // turn (20 steps, borrowing model 1's region: its 9 missing layers of 3 MiB and model 1's head and
+    // 4 cached layers of 5 MiB to copy back, 61 MiB) takes 61 MiB / 2.68 GB/s + 20 x 1 ms = 43.9 ms.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    for (TurnModel& m : ms) {
+        busy(m, 16, 20);
+        m.n_unstarted = m.n_prefilling = 16;
+        m.prefill_steps = 4;
+        m.step_ms = 1.0;
+        m.link_bytes_per_ms = 2.68e6;
+    }
+    TurnConfig cfg;  // first_token_ms = 100: the others' first tokens can wait 43.9 ms
+    TurnDecision d = plan_turn(ms, TurnState{}, cfg);
+    CHECK(d.model == 0 && !d.first_tokens && d.n_steps == 20 && d.borrow);
+    CHECK(std::abs(d.drained_ms - 43.87) < 0.05);
+    ms[0].waited_steps = 1;  // (model 0 still goes first)
+    ms[1].waited_ms = 57;    // ...but not when one of them has already waited 57 ms of it
+    d = plan_turn(ms, TurnState{}, cfg);
+    CHECK(d.model == 0 && d.first_tokens && d.n_steps == 4);
+    ms[1].waited_ms = 56;
+    d = plan_turn(ms, TurnState{}, cfg);
+    CHECK(d.model == 0 && !d.first_tokens && d.n_steps == 20);
+    ms[0].waited_steps = 0;
+    ms[1].waited_ms = 0;
+    cfg.first_token_ms = 40;  // nor with a tighter bound
+    d = plan_turn(ms, TurnState{}, cfg);
+    CHECK(d.model == 0 && d.first_tokens && d.n_steps == 4);
+    cfg.first_token_ms = 0;  // 0: always first tokens first, however short the turn
+    for (TurnModel& m : ms) m.link_bytes_per_ms = 1e12;
+    d = plan_turn(ms, TurnState{}, cfg);
+    CHECK(d.first_tokens && d.n_steps == 4);
+    for (TurnModel& m : ms) m.step_ms = 0;  // unmeasured: counts as too long
+    d = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(d.first_tokens && d.n_steps == 4);
+}
+
+TEST(turns_cut_a_drained_turn_to_first_tokens_when_a_request_arrives_that_cannot_wait_for_it) {
+    // Model 0 is 5 steps into a 20-step turn on model 1's region (all of its layers on device, model 1's
+    // region lent: nothing left to copy); then model 1 gets a request.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14)};
+    busy(ms[0], 16, 15);
+    ms[0].n_cached = 16;
+    ms[1].n_cached = 0;
+    ms[1].head_ready = false;
+    for (TurnModel& m : ms) m.link_bytes_per_ms = 2.68e6;
+    ms[0].step_ms = 1.0;
+    const TurnState st{0, 5, 20, true, false};
+    busy(ms[1], 1, 17);
+    ms[1].n_unstarted = ms[1].n_prefilling = 1;
+    ms[1].prefill_steps = 1;
+    TurnDecision d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 0 && d.continues && !d.first_tokens);  // 15 more steps of 1 ms: its first token waits
+    ms[0].step_ms = 10.0;                                     // 15 x 10 ms: it cannot wait
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 1 && !d.continues && !d.first_tokens);  // model 0 has no prompt left: its turn ends
+    ms[0].n_prefilling = 1;  // a prompt of model 0 still in prefill: the turn goes on as a prefill turn
+    ms[0].prefill_steps = 1;
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 0 && d.continues && d.first_tokens);
 }
 
 TEST(turns_end_once_another_model_has_waited_max_wait_ms) {
