@@ -50,18 +50,24 @@ static inline typename S::V silu_mul_v(typename S::V g, typename S::V u) {
     return S::mul(S::div(g, S::add(S::set1(1.0f), e)), u);
 }
 
-template <class S>
-static void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+// out = act(gate) * up over n floats, whole vectors then a masked tail: the loop of every gated
+// activation (Act: silu_mul_v, gelu_tanh_mul_v).
+template <class S, typename S::V (*Act)(typename S::V, typename S::V)>
+static void gated_mul(const float* gate, const float* up, float* out, int64_t n) {
     const int64_t n_steps = n / kLanes, n_tail = n % kLanes;
     for (int64_t s = 0; s < n_steps; ++s) {
         const int64_t o = s * kLanes;
-        S::store(out + o, silu_mul_v<S>(S::load(gate + o), S::load(up + o)));
+        S::store(out + o, Act(S::load(gate + o), S::load(up + o)));
     }
     if (n_tail) {
         const int64_t o = n_steps * kLanes;
-        store_tail<S>(out + o, n_tail,
-                      silu_mul_v<S>(load_tail<S>(gate + o, n_tail, 0.0f), load_tail<S>(up + o, n_tail, 0.0f)));
+        store_tail<S>(out + o, n_tail, Act(load_tail<S>(gate + o, n_tail, 0.0f), load_tail<S>(up + o, n_tail, 0.0f)));
     }
+}
+
+template <class S>
+static void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+    gated_mul<S, silu_mul_v<S>>(gate, up, out, n);
 }
 
 // Gemma's GeGLU. 0.5 x (1 + tanh(y)) = x / (1 + exp(-2y)) exactly, so the tanh-GELU is x times the
@@ -79,16 +85,7 @@ static inline typename S::V gelu_tanh_mul_v(typename S::V g, typename S::V u) {
 
 template <class S>
 static void gelu_tanh_mul(const float* gate, const float* up, float* out, int64_t n) {
-    const int64_t n_steps = n / kLanes, n_tail = n % kLanes;
-    for (int64_t s = 0; s < n_steps; ++s) {
-        const int64_t o = s * kLanes;
-        S::store(out + o, gelu_tanh_mul_v<S>(S::load(gate + o), S::load(up + o)));
-    }
-    if (n_tail) {
-        const int64_t o = n_steps * kLanes;
-        store_tail<S>(out + o, n_tail,
-                      gelu_tanh_mul_v<S>(load_tail<S>(gate + o, n_tail, 0.0f), load_tail<S>(up + o, n_tail, 0.0f)));
-    }
+    gated_mul<S, gelu_tanh_mul_v<S>>(gate, up, out, n);
 }
 
 template <class S>
