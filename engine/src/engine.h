@@ -78,7 +78,7 @@ struct EngineConfig {
     // wait so far, stays within first_token_ms; else the turn is its prefill steps only, and every model
     // gets its first tokens after one round. Lower: lower time to first token; higher: fewer copies
     // (each model of a prefill round copies its layers again to decode). 0: always first tokens first.
-    double first_token_ms = 100.0;
+    double first_token_ms = 30.0;
 };
 
 enum class ResidencyMode : uint8_t { Auto = 0, Resident = 1, Streamed = 2, Swap = 3 };

@@ -50,7 +50,7 @@ struct TurnConfig {
     int max_turn_steps = 32;     // the longest turn while another model has work
     double max_wait_ms = 2000;   // a model with work never waits longer (plus one step per turn ahead of it)
     int prefetch_depth = 2;      // slots a copy in flight occupies (the residency's depth)
-    double first_token_ms = 100; // an unstarted model's wait behind a drained turn past this: a prefill round
+    double first_token_ms = 30;  // an unstarted model's wait behind a drained turn past this: a prefill round
                                  // first (0: always first tokens first)
 };
 

@@ -184,7 +184,8 @@ TEST(turns_drain_when_the_first_tokens_can_wait_and_run_a_prefill_round_when_the
         m.step_ms = 1.0;
         m.link_bytes_per_ms = 2.68e6;
     }
-    TurnConfig cfg;  // first_token_ms = 100: the others' first tokens can wait 43.9 ms
+    TurnConfig cfg;
+    cfg.first_token_ms = 100;  // the others' first tokens can wait 43.9 ms
     TurnDecision d = plan_turn(ms, TurnState{}, cfg);
     CHECK(d.model == 0 && !d.first_tokens && d.n_steps == 20 && d.borrow);
     CHECK(std::abs(d.drained_ms - 43.87) < 0.05);
