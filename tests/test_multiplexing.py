@@ -72,9 +72,14 @@ def _run_workload(model_dir: Path, budget_bytes: int, options: ModelLoadOptions,
         loaded = eng.load_model("m", model_dir, weights, options)
         if precision == MatmulPrecision.fast and weights == "q8_0":
             assert loaded.matrix_format == "q8_0x16", loaded
+        # All four arrive before the first step (the step thread is held while they are submitted): on a
+        # loaded machine a step thread running between submits staggered them, and the tight-KV test then
+        # saw no preemption.
+        eng.debug_stall(True)
         for i, p in enumerate(prompts):
             eng.submit(i + 1, "m", p, SamplingParams(temperature=0.9, top_k=50, seed=100 + i, max_tokens=20,
                                                      ignore_eos=True))
+        eng.debug_stall(False)
         out = _collect(eng, {1, 2, 3, 4})
         info = eng.models()["m"]
         st = eng.stats()
