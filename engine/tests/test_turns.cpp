@@ -45,6 +45,18 @@ TurnModel& busy(TurnModel& m, int n_seqs, int steps_left) {
     return m;
 }
 
+// Three streamed models (the 75 % cell's shapes) whose 16 requests each arrived at once: none started,
+// 4 prefill steps and 20 steps in all each.
+std::vector<TurnModel> three_queues_at_once() {
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    for (TurnModel& m : ms) {
+        busy(m, 16, 20);
+        m.n_unstarted = m.n_prefilling = 16;
+        m.prefill_steps = 4;
+    }
+    return ms;
+}
+
 // Runs the policy as the scheduler does for n steps: every model keeps its work, waits grow for the
 // models that did not run. Returns the models in step order ('A' + id) and the longest wait seen.
 std::string simulate(std::vector<TurnModel> ms, const TurnConfig& cfg, int n, int* max_wait = nullptr) {
@@ -142,12 +154,7 @@ TEST(turns_rotate_by_longest_wait_and_no_model_waits_past_the_bound) {
 TEST(turns_serve_first_tokens_first_then_drain) {
     // All three queues arrive at once: each model's turn is its prefill, so every request has its first
     // token after one round; the last model to start keeps the device into its decode steps.
-    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
-    for (TurnModel& m : ms) {
-        busy(m, 16, 20);
-        m.n_unstarted = m.n_prefilling = 16;
-        m.prefill_steps = 4;
-    }
+    std::vector<TurnModel> ms = three_queues_at_once();
     TurnState st;
     TurnDecision d = plan_turn(ms, st, TurnConfig{});
     CHECK(d.model == 0 && d.n_steps == 4 && d.first_tokens);  // priced over its 4 prefill steps only
@@ -176,11 +183,8 @@ TEST(turns_drain_when_the_first_tokens_can_wait_and_run_a_prefill_round_when_the
     // The three queues of the test above, with their step time and the link measured: model 0's drained
     // turn (20 steps, borrowing model 1's region: its 9 missing layers of 3 MiB and model 1's head and
     // 4 cached layers of 5 MiB to copy back, 61 MiB) takes 61 MiB / 2.68 GB/s + 20 x 1 ms = 43.9 ms.
-    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    std::vector<TurnModel> ms = three_queues_at_once();
     for (TurnModel& m : ms) {
-        busy(m, 16, 20);
-        m.n_unstarted = m.n_prefilling = 16;
-        m.prefill_steps = 4;
         m.step_ms = 1.0;
         m.link_bytes_per_ms = 2.68e6;
     }
