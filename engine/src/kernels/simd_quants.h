@@ -78,6 +78,15 @@ static inline void deq_block(const uint8_t* blk, float* out) {
     }
 }
 
+// Q4_1 on vectors, bitwise the scalar dequantisation: (nib - 8) * d and 8 * d are exact (an 11-bit d
+// times a 4-bit integer), so their sum is exactly nib * d; then + m rounds once, as d * q + m does in
+// quants.cpp.
+template <class S>
+static inline void deq_q4_1(const uint8_t* blk, float* out) {
+    const typename S::V d = S::bcast_f16(blk), m = S::bcast_f16(blk + 2), d8 = S::mul(d, S::set1(8.0f));
+    for (int h = 0; h < 2; ++h) S::store(out + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
+}
+
 template <class S>
 static inline void deq_any(DType t, const uint8_t* blk, float* out) {
     switch (t) {
@@ -88,16 +97,24 @@ static inline void deq_any(DType t, const uint8_t* blk, float* out) {
         case DType::Q4_K: deq_block<S, DType::Q4_K>(blk, out); return;
         case DType::Q5_K: deq_block<S, DType::Q5_K>(blk, out); return;
         case DType::Q6_K: deq_block<S, DType::Q6_K>(blk, out); return;
-        case DType::Q4_1: {  // (nib - 8) * d + 8 * d is exactly nib * d (see mm_tile_deq); then + m rounds once
-            const typename S::V d = S::bcast_f16(blk), m = S::bcast_f16(blk + 2), d8 = S::mul(d, S::set1(8.0f));
-            for (int h = 0; h < 2; ++h) S::store(out + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
-            return;
-        }
+        case DType::Q4_1: deq_q4_1<S>(blk, out); return;
         default: dequantize_blocks(t, blk, 1, out); return;
     }
 }
 
-template <class S, int R, int T>
+// One block of format kT, chosen at compile time; kT = F32 stands for "the runtime type t" (deq_any).
+template <class S, DType kT>
+static inline void deq_fmt(DType t, const uint8_t* blk, float* out) {
+    if constexpr (kT == DType::Q4_1) {
+        deq_q4_1<S>(blk, out);
+    } else if constexpr (kT >= DType::Q5_0 && kT <= DType::Q6_K) {
+        deq_block<S, kT>(blk, out);
+    } else {
+        deq_any<S>(t, blk, out);
+    }
+}
+
+template <class S, DType kT, int R, int T>
 static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t w_stride, const float* x,
                                float* y, int64_t y_stride, const float* bias, const uint8_t* pf = nullptr) {
     using V = typename S::V;
@@ -110,19 +127,7 @@ static inline void mm_tile_deq(const WeightView& w, const uint8_t* wrow, int64_t
         if (pf)  // the rows of a tile further on (see mm_rows_deq_1)
             for (int r = 0; r < R; ++r)
                 for (int64_t off = 0; off < bb; off += 64) __builtin_prefetch(pf + r * w_stride + b * bb + off, 0, 2);
-        if (w.dtype == DType::Q4_1) {
-            // Vector dequantisation, bitwise the scalar one: (nib - 8) * d and 8 * d are exact
-            // (an 11-bit d times a 4-bit integer), so their sum is exactly nib * d; then + m
-            // rounds once, as d * q + m does in quants.cpp.
-            for (int r = 0; r < R; ++r) {
-                const uint8_t* blk = wrow + r * w_stride + b * bb;
-                const V d = S::bcast_f16(blk), m = S::bcast_f16(blk + 2), d8 = S::mul(d, S::set1(8.0f));
-                for (int h = 0; h < 2; ++h)
-                    S::store(buf[r] + h * kLanes, S::add(S::add(S::load_q4(blk + 4, h, d), d8), m));
-            }
-        } else {
-            for (int r = 0; r < R; ++r) deq_any<S>(w.dtype, wrow + r * w_stride + b * bb, buf[r]);
-        }
+        for (int r = 0; r < R; ++r) deq_fmt<S, kT>(w.dtype, wrow + r * w_stride + b * bb, buf[r]);
         for (int64_t s = 0; s < be / kLanes; ++s) {
             V xv[T];
             for (int t = 0; t < T; ++t) xv[t] = S::load(x + t * n_in + b * be + s * kLanes);
@@ -207,21 +212,10 @@ static void mm_rows_deq_1(const WeightView& w, const float* x, float* y, const f
 }
 
 // y[:, row0:row1] for all tokens, tiles of up to kR rows x kT tokens (ragged edges one by one).
-template <class S>
-static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
-                        int64_t row1) {
-    if (n_tok == 1) switch (w.dtype) {
-            case DType::Q5_0: return mm_rows_deq_1<S, DType::Q5_0>(w, x, y, bias, row0, row1);
-            case DType::Q5_1: return mm_rows_deq_1<S, DType::Q5_1>(w, x, y, bias, row0, row1);
-            case DType::Q2_K: return mm_rows_deq_1<S, DType::Q2_K>(w, x, y, bias, row0, row1);
-            case DType::Q3_K: return mm_rows_deq_1<S, DType::Q3_K>(w, x, y, bias, row0, row1);
-            case DType::Q4_K: return mm_rows_deq_1<S, DType::Q4_K>(w, x, y, bias, row0, row1);
-            case DType::Q5_K: return mm_rows_deq_1<S, DType::Q5_K>(w, x, y, bias, row0, row1);
-            case DType::Q6_K: return mm_rows_deq_1<S, DType::Q6_K>(w, x, y, bias, row0, row1);
-            case DType::Q4_1: return mm_rows_deq_1<S, DType::Q4_1>(w, x, y, bias, row0, row1);
-            default: break;
-        }
-    constexpr int kR = 4, kT = 4;
+template <class S, DType kT>
+static void mm_rows_deq_fmt(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias,
+                            int64_t row0, int64_t row1) {
+    constexpr int kR = 4, kT4 = 4;
     const int64_t stride = row_bytes(w.dtype, w.n_in);
     const uint8_t* base = static_cast<const uint8_t*>(w.data);
     prefetch_task_head(base + row0 * stride, imin(row1 - row0, kPrefetchTiles * kR) * stride);
@@ -229,20 +223,45 @@ static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, floa
         const bool full_r = r + kR <= row1;
         const int64_t ahead = r + kPrefetchTiles * kR;  // the first token tile prefetches the rows ahead
         const uint8_t* pf = ahead + kR <= row1 ? base + ahead * stride : nullptr;
-        for (int64_t t = 0; t < n_tok; t += kT) {
-            const bool full_t = t + kT <= n_tok;
+        for (int64_t t = 0; t < n_tok; t += kT4) {
+            const bool full_t = t + kT4 <= n_tok;
             if (full_r && full_t) {
-                mm_tile_deq<S, kR, kT>(w, base + r * stride, stride, x + t * w.n_in, y + t * w.n_out + r, w.n_out,
-                                       bias ? bias + r : nullptr, t == 0 ? pf : nullptr);
+                mm_tile_deq<S, kT, kR, kT4>(w, base + r * stride, stride, x + t * w.n_in, y + t * w.n_out + r,
+                                            w.n_out, bias ? bias + r : nullptr, t == 0 ? pf : nullptr);
             } else if (full_r && n_tok == 1) {
-                mm_tile_deq<S, kR, 1>(w, base + r * stride, stride, x, y + r, w.n_out, bias ? bias + r : nullptr);
+                mm_tile_deq<S, kT, kR, 1>(w, base + r * stride, stride, x, y + r, w.n_out, bias ? bias + r : nullptr);
             } else {
                 for (int64_t rr = r; rr < imin(row1, r + kR); ++rr)
-                    for (int64_t tt = t; tt < imin(n_tok, t + kT); ++tt)
-                        mm_tile_deq<S, 1, 1>(w, base + rr * stride, stride, x + tt * w.n_in, y + tt * w.n_out + rr,
-                                             w.n_out, bias ? bias + rr : nullptr);
+                    for (int64_t tt = t; tt < imin(n_tok, t + kT4); ++tt)
+                        mm_tile_deq<S, kT, 1, 1>(w, base + rr * stride, stride, x + tt * w.n_in, y + tt * w.n_out + rr,
+                                                 w.n_out, bias ? bias + rr : nullptr);
             }
         }
+    }
+}
+
+// The exact matmul over GGUF block formats, compiled per format: one token fuses dequantisation into
+// the FMAs (mm_rows_deq_1); more tokens dequantise each block of a 4-row tile once per 4-token tile.
+template <class S, DType kT>
+static void mm_rows_deq_n(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias,
+                          int64_t row0, int64_t row1) {
+    if (n_tok == 1) return mm_rows_deq_1<S, kT>(w, x, y, bias, row0, row1);
+    mm_rows_deq_fmt<S, kT>(w, x, n_tok, y, bias, row0, row1);
+}
+
+template <class S>
+static void mm_rows_deq(const WeightView& w, const float* x, int64_t n_tok, float* y, const float* bias, int64_t row0,
+                        int64_t row1) {
+    switch (w.dtype) {
+        case DType::Q4_1: return mm_rows_deq_n<S, DType::Q4_1>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q5_0: return mm_rows_deq_n<S, DType::Q5_0>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q5_1: return mm_rows_deq_n<S, DType::Q5_1>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q2_K: return mm_rows_deq_n<S, DType::Q2_K>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q3_K: return mm_rows_deq_n<S, DType::Q3_K>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q4_K: return mm_rows_deq_n<S, DType::Q4_K>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q5_K: return mm_rows_deq_n<S, DType::Q5_K>(w, x, n_tok, y, bias, row0, row1);
+        case DType::Q6_K: return mm_rows_deq_n<S, DType::Q6_K>(w, x, n_tok, y, bias, row0, row1);
+        default: return mm_rows_deq_fmt<S, DType::F32>(w, x, n_tok, y, bias, row0, row1);  // deq_any per block
     }
 }
 
