@@ -536,7 +536,7 @@ void Engine::run_plan(StepPlan& plan) {
         for (int u = 0; u < nm->w->n_units(); u++) order.push_back(UnitRef{mid, u});
     }
     // Adaptive turns: the slot regions this step borrows (or, when streaming, every loan returned).
-    if (scheduler_.turns_on()) residency_.set_tenants(plan.borrow ? plan.model : -1, plan.lenders);
+    if (scheduler_.turns_on()) residency_.set_tenants(plan.borrow ? plan.model : -1, plan.lenders, plan.lend_slots);
     residency_.set_schedule(std::move(order));
     const uint64_t wait_ns0 = residency_.stats().wait_ns;
     uint64_t device_wait_ns0 = 0;  // the step trace: a GPU measures its own wait for copies

@@ -110,51 +110,93 @@ bool Residency::add_model(int model_id, std::shared_ptr<const ModelWeights> w, c
     std::lock_guard<std::mutex> lk(mu_);
     models_[model_id] = std::move(e);
     Entry& added = models_[model_id];
-    for (size_t i = 0; i < added.regions.size(); i++) carve(model_id, added.regions[i], static_cast<int>(i));
+    for (size_t i = 0; i < added.regions.size(); i++) {
+        Region& r = added.regions[i];
+        carve(model_id, r, static_cast<int>(i), r.begin + r.n_bytes);
+    }
     return true;
 }
 
-// The slots of region r (regions[region_index] of owner) for its tenant: the owner's head and own slots,
-// or as many of a borrower's layers as fit. New slots are empty; their refill waits for r's readers.
-void Residency::carve(int owner, Region& r, int region_index) {
-    Entry& t = models_.at(r.tenant);
-    std::vector<uint8_t*> at;
-    if (r.tenant == owner) {
-        at = r.own_slots;
-    } else {  // at kCarveAlign strides from the first aligned byte
-        const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
-        const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
-        const uint64_t stride = carve_stride(t.w->layer_unit_bytes());
-        const int n = r.n_bytes > lead ? carve_count(r.n_bytes - lead, t.w->layer_unit_bytes()) : 0;
-        for (int i = 0; i < n; i++) at.push_back(r.begin + lead + static_cast<uint64_t>(i) * stride);
-    }
-    for (uint8_t* p : at) {
+// The slots of region r (regions[region_index] of owner): the owner's own slots past the lent prefix (all
+// of them when r is not lent), and the tenant's, carved at kCarveAlign strides from the prefix's first
+// aligned byte. `from` is where the owner's slots that are still held end: only own slots at or past it
+// are added (those before it were lent and come back empty). New slots wait for r's readers.
+void Residency::carve(int owner, Region& r, int region_index, const uint8_t* from) {
+    auto add = [&](Entry& to, uint8_t* p) {
         Slot sl;
         sl.ptr = p;
         sl.region_owner = owner;
         sl.region_index = region_index;
         sl.last_read = r.last_read;
-        t.slots.push_back(sl);
-    }
+        to.slots.push_back(sl);
+    };
+    const bool lent = r.tenant != owner;
+    const uint8_t* past = lent ? r.begin + r.lent : r.begin;  // the owner's part of r starts here
+    Entry& o = models_.at(owner);
+    for (uint8_t* p : r.own_slots)
+        if (p >= past && p < from) add(o, p);
+    if (!lent) return;
+    Entry& t = models_.at(r.tenant);
+    const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
+    const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
+    const uint64_t stride = carve_stride(t.w->layer_unit_bytes());
+    const int n = r.lent > lead ? carve_count(r.lent - lead, t.w->layer_unit_bytes()) : 0;
+    for (int i = 0; i < n; i++) add(t, r.begin + lead + static_cast<uint64_t>(i) * stride);
 }
 
-void Residency::set_tenants(int borrower, const std::vector<int>& lenders) {
+uint64_t Residency::lend_prefix(const Region& r, uint64_t unit_bytes, int n_slots) {
+    const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
+    const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
+    const int cap = r.n_bytes > lead ? carve_count(r.n_bytes - lead, unit_bytes) : 0;
+    if (n_slots <= 0 || n_slots >= cap) return r.n_bytes;
+    return lead + static_cast<uint64_t>(n_slots - 1) * carve_stride(unit_bytes) + unit_bytes;
+}
+
+bool Residency::head_lent(const Entry& e, int owner) const {
+    for (const Region& r : e.regions)
+        if (r.has_head && r.tenant != owner && e.head < r.begin + r.lent) return true;
+    return false;
+}
+
+void Residency::set_tenants(int borrower, const std::vector<int>& lenders, const std::vector<int>& lend_slots) {
     std::unique_lock<std::mutex> lk(mu_);
-    retenant_locked(borrower, lenders, lk);
+    retenant_locked(borrower, lenders, lend_slots, lk);
     lk.unlock();
     cv_copy_.notify_all();
 }
 
-void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, std::unique_lock<std::mutex>& lk) {
-    auto wanted = [&](int owner) {
-        if (borrower >= 0 && owner != borrower && models_.count(borrower) != 0 && !models_.at(borrower).resident &&
-            std::find(lenders.begin(), lenders.end(), owner) != lenders.end())
-            return borrower;
-        return owner;
+void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, const std::vector<int>& lend_slots,
+                                std::unique_lock<std::mutex>& lk) {
+    // What each region should be: (tenant, bytes lent from its start). A lender gives its regions in
+    // address order until the borrower has the slots asked of it (0 or absent: all of them).
+    const bool can_borrow = borrower >= 0 && models_.count(borrower) != 0 && !models_.at(borrower).resident;
+    const uint64_t unit = can_borrow ? models_.at(borrower).w->layer_unit_bytes() : 0;
+    std::map<std::pair<int, size_t>, std::pair<int, uint64_t>> want;
+    for (auto& kv : models_) {
+        const auto at = std::find(lenders.begin(), lenders.end(), kv.first);
+        const bool lends = can_borrow && kv.first != borrower && at != lenders.end();
+        const size_t li = static_cast<size_t>(at - lenders.begin());
+        int left = lends && li < lend_slots.size() ? lend_slots[li] : 0;
+        const bool all = left <= 0;
+        for (size_t i = 0; i < kv.second.regions.size(); i++) {
+            const Region& r = kv.second.regions[i];
+            std::pair<int, uint64_t> w{kv.first, 0};
+            if (lends && (all || left > 0)) {
+                w = {borrower, lend_prefix(r, unit, all ? 0 : left)};
+                const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
+                const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
+                if (!all) left -= w.second > lead ? carve_count(w.second - lead, unit) : 0;
+            }
+            want[{kv.first, i}] = w;
+        }
+    }
+    auto differs = [&](int owner, size_t i, const Region& r) {
+        const std::pair<int, uint64_t>& w = want.at({owner, i});
+        return r.tenant != w.first || (w.first != owner && r.lent != w.second);
     };
     bool change = false;
     for (auto& kv : models_)
-        for (const Region& r : kv.second.regions) change = change || r.tenant != wanted(kv.first);
+        for (size_t i = 0; i < kv.second.regions.size(); i++) change = change || differs(kv.first, i, kv.second.regions[i]);
     if (!change) return;
     // Slots are re-carved below: no copy may be writing into one (the copy thread holds a reference).
     cv_ready_.wait(lk, [&] {
@@ -168,21 +210,30 @@ void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, s
     for (auto& kv : models_) {
         for (size_t i = 0; i < kv.second.regions.size(); i++) {
             Region& r = kv.second.regions[i];
-            const int want = wanted(kv.first);
-            if (r.tenant == want) continue;
+            if (!differs(kv.first, i, r)) continue;
+            const std::pair<int, uint64_t> w = want.at({kv.first, i});
             const int idx = static_cast<int>(i);
+            const uint8_t* old_past = r.tenant != kv.first ? r.begin + r.lent : r.begin;
+            const uint8_t* new_past = w.first != kv.first ? r.begin + w.second : r.begin;
+            // The tenant's slots in r go; so do the owner's that the new prefix covers. The owner's slots
+            // past both prefixes keep their layers.
+            auto fold_out = [&](std::vector<Slot>& held, auto&& gone) {
+                for (const Slot& x : held)
+                    if (gone(x)) {
+                        assert(x.pins == 0 && "a region is lent between steps only");
+                        r.last_read = fence_later(r.last_read, x.last_read);
+                    }
+                held.erase(std::remove_if(held.begin(), held.end(), gone), held.end());
+            };
             auto in_r = [&](const Slot& x) { return x.region_owner == kv.first && x.region_index == idx; };
-            std::vector<Slot>& held = models_.at(r.tenant).slots;
-            for (const Slot& x : held)
-                if (in_r(x)) {
-                    assert(x.pins == 0 && "a region is lent between steps only");
-                    r.last_read = fence_later(r.last_read, x.last_read);
-                }
-            held.erase(std::remove_if(held.begin(), held.end(), in_r), held.end());
+            if (r.tenant != kv.first) fold_out(models_.at(r.tenant).slots, in_r);
+            fold_out(kv.second.slots, [&](const Slot& x) { return in_r(x) && x.ptr < new_past; });
             r.last_read = fence_later(r.last_read, last_read_);  // the head's readers are not tracked per slot
-            if (r.has_head && r.tenant == kv.first) kv.second.head_ready = false;  // the loan overwrites it
-            r.tenant = want;
-            carve(kv.first, r, idx);
+            if (r.has_head && kv.second.head >= old_past && kv.second.head < new_past)
+                kv.second.head_ready = false;  // the loan overwrites it
+            r.tenant = w.first;
+            r.lent = w.first != kv.first ? w.second : 0;
+            carve(kv.first, r, idx, old_past);
         }
     }
 }
@@ -321,7 +372,7 @@ void Residency::remove_model(int model_id) {
         return;
     }
     if (models_.count(model_id) == 0) return;
-    retenant_locked(-1, {}, lk);  // every loan ends: its regions hold only its own units
+    retenant_locked(-1, {}, {}, lk);  // every loan ends: its regions hold only its own units
     auto it = models_.find(model_id);
     // Wait out an in-flight copy into one of its slots or its head.
     cv_ready_.wait(lk, [&] {
@@ -434,7 +485,7 @@ bool Residency::pick_job(Job& job) {
         Entry& e = it->second;
         if (u.unit == e.w->n_units() - 1) {  // the head: copied back after a loan, else resident
             if (e.head_loading) n_ahead++;
-            if (e.head_ready || e.head_loading || e.regions.empty() || e.regions[0].tenant != u.model) continue;
+            if (e.head_ready || e.head_loading || e.regions.empty() || head_lent(e, u.model)) continue;
             job = Job{u.model, u.unit, -1};
             return true;
         }
@@ -544,7 +595,7 @@ UnitHandle Residency::acquire(UnitRef u) {
     if (e.resident) return UnitHandle{e.units[static_cast<size_t>(u.unit)].ptr, e.copied};
     if (u.unit == e.w->n_units() - 1) {
         if (!e.head_ready) {  // its region came back from a loan: the head is copied again
-            if (e.regions.empty() || e.regions[0].tenant != u.model)
+            if (e.regions.empty() || head_lent(e, u.model))
                 throw Error("residency: the head of '" + e.owner + "' is acquired while its region is lent");
             stats_.n_misses++;
             const auto t0 = std::chrono::steady_clock::now();

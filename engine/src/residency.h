@@ -23,8 +23,9 @@
 // before, and usually land side by side (weights are placed from the top of the arena); each run of
 // adjacent buffers is a region. While another model's turn borrows it (set_tenants), a region is
 // re-carved into slots of the borrower's layer size, so a 3 MiB-layer model's region can hold a
-// 7 MiB-layer model's layers; the lender loses its cached layers and its head, which come back
-// (copied again) when its region does. Nothing is booked or freed by a loan: the ledger's figures
+// 7 MiB-layer model's layers. A loan may be partial: the borrower takes a prefix of the region,
+// enough for the slots it lacks, and the lender keeps its slots (and head) past it with their layers;
+// what the prefix held comes back (copied again) when the region does. Nothing is booked or freed by a loan: the ledger's figures
 // do not move, so a loan can never starve KV or fail to return.
 //
 // Whole-model swapping (SwapPool below) is the third mode, kept apart from the two above:
@@ -154,10 +155,12 @@ public:
     // Unpins u. done: the compute that read it; its slot is refilled only after done.
     void release(UnitRef u, ComputeFence done = {});
 
-    // Adaptive turns: every streamed region of a model in `lenders` is re-carved for `borrower`'s
-    // layers; every other region goes back to its owner (borrower -1: all go back). Waits for copies
-    // in flight; no unit may be pinned (step thread, between steps). A no-op when nothing changes.
-    void set_tenants(int borrower, const std::vector<int>& lenders);
+    // Adaptive turns: the streamed regions of each model in `lenders` are re-carved for `borrower`'s
+    // layers — lend_slots[i] of its slots from lenders[i] (a prefix of its regions in address order; the
+    // lender keeps its slots and head past it, with their layers), or all of them when 0 or absent;
+    // every other region goes back to its owner (borrower -1: all go back). Waits for copies in flight;
+    // no unit may be pinned (step thread, between steps). A no-op when nothing changes.
+    void set_tenants(int borrower, const std::vector<int>& lenders, const std::vector<int>& lend_slots = {});
 
     ResidencyStats stats() const;
     int prefetch_depth() const { return depth_; }
@@ -188,6 +191,7 @@ private:
         uint8_t* begin = nullptr;        // [begin, begin + n_bytes): their bytes, end to end
         uint64_t n_bytes = 0;
         int tenant = -1;                 // the model whose units it holds: the owner unless lent
+        uint64_t lent = 0;               // lent: the tenant's bytes [begin, begin + lent); the owner keeps the rest
         bool has_head = false;           // the owner's head is one of its buffers
         std::vector<uint8_t*> own_slots; // the owner's slots in it
         ComputeFence last_read;  // reads of its bytes under an earlier carving: a refill waits for them
@@ -212,8 +216,12 @@ private:
     };
 
     // All below: caller holds mu_.
-    void carve(int owner, Region& r, int region_index);  // the tenant's slots in r
-    void retenant_locked(int borrower, const std::vector<int>& lenders, std::unique_lock<std::mutex>& lk);
+    void carve(int owner, Region& r, int region_index, const uint8_t* from);  // r's slots (residency.cpp)
+    void retenant_locked(int borrower, const std::vector<int>& lenders, const std::vector<int>& lend_slots,
+                         std::unique_lock<std::mutex>& lk);
+    // Bytes from r's start that hold n_slots slots of unit_bytes (all of r when n_slots <= 0 or more fit).
+    static uint64_t lend_prefix(const Region& r, uint64_t unit_bytes, int n_slots);
+    bool head_lent(const Entry& e, int owner) const;  // its head's bytes are in a lent prefix
     Slot* find_slot(Entry& e, int unit);
     bool pick_job(Job& job);
     int pick_victim(Entry& e, int model, size_t target_pos) const;

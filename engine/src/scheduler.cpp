@@ -300,6 +300,7 @@ StepPlan Scheduler::schedule(double now_ms, const std::vector<TurnModel>& device
             turn_ = turn_advance(turn_, d);
             plan.borrow = d.borrow;
             plan.lenders = d.lenders;
+            plan.lend_slots = d.lend_slots;
             plan.turn_steps = d.n_steps;
         } else {
             plan.new_turn = turn_.owner != model;

@@ -74,6 +74,7 @@ struct StepPlan {
     // Adaptive turns: the step borrows the slot regions of `lenders`; turn_steps = the turn's planned length.
     bool borrow = false;
     std::vector<int> lenders;
+    std::vector<int> lend_slots;  // the borrower's slots each lender gives (parallel to lenders)
     int turn_steps = 1;
     bool new_turn = true;  // the first step of a turn
     bool empty() const { return items.empty(); }

@@ -55,7 +55,8 @@ namespace {
 // A turn of k steps of m priced both ways, in bytes (turns.h), with the cheapest set of lenders.
 struct Price {
     double stream = 0, borrow = std::numeric_limits<double>::infinity();
-    std::vector<int> lenders;  // of the cheapest borrowing (sorted)
+    std::vector<int> lenders;     // of the cheapest borrowing (sorted)
+    std::vector<int> lend_slots;  // the borrower's slots each of them gives
 };
 
 Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k, int depth) {
@@ -68,13 +69,16 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
     const double head = m.head_ready ? 0.0 : static_cast<double>(m.head_bytes);
     p.stream = head + (static_cast<double>(c_own) * k + cold) * L;
 
-    // Borrowing: the regions of other streamed models, for k steps. Every set of lenders is priced (each
-    // lender must copy back its head and cache) and the cheapest wins: a model a few slots short borrows
-    // one idle region, not every model's cache. Past kMaxLenders candidates, the cheapest per slot first.
+    // Borrowing: slots carved from the regions of other streamed models, for k steps. A loan is partial:
+    // the borrower takes from a lender only the slots it still lacks (a prefix of the lender's region),
+    // and the lender copies back what that prefix held — at worst as many of its cached layers as the
+    // prefix covers of its slots, and its head when the prefix reaches it (the head sits at the region's
+    // end) — or its head and whole cache when the whole region goes. Past kMaxLenders candidates, the
+    // cheapest per slot first.
     struct Loan {
-        int model;
-        int slots;
-        double cost;
+        const TurnModel* o;
+        int slots;      // the borrower's slots its whole region holds
+        double whole;   // what the lender copies back after lending all of it
     };
     std::vector<Loan> loans;
     if (!m.resident && m.layer_bytes > 0)
@@ -82,35 +86,64 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
             if (o.model == m.model || o.resident || o.region_bytes == 0) continue;
             const int slots = static_cast<int>(o.region_bytes / m.layer_bytes);
             if (slots == 0) continue;
-            loans.push_back({o.model, slots,
+            loans.push_back({&o, slots,
                              (o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
                                  static_cast<double>(o.n_cached) * static_cast<double>(o.layer_bytes)});
         }
     constexpr size_t kMaxLenders = 10;
-    if (loans.size() > kMaxLenders) {
-        std::stable_sort(loans.begin(), loans.end(),
-                         [](const Loan& a, const Loan& b) { return a.cost * b.slots < b.cost * a.slots; });
-        loans.resize(kMaxLenders);
-    }
+    std::stable_sort(loans.begin(), loans.end(),
+                     [](const Loan& a, const Loan& b) { return a.whole * b.slots < b.whole * a.slots; });
+    if (loans.size() > kMaxLenders) loans.resize(kMaxLenders);
+    auto lend_cost = [&](const Loan& l, int x) {
+        if (x >= l.slots) return l.whole;
+        const TurnModel& o = *l.o;
+        const double taken = static_cast<double>(x) * static_cast<double>(m.layer_bytes);
+        const int covered = std::min(o.n_slots, static_cast<int>(std::ceil(taken / static_cast<double>(o.layer_bytes))));
+        double lost = static_cast<double>(std::min(o.n_cached, covered)) * static_cast<double>(o.layer_bytes);
+        if (o.head_ready && taken > static_cast<double>(o.region_bytes - std::min(o.region_bytes, o.head_bytes)))
+            lost += static_cast<double>(o.head_bytes);
+        return lost;
+    };
     const int first = std::max(0, m.n_layer - m.n_cached);
-    uint32_t best_set = 0;
-    for (uint32_t set = 1; set < (1u << loans.size()); set++) {
-        int s_b = m.n_slots;
+    const int need = std::max(0, m.n_layer - m.n_slots);
+    auto price_set = [&](uint32_t set, int partial) {  // every lender of `set` whole but `partial` (-1: none)
+        int s_b = m.n_slots, whole_slots = 0;
         double lend = 0;
+        std::vector<std::pair<int, int>> given;
         for (size_t i = 0; i < loans.size(); i++)
-            if (set & (1u << i)) {
-                s_b += loans[i].slots;
-                lend += loans[i].cost;
+            if ((set & (1u << i)) && static_cast<int>(i) != partial) {
+                whole_slots += loans[i].slots;
+                lend += loans[i].whole;
+                given.emplace_back(loans[i].o->model, loans[i].slots);
             }
+        s_b += whole_slots;
+        if (partial >= 0) {
+            const Loan& l = loans[static_cast<size_t>(partial)];
+            const int x = need - whole_slots;  // what the whole ones leave
+            if (x <= 0 || x >= l.slots) return;  // useless, or not partial: priced as whole
+            s_b += x;
+            lend += lend_cost(l, x);
+            given.emplace_back(l.o->model, x);
+        }
         const double b = head + (first + static_cast<double>(step_copies(m, s_b, depth)) * (k - 1)) * L + lend;
         if (b < p.borrow) {
             p.borrow = b;
-            best_set = set;
+            p.lenders.clear();
+            p.lend_slots.clear();
+            std::sort(given.begin(), given.end());
+            for (const auto& g : given) {
+                p.lenders.push_back(g.first);
+                p.lend_slots.push_back(g.second);
+            }
         }
+    };
+    // Each set of lenders all whole, or with one of them partial (giving just the slots the others leave
+    // short): a cheapest loan needs at most one partial lender.
+    for (uint32_t set = 1; set < (1u << loans.size()); set++) {
+        price_set(set, -1);
+        for (size_t i = 0; i < loans.size(); i++)
+            if (set & (1u << i)) price_set(set, static_cast<int>(i));
     }
-    for (size_t i = 0; i < loans.size(); i++)
-        if (best_set & (1u << i)) p.lenders.push_back(loans[i].model);
-    std::sort(p.lenders.begin(), p.lenders.end());
     return p;
 }
 
@@ -218,7 +251,10 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     d.n_steps = d.continues ? cont_cap
                 : d.borrow || first_tokens ? k
                                            : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
-    if (d.borrow) d.lenders = std::move(p.lenders);
+    if (d.borrow) {
+        d.lenders = std::move(p.lenders);
+        d.lend_slots = std::move(p.lend_slots);
+    }
     return d;
 }
 

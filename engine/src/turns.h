@@ -9,10 +9,12 @@
 //   stream  the model runs on its own slots. Each step copies the layers its slots cannot keep:
 //           n_layer - (n_slots - prefetch_depth) (a copy in flight holds a slot that cannot cache),
 //           none when it is resident or its slots hold every layer.
-//   borrow  the model also takes the slot regions of other streamed models (their slots are idle while
-//           it runs, heads included; the cheapest set of lenders) for a turn of k steps. The first step copies what is not on
+//   borrow  the model also takes slots carved from other streamed models' regions (idle while it runs)
+//           for a turn of k steps: only the slots it lacks, from the cheapest set of lenders, each giving a
+//           prefix of its region (a partial loan) or all of it. The first step copies what is not on
 //           device; later steps copy what even the borrowed slots cannot keep; and each lender must copy
-//           its lost cache back (its head and cached layers) when it next runs: a cost of the turn.
+//           back what its prefix held (at worst as many cached layers as the prefix covers of its slots,
+//           its head when the prefix reaches it) when it next runs: a cost of the turn.
 // Bytes per token = the turn's copies / (k * tokens the model generates per step). Borrowing wins when
 // turns are long (a deep queue) and the borrowed slots hold (nearly) the whole model; streaming wins for
 // a one-step turn and for a model whose slots already hold it.
@@ -96,6 +98,7 @@ struct TurnDecision {
     bool first_tokens = false;   // a prefill turn (another model waits for first tokens)
     double drained_ms = 0;       // the drained turn's timed length (+ the longest first-token wait), when priced
     std::vector<int> lenders;    // models whose regions the turn borrows (empty when streaming)
+    std::vector<int> lend_slots; // the borrower's slots each lender gives (Residency::set_tenants)
     double stream_bytes_per_token = 0, borrow_bytes_per_token = 0;  // the two prices (new turns)
 };
 
