@@ -81,6 +81,18 @@ std::string simulate(std::vector<TurnModel> ms, const TurnConfig& cfg, int n, in
     return order;
 }
 
+// One pass of a model's units through residency, announced twice over (so eviction sees them recur).
+void one_pass(Residency& r, int model, int n_units) {
+    std::vector<UnitRef> o;
+    for (int c = 0; c < 2; c++)
+        for (int u = 0; u < n_units; u++) o.push_back(UnitRef{model, u});
+    r.set_schedule(o);
+    for (int u = 0; u < n_units; u++) {
+        r.acquire(UnitRef{model, u});
+        r.release(UnitRef{model, u});
+    }
+}
+
 std::string tmpdir() {
     char tmpl[] = "/tmp/lmx_turns_XXXXXX";
     return std::string(mkdtemp(tmpl));
@@ -364,16 +376,7 @@ TEST(residency_lends_a_region_recarved_for_the_borrower_and_takes_it_back_with_i
     const uint64_t booked = L->snapshot().used_bytes;
     const int lent = static_cast<int>(r.model_info(1).region_bytes / wa->layer_unit_bytes());
     CHECK(lent >= 3);  // b's head + 3 slots hold at least 3 of a's layers
-    auto pass = [&](int model, int n_units) {
-        std::vector<UnitRef> o;
-        for (int c = 0; c < 2; c++)
-            for (int u = 0; u < n_units; u++) o.push_back(UnitRef{model, u});
-        r.set_schedule(o);
-        for (int u = 0; u < n_units; u++) {
-            r.acquire(UnitRef{model, u});
-            r.release(UnitRef{model, u});
-        }
-    };
+    auto pass = [&](int model, int n_units) { one_pass(r, model, n_units); };
     r.set_tenants(0, {1});
     CHECK(r.model_info(0).n_held_slots == 2 + lent);
     CHECK(r.model_info(1).n_held_slots == 0 && !r.model_info(1).head_ready);
@@ -402,16 +405,7 @@ TEST(residency_lends_part_of_a_region_and_the_lender_keeps_the_rest_with_its_lay
     CHECK(r.add_model(0, wa, "a", false, 2));
     CHECK(r.add_model(1, wb, "b", false, 3));
     const uint64_t booked = L->snapshot().used_bytes;
-    auto pass = [&](int model, int n_units) {
-        std::vector<UnitRef> o;
-        for (int c = 0; c < 2; c++)
-            for (int u = 0; u < n_units; u++) o.push_back(UnitRef{model, u});
-        r.set_schedule(o);
-        for (int u = 0; u < n_units; u++) {
-            r.acquire(UnitRef{model, u});
-            r.release(UnitRef{model, u});
-        }
-    };
+    auto pass = [&](int model, int n_units) { one_pass(r, model, n_units); };
     pass(1, 7);
     CHECK(r.model_info(1).n_cached == 3);  // b's three slots hold three of its layers
     r.set_tenants(0, {1}, {1});             // a borrows one slot's worth of b's region
