@@ -19,6 +19,16 @@ int carve_count(uint64_t n_bytes, uint64_t unit_bytes) {
     if (unit_bytes == 0 || n_bytes < unit_bytes) return 0;
     return 1 + static_cast<int>((n_bytes - unit_bytes) / carve_stride(unit_bytes));
 }
+// Bytes from begin to the first kCarveAlign boundary: where a region's carved slots start.
+uint64_t carve_lead(const uint8_t* begin) {
+    const uint64_t skew = reinterpret_cast<uintptr_t>(begin) % kCarveAlign;
+    return skew == 0 ? 0 : kCarveAlign - skew;
+}
+// Slots of unit_bytes carved from [begin, begin + n_bytes).
+int carve_slots(const uint8_t* begin, uint64_t n_bytes, uint64_t unit_bytes) {
+    const uint64_t lead = carve_lead(begin);
+    return n_bytes > lead ? carve_count(n_bytes - lead, unit_bytes) : 0;
+}
 }  // namespace
 
 Eviction eviction_from_name(const std::string& s) {
@@ -137,19 +147,14 @@ void Residency::carve(int owner, Region& r, int region_index, const uint8_t* fro
         if (p >= past && p < from) add(o, p);
     if (!lent) return;
     Entry& t = models_.at(r.tenant);
-    const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
-    const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
-    const uint64_t stride = carve_stride(t.w->layer_unit_bytes());
-    const int n = r.lent > lead ? carve_count(r.lent - lead, t.w->layer_unit_bytes()) : 0;
+    const uint64_t lead = carve_lead(r.begin), stride = carve_stride(t.w->layer_unit_bytes());
+    const int n = carve_slots(r.begin, r.lent, t.w->layer_unit_bytes());
     for (int i = 0; i < n; i++) add(t, r.begin + lead + static_cast<uint64_t>(i) * stride);
 }
 
 uint64_t Residency::lend_prefix(const Region& r, uint64_t unit_bytes, int n_slots) {
-    const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
-    const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
-    const int cap = r.n_bytes > lead ? carve_count(r.n_bytes - lead, unit_bytes) : 0;
-    if (n_slots <= 0 || n_slots >= cap) return r.n_bytes;
-    return lead + static_cast<uint64_t>(n_slots - 1) * carve_stride(unit_bytes) + unit_bytes;
+    if (n_slots <= 0 || n_slots >= carve_slots(r.begin, r.n_bytes, unit_bytes)) return r.n_bytes;
+    return carve_lead(r.begin) + static_cast<uint64_t>(n_slots - 1) * carve_stride(unit_bytes) + unit_bytes;
 }
 
 bool Residency::head_lent(const Entry& e, int owner) const {
@@ -183,9 +188,7 @@ void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, c
             std::pair<int, uint64_t> w{kv.first, 0};
             if (lends && (all || left > 0)) {
                 w = {borrower, lend_prefix(r, unit, all ? 0 : left)};
-                const uint64_t skew = reinterpret_cast<uintptr_t>(r.begin) % kCarveAlign;
-                const uint64_t lead = skew == 0 ? 0 : kCarveAlign - skew;
-                if (!all) left -= w.second > lead ? carve_count(w.second - lead, unit) : 0;
+                if (!all) left -= carve_slots(r.begin, w.second, unit);
             }
             want[{kv.first, i}] = w;
         }

@@ -6,6 +6,7 @@
 #include <cassert>
 #include <cmath>
 #include <limits>
+#include <map>
 
 namespace lmx {
 
@@ -169,6 +170,13 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
         }
     if (live.empty()) return d;
     const int depth = cfg.prefetch_depth;
+    // A turn priced once per (model, steps): the drained timing and the decision often price the same turn.
+    std::map<std::pair<int, int>, Price> prices;
+    auto priced = [&](const TurnModel& m, int k) -> const Price& {
+        auto it = prices.find({m.model, k});
+        if (it == prices.end()) it = prices.emplace(std::make_pair(m.model, k), price_turn(m, models, k, depth)).first;
+        return it->second;
+    };
     auto turn_cap = [&](const TurnModel& m) {
         if (live.size() == 1) return std::numeric_limits<int>::max();  // alone: as long as it has work
         return std::max(1, static_cast<int>(std::floor(cfg.max_turn_steps * m.weight / w_max)));
@@ -190,7 +198,7 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     auto drained_wait_ms = [&](const TurnModel& m, int k) {
         const double w = first_token_wait(m.model);
         if (w < 0) return 0.0;
-        return w + turn_ms(m, price_turn(m, models, k, depth), k);
+        return w + turn_ms(m, priced(m, k), k);
     };
     auto wants_prefill_round = [&](double drained) {
         return drained > 0 && (cfg.first_token_ms <= 0 || drained > cfg.first_token_ms);
@@ -242,7 +250,7 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     d.first_tokens = first_tokens;
     d.drained_ms = drained;
     const double tokens = static_cast<double>(k) * std::max(1, m.gen_per_step);
-    Price p = price_turn(m, models, k, depth);
+    Price p = priced(m, k);
     d.stream_bytes_per_token = p.stream / tokens;
     d.borrow_bytes_per_token = p.borrow / tokens;
     d.borrow = p.borrow < p.stream;
