@@ -428,12 +428,19 @@ std::vector<int> Residency::slot_units(int model_id) const {
 }
 
 void Residency::set_schedule(std::vector<UnitRef> order) {
+    bool wake = false;
     {
         std::lock_guard<std::mutex> lk(mu_);
         sched_ = std::move(order);
         cursor_ = 0;
+        wake = copy_has_work_locked();
     }
-    cv_copy_.notify_all();
+    if (wake) cv_copy_.notify_one();
+}
+
+bool Residency::copy_has_work_locked() {
+    Job job;
+    return copy_idle_ && pick_job(job);
 }
 
 Residency::Slot* Residency::find_slot(Entry& e, int unit) {
@@ -478,10 +485,16 @@ int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
 // Units that stayed in a slot since an earlier use (hits) cost no copy and do not
 // count against the depth, so the copy thread looks past a cached run of layers
 // (and past the current model into the next one) to the next miss.
+// Past the depth it still takes a copy that evicts nothing the schedule uses: into an
+// empty slot, over a unit not scheduled again, or a head back from a loan (its own
+// buffer). Such a copy costs no later copy, so the link, idle while a model computes
+// on cached layers, fills the next model's slots before its turn (a slot a loan
+// emptied, a prefill round's next model) instead of at it.
 bool Residency::pick_job(Job& job) {
     const int depth = std::max(depth_, 1);
     int n_ahead = 0;
-    for (size_t i = cursor_; i < sched_.size() && n_ahead < depth; i++) {
+    for (size_t i = cursor_; i < sched_.size(); i++) {
+        const bool free_only = n_ahead >= depth;
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
         if (it == models_.end() || it->second.resident) continue;  // swap-mode models are not in models_
@@ -497,7 +510,13 @@ bool Residency::pick_job(Job& job) {
             continue;
         }
         const int v = pick_victim(it->second, u.model, i);
-        if (v < 0) return false;  // later units must wait for slots to free up
+        if (v < 0) {
+            if (free_only) continue;
+            return false;  // later units must wait for slots to free up
+        }
+        const Slot& victim = e.slots[static_cast<size_t>(v)];
+        if (free_only && victim.ready && next_use(u.model, victim.unit, cursor_) != std::numeric_limits<size_t>::max())
+            continue;
         job = Job{u.model, u.unit, v};
         return true;
     }
@@ -509,7 +528,9 @@ void Residency::copy_main() {
     while (!stop_) {
         Job job;
         if (!pick_job(job)) {
+            copy_idle_ = true;
             cv_copy_.wait(lk);
+            copy_idle_ = false;
             continue;
         }
         Entry& e = models_[job.model];
@@ -677,11 +698,15 @@ UnitHandle Residency::acquire(UnitRef u) {
     s->pins++;
     s->ahead = false;
     s->last_use = ++clock_;
-    cv_copy_.notify_all();  // the window moved: prefetch further
-    return UnitHandle{s->ptr, s->copied};
+    const UnitHandle h{s->ptr, s->copied};
+    const bool wake = copy_has_work_locked();  // the window moved: prefetch further
+    lk.unlock();
+    if (wake) cv_copy_.notify_one();
+    return h;
 }
 
 void Residency::release(UnitRef u, ComputeFence done) {
+    bool wake = false;
     {
         std::lock_guard<std::mutex> lk(mu_);
         last_read_ = fence_later(last_read_, done);
@@ -697,8 +722,9 @@ void Residency::release(UnitRef u, ComputeFence done) {
         assert(s != nullptr && s->pins > 0);
         s->pins--;
         s->last_read = fence_later(s->last_read, done);
+        wake = copy_has_work_locked();  // an unpinned slot may take the next copy
     }
-    cv_copy_.notify_all();
+    if (wake) cv_copy_.notify_one();
 }
 
 int Residency::n_pins(int model_id) const {

@@ -304,7 +304,7 @@ StepPlan Scheduler::schedule(double now_ms, const std::vector<TurnModel>& device
             plan.turn_steps = d.n_steps;
         } else {
             plan.new_turn = turn_.owner != model;
-            turn_ = TurnState{model, 1, 1, false};
+            turn_ = TurnState{model, 1, 1, false, false, {}, {}};
         }
         for (auto& kv : models_) {
             ModelQueue& o = kv.second;

@@ -13,11 +13,17 @@ namespace lmx {
 namespace {
 bool busy(const TurnModel& m) { return m.n_seqs > 0; }
 
+constexpr double kIdleLenderWeight = 0.5;
+
 // Copies of one warm step with `slots` slots: the layers beyond the stable subset.
 int step_copies(const TurnModel& m, int slots, int depth) {
     if (m.resident || slots >= m.n_layer) return 0;
     return m.n_layer - std::max(0, slots - depth);
 }
+
+// What a lender's copy-back is expected to cost, per byte it loses: a lender with work copies it back at
+// its next turn, in this rotation; an idle one only if work comes before its slots are lent again.
+double lender_weight(const TurnModel& o) { return busy(o) ? 1.0 : kIdleLenderWeight; }
 
 // Longest wait first: steps, then milliseconds, then the lower stride pass, then the lower id.
 bool waited_longer(const TurnModel& a, const TurnModel& b) {
@@ -47,9 +53,11 @@ TurnState turn_advance(const TurnState& state, const TurnDecision& d) {
         s.n_steps++;
         s.borrow = d.borrow;
         s.first_tokens = d.first_tokens;
+        s.lenders = d.lenders;
+        s.lend_slots = d.lend_slots;
         return s;
     }
-    return TurnState{d.model, 1, d.n_steps, d.borrow, d.first_tokens};
+    return TurnState{d.model, 1, d.n_steps, d.borrow, d.first_tokens, d.lenders, d.lend_slots};
 }
 
 namespace {
@@ -74,7 +82,8 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
     // the borrower takes from a lender only the slots it still lacks (a prefix of the lender's region),
     // and the lender copies back what that prefix held — at worst as many of its cached layers as the
     // prefix covers of its slots, and its head when the prefix reaches it (the head sits at the region's
-    // end) — or its head and whole cache when the whole region goes. Past kMaxLenders candidates, the
+    // end) — or its head and whole cache when the whole region goes (the layers in its own slots: any it
+    // holds in slots borrowed earlier go back with that loan anyway). Past kMaxLenders candidates, the
     // cheapest per slot first.
     struct Loan {
         const TurnModel* o;
@@ -88,8 +97,9 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
             const int slots = static_cast<int>(o.region_bytes / m.layer_bytes);
             if (slots == 0) continue;
             loans.push_back({&o, slots,
-                             (o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
-                                 static_cast<double>(o.n_cached) * static_cast<double>(o.layer_bytes)});
+                             lender_weight(o) * ((o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
+                                                 static_cast<double>(std::min(o.n_cached, o.n_slots)) *
+                                                     static_cast<double>(o.layer_bytes))});
         }
     constexpr size_t kMaxLenders = 10;
     std::stable_sort(loans.begin(), loans.end(),
@@ -103,7 +113,7 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
         double lost = static_cast<double>(std::min(o.n_cached, covered)) * static_cast<double>(o.layer_bytes);
         if (o.head_ready && taken > static_cast<double>(o.region_bytes - std::min(o.region_bytes, o.head_bytes)))
             lost += static_cast<double>(o.head_bytes);
-        return lost;
+        return lender_weight(o) * lost;
     };
     const int first = std::max(0, m.n_layer - m.n_cached);
     const int need = std::max(0, m.n_layer - m.n_slots);
@@ -254,12 +264,17 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     d.stream_bytes_per_token = p.stream / tokens;
     d.borrow_bytes_per_token = p.borrow / tokens;
     d.borrow = p.borrow < p.stream;
+    if (d.continues && state.borrow && !state.lenders.empty()) {  // the loan stands to the turn's end (turns.h)
+        d.borrow = true;
+        d.lenders = state.lenders;
+        d.lend_slots = state.lend_slots;
+    }
     // A streamed turn runs one step per weight unit (stride's proportion); a borrowed one, or a prefill
     // turn, its full k.
     d.n_steps = d.continues ? cont_cap
                 : d.borrow || first_tokens ? k
                                            : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
-    if (d.borrow) {
+    if (d.borrow && d.lenders.empty()) {
         d.lenders = std::move(p.lenders);
         d.lend_slots = std::move(p.lend_slots);
     }

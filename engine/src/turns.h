@@ -29,6 +29,15 @@
 //      which all end after one step while it is overdue).
 // A model alone with work keeps the device as long as it has work.
 //
+// A borrowed turn keeps its loan to its end. What the lenders lost is spent when the turn begins; a loan
+// re-priced later in the turn (fewer steps left, a lender gone idle) would take other slots or give some
+// back, and the borrower would copy again the layers they held.
+//
+// Lenders without work. A lender with work copies back what its loan cost it at its next turn, in this
+// rotation; an idle one only if work comes before its slots are lent again, so its loss is priced at half
+// (kIdleLenderWeight, turns.cpp): between two equal losses the idle model lends, and the busy model's
+// layers stay for its turn.
+//
 // First tokens first (time to first token), when a drained turn would make them wait. While another
 // model with work has sequences that have not started (none of their prompt computed yet), the turn's
 // drained length is timed: its bytes over the link plus its steps at the model's recent step time. When
@@ -88,6 +97,8 @@ struct TurnState {
     int n_planned = 0;  // the turn's planned length
     bool borrow = false;
     bool first_tokens = false;  // a prefill turn: it ends when its model's prompts are in
+    std::vector<int> lenders;     // a borrowed turn's loan (TurnDecision), kept to the turn's end
+    std::vector<int> lend_slots;
 };
 
 struct TurnDecision {

@@ -117,7 +117,7 @@ TEST(turns_borrow_for_a_deep_queue_when_the_borrowed_regions_hold_the_whole_mode
     // Streaming copies 16 - (8 - 2) = 10 layers a step, 70 MiB for 16 tokens; borrowing copies the 10
     // layers once, and what the lenders lost.
     CHECK_NEAR(d.stream_bytes_per_token, 10.0 * 7 * MiB / 16, 1.0);
-    CHECK_NEAR(d.borrow_bytes_per_token, (70.0 + 27 + 20) * MiB / (20 * 16), 1.0);
+    CHECK_NEAR(d.borrow_bytes_per_token, (70.0 + 0.5 * (27 + 20)) * MiB / (20 * 16), 1.0);  // idle lenders: half
 }
 
 TEST(turns_borrow_the_cheapest_regions_that_hold_the_model_not_every_cache) {
@@ -128,7 +128,41 @@ TEST(turns_borrow_the_cheapest_regions_that_hold_the_model_not_every_cache) {
     busy(ms[1], 1, 17);
     TurnDecision d = plan_turn(ms, TurnState{}, TurnConfig{});
     CHECK(d.model == 1 && d.borrow && (d.lenders == std::vector<int>{0}) && (d.lend_slots == std::vector<int>{3}));
-    CHECK_NEAR(d.borrow_bytes_per_token, (5.0 * 5 + 5 * 3) * MiB / 17, 1.0);
+    CHECK_NEAR(d.borrow_bytes_per_token, (5.0 * 5 + 0.5 * 5 * 3) * MiB / 17, 1.0);
+}
+
+TEST(turns_take_the_idle_lenders_slots_before_a_busy_ones_of_equal_loss) {
+    // A Llama-like model 4 slots short; two Qwen-like lenders of the same shape: either gives 4 slots (a
+    // 28 MiB prefix, at worst its 4 cached 5 MiB layers). The one without work lends: the other runs next.
+    for (int idle = 1; idle <= 2; idle++) {
+        std::vector<TurnModel> ms{streamed(0, 16, 7, 12, 16), streamed(1, 12, 5, 6, 14), streamed(2, 12, 5, 6, 14)};
+        busy(ms[0], 1, 20);
+        busy(ms[3 - idle], 1, 20);
+        ms[3 - idle].waited_steps = -1;  // it ran last: model 0's turn now
+        const TurnDecision d = plan_turn(ms, TurnState{}, TurnConfig{});
+        CHECK(d.model == 0 && d.borrow && (d.lenders == std::vector<int>{idle}) && (d.lend_slots == std::vector<int>{4}));
+        CHECK_NEAR(d.borrow_bytes_per_token, (6.0 * 7 + 0.5 * 4 * 5) * MiB / 20, 1.0);  // its 6 uncached layers
+    }
+}
+
+TEST(turns_keep_a_loan_to_the_turns_end) {
+    // The 75 % cell's borrowed turn (first test above): on its last step, priced afresh, one step would
+    // stream, but the loan stands: dropping it would copy again the 8 layers the borrowed slots hold.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 9, 6), streamed(1, 12, 5, 6, 14), streamed(2, 16, 7, 8, 16)};
+    busy(ms[2], 16, 20);
+    const TurnDecision d0 = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(d0.borrow && (d0.lenders == std::vector<int>{0, 1}) && (d0.lend_slots == std::vector<int>{4, 4}));
+    TurnState st = turn_advance(TurnState{}, d0);
+    for (int i = 1; i < 19; i++) st = turn_advance(st, plan_turn(ms, st, TurnConfig{}));
+    CHECK(st.n_steps == 19 && (st.lenders == d0.lenders) && (st.lend_slots == d0.lend_slots));
+    busy(ms[2], 16, 1);
+    ms[2].n_cached = 16;
+    ms[0].n_cached = ms[1].n_cached = 0;
+    ms[0].head_ready = false;
+    const TurnDecision fresh = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(!(fresh.borrow && fresh.lenders == d0.lenders && fresh.lend_slots == d0.lend_slots));
+    const TurnDecision d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 2 && d.continues && d.borrow && (d.lenders == d0.lenders) && (d.lend_slots == d0.lend_slots));
 }
 
 TEST(turns_stream_a_one_step_turn_and_a_model_its_own_slots_hold) {
@@ -240,7 +274,7 @@ TEST(turns_cut_a_drained_turn_to_first_tokens_when_a_request_arrives_that_cannot
     ms[1].head_ready = false;
     for (TurnModel& m : ms) m.link_bytes_per_ms = 2.68e6;
     ms[0].step_ms = 1.0;
-    const TurnState st{0, 5, 20, true, false};
+    const TurnState st{0, 5, 20, true, false, {1}, {0}};
     busy(ms[1], 1, 17);
     ms[1].n_unstarted = ms[1].n_prefilling = 1;
     ms[1].prefill_steps = 1;
@@ -262,7 +296,7 @@ TEST(turns_end_once_another_model_has_waited_max_wait_ms) {
     TurnConfig cfg;
     cfg.max_turn_steps = 10;
     cfg.max_wait_ms = 50;
-    TurnState st{0, 3, 10, true};  // model 0 is 3 steps into a 10-step borrowed turn
+    TurnState st{0, 3, 10, true, false, {1}, {0}};  // model 0 is 3 steps into a 10-step turn on model 1's region
     ms[1].waited_steps = 3;
     ms[1].waited_ms = 49;
     TurnDecision d = plan_turn(ms, st, cfg);
@@ -426,6 +460,41 @@ TEST(residency_lends_part_of_a_region_and_the_lender_keeps_the_rest_with_its_lay
     CHECK(r.model_info(1).n_held_slots == 0 && !r.model_info(1).head_ready);
     r.set_tenants(-1, {});
     CHECK(r.n_pins(0) == 0 && r.n_pins(1) == 0);
+}
+
+TEST(residency_copies_past_the_prefetch_depth_only_into_slots_nothing_scheduled_needs) {
+    const std::string da = tmpdir(), db = tmpdir();
+    auto wa = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(da, 4, 1), nullptr);
+    auto wb = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(db, 6, 2), nullptr);
+    auto L = std::make_unique<Ledger>(std::make_unique<CpuDevice>(8 << 20), 1.0);
+    Residency r(*L, 1, Eviction::Belady);  // a copy thread, one copy ahead of compute
+    CHECK(r.add_model(0, wa, "a", true, 0));
+    CHECK(r.add_model(1, wb, "b", false, 3));
+    auto held = [&](int unit) {
+        const std::vector<int> su = r.slot_units(1);
+        return std::count(su.begin(), su.end(), unit) == 1;
+    };
+    auto settle = [&](const std::vector<int>& units) {  // the copy thread works on its own: give it time
+        auto all = [&] { return std::all_of(units.begin(), units.end(), held); };
+        for (int i = 0; i < 2000 && !all(); i++) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        return all();
+    };
+    // a (resident) computes, then b's six layers: b's three empty slots fill, though one copy is the depth.
+    std::vector<UnitRef> order;
+    for (int u = 0; u < 5; u++) order.push_back(UnitRef{0, u});
+    for (int u = 0; u < 6; u++) order.push_back(UnitRef{1, u});
+    const uint64_t bytes0 = r.stats().bytes_copied;
+    r.set_schedule(order);
+    CHECK(settle({0, 1, 2}));
+    // Layer 3 would evict a layer needed before it: past the depth it waits.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK((r.slot_units(1) == std::vector<int>{0, 1, 2}));
+    CHECK(r.stats().bytes_copied - bytes0 == 3 * wb->layer_unit_bytes());
+    // A schedule that needs none of them: the one copy ahead, and one more over a layer no longer scheduled.
+    r.set_schedule({UnitRef{1, 3}, UnitRef{1, 4}});
+    CHECK(settle({3, 4}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK(r.stats().bytes_copied - bytes0 == 5 * wb->layer_unit_bytes());
 }
 
 // ---- the engine ----
