@@ -76,6 +76,12 @@ public:
 
     // The compute face: runs the ops of the forward pass on this device's memory.
     virtual Backend& backend() = 0;
+
+    // Copies run beside compute, not on its cores: a GPU's transfers, or the CPU device's link model
+    // (a paced copy is mostly its wait). The copy thread then copies ahead wherever it evicts nothing
+    // the schedule needs (residency.cpp, pick_job); where a copy is a memcpy on the cores compute uses
+    // (the CPU device unthrottled), copying earlier gains nothing and it keeps to the prefetch depth.
+    virtual bool copies_beside_compute() const { return true; }
 };
 
 // CPU device: one anonymous mapping of capacity bytes (MAP_NORESERVE, so pages
@@ -102,6 +108,7 @@ public:
     CopyFence copy_in(const CopyRegion* regions, size_t n_regions, ComputeFence after) override;
     void copy_wait(CopyFence) override {}
     Backend& backend() override;
+    bool copies_beside_compute() const override { return link_bytes_per_ns_ > 0.0; }
 
 private:
     uint8_t* base_ = nullptr;

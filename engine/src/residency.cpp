@@ -40,7 +40,8 @@ Eviction eviction_from_name(const std::string& s) {
 const char* eviction_name(Eviction e) { return e == Eviction::Belady ? "belady" : "lru"; }
 
 Residency::Residency(Ledger& ledger, int prefetch_depth, Eviction eviction, Tracer* tracer)
-    : ledger_(ledger), tracer_(tracer), depth_(prefetch_depth), eviction_(eviction), swap_(ledger) {
+    : ledger_(ledger), tracer_(tracer), depth_(prefetch_depth), eviction_(eviction),
+      copy_beside_(ledger.device().copies_beside_compute()), swap_(ledger) {
     if (prefetch_depth < 0) throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(prefetch_depth));
     if (depth_ > 0) copy_thread_ = std::thread([this] { copy_main(); });
 }
@@ -489,12 +490,14 @@ int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
 // empty slot, over a unit not scheduled again, or a head back from a loan (its own
 // buffer). Such a copy costs no later copy, so the link, idle while a model computes
 // on cached layers, fills the next model's slots before its turn (a slot a loan
-// emptied, a prefill round's next model) instead of at it.
+// emptied, a prefill round's next model) instead of at it. Only where copies run
+// beside compute (Device::copies_beside_compute).
 bool Residency::pick_job(Job& job) {
     const int depth = std::max(depth_, 1);
     int n_ahead = 0;
     for (size_t i = cursor_; i < sched_.size(); i++) {
         const bool free_only = n_ahead >= depth;
+        if (free_only && !copy_beside_) return false;
         const UnitRef u = sched_[i];
         auto it = models_.find(u.model);
         if (it == models_.end() || it->second.resident) continue;  // swap-mode models are not in models_

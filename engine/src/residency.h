@@ -236,6 +236,7 @@ private:
     Tracer* const tracer_;  // may be null
     const int depth_;
     const Eviction eviction_;
+    const bool copy_beside_;  // the device's copies run beside compute: copy past the depth (pick_job)
     mutable std::mutex mu_;
     std::condition_variable cv_copy_;   // wakes the copy thread
     std::condition_variable cv_ready_;  // wakes acquire()

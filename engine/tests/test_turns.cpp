@@ -466,7 +466,9 @@ TEST(residency_copies_past_the_prefetch_depth_only_into_slots_nothing_scheduled_
     const std::string da = tmpdir(), db = tmpdir();
     auto wa = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(da, 4, 1), nullptr);
     auto wb = std::make_shared<const ModelWeights>(lmx_test::write_tiny_model(db, 6, 2), nullptr);
-    auto L = std::make_unique<Ledger>(std::make_unique<CpuDevice>(8 << 20), 1.0);
+    // A link model: copies run beside compute (unthrottled, the copy thread keeps to the depth:
+    // test_core's residency_prefetch_loads_upcoming_units_before_compute_asks).
+    auto L = std::make_unique<Ledger>(std::make_unique<CpuDevice>(8 << 20, 1, 50.0), 1.0);
     Residency r(*L, 1, Eviction::Belady);  // a copy thread, one copy ahead of compute
     CHECK(r.add_model(0, wa, "a", true, 0));
     CHECK(r.add_model(1, wb, "b", false, 3));
