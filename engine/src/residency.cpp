@@ -203,6 +203,10 @@ void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, c
         for (size_t i = 0; i < kv.second.regions.size(); i++) change = change || differs(kv.first, i, kv.second.regions[i]);
     if (!change) return;
     // Slots are re-carved below: no copy may be writing into one (the copy thread holds a reference).
+    // The copy thread starts no new copy meanwhile (pick_job): each copy's end would otherwise find the
+    // next one started, and the wait last as long as the copy thread has work. The wait is a copy wait.
+    retenanting_ = true;
+    const auto t0 = std::chrono::steady_clock::now();
     cv_ready_.wait(lk, [&] {
         for (const auto& kv : models_) {
             if (kv.second.head_loading) return false;
@@ -211,6 +215,11 @@ void Residency::retenant_locked(int borrower, const std::vector<int>& lenders, c
         }
         return true;
     });
+    retenanting_ = false;
+    const auto t1 = std::chrono::steady_clock::now();
+    stats_.wait_ns += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+    if (tracer_ && tracer_->on() && t1 - t0 >= std::chrono::microseconds(1))
+        tracer_->record_wait({borrower, -1, trace_us(t0), trace_us(t1)});
     for (auto& kv : models_) {
         for (size_t i = 0; i < kv.second.regions.size(); i++) {
             Region& r = kv.second.regions[i];
@@ -493,6 +502,7 @@ int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
 // emptied, a prefill round's next model) instead of at it. Only where copies run
 // beside compute (Device::copies_beside_compute).
 bool Residency::pick_job(Job& job) {
+    if (retenanting_) return false;  // set_tenants waits for the copies in flight
     const int depth = std::max(depth_, 1);
     int n_ahead = 0;
     for (size_t i = cursor_; i < sched_.size(); i++) {

@@ -249,6 +249,7 @@ private:
     ComputeFence last_read_;  // the last compute that read any unit (whole-model swaps wait for it)
     bool stop_ = false;
     bool copy_idle_ = false;  // the copy thread waits on cv_copy_: pick_job found nothing
+    bool retenanting_ = false;  // set_tenants waits for copies in flight: no new one starts
     std::thread copy_thread_;
 };
 

@@ -43,7 +43,7 @@ struct CopyTrace {
 // One time compute blocked waiting for a copy.
 struct WaitTrace {
     int model = -1;
-    int unit = -1;  // -1: a whole-model swap
+    int unit = -1;  // -1: a whole-model swap, or a loan that waited for copies in flight (set_tenants)
     int64_t start_us = 0, end_us = 0;
 };
 

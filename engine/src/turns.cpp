@@ -248,14 +248,28 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     // 3. Price the turn's remaining steps both ways, at every step: new work or a finished sequence can
     //    tip the balance within a turn. A new turn is timed drained first; too long for a waiting first
     //    token, it becomes its prefill steps only.
+    const bool continues = cont_cap > 0;
+    int k = std::max(1, std::min(continues ? cont_cap - state.n_steps : turn_cap(*next), next->n_steps_left));
+    if (!continues) {
+        drained = drained_wait_ms(*next, k);
+        first_tokens = wants_prefill_round(drained);
+        if (first_tokens && next->n_prefilling == 0 && next->waited_ms < cfg.max_wait_ms) {
+            // Its prefill turn would be one decode step (it has no prompt left) that copies its layers for a
+            // token while a first token waits: the model whose first token waits longest runs instead.
+            const TurnModel* f = nullptr;
+            for (const TurnModel* o : live)
+                if (o->n_unstarted > 0 && (f == nullptr || waited_longer(*o, *f))) f = o;
+            if (f != nullptr) {
+                next = f;
+                k = std::max(1, std::min(turn_cap(*next), next->n_steps_left));
+                drained = drained_wait_ms(*next, k);
+                first_tokens = wants_prefill_round(drained);
+            }
+        }
+    }
     const TurnModel& m = *next;
     d.model = m.model;
-    d.continues = cont_cap > 0;
-    int k = std::max(1, std::min(d.continues ? cont_cap - state.n_steps : turn_cap(m), m.n_steps_left));
-    if (!d.continues) {
-        drained = drained_wait_ms(m, k);
-        first_tokens = wants_prefill_round(drained);
-    }
+    d.continues = continues;
     if (first_tokens) k = std::max(1, std::min(k, m.prefill_steps));  // its prefill only
     d.first_tokens = first_tokens;
     d.drained_ms = drained;

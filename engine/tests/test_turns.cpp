@@ -264,6 +264,28 @@ TEST(turns_drain_when_the_first_tokens_can_wait_and_run_a_prefill_round_when_the
     CHECK(d.first_tokens && d.n_steps == 4);
 }
 
+TEST(turns_skip_a_model_with_no_prompt_left_in_a_prefill_round) {
+    // Mid-round: model 0's prompts are in (it decodes), model 1 just ran its prefill turn, model 2 has not
+    // started. Model 0 waited longest, but its drained turn (20 steps of 1 ms) would keep model 2's first
+    // token waiting past 30 ms, and a prefill turn of it would be one decode step: model 2 runs instead.
+    std::vector<TurnModel> ms = three_queues_at_once();
+    for (TurnModel& m : ms) {
+        m.step_ms = 1.0;
+        m.link_bytes_per_ms = 2.68e6;
+    }
+    ms[0].n_unstarted = ms[0].n_prefilling = ms[0].prefill_steps = 0;
+    ms[1].n_unstarted = ms[1].n_prefilling = ms[1].prefill_steps = 0;
+    ms[0].waited_steps = 4;
+    ms[2].waited_steps = 2;
+    const TurnState st{1, 4, 4, false, true, {}, {}};
+    TurnDecision d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 2 && !d.continues);
+    // Overdue, model 0 runs (a one-step prefill turn: the bound on waits comes first).
+    ms[0].waited_ms = 2000;
+    d = plan_turn(ms, st, TurnConfig{});
+    CHECK(d.model == 0 && d.first_tokens && d.n_steps == 1);
+}
+
 TEST(turns_cut_a_drained_turn_to_first_tokens_when_a_request_arrives_that_cannot_wait_for_it) {
     // Model 0 is 5 steps into a 20-step turn on model 1's region (all of its layers on device, model 1's
     // region lent: nothing left to copy); then model 1 gets a request.
