@@ -269,8 +269,14 @@ def run_one(dirs: dict[str, Path], sizes: dict[str, Sizes], budget: int, slots: 
         n_tokens = 0
         t0 = time.perf_counter()  # every request counts as submitted now; drain mode holds later models back
         for batch in batches:
-            for r, name, prompt in batch:
-                eng.submit(r, name, prompt, params)
+            # The step thread is held while a batch is submitted, so its first step sees every request of it
+            # (all submitted at t0); else the first step can plan with the first request alone.
+            eng.debug_stall(True)
+            try:
+                for r, name, prompt in batch:
+                    eng.submit(r, name, prompt, params)
+            finally:
+                eng.debug_stall(False)
             open_ids = {r for r, _, _ in batch}
             while open_ids:
                 for ev in eng.wait_events(10.0):
