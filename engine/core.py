@@ -224,7 +224,8 @@ class Engine:
         return self._core.n_threads()
 
     def debug_stall(self, on: bool) -> None:
-        """Test hook: blocks (True) or releases (False) the step thread at the top of its loop."""
+        """Test and bench hook: blocks (True) or releases (False) the step thread at the top of its loop, so
+        requests submitted meanwhile all reach its next step (bench/multimodel.py)."""
         self._core.debug_stall(on)
 
     # ---- lifetime ----

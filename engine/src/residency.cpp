@@ -490,6 +490,20 @@ int Residency::pick_victim(Entry& e, int model, size_t target_pos) const {
     return best;
 }
 
+// A slot whose loss costs no copy: an empty one first, else one holding a unit the schedule does not use
+// again; -1 if none. Unlike pick_victim, it does not depend on the unit to be loaded.
+int Residency::free_slot(const Entry& e, int model) const {
+    int unscheduled = -1;
+    for (size_t i = 0; i < e.slots.size(); i++) {
+        const Slot& s = e.slots[i];
+        if (s.pins > 0 || s.loading) continue;
+        if (!s.ready) return static_cast<int>(i);
+        if (unscheduled < 0 && next_use(model, s.unit, cursor_) == std::numeric_limits<size_t>::max())
+            unscheduled = static_cast<int>(i);
+    }
+    return unscheduled;
+}
+
 // The earliest scheduled unit that is not in device memory, with a slot to load
 // it into, provided fewer than prefetch_depth copies are already ahead of compute.
 // Units that stayed in a slot since an earlier use (hits) cost no copy and do not
@@ -505,6 +519,11 @@ bool Residency::pick_job(Job& job) {
     if (retenanting_) return false;  // set_tenants waits for the copies in flight
     const int depth = std::max(depth_, 1);
     int n_ahead = 0;
+    // Past the depth: models found without a free slot (free_slot), searched once per call: this also runs
+    // on the step thread, per acquire and release (copy_has_work_locked).
+    constexpr int kMaxFull = 8;
+    int full[kMaxFull];
+    int n_full = 0;
     for (size_t i = cursor_; i < sched_.size(); i++) {
         const bool free_only = n_ahead >= depth;
         if (free_only && !copy_beside_) return false;
@@ -522,14 +541,18 @@ bool Residency::pick_job(Job& job) {
             n_ahead += s->ahead ? 1 : 0;
             continue;
         }
-        const int v = pick_victim(it->second, u.model, i);
-        if (v < 0) {
-            if (free_only) continue;
-            return false;  // later units must wait for slots to free up
+        int v = -1;
+        if (!free_only) {
+            v = pick_victim(e, u.model, i);
+            if (v < 0) return false;  // later units must wait for slots to free up
+        } else {
+            if (std::find(full, full + n_full, u.model) != full + n_full) continue;
+            v = free_slot(e, u.model);
+            if (v < 0) {
+                if (n_full < kMaxFull) full[n_full++] = u.model;
+                continue;
+            }
         }
-        const Slot& victim = e.slots[static_cast<size_t>(v)];
-        if (free_only && victim.ready && next_use(u.model, victim.unit, cursor_) != std::numeric_limits<size_t>::max())
-            continue;
         job = Job{u.model, u.unit, v};
         return true;
     }

@@ -229,6 +229,7 @@ private:
     // workers spin between kernels), about 0.2 ms per decode step on 2 cores.
     bool copy_has_work_locked();
     int pick_victim(Entry& e, int model, size_t target_pos) const;
+    int free_slot(const Entry& e, int model) const;
     size_t next_use(int model, int unit, size_t from) const;
     void copy_main();
 

@@ -250,21 +250,21 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     //    token, it becomes its prefill steps only.
     const bool continues = cont_cap > 0;
     int k = std::max(1, std::min(continues ? cont_cap - state.n_steps : turn_cap(*next), next->n_steps_left));
-    if (!continues) {
-        drained = drained_wait_ms(*next, k);
+    auto time_new_turn = [&](const TurnModel* m) {  // a new turn of m: its length, timed drained
+        next = m;
+        k = std::max(1, std::min(turn_cap(*m), m->n_steps_left));
+        drained = drained_wait_ms(*m, k);
         first_tokens = wants_prefill_round(drained);
+    };
+    if (!continues) {
+        time_new_turn(next);
         if (first_tokens && next->n_prefilling == 0 && next->waited_ms < cfg.max_wait_ms) {
             // Its prefill turn would be one decode step (it has no prompt left) that copies its layers for a
             // token while a first token waits: the model whose first token waits longest runs instead.
             const TurnModel* f = nullptr;
             for (const TurnModel* o : live)
                 if (o->n_unstarted > 0 && (f == nullptr || waited_longer(*o, *f))) f = o;
-            if (f != nullptr) {
-                next = f;
-                k = std::max(1, std::min(turn_cap(*next), next->n_steps_left));
-                drained = drained_wait_ms(*next, k);
-                first_tokens = wants_prefill_round(drained);
-            }
+            if (f != nullptr) time_new_turn(f);
         }
     }
     const TurnModel& m = *next;
@@ -277,18 +277,17 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     Price p = priced(m, k);
     d.stream_bytes_per_token = p.stream / tokens;
     d.borrow_bytes_per_token = p.borrow / tokens;
-    d.borrow = p.borrow < p.stream;
-    if (d.continues && state.borrow && !state.lenders.empty()) {  // the loan stands to the turn's end (turns.h)
-        d.borrow = true;
-        d.lenders = state.lenders;
-        d.lend_slots = state.lend_slots;
-    }
+    const bool keep_loan = d.continues && state.borrow && !state.lenders.empty();  // to the turn's end (turns.h)
+    d.borrow = keep_loan || p.borrow < p.stream;
     // A streamed turn runs one step per weight unit (stride's proportion); a borrowed one, or a prefill
     // turn, its full k.
     d.n_steps = d.continues ? cont_cap
                 : d.borrow || first_tokens ? k
                                            : std::max(1, std::min(k, static_cast<int>(std::lround(m.weight / w_min))));
-    if (d.borrow && d.lenders.empty()) {
+    if (keep_loan) {
+        d.lenders = state.lenders;
+        d.lend_slots = state.lend_slots;
+    } else if (d.borrow) {
         d.lenders = std::move(p.lenders);
         d.lend_slots = std::move(p.lend_slots);
     }

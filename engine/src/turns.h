@@ -47,8 +47,9 @@
 // prefill turns. A drained turn in progress is re-timed at every step, so a request that arrives
 // mid-turn cuts it to a prefill turn too. A model with no prompt left does not take a turn in the round
 // (its prefill turn would be one decode step that copies its layers for a token): the model whose first
-// token has waited longest runs instead, unless the skipped one is overdue (max_wait_ms). A prefill round costs throughput: each model that ran only its
-// prefill copies its layers again when it comes back to decode; where turns are short (the models nearly
+// token has waited longest runs instead, unless the skipped one is overdue (max_wait_ms). A prefill round
+// costs throughput: each model that ran only its prefill copies its layers again when it comes back to
+// decode; where turns are short (the models nearly
 // fit, a fast link) the round is not worth its copies and turns drain (Ollama's order). An estimate not
 // measured yet (no step run, no copy timed) counts as too long. Turns only get shorter by this, so the
 // bounds above hold.
