@@ -5,6 +5,8 @@ for them. A reader sees the turns: which model has the device when, and what the
     .venv/bin/python bench/timeline.py                      # --small shapes, budget 50 %, 4 requests per model,
                                                             # link 1:20 -> bench/results/timeline.png
     .venv/bin/python bench/timeline.py --budget 0.75 --concurrency 16 --strategies "(a) adaptive" "(s) stream-min"
+    .venv/bin/python bench/timeline.py --budget 0.75 --concurrency 1 --strategies "(a) adaptive" "(b') swap-drain" \
+        --steps --out /tmp/t.png                          # every step printed: its time, wait, tokens, copies
 
 Each strategy is one panel (default: adaptive turns next to the fixed per-step policy), all on one time axis (ms
 from the start of the timed run). In a lane: the upper bar is the model's steps (shade: tokens computed in the step;
@@ -152,6 +154,23 @@ def summary(c: CellTrace, order: list[str]) -> list[str]:
     return lines + [f"  note: {n}" for n in c.notes]
 
 
+def step_lines(c: CellTrace) -> list[str]:
+    """Every step of the timed window, in order: when it began (ms from the window's start), its model, its time
+    (wall, blocked on copies, the rest), tokens and sequences, T = a turn begins, B = on borrowed slots, and the
+    MiB of copies that landed during it."""
+    steps, _, _ = window(c)
+    head = (f"  {'at ms':>8} {'model':<14} {'step ms':>8} {'wait ms':>8} {'compute':>8} {'tokens':>6} {'seqs':>5}    "
+            f"{'MiB in':>6}")
+    out = [head]
+    for s in steps:
+        d = (s.end_us - s.start_us) / 1e3
+        w = s.copy_wait_us / 1e3
+        out.append(f"  {(s.start_us - c.t0_us) / 1e3:8.1f} {c.names.get(s.model, '?'):<14} {d:8.2f} {w:8.2f} "
+                   f"{d - w:8.2f} {s.n_tokens:6d} {s.n_seqs:5d} {'T' if s.new_turn else ' '}{'B' if s.borrowed else ' '} "
+                   f"{s.bytes_copied / MiB:6.1f}")
+    return out
+
+
 def draw(cells: list[CellTrace], order: list[str], title: str, out: Path) -> None:
     import matplotlib
 
@@ -234,6 +253,7 @@ def main() -> int:
     ap.add_argument("--models-dir", type=Path, default=REPO / "build" / "bench-models")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "timeline.png")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 request per model, 4 tokens")
+    ap.add_argument("--steps", action="store_true", help="also print every step of each panel (step_lines)")
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.max_tokens = 1, 4
@@ -266,6 +286,8 @@ def main() -> int:
         print(f"[{time.strftime('%H:%M:%S')}] running {strategy} ...", file=sys.stderr, flush=True)
         cell = run_cell(strategy, dirs, sizes, budget, sp, args)
         print("\n".join(summary(cell, list(mm.MODELS))))
+        if args.steps:
+            print("\n".join(step_lines(cell)))
         cells.append(cell)
     draw(cells, list(mm.MODELS), f"layermux step trace: {head}", args.out)
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
