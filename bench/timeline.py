@@ -99,7 +99,7 @@ def run_cell(strategy: str, dirs: dict[str, Path], sizes: dict[str, mm.Sizes], b
     with traced_engines():
         result = mm.run_one(dirs, sizes, budget, sp.slots, mm.STRATEGIES[strategy], args.concurrency,
                             args.max_tokens, args.prompt_len, args.threads, args.max_batch_tokens, args.link_gbps,
-                            args.kv_dtype)
+                            args.kv_dtype, args.first_token_ms)
     eng = TracingEngine.last
     if "error" in result or eng is None or eng.trace is None:
         raise SystemExit(f"{strategy}: the cell did not run: {result.get('error', 'no engine was made')}")
@@ -248,6 +248,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-batch-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="f16", choices=["f32", "f16"])
+    ap.add_argument("--first-token-ms", type=float, default=mm.EngineConfig().first_token_ms,
+                    help="(a)'s EngineConfig.first_token_ms (multimodel.py's option)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--models-dir", type=Path, default=REPO / "build" / "bench-models")

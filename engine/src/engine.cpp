@@ -100,7 +100,8 @@ Engine::Engine(const EngineConfig& cfg)
         throw InvalidArgument("kv_block_tokens: expected >= 1, found " + std::to_string(cfg.kv_block_tokens));
     if (cfg.prefetch_depth < 0)
         throw InvalidArgument("prefetch_depth: expected >= 0, found " + std::to_string(cfg.prefetch_depth));
-    scheduler_.set_turns(TurnConfig{cfg.max_turn_steps, cfg.max_wait_ms, cfg.prefetch_depth, cfg.first_token_ms});
+    scheduler_.set_turns(TurnConfig{cfg.max_turn_steps, cfg.max_wait_ms, cfg.prefetch_depth, cfg.first_token_ms,
+                                    ledger_.device().copies_beside_compute()});
     if (!(cfg.kv_reserve_fraction >= 0.0 && cfg.kv_reserve_fraction < 1.0))
         throw InvalidArgument("kv_reserve_fraction: expected a value in [0, 1), found " +
                               std::to_string(cfg.kv_reserve_fraction));

@@ -25,6 +25,16 @@ int step_copies(const TurnModel& m, int slots, int depth) {
 // its next turn, in this rotation; an idle one only if work comes before its slots are lent again.
 double lender_weight(const TurnModel& o) { return busy(o) ? 1.0 : kIdleLenderWeight; }
 
+// What lending a prefix covering `covered` of o's slots (and its head, when `head`) takes from it, in bytes,
+// before weighting: the layers and head on device now, or, for a busy lender whose slots fill again while
+// the link idles (TurnConfig::refill_lenders, turns.h), those its slots would hold by its turn.
+double lender_loss(const TurnModel& o, int covered, bool head, bool refill) {
+    const bool refills = refill && busy(o);
+    const int layers = refills ? std::min(covered, o.n_slots) : std::min({o.n_cached, o.n_slots, covered});
+    const double h = head && (refills || o.head_ready) ? static_cast<double>(o.head_bytes) : 0.0;
+    return h + static_cast<double>(layers) * static_cast<double>(o.layer_bytes);
+}
+
 // Longest wait first: steps, then milliseconds, then the lower stride pass, then the lower id.
 bool waited_longer(const TurnModel& a, const TurnModel& b) {
     if (a.waited_steps != b.waited_steps) return a.waited_steps > b.waited_steps;
@@ -68,7 +78,7 @@ struct Price {
     std::vector<int> lend_slots;  // the borrower's slots each of them gives
 };
 
-Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k, int depth) {
+Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k, int depth, bool refill) {
     Price p;
     const double L = static_cast<double>(m.layer_bytes);
     // Streaming: its own slots; the first step also refills what a loan took (its head, its cache).
@@ -96,10 +106,7 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
             if (o.model == m.model || o.resident || o.region_bytes == 0) continue;
             const int slots = static_cast<int>(o.region_bytes / m.layer_bytes);
             if (slots == 0) continue;
-            loans.push_back({&o, slots,
-                             lender_weight(o) * ((o.head_ready ? static_cast<double>(o.head_bytes) : 0.0) +
-                                                 static_cast<double>(std::min(o.n_cached, o.n_slots)) *
-                                                     static_cast<double>(o.layer_bytes))});
+            loans.push_back({&o, slots, lender_weight(o) * lender_loss(o, o.n_slots, true, refill)});
         }
     constexpr size_t kMaxLenders = 10;
     std::stable_sort(loans.begin(), loans.end(),
@@ -110,10 +117,8 @@ Price price_turn(const TurnModel& m, const std::vector<TurnModel>& models, int k
         const TurnModel& o = *l.o;
         const double taken = static_cast<double>(x) * static_cast<double>(m.layer_bytes);
         const int covered = std::min(o.n_slots, static_cast<int>(std::ceil(taken / static_cast<double>(o.layer_bytes))));
-        double lost = static_cast<double>(std::min(o.n_cached, covered)) * static_cast<double>(o.layer_bytes);
-        if (o.head_ready && taken > static_cast<double>(o.region_bytes - std::min(o.region_bytes, o.head_bytes)))
-            lost += static_cast<double>(o.head_bytes);
-        return lender_weight(o) * lost;
+        const bool head = taken > static_cast<double>(o.region_bytes - std::min(o.region_bytes, o.head_bytes));
+        return lender_weight(o) * lender_loss(o, covered, head, refill);
     };
     const int first = std::max(0, m.n_layer - m.n_cached);
     const int need = std::max(0, m.n_layer - m.n_slots);
@@ -184,7 +189,7 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     std::map<std::pair<int, int>, Price> prices;
     auto priced = [&](const TurnModel& m, int k) -> const Price& {
         auto it = prices.find({m.model, k});
-        if (it == prices.end()) it = prices.emplace(std::make_pair(m.model, k), price_turn(m, models, k, depth)).first;
+        if (it == prices.end()) it = prices.emplace(std::make_pair(m.model, k), price_turn(m, models, k, depth, cfg.refill_lenders)).first;
         return it->second;
     };
     auto turn_cap = [&](const TurnModel& m) {

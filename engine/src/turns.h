@@ -33,6 +33,13 @@
 // re-priced later in the turn (fewer steps left, a lender gone idle) would take other slots or give some
 // back, and the borrower would copy again the layers they held.
 //
+// Lenders with work, where copies run beside compute (refill_lenders). A borrowed turn copies its missing
+// layers at its start and then computes on them while the link idles; meanwhile the copy thread fills a busy
+// lender's free slots (those a past loan emptied) with its next layers (residency.h). Its loss is then what
+// its slots would hold by its turn, each slot the loan covers and its head, not what they hold now: a region
+// emptied by one loan is not free to the next borrower when its owner runs soon. Elsewhere (the CPU device
+// unthrottled, where a copy is compute's own work) nothing refills them early, and the loss is their cache.
+//
 // Lenders without work. A lender with work copies back what its loan cost it at its next turn, in this
 // rotation; an idle one only if work comes before its slots are lent again, so its loss is priced at half
 // (kIdleLenderWeight, turns.cpp): between two equal losses the idle model lends, and the busy model's
@@ -66,6 +73,8 @@ struct TurnConfig {
     int prefetch_depth = 2;      // slots a copy in flight occupies (the residency's depth)
     double first_token_ms = 30;  // an unstarted model's wait behind a drained turn past this: a prefill round
                                  // first (0: always first tokens first)
+    bool refill_lenders = false; // copies run beside compute: a busy lender's slots fill again during a loan's
+                                 // turn (Device::copies_beside_compute; see "Lenders with work" above)
 };
 
 // One model as the policy sees it.

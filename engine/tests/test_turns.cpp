@@ -145,6 +145,30 @@ TEST(turns_take_the_idle_lenders_slots_before_a_busy_ones_of_equal_loss) {
     }
 }
 
+TEST(turns_price_a_busy_lenders_slots_by_what_they_hold_at_its_turn_where_the_link_refills_them) {
+    // The 75 % cell, one request per model, after a prefill round: the Llama-like model (2) borrows for its
+    // decode turn, 8 slots short. The Qwen-like model (1) is done (idle, its 7 layers cached); the SmolLM-like
+    // one (0) runs next, but an earlier loan emptied its region: 4 of its 10 slots hold layers now.
+    std::vector<TurnModel> ms{streamed(0, 16, 3, 10, 6), streamed(1, 12, 5, 7, 14), streamed(2, 16, 7, 8, 16)};
+    busy(ms[2], 1, 15);
+    busy(ms[0], 1, 15);
+    ms[0].n_cached = 4;
+    ms[1].n_cached = 7;
+    ms[0].waited_steps = -1;  // model 2's turn now
+    // Priced by their cache: model 0's whole region (5 slots) costs its head and 4 layers, 18 MiB, and 3
+    // slots of model 1 (a 21 MiB prefix over 5 of its layers) half of 25: 30.5 MiB, against 33.5 for model 1
+    // whole (half of 14 + 35) and 1 slot of model 0 (a 7 MiB prefix over 3 of its cached layers).
+    TurnDecision d = plan_turn(ms, TurnState{}, TurnConfig{});
+    CHECK(d.model == 2 && d.borrow && (d.lenders == std::vector<int>{0, 1}) && (d.lend_slots == std::vector<int>{5, 3}));
+    // Where the link refills model 0's empty slots while model 2 computes, its whole region costs its head
+    // and 10 layers (36 MiB) and 1 slot 3 layers (9 MiB): model 1 lends whole, model 0 one slot.
+    TurnConfig refill;
+    refill.refill_lenders = true;
+    d = plan_turn(ms, TurnState{}, refill);
+    CHECK(d.model == 2 && d.borrow && (d.lenders == std::vector<int>{0, 1}) && (d.lend_slots == std::vector<int>{1, 7}));
+    CHECK_NEAR(d.borrow_bytes_per_token, (10.0 * 7 + 9 + 0.5 * 49) * MiB / 15, 1.0);  // its 10 uncached layers
+}
+
 TEST(turns_keep_a_loan_to_the_turns_end) {
     // The 75 % cell's borrowed turn (first test above): on its last step, priced afresh, one step would
     // stream, but the loan stands: dropping it would copy again the 8 layers the borrowed slots hold.
