@@ -8,7 +8,8 @@ for them. A reader sees the turns: which model has the device when, and what the
     .venv/bin/python bench/timeline.py --budget 0.75 --concurrency 1 --strategies "(a) adaptive" "(b') swap-drain" \
         --steps --out /tmp/t.png                          # every step printed: its time, wait, tokens, copies
 
-Each strategy is one panel (default: adaptive turns next to the fixed per-step policy), all on one time axis (ms
+The budget is split as the grid splits it (KV room for 16 requests per model, `--kv-room-for`), so a traced cell has
+the grid's slots whatever its --concurrency. Each strategy is one panel (default: adaptive turns next to the fixed per-step policy), all on one time axis (ms
 from the start of the timed run). In a lane: the upper bar is the model's steps (shade: tokens computed in the step;
 red: the part of it spent blocked on a copy; a black strip above: the step ran on slots borrowed from the other
 models; a vertical line: a scheduler turn begins), the lower bar the copies of its units as the copy thread (or, for
@@ -248,6 +249,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-batch-tokens", type=int, default=64)
     ap.add_argument("--kv-dtype", default="f16", choices=["f32", "f16"])
+    ap.add_argument("--kv-room-for", type=int, default=16,
+                    help="plan the budget's KV room for this many requests per model (the grid's largest concurrency, "
+                         "so a traced cell has the grid's slots)")
     ap.add_argument("--first-token-ms", type=float, default=mm.EngineConfig().first_token_ms,
                     help="(a)'s EngineConfig.first_token_ms (multimodel.py's option)")
     ap.add_argument("--threads", type=int, default=2)
@@ -266,7 +270,7 @@ def main() -> int:
                              args.max_batch_tokens, args.kv_dtype)
     total = sum(s.weight_bytes for s in sizes.values())
     budget = int(total * args.budget)
-    sp = mm.split_budget(budget, sizes, args.concurrency)
+    sp = mm.split_budget(budget, sizes, max(args.concurrency, args.kv_room_for))
     if sp is None:
         print(f"budget {args.budget:.0%} of the weights: the streaming minimums plus KV do not fit; raise --budget",
               file=sys.stderr)
