@@ -9,8 +9,8 @@ for them. A reader sees the turns: which model has the device when, and what the
         --steps --out /tmp/t.png                          # every step printed: its time, wait, tokens, copies
 
 The budget is split as the grid splits it (KV room for 16 requests per model, `--kv-room-for`), so a traced cell has
-the grid's slots whatever its --concurrency. Each strategy is one panel (default: adaptive turns next to the fixed per-step policy), all on one time axis (ms
-from the start of the timed run). In a lane: the upper bar is the model's steps (shade: tokens computed in the step;
+the grid's slots whatever its --concurrency. Each strategy is one panel (default: adaptive turns next to the fixed
+per-step policy), all on one time axis (ms from the start of the timed run). In a lane: the upper bar is the model's steps (shade: tokens computed in the step;
 red: the part of it spent blocked on a copy; a black strip above: the step ran on slots borrowed from the other
 models; a vertical line: a scheduler turn begins), the lower bar the copies of its units as the copy thread (or, for
 on-demand loads and whole-model swaps, the step thread) made them. On the right: steps, units copied and MiB, wait. The cell's models, budget split and requests are multimodel.py's

@@ -25,12 +25,12 @@ int step_copies(const TurnModel& m, int slots, int depth) {
 // its next turn, in this rotation; an idle one only if work comes before its slots are lent again.
 double lender_weight(const TurnModel& o) { return busy(o) ? 1.0 : kIdleLenderWeight; }
 
-// What lending a prefix covering `covered` of o's slots (and its head, when `head`) takes from it, in bytes,
-// before weighting: the layers and head on device now, or, for a busy lender whose slots fill again while
-// the link idles (TurnConfig::refill_lenders, turns.h), those its slots would hold by its turn.
+// What lending a prefix covering `covered` (<= n_slots) of o's slots, and its head when `head`, takes from it,
+// in bytes before weighting: the layers and head on device now, or, for a busy lender whose slots fill again
+// while the link idles (TurnConfig::refill_lenders, turns.h), those its slots would hold by its turn.
 double lender_loss(const TurnModel& o, int covered, bool head, bool refill) {
     const bool refills = refill && busy(o);
-    const int layers = refills ? std::min(covered, o.n_slots) : std::min({o.n_cached, o.n_slots, covered});
+    const int layers = refills ? covered : std::min(o.n_cached, covered);
     const double h = head && (refills || o.head_ready) ? static_cast<double>(o.head_bytes) : 0.0;
     return h + static_cast<double>(layers) * static_cast<double>(o.layer_bytes);
 }
@@ -189,7 +189,8 @@ TurnDecision plan_turn(const std::vector<TurnModel>& models, const TurnState& st
     std::map<std::pair<int, int>, Price> prices;
     auto priced = [&](const TurnModel& m, int k) -> const Price& {
         auto it = prices.find({m.model, k});
-        if (it == prices.end()) it = prices.emplace(std::make_pair(m.model, k), price_turn(m, models, k, depth, cfg.refill_lenders)).first;
+        if (it == prices.end())
+            it = prices.emplace(std::make_pair(m.model, k), price_turn(m, models, k, depth, cfg.refill_lenders)).first;
         return it->second;
     };
     auto turn_cap = [&](const TurnModel& m) {

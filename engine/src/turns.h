@@ -56,10 +56,9 @@
 // (its prefill turn would be one decode step that copies its layers for a token): the model whose first
 // token has waited longest runs instead, unless the skipped one is overdue (max_wait_ms). A prefill round
 // costs throughput: each model that ran only its prefill copies its layers again when it comes back to
-// decode; where turns are short (the models nearly
-// fit, a fast link) the round is not worth its copies and turns drain (Ollama's order). An estimate not
-// measured yet (no step run, no copy timed) counts as too long. Turns only get shorter by this, so the
-// bounds above hold.
+// decode; where turns are short (the models nearly fit, a fast link) the round is not worth its copies
+// and turns drain (Ollama's order). An estimate not measured yet (no step run, no copy timed) counts as
+// too long. Turns only get shorter by this, so the bounds above hold.
 #pragma once
 
 #include <cstdint>
